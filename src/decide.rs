@@ -1,0 +1,411 @@
+//! Credential extraction and the decision: pure functions of their inputs.
+//!
+//! [`extract`] finds the presented key in the request headers; [`decide`] maps
+//! (ring, credential, now, required scopes) to a [`Decision`]. A denial is a
+//! value ([`DenyReason`]); nothing here fails, allocates or does I/O.
+
+use jiff::Timestamp;
+use sha2::{Digest as _, Sha256};
+
+use crate::keyfile::KeyState;
+use crate::ring::{KeyEntry, KeyRing};
+
+/// Longest credential accepted, in bytes.
+pub const MAX_KEY_LEN: usize = 512;
+
+/// The header that carries an API key.
+pub const API_KEY_HEADER: &str = "x-api-key";
+/// The standard credentials header (`Bearer <key>`).
+pub const AUTHORIZATION_HEADER: &str = "authorization";
+
+/// Which header carried the credential (removed before the request goes upstream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialHeader {
+    /// `x-api-key: <key>`.
+    ApiKey,
+    /// `authorization: Bearer <key>`.
+    Authorization,
+}
+
+impl CredentialHeader {
+    /// The header's (lower-case) name.
+    pub fn name(self) -> &'static str {
+        match self {
+            CredentialHeader::ApiKey => API_KEY_HEADER,
+            CredentialHeader::Authorization => AUTHORIZATION_HEADER,
+        }
+    }
+}
+
+/// A presented API key, borrowed from the request.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Credential<'a> {
+    /// The secret as presented. Never log it.
+    pub secret: &'a str,
+    /// Where it came from.
+    pub header: CredentialHeader,
+}
+
+impl std::fmt::Debug for Credential<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("secret", &"<redacted>")
+            .field("header", &self.header)
+            .finish()
+    }
+}
+
+/// Why a request was denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DenyReason {
+    /// No credential was presented.
+    MissingKey,
+    /// The credential is too long or not visible ASCII.
+    MalformedKey,
+    /// No key in the ring has this digest.
+    UnknownKey,
+    /// The key is revoked.
+    RevokedKey,
+    /// The key's `expires_at` has passed.
+    ExpiredKey,
+    /// The key's `not_before` is still ahead.
+    KeyNotYetValid,
+    /// The key lacks a scope the route requires.
+    InsufficientScope,
+    /// The key is over its rate limit.
+    RateLimited,
+    /// The source is locked out after repeated failures.
+    TooManyFailures,
+}
+
+impl DenyReason {
+    /// Every reason, in table order.
+    pub const ALL: [DenyReason; 9] = [
+        DenyReason::MissingKey,
+        DenyReason::MalformedKey,
+        DenyReason::UnknownKey,
+        DenyReason::RevokedKey,
+        DenyReason::ExpiredKey,
+        DenyReason::KeyNotYetValid,
+        DenyReason::InsufficientScope,
+        DenyReason::RateLimited,
+        DenyReason::TooManyFailures,
+    ];
+
+    /// The `error` code in the JSON body and the metrics `reason` label.
+    pub fn code(self) -> &'static str {
+        match self {
+            DenyReason::MissingKey => "missing_key",
+            DenyReason::MalformedKey => "malformed_key",
+            DenyReason::UnknownKey => "unknown_key",
+            DenyReason::RevokedKey => "revoked_key",
+            DenyReason::ExpiredKey => "expired_key",
+            DenyReason::KeyNotYetValid => "key_not_yet_valid",
+            DenyReason::InsufficientScope => "insufficient_scope",
+            DenyReason::RateLimited => "rate_limited",
+            DenyReason::TooManyFailures => "too_many_failures",
+        }
+    }
+
+    /// The HTTP status returned to the client.
+    pub fn http_status(self) -> u16 {
+        match self {
+            DenyReason::InsufficientScope => 403,
+            DenyReason::RateLimited | DenyReason::TooManyFailures => 429,
+            _ => 401,
+        }
+    }
+
+    /// The `google.rpc.Code` carried in the CheckResponse status.
+    pub fn grpc_code(self) -> i32 {
+        match self.http_status() {
+            401 => 16, // UNAUTHENTICATED
+            403 => 7,  // PERMISSION_DENIED
+            _ => 8,    // RESOURCE_EXHAUSTED
+        }
+    }
+
+    /// Index into [`crate::ring::KeyUsage::denied`] for denials that matched a key.
+    pub fn key_index(self) -> Option<usize> {
+        match self {
+            DenyReason::RevokedKey => Some(0),
+            DenyReason::ExpiredKey => Some(1),
+            DenyReason::KeyNotYetValid => Some(2),
+            DenyReason::InsufficientScope => Some(3),
+            DenyReason::RateLimited => Some(4),
+            DenyReason::TooManyFailures => Some(5),
+            _ => None,
+        }
+    }
+
+    /// Whether this denial counts as a failed guess for brute-force lockout.
+    pub fn is_failure(self) -> bool {
+        matches!(self, DenyReason::UnknownKey | DenyReason::MalformedKey)
+    }
+
+    /// Position in [`DenyReason::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The outcome of a check.
+#[derive(Debug, Clone, Copy)]
+pub enum Decision<'r> {
+    /// Let the request through as `key`.
+    Allow(&'r KeyEntry),
+    /// Deny it; `key` is the matched key when the denial is about a known key.
+    Deny {
+        /// Why.
+        reason: DenyReason,
+        /// The matched key, if any.
+        key: Option<&'r KeyEntry>,
+    },
+}
+
+impl<'r> Decision<'r> {
+    /// A denial that matched no key.
+    pub fn deny(reason: DenyReason) -> Decision<'r> {
+        Decision::Deny { reason, key: None }
+    }
+
+    /// The denial reason, if denied.
+    pub fn reason(&self) -> Option<DenyReason> {
+        match self {
+            Decision::Allow(_) => None,
+            Decision::Deny { reason, .. } => Some(*reason),
+        }
+    }
+}
+
+/// Finds the credential: `x-api-key` first, then `authorization: Bearer <key>`.
+///
+/// A header that is present but empty counts as a malformed key (the client
+/// tried to authenticate); an `authorization` header with another scheme is
+/// not ours and counts as no credential.
+pub fn extract<'a>(
+    api_key: Option<&'a str>,
+    authorization: Option<&'a str>,
+) -> Result<Credential<'a>, DenyReason> {
+    let cred = if let Some(secret) = api_key {
+        Credential {
+            secret,
+            header: CredentialHeader::ApiKey,
+        }
+    } else if let Some(secret) = authorization.and_then(bearer_token) {
+        Credential {
+            secret,
+            header: CredentialHeader::Authorization,
+        }
+    } else {
+        return Err(DenyReason::MissingKey);
+    };
+    if is_well_formed(cred.secret) {
+        Ok(cred)
+    } else {
+        Err(DenyReason::MalformedKey)
+    }
+}
+
+/// The token of a `Bearer` authorization value (scheme case-insensitive).
+fn bearer_token(value: &str) -> Option<&str> {
+    let value = value.trim_start_matches([' ', '\t']);
+    let (scheme, rest) = value.split_at_checked(6)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    if rest.is_empty() {
+        return Some(rest);
+    }
+    // The scheme must be followed by whitespace ("Bearerx" is another scheme).
+    if !rest.starts_with([' ', '\t']) {
+        return None;
+    }
+    Some(rest.trim_matches([' ', '\t']))
+}
+
+/// At most [`MAX_KEY_LEN`] bytes, all visible ASCII (0x21..=0x7e), non-empty.
+#[inline]
+pub fn is_well_formed(secret: &str) -> bool {
+    !secret.is_empty()
+        && secret.len() <= MAX_KEY_LEN
+        && secret.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+/// SHA-256 of the secret's bytes.
+#[inline]
+pub fn digest(secret: &str) -> crate::ring::Digest {
+    digest_bytes(secret.as_bytes())
+}
+
+/// SHA-256 of arbitrary bytes (key file contents, secrets).
+#[inline]
+pub fn digest_bytes(bytes: &[u8]) -> crate::ring::Digest {
+    Sha256::digest(bytes).into()
+}
+
+/// Decides a check. `required` is the route's `required_scopes` (space- or
+/// comma-separated, all required; empty for none).
+#[inline]
+pub fn decide<'r>(ring: &'r KeyRing, cred: &Credential<'_>, now: Timestamp, required: &str) -> Decision<'r> {
+    let Some(key) = ring.lookup(&digest(cred.secret)) else {
+        return Decision::deny(DenyReason::UnknownKey);
+    };
+    decide_key(key, now, required)
+}
+
+/// The part of [`decide`] after the lookup: state, validity window, scopes.
+#[inline]
+pub fn decide_key<'r>(key: &'r KeyEntry, now: Timestamp, required: &str) -> Decision<'r> {
+    let deny = |reason| Decision::Deny {
+        reason,
+        key: Some(key),
+    };
+    if key.state == KeyState::Revoked {
+        return deny(DenyReason::RevokedKey);
+    }
+    if key.expires_at.is_some_and(|exp| now >= exp) {
+        return deny(DenyReason::ExpiredKey);
+    }
+    if key.not_before.is_some_and(|nb| now < nb) {
+        return deny(DenyReason::KeyNotYetValid);
+    }
+    if !key.has_scopes(required) {
+        return deny(DenyReason::InsufficientScope);
+    }
+    Decision::Allow(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keyfile::{ParseOptions, parse_str};
+    use crate::ring::{RingSource, UsageRegistry};
+
+    fn ring() -> KeyRing {
+        let keys = [
+            ("active", "s-active", "state = \"active\"\nscopes = [\"read\", \"trade\"]"),
+            ("deprecated", "s-deprecated", "state = \"deprecated\"\nexpires_at = 2027-01-01T00:00:00Z"),
+            ("revoked", "s-revoked", "state = \"revoked\"\nexpires_at = 2020-01-01T00:00:00Z"),
+            ("expired", "s-expired", "expires_at = 2026-01-01T00:00:00Z"),
+            ("future", "s-future", "not_before = 2026-12-01T00:00:00Z"),
+        ];
+        let mut text = String::new();
+        for (id, secret, extra) in keys {
+            text.push_str(&format!(
+                "[[keys]]\nid = \"{id}\"\nclient = \"acme\"\nsha256 = \"{}\"\n{extra}\n",
+                hex::encode(digest(secret))
+            ));
+        }
+        let file = parse_str(&text, ParseOptions::default()).unwrap();
+        let source = RingSource {
+            generation: 1,
+            sha256: [0; 32],
+            loaded_at: now(),
+        };
+        KeyRing::build(&file, source, &UsageRegistry::default(), None)
+    }
+
+    fn now() -> Timestamp {
+        "2026-11-27T12:00:00Z".parse().unwrap()
+    }
+
+    fn check(ring: &KeyRing, api_key: Option<&str>, auth: Option<&str>, required: &str) -> Result<String, DenyReason> {
+        let cred = extract(api_key, auth)?;
+        match decide(ring, &cred, now(), required) {
+            Decision::Allow(k) => Ok(k.id.to_string()),
+            Decision::Deny { reason, .. } => Err(reason),
+        }
+    }
+
+    #[test]
+    fn every_row_of_the_table() {
+        let r = ring();
+        use DenyReason::*;
+        assert_eq!(check(&r, None, None, ""), Err(MissingKey));
+        assert_eq!(check(&r, Some(&"x".repeat(513)), None, ""), Err(MalformedKey));
+        assert_eq!(check(&r, Some("has space"), None, ""), Err(MalformedKey));
+        assert_eq!(check(&r, Some("caf\u{e9}"), None, ""), Err(MalformedKey));
+        assert_eq!(check(&r, Some("tab\there"), None, ""), Err(MalformedKey));
+        assert_eq!(check(&r, Some("nope"), None, ""), Err(UnknownKey));
+        assert_eq!(check(&r, Some("s-revoked"), None, ""), Err(RevokedKey));
+        assert_eq!(check(&r, Some("s-expired"), None, ""), Err(ExpiredKey));
+        assert_eq!(check(&r, Some("s-future"), None, ""), Err(KeyNotYetValid));
+        assert_eq!(check(&r, Some("s-active"), None, "read admin"), Err(InsufficientScope));
+        assert_eq!(check(&r, Some("s-active"), None, "read,trade"), Ok("active".into()));
+        assert_eq!(check(&r, Some("s-deprecated"), None, ""), Ok("deprecated".into()));
+    }
+
+    #[test]
+    fn expiry_and_not_before_boundaries() {
+        let r = ring();
+        let k = r.by_id("expired").unwrap();
+        let exp: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        assert!(matches!(decide_key(k, exp, ""), Decision::Deny { reason: DenyReason::ExpiredKey, .. }));
+        let just_before = exp - jiff::SignedDuration::from_nanos(1);
+        assert!(matches!(decide_key(k, just_before, ""), Decision::Allow(_)));
+        let f = r.by_id("future").unwrap();
+        let nb: Timestamp = "2026-12-01T00:00:00Z".parse().unwrap();
+        assert!(matches!(decide_key(f, nb, ""), Decision::Allow(_)));
+        assert!(matches!(
+            decide_key(f, just_before, ""),
+            Decision::Deny { reason: DenyReason::KeyNotYetValid, .. }
+        ));
+    }
+
+    #[test]
+    fn length_limit_is_512_bytes() {
+        assert!(is_well_formed(&"k".repeat(512)));
+        assert!(!is_well_formed(&"k".repeat(513)));
+        assert!(!is_well_formed(""));
+    }
+
+    #[test]
+    fn x_api_key_wins_over_authorization() {
+        let c = extract(Some("a"), Some("Bearer b")).unwrap();
+        assert_eq!((c.secret, c.header), ("a", CredentialHeader::ApiKey));
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer tok", "bearer tok", "BEARER   tok ", "\tBeArEr\ttok"] {
+            let c = extract(None, Some(v)).unwrap();
+            assert_eq!((c.secret, c.header), ("tok", CredentialHeader::Authorization), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn other_schemes_are_not_credentials() {
+        for v in ["Basic dXNlcjpwYXNz", "Bearertok", "Token tok", ""] {
+            assert_eq!(extract(None, Some(v)), Err(DenyReason::MissingKey), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn empty_credentials_are_malformed() {
+        assert_eq!(extract(Some(""), None), Err(DenyReason::MalformedKey));
+        assert_eq!(extract(None, Some("Bearer")), Err(DenyReason::MalformedKey));
+        assert_eq!(extract(None, Some("Bearer   ")), Err(DenyReason::MalformedKey));
+        assert_eq!(extract(None, Some("Bearer a b")), Err(DenyReason::MalformedKey));
+    }
+
+    #[test]
+    fn statuses_and_codes() {
+        for r in DenyReason::ALL {
+            let expected = match r {
+                DenyReason::InsufficientScope => 403,
+                DenyReason::RateLimited | DenyReason::TooManyFailures => 429,
+                _ => 401,
+            };
+            assert_eq!(r.http_status(), expected);
+            assert_eq!(DenyReason::ALL[r.index()], r);
+        }
+        assert_eq!(DenyReason::KeyNotYetValid.code(), "key_not_yet_valid");
+    }
+
+    #[test]
+    fn credential_debug_hides_the_secret() {
+        let c = extract(Some("supersecret"), None).unwrap();
+        assert!(!format!("{c:?}").contains("supersecret"));
+    }
+}

@@ -1,0 +1,874 @@
+//! The key file: parsing and validation, with every problem reported at its
+//! `file:line:column`.
+//!
+//! The file is TOML (see the README for the format). Parsing walks a
+//! span-preserving document rather than deserialising through serde, for two
+//! reasons: serde stops at the first error, and an operator fixing a broken
+//! file wants *all* of its problems at once; and every diagnostic must point at
+//! the exact line and column of the offending value.
+//!
+//! Nothing here touches the serving path: the output, [`KeyFile`], is handed to
+//! [`crate::ring::KeyRing::build`] off the hot path.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use toml_edit::{Item, Table, Value};
+
+/// Longest key id accepted (ids appear in logs and metric labels).
+pub const MAX_ID_LEN: usize = 128;
+
+/// The lifecycle state of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyState {
+    /// Accepted.
+    Active,
+    /// Accepted, with `Deprecation`/`Sunset` headers telling the client to switch.
+    Deprecated,
+    /// Denied with `revoked_key`.
+    Revoked,
+}
+
+impl KeyState {
+    /// The spelling used in the key file, logs and the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Active => "active",
+            KeyState::Deprecated => "deprecated",
+            KeyState::Revoked => "revoked",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(KeyState::Active),
+            "deprecated" => Some(KeyState::Deprecated),
+            "revoked" => Some(KeyState::Revoked),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for KeyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A per-key request budget: `requests` per `per`, with bursts up to `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RateLimitSpec {
+    /// Requests allowed per period.
+    pub requests: u64,
+    /// The period.
+    pub per: Duration,
+    /// Largest burst (defaults to `requests`).
+    pub burst: u64,
+}
+
+/// One validated `[[keys]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySpec {
+    /// Unique id, `[A-Za-z0-9._-]{1,128}`.
+    pub id: String,
+    /// The principal the key authenticates.
+    pub client: String,
+    /// SHA-256 of the secret's UTF-8 bytes.
+    pub digest: [u8; 32],
+    /// Scopes granted to the key.
+    pub scopes: Vec<String>,
+    /// Lifecycle state.
+    pub state: KeyState,
+    /// Not valid before this instant.
+    pub not_before: Option<Timestamp>,
+    /// Not valid at or after this instant.
+    pub expires_at: Option<Timestamp>,
+    /// When the key was deprecated (set by `keys rotate`).
+    pub deprecated_at: Option<Timestamp>,
+    /// Free text for operators.
+    pub description: Option<String>,
+    /// Optional request budget.
+    pub rate_limit: Option<RateLimitSpec>,
+    /// 1-based line of the entry's `[[keys]]` header (for messages).
+    pub line: usize,
+}
+
+/// A parsed and validated key file.
+#[derive(Debug, Clone, Default)]
+pub struct KeyFile {
+    /// The keys, in file order.
+    pub keys: Vec<KeySpec>,
+}
+
+/// One problem found in a key file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column, in characters.
+    pub column: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// A key file that could not be read or did not validate.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    /// The file could not be read.
+    #[error("{path}: cannot read key file: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file was read but is invalid; every problem is listed.
+    #[error("{}", render(path, diagnostics))]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Every problem, in file order.
+        diagnostics: Vec<Diagnostic>,
+    },
+}
+
+impl KeyFileError {
+    /// The diagnostics, if the file was read.
+    pub fn diagnostics(&self) -> &[Diagnostic] {
+        match self {
+            KeyFileError::Io { .. } => &[],
+            KeyFileError::Invalid { diagnostics, .. } => diagnostics,
+        }
+    }
+}
+
+fn render(path: &Path, diagnostics: &[Diagnostic]) -> String {
+    let mut out = String::new();
+    for (i, d) in diagnostics.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&format!(
+            "{}:{}:{}: {}",
+            path.display(),
+            d.line,
+            d.column,
+            d.message
+        ));
+    }
+    out
+}
+
+/// Options that change what a valid file is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ParseOptions {
+    /// Accept a file with no keys (normally refused as a likely truncated write).
+    pub allow_empty: bool,
+}
+
+/// Reads and validates the key file at `path`.
+pub fn load(path: &Path, opts: ParseOptions) -> Result<(KeyFile, Vec<u8>), KeyFileError> {
+    let bytes = std::fs::read(path).map_err(|source| KeyFileError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let file = parse_bytes(path, &bytes, opts)?;
+    Ok((file, bytes))
+}
+
+/// Validates key file contents; `path` is used only in messages.
+pub fn parse_bytes(path: &Path, bytes: &[u8], opts: ParseOptions) -> Result<KeyFile, KeyFileError> {
+    let invalid = |diagnostics| KeyFileError::Invalid {
+        path: path.to_owned(),
+        diagnostics,
+    };
+    let text = match std::str::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            let at = e.valid_up_to();
+            let (line, column) = position(&String::from_utf8_lossy(&bytes[..at]), at);
+            return Err(invalid(vec![Diagnostic {
+                line,
+                column,
+                message: "key file is not valid UTF-8".into(),
+            }]));
+        }
+    };
+    parse_str(text, opts).map_err(invalid)
+}
+
+/// Validates key file text, returning every problem found.
+pub fn parse_str(text: &str, opts: ParseOptions) -> Result<KeyFile, Vec<Diagnostic>> {
+    let doc = match toml_edit::Document::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let at = e.span().map(|s| s.start).unwrap_or(0);
+            let (line, column) = position(text, at);
+            return Err(vec![Diagnostic {
+                line,
+                column,
+                message: format!("invalid TOML: {}", e.message().trim_end()),
+            }]);
+        }
+    };
+    let mut v = Validator {
+        text,
+        diags: Vec::new(),
+    };
+    let keys = v.document(doc.as_table());
+    if keys.is_empty() && v.diags.is_empty() && !opts.allow_empty {
+        v.diags.push(Diagnostic {
+            line: 1,
+            column: 1,
+            message: "the key file defines no keys (refused as a likely truncated write; \
+                      start the server with --allow-empty to accept an empty ring)"
+                .into(),
+        });
+    }
+    if v.diags.is_empty() {
+        Ok(KeyFile { keys })
+    } else {
+        v.diags.sort_by_key(|d| (d.line, d.column));
+        Err(v.diags)
+    }
+}
+
+/// 1-based (line, column) of byte offset `at` in `text`; columns count characters.
+pub fn position(text: &str, at: usize) -> (usize, usize) {
+    let at = at.min(text.len());
+    let mut at = at;
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+/// Parses a duration written like `500ms`, `30s`, `30m`, `1h`, `7d` or `2w`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("duration {s:?} has no unit (use ms, s, m, h, d or w)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("duration {s:?} must start with a whole number"))?;
+    let unit_ms: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        "w" => 604_800_000,
+        _ => return Err(format!("duration {s:?} has unknown unit {unit:?} (use ms, s, m, h, d or w)")),
+    };
+    n.checked_mul(unit_ms)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("duration {s:?} is too large"))
+}
+
+/// Parses an RFC 3339 instant (an offset is required).
+pub fn parse_time(s: &str) -> Result<Timestamp, String> {
+    s.trim()
+        .parse::<Timestamp>()
+        .map_err(|e| format!("invalid time {s:?} (expected RFC 3339 such as 2026-11-27T00:00:00Z): {e}"))
+}
+
+const KEY_FIELDS: &[&str] = &[
+    "id",
+    "client",
+    "sha256",
+    "scopes",
+    "state",
+    "not_before",
+    "expires_at",
+    "deprecated_at",
+    "description",
+    "rate_limit",
+];
+
+struct Validator<'t> {
+    text: &'t str,
+    diags: Vec<Diagnostic>,
+}
+
+impl Validator<'_> {
+    fn at(&mut self, span: Option<Range<usize>>, message: impl Into<String>) {
+        let (line, column) = position(self.text, span.map(|s| s.start).unwrap_or(0));
+        self.diags.push(Diagnostic {
+            line,
+            column,
+            message: message.into(),
+        });
+    }
+
+    fn document(&mut self, root: &Table) -> Vec<KeySpec> {
+        let mut keys = Vec::new();
+        for (name, item) in root.iter() {
+            let key_span = root.key(name).and_then(|k| k.span());
+            match name {
+                "keys" => match item {
+                    Item::ArrayOfTables(aot) => {
+                        for table in aot.iter() {
+                            if let Some(k) = self.key_table(table) {
+                                keys.push(k);
+                            }
+                        }
+                    }
+                    Item::Value(Value::Array(a)) if a.is_empty() => {}
+                    _ => self.at(
+                        key_span,
+                        "`keys` must be an array of tables, written as [[keys]] sections",
+                    ),
+                },
+                other => self.at(
+                    key_span,
+                    format!("unknown top-level field `{other}` (expected [[keys]])"),
+                ),
+            }
+        }
+        self.cross_checks(&keys);
+        keys
+    }
+
+    fn key_table(&mut self, t: &Table) -> Option<KeySpec> {
+        let table_span = t.span();
+        let before = self.diags.len();
+        for (name, _) in t.iter() {
+            if !KEY_FIELDS.contains(&name) {
+                let span = t.key(name).and_then(|k| k.span());
+                let hint = suggest(name, KEY_FIELDS)
+                    .map(|s| format!(" (did you mean `{s}`?)"))
+                    .unwrap_or_default();
+                self.at(span, format!("unknown field `{name}` in [[keys]]{hint}"));
+            }
+        }
+        let id = self.required_str(t, "id", table_span.clone());
+        if let Some((id, span)) = &id {
+            if id.is_empty()
+                || id.len() > MAX_ID_LEN
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            {
+                self.at(
+                    span.clone(),
+                    format!("invalid id {id:?}: ids are 1 to 128 characters of A-Z a-z 0-9 . _ -"),
+                );
+            }
+        }
+        let client = self.required_str(t, "client", table_span.clone());
+        if let Some((client, span)) = &client {
+            if client.trim().is_empty() || client.chars().any(|c| c.is_control()) {
+                self.at(
+                    span.clone(),
+                    "`client` must be non-empty and contain no control characters",
+                );
+            }
+        }
+        let digest = self
+            .required_str(t, "sha256", table_span.clone())
+            .and_then(|(hex, span)| match decode_digest(&hex) {
+                Some(d) => Some(d),
+                None => {
+                    self.at(
+                        span,
+                        "`sha256` must be 64 hexadecimal digits (the SHA-256 of the secret; \
+                         `keyward keys hash` prints it)",
+                    );
+                    None
+                }
+            });
+        let scopes = self.scopes(t);
+        let state = match t.get("state") {
+            None => Some(KeyState::Active),
+            Some(item) => match item.as_str() {
+                Some(s) => match KeyState::parse(s) {
+                    Some(st) => Some(st),
+                    None => {
+                        self.at(
+                            item.span(),
+                            format!("unknown state {s:?} (expected active, deprecated or revoked)"),
+                        );
+                        None
+                    }
+                },
+                None => {
+                    self.at(item.span(), "`state` must be a string");
+                    None
+                }
+            },
+        };
+        let not_before = self.time(t, "not_before");
+        let expires_at = self.time(t, "expires_at");
+        let deprecated_at = self.time(t, "deprecated_at");
+        if let (Some(nb), Some(exp)) = (not_before, expires_at) {
+            if exp <= nb {
+                let span = t.get("expires_at").and_then(Item::span);
+                self.at(
+                    span,
+                    format!("`expires_at` ({exp}) must be after `not_before` ({nb})"),
+                );
+            }
+        }
+        let description = match t.get("description") {
+            None => None,
+            Some(item) => match item.as_str() {
+                Some(s) => Some(s.to_owned()),
+                None => {
+                    self.at(item.span(), "`description` must be a string");
+                    None
+                }
+            },
+        };
+        let rate_limit = self.rate_limit(t);
+        if self.diags.len() != before {
+            return None;
+        }
+        let line = position(self.text, table_span.map(|s| s.start).unwrap_or(0)).0;
+        Some(KeySpec {
+            id: id?.0,
+            client: client?.0,
+            digest: digest?,
+            scopes: scopes?,
+            state: state?,
+            not_before,
+            expires_at,
+            deprecated_at,
+            description,
+            rate_limit,
+            line,
+        })
+    }
+
+    fn required_str(
+        &mut self,
+        t: &Table,
+        field: &str,
+        table_span: Option<Range<usize>>,
+    ) -> Option<(String, Option<Range<usize>>)> {
+        match t.get(field) {
+            None => {
+                self.at(table_span, format!("missing required field `{field}` in [[keys]]"));
+                None
+            }
+            Some(item) => match item.as_str() {
+                Some(s) => Some((s.to_owned(), item.span())),
+                None => {
+                    self.at(item.span(), format!("`{field}` must be a string"));
+                    None
+                }
+            },
+        }
+    }
+
+    fn scopes(&mut self, t: &Table) -> Option<Vec<String>> {
+        let Some(item) = t.get("scopes") else {
+            return Some(Vec::new());
+        };
+        let Some(array) = item.as_array() else {
+            self.at(item.span(), "`scopes` must be an array of strings, e.g. [\"read\"]");
+            return None;
+        };
+        let mut out = Vec::with_capacity(array.len());
+        let mut ok = true;
+        for v in array.iter() {
+            match v.as_str() {
+                Some(s) if is_scope(s) => {
+                    if !out.iter().any(|o: &String| o == s) {
+                        out.push(s.to_owned());
+                    }
+                }
+                Some(s) => {
+                    self.at(
+                        v.span(),
+                        format!("invalid scope {s:?}: scopes are non-empty visible ASCII without spaces or commas"),
+                    );
+                    ok = false;
+                }
+                None => {
+                    self.at(v.span(), "each scope must be a string");
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn time(&mut self, t: &Table, field: &str) -> Option<Timestamp> {
+        let item = t.get(field)?;
+        let parsed = match item.as_value() {
+            Some(Value::Datetime(dt)) => {
+                let dt = dt.value();
+                if dt.date.is_none() || dt.time.is_none() || dt.offset.is_none() {
+                    Err(format!(
+                        "`{field}` must be a full date-time with an offset, such as 2026-11-27T00:00:00Z"
+                    ))
+                } else {
+                    parse_time(&dt.to_string())
+                }
+            }
+            Some(Value::String(s)) => parse_time(s.value()),
+            _ => Err(format!(
+                "`{field}` must be a date-time such as 2026-11-27T00:00:00Z"
+            )),
+        };
+        match parsed {
+            Ok(ts) => Some(ts),
+            Err(msg) => {
+                self.at(item.span(), format!("`{field}`: {msg}"));
+                None
+            }
+        }
+    }
+
+    fn rate_limit(&mut self, t: &Table) -> Option<RateLimitSpec> {
+        let item = t.get("rate_limit")?;
+        let Some(table) = item.as_table_like() else {
+            self.at(
+                item.span(),
+                "`rate_limit` must be a table such as { requests = 100, per = \"1s\", burst = 200 }",
+            );
+            return None;
+        };
+        let span = item.span();
+        let mut requests = None;
+        let mut per = None;
+        let mut burst = None;
+        let mut invalid = false;
+        for (name, value) in table.iter() {
+            let vspan = value.span();
+            let before = self.diags.len();
+            match name {
+                "requests" | "burst" => match value.as_integer() {
+                    Some(n) if n >= 1 => {
+                        if name == "requests" {
+                            requests = Some(n as u64);
+                        } else {
+                            burst = Some(n as u64);
+                        }
+                    }
+                    _ => self.at(vspan, format!("`rate_limit.{name}` must be a positive integer")),
+                },
+                "per" => match value.as_str().map(parse_duration) {
+                    Some(Ok(d)) if !d.is_zero() => per = Some(d),
+                    Some(Ok(_)) => self.at(vspan, "`rate_limit.per` must be longer than zero"),
+                    Some(Err(e)) => self.at(vspan, format!("`rate_limit.per`: {e}")),
+                    None => self.at(vspan, "`rate_limit.per` must be a duration string such as \"1s\""),
+                },
+                other => {
+                    let kspan = table.key(other).and_then(|k| k.span()).or(vspan);
+                    self.at(
+                        kspan,
+                        format!("unknown field `{other}` in rate_limit (expected requests, per, burst)"),
+                    );
+                }
+            }
+            invalid |= self.diags.len() != before;
+        }
+        let (Some(requests), Some(per)) = (requests, per) else {
+            if !invalid {
+                self.at(span, "`rate_limit` needs both `requests` and `per`");
+            }
+            return None;
+        };
+        if invalid {
+            return None;
+        }
+        let burst = burst.unwrap_or(requests);
+        Some(RateLimitSpec {
+            requests,
+            per,
+            burst,
+        })
+    }
+
+    fn cross_checks(&mut self, keys: &[KeySpec]) {
+        let mut ids: ahash::AHashMap<&str, usize> = ahash::AHashMap::new();
+        let mut digests: ahash::AHashMap<[u8; 32], &str> = ahash::AHashMap::new();
+        let mut found = Vec::new();
+        for k in keys {
+            if let Some(first) = ids.insert(&k.id, k.line) {
+                found.push(Diagnostic {
+                    line: k.line,
+                    column: 1,
+                    message: format!("duplicate id {:?} (first defined on line {first})", k.id),
+                });
+            }
+            if let Some(other) = digests.insert(k.digest, &k.id) {
+                found.push(Diagnostic {
+                    line: k.line,
+                    column: 1,
+                    message: format!(
+                        "key {:?} has the same sha256 as key {other:?}: digests must be unique",
+                        k.id
+                    ),
+                });
+            }
+        }
+        self.diags.extend(found);
+    }
+}
+
+/// Whether `s` is a valid scope name.
+pub fn is_scope(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b',')
+}
+
+/// Decodes 64 hex digits (either case) into a digest.
+pub fn decode_digest(hex: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex.trim(), &mut out).ok()?;
+    Some(out)
+}
+
+fn suggest<'a>(name: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (edit_distance(name, c), *c))
+        .filter(|(d, _)| *d <= 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D1: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    const D2: &str = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752";
+
+    fn errors(text: &str) -> Vec<String> {
+        match parse_str(text, ParseOptions::default()) {
+            Ok(_) => vec![],
+            Err(d) => d
+                .into_iter()
+                .map(|d| format!("{}:{}: {}", d.line, d.column, d.message))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn parses_a_complete_key() {
+        let text = format!(
+            r#"# comment
+[[keys]]
+id = "acme-2026-11"
+client = "acme"
+sha256 = "{}"
+scopes = ["read", "trade", "read"]
+state = "deprecated"
+not_before = 2026-11-27T00:00:00Z
+expires_at = "2027-02-27T00:00:00+01:00"
+deprecated_at = 2026-11-28T00:00:00Z
+description = "free text"
+rate_limit = {{ requests = 100, per = "1s", burst = 200 }}
+"#,
+            D1.to_uppercase()
+        );
+        let file = parse_str(&text, ParseOptions::default()).unwrap();
+        let k = &file.keys[0];
+        assert_eq!(k.id, "acme-2026-11");
+        assert_eq!(k.client, "acme");
+        assert_eq!(hex::encode(k.digest), D1);
+        assert_eq!(k.scopes, vec!["read", "trade"]);
+        assert_eq!(k.state, KeyState::Deprecated);
+        assert_eq!(k.not_before.unwrap().to_string(), "2026-11-27T00:00:00Z");
+        assert_eq!(k.expires_at.unwrap().to_string(), "2027-02-26T23:00:00Z");
+        assert_eq!(k.deprecated_at.unwrap().to_string(), "2026-11-28T00:00:00Z");
+        assert_eq!(k.description.as_deref(), Some("free text"));
+        assert_eq!(
+            k.rate_limit,
+            Some(RateLimitSpec {
+                requests: 100,
+                per: Duration::from_secs(1),
+                burst: 200
+            })
+        );
+        assert_eq!(k.line, 2);
+    }
+
+    #[test]
+    fn defaults_are_active_without_scopes() {
+        let text = format!("[[keys]]\nid = \"a\"\nclient = \"c\"\nsha256 = \"{D1}\"\n");
+        let k = &parse_str(&text, ParseOptions::default()).unwrap().keys[0];
+        assert_eq!(k.state, KeyState::Active);
+        assert!(k.scopes.is_empty());
+        assert!(k.expires_at.is_none() && k.not_before.is_none() && k.rate_limit.is_none());
+    }
+
+    #[test]
+    fn unknown_field_is_an_error_with_a_suggestion() {
+        let text = format!(
+            "[[keys]]\nid = \"a\"\nclient = \"c\"\nsha256 = \"{D1}\"\nexpire_at = 2027-01-01T00:00:00Z\n"
+        );
+        assert_eq!(
+            errors(&text),
+            vec!["5:1: unknown field `expire_at` in [[keys]] (did you mean `expires_at`?)"]
+        );
+    }
+
+    #[test]
+    fn unknown_top_level_field_is_an_error() {
+        let text = format!("kyes = 1\n[[keys]]\nid = \"a\"\nclient = \"c\"\nsha256 = \"{D1}\"\n");
+        assert_eq!(
+            errors(&text),
+            vec!["1:1: unknown top-level field `kyes` (expected [[keys]])"]
+        );
+    }
+
+    #[test]
+    fn invalid_toml_reports_position() {
+        let e = errors("[[keys]]\nid = \"a\nclient = \"c\"\n");
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("2:"), "{e:?}");
+        assert!(e[0].contains("invalid TOML"), "{e:?}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = format!(
+            r#"[[keys]]
+client = "c"
+sha256 = "abc"
+
+[[keys]]
+id = "bad id!"
+client = "c"
+sha256 = "{D1}"
+state = "retired"
+not_before = 2027-01-01T00:00:00Z
+expires_at = 2026-01-01T00:00:00Z
+scopes = ["ok", "has space", 3]
+rate_limit = {{ requests = 0, per = "1 fortnight" }}
+
+[[keys]]
+id = "dup"
+client = "c"
+sha256 = "{D1}"
+[[keys]]
+id = "dup"
+client = "c"
+sha256 = "{D2}"
+[[keys]]
+id = "x"
+client = 7
+sha256 = "{D2}"
+deprecated_at = 2026-01-01
+"#
+        );
+        let e = errors(&text);
+        let expected = [
+            "1:1: missing required field `id` in [[keys]]",
+            "3:10: `sha256` must be 64 hexadecimal digits",
+            "6:6: invalid id \"bad id!\"",
+            "9:9: unknown state \"retired\"",
+            "11:14: `expires_at` (2026-01-01T00:00:00Z) must be after `not_before` (2027-01-01T00:00:00Z)",
+            "12:17: invalid scope \"has space\"",
+            "12:30: each scope must be a string",
+            "13:27: `rate_limit.requests` must be a positive integer",
+            "13:36: `rate_limit.per`: duration \"1 fortnight\"",
+            "19:1: duplicate id \"dup\" (first defined on line 15)",
+            "23:10: `client` must be a string",
+            "25:17: `deprecated_at` must be a full date-time",
+        ];
+        for (want, got) in expected.iter().zip(&e) {
+            assert!(got.starts_with(want), "want {want:?}\n got {got:?}\nall: {e:#?}");
+        }
+        assert_eq!(e.len(), expected.len(), "{e:#?}");
+    }
+
+    #[test]
+    fn duplicate_digests_are_refused() {
+        let text = format!(
+            "[[keys]]\nid = \"a\"\nclient = \"c\"\nsha256 = \"{D1}\"\n[[keys]]\nid = \"b\"\nclient = \"c\"\nsha256 = \"{}\"\n",
+            D1.to_uppercase()
+        );
+        assert_eq!(
+            errors(&text),
+            vec!["5:1: key \"b\" has the same sha256 as key \"a\": digests must be unique"]
+        );
+    }
+
+    #[test]
+    fn empty_file_is_refused_unless_allowed() {
+        for text in ["", "# nothing\n", "keys = []\n"] {
+            let e = errors(text);
+            assert_eq!(e.len(), 1, "{text:?}");
+            assert!(e[0].contains("--allow-empty"));
+            let ok = parse_str(text, ParseOptions { allow_empty: true }).unwrap();
+            assert!(ok.keys.is_empty());
+        }
+    }
+
+    #[test]
+    fn keys_must_be_tables() {
+        assert_eq!(
+            errors("keys = \"x\"\n"),
+            vec!["1:1: `keys` must be an array of tables, written as [[keys]] sections"]
+        );
+    }
+
+    #[test]
+    fn offsetless_times_are_refused() {
+        let text = format!(
+            "[[keys]]\nid = \"a\"\nclient = \"c\"\nsha256 = \"{D1}\"\nexpires_at = \"2027-01-01T00:00:00\"\n"
+        );
+        let e = errors(&text);
+        assert!(e[0].starts_with("5:14: `expires_at`: invalid time"), "{e:?}");
+    }
+
+    #[test]
+    fn non_utf8_is_reported() {
+        let err = parse_bytes(Path::new("k.toml"), b"[[keys]]\nid = \"\xff\"\n", ParseOptions::default())
+            .unwrap_err();
+        assert_eq!(err.to_string(), "k.toml:2:7: key file is not valid UTF-8");
+    }
+
+    #[test]
+    fn error_display_is_file_line_column() {
+        let err = parse_bytes(Path::new("keys.toml"), b"[[keys]]\nid = 1\n", ParseOptions::default())
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("keys.toml:1:1: missing required field `client`"), "{text}");
+        assert!(text.contains("keys.toml:2:6: `id` must be a string"), "{text}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("5y").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn positions_count_characters() {
+        assert_eq!(position("ab\ncé d", 7), (2, 4));
+        assert_eq!(position("", 0), (1, 1));
+    }
+}

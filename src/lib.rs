@@ -1,0 +1,28 @@
+//! keyward: an Envoy external-authorization sidecar that verifies API keys
+//! against an in-memory key ring and makes key rotation a non-event.
+//!
+//! # Layout
+//!
+//! - [`keyfile`]: the key file format; parsing and validation with
+//!   `file:line:column` diagnostics.
+//! - [`ring`]: the immutable [`ring::KeyRing`] indexed by SHA-256 digest, the
+//!   per-key usage registry that outlives rings, and the [`ring::RingHandle`]
+//!   through which a new ring is published with one atomic store.
+//! - [`decide`]: credential extraction and the pure decision function.
+//! - [`service`]: the `envoy.service.auth.v3.Authorization` gRPC service; the one
+//!   place a decision becomes a CheckResponse.
+//! - [`stats`]: decision counters.
+//! - [`admin`]: the admin HTTP listener.
+//! - [`server`]: loads the first ring and runs the listeners until shutdown.
+//! - [`cli`]: the `keyward` command line.
+//! - [`pb`]: generated protobuf code for the ext_authz API.
+
+pub mod admin;
+pub mod cli;
+pub mod decide;
+pub mod keyfile;
+pub mod pb;
+pub mod ring;
+pub mod server;
+pub mod service;
+pub mod stats;

@@ -1,0 +1,233 @@
+//! The `envoy.service.auth.v3.Authorization` gRPC service.
+//!
+//! Glue only: read the headers and route context out of the CheckRequest,
+//! [`extract`] the credential, [`decide`] against the current ring, and turn the
+//! [`Decision`] into a CheckResponse in exactly one place ([`respond`]).
+//! A denial is a normal response; `Err(Status)` is never returned for one.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use prost_types::{Struct, Value, value::Kind};
+use tonic::{Request, Response, Status};
+
+use crate::decide::{
+    API_KEY_HEADER, AUTHORIZATION_HEADER, CredentialHeader, Decision, DenyReason, decide, extract,
+};
+use crate::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction};
+use crate::pb::envoy::r#type::v3::HttpStatus;
+use crate::pb::envoy::service::auth::v3::{
+    CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse, attribute_context::HttpRequest,
+    authorization_server::Authorization, check_response::HttpResponse,
+};
+use crate::pb::google::rpc;
+use crate::ring::RingHandle;
+use crate::stats::CheckStats;
+
+/// Identity headers keyward sets on allowed requests.
+pub const CLIENT_HEADER: &str = "x-keyward-client";
+/// See [`CLIENT_HEADER`].
+pub const KEY_ID_HEADER: &str = "x-keyward-key-id";
+/// See [`CLIENT_HEADER`].
+pub const SCOPES_HEADER: &str = "x-keyward-scopes";
+/// Prefix of every header keyward owns; client-sent ones are stripped.
+pub const OWN_PREFIX: &str = "x-keyward-";
+/// The per-route `context_extensions` key naming required scopes.
+pub const REQUIRED_SCOPES: &str = "required_scopes";
+
+/// State shared by the gRPC service, the admin API and the reloader.
+#[derive(Debug)]
+pub struct Shared {
+    /// The published ring.
+    pub ring: RingHandle,
+    /// Per-key counters, shared across rings.
+    pub usage: crate::ring::UsageRegistry,
+    /// Decision counters.
+    pub stats: CheckStats,
+}
+
+/// The Check service.
+#[derive(Debug, Clone)]
+pub struct AuthzService {
+    shared: Arc<Shared>,
+}
+
+impl AuthzService {
+    /// A service answering from `shared.ring`.
+    pub fn new(shared: Arc<Shared>) -> AuthzService {
+        AuthzService { shared }
+    }
+
+    /// Decides one request at `now` and builds its response (no network involved).
+    pub fn check_at(&self, req: &CheckRequest, now: Timestamp) -> CheckResponse {
+        let attrs = req.attributes.as_ref();
+        let http = attrs
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref());
+        let headers = Headers(http);
+        let required = attrs
+            .and_then(|a| a.context_extensions.get(REQUIRED_SCOPES))
+            .map_or("", String::as_str);
+
+        let cred = extract(headers.get(API_KEY_HEADER), headers.get(AUTHORIZATION_HEADER));
+        let ring = self.shared.ring.load();
+        let decision = match &cred {
+            Ok(c) => decide(&ring, c, now, required),
+            Err(reason) => Decision::deny(*reason),
+        };
+        let now_secs = u64::try_from(now.as_second()).unwrap_or(0);
+        self.shared.stats.record(&decision, now_secs);
+        respond(&decision, cred.ok().map(|c| c.header), &headers)
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for AuthzService {
+    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        Ok(Response::new(self.check_at(request.get_ref(), Timestamp::now())))
+    }
+}
+
+/// Read access to the request headers, whichever way Envoy encoded them.
+#[derive(Clone, Copy)]
+pub struct Headers<'a>(pub Option<&'a HttpRequest>);
+
+impl<'a> Headers<'a> {
+    /// The value of header `name` (lower-case).
+    pub fn get(&self, name: &str) -> Option<&'a str> {
+        let http = self.0?;
+        if let Some(v) = http.headers.get(name) {
+            return Some(v.as_str());
+        }
+        let map = http.header_map.as_ref()?;
+        map.headers
+            .iter()
+            .find(|h| h.key.eq_ignore_ascii_case(name))
+            .map(raw_header_value)
+    }
+
+    /// Every header name.
+    pub fn names(&self) -> impl Iterator<Item = &'a str> + 'a {
+        let http = self.0;
+        let plain = http.into_iter().flat_map(|h| h.headers.keys().map(String::as_str));
+        let raw = http
+            .and_then(|h| h.header_map.as_ref())
+            .into_iter()
+            .flat_map(|m| m.headers.iter().map(|h| h.key.as_str()));
+        plain.chain(raw)
+    }
+}
+
+/// A raw header's value: `raw_value` when set (Envoy's raw encoding), else `value`.
+/// Invalid UTF-8 yields a value that `extract` rejects as malformed.
+fn raw_header_value(h: &HeaderValue) -> &str {
+    if h.raw_value.is_empty() {
+        h.value.as_str()
+    } else {
+        std::str::from_utf8(&h.raw_value).unwrap_or("\u{fffd}")
+    }
+}
+
+fn header(key: &str, value: &str, action: HeaderAppendAction) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            raw_value: Vec::new(),
+        }),
+        append_action: action as i32,
+    }
+}
+
+fn string_value(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_owned())),
+    }
+}
+
+/// Turns a decision into the CheckResponse Envoy acts on. The only place
+/// responses are made.
+pub fn respond(decision: &Decision<'_>, carrier: Option<CredentialHeader>, headers: &Headers<'_>) -> CheckResponse {
+    match decision {
+        Decision::Allow(key) => {
+            let overwrite = HeaderAppendAction::OverwriteIfExistsOrAdd;
+            let mut headers_to_remove: Vec<String> = Vec::with_capacity(1);
+            if let Some(c) = carrier {
+                headers_to_remove.push(c.name().to_owned());
+            }
+            // Envoy applies removals after it sets `headers`, so list only the
+            // client-sent x-keyward-* names that we do not set ourselves.
+            for name in headers.names() {
+                if name.len() > OWN_PREFIX.len()
+                    && name[..OWN_PREFIX.len()].eq_ignore_ascii_case(OWN_PREFIX)
+                    && ![CLIENT_HEADER, KEY_ID_HEADER, SCOPES_HEADER]
+                        .iter()
+                        .any(|own| own.eq_ignore_ascii_case(name))
+                {
+                    let lower = name.to_ascii_lowercase();
+                    if !headers_to_remove.contains(&lower) {
+                        headers_to_remove.push(lower);
+                    }
+                }
+            }
+            let mut response_headers_to_add = Vec::new();
+            if let Some(dep) = &key.deprecation_header {
+                response_headers_to_add.push(header("deprecation", dep, overwrite));
+                if let Some(sunset) = &key.sunset_header {
+                    response_headers_to_add.push(header("sunset", sunset, overwrite));
+                }
+            }
+            let mut metadata = BTreeMap::new();
+            metadata.insert("client".to_owned(), string_value(&key.client));
+            metadata.insert("key_id".to_owned(), string_value(&key.id));
+            metadata.insert("scopes".to_owned(), string_value(&key.scopes_joined));
+            CheckResponse {
+                status: Some(rpc::Status {
+                    code: 0,
+                    message: String::new(),
+                }),
+                http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                    headers: vec![
+                        header(CLIENT_HEADER, &key.client, overwrite),
+                        header(KEY_ID_HEADER, &key.id, overwrite),
+                        header(SCOPES_HEADER, &key.scopes_joined, overwrite),
+                    ],
+                    headers_to_remove,
+                    response_headers_to_add,
+                })),
+                dynamic_metadata: Some(Struct { fields: metadata }),
+            }
+        }
+        Decision::Deny { reason, .. } => denied(*reason),
+    }
+}
+
+/// The response for a denial.
+pub fn denied(reason: DenyReason) -> CheckResponse {
+    let status = reason.http_status();
+    let overwrite = HeaderAppendAction::OverwriteIfExistsOrAdd;
+    let mut headers = vec![header("content-type", "application/json", overwrite)];
+    if status == 401 {
+        let challenge = if reason == DenyReason::MissingKey {
+            r#"Bearer realm="keyward""#
+        } else {
+            r#"Bearer realm="keyward", error="invalid_token""#
+        };
+        headers.push(header("www-authenticate", challenge, overwrite));
+    }
+    CheckResponse {
+        status: Some(rpc::Status {
+            code: reason.grpc_code(),
+            message: reason.code().to_owned(),
+        }),
+        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status: Some(HttpStatus {
+                code: i32::from(status),
+            }),
+            headers,
+            body: format!("{{\"error\":\"{}\"}}", reason.code()),
+        })),
+        dynamic_metadata: None,
+    }
+}
