@@ -512,10 +512,10 @@ impl Validator<'_> {
                         "`{field}` must be a full date-time with an offset, such as 2026-11-27T00:00:00Z"
                     ))
                 } else {
-                    parse_time(&dt.to_string())
+                    parse_time(&dt.to_string()).map_err(|e| format!("`{field}`: {e}"))
                 }
             }
-            Some(Value::String(s)) => parse_time(s.value()),
+            Some(Value::String(s)) => parse_time(s.value()).map_err(|e| format!("`{field}`: {e}")),
             _ => Err(format!(
                 "`{field}` must be a date-time such as 2026-11-27T00:00:00Z"
             )),
@@ -523,7 +523,7 @@ impl Validator<'_> {
         match parsed {
             Ok(ts) => Some(ts),
             Err(msg) => {
-                self.at(item.span(), format!("`{field}`: {msg}"));
+                self.at(item.span(), msg);
                 None
             }
         }
@@ -790,8 +790,8 @@ deprecated_at = 2026-01-01
             "13:27: `rate_limit.requests` must be a positive integer",
             "13:36: `rate_limit.per`: duration \"1 fortnight\"",
             "19:1: duplicate id \"dup\" (first defined on line 15)",
-            "23:10: `client` must be a string",
-            "25:17: `deprecated_at` must be a full date-time",
+            "25:10: `client` must be a string",
+            "27:17: `deprecated_at` must be a full date-time",
         ];
         for (want, got) in expected.iter().zip(&e) {
             assert!(got.starts_with(want), "want {want:?}\n got {got:?}\nall: {e:#?}");
