@@ -200,7 +200,12 @@ pub fn extract<'a>(
     } else {
         return Err(DenyReason::MissingKey);
     };
-    if is_well_formed(cred.secret) {
+    // A key that claims keyward's format but fails its checksum is a typo or
+    // a guess: reject it before any digest work. Keys of any other shape
+    // (issued elsewhere) go on to the lookup.
+    if is_well_formed(cred.secret)
+        && (!crate::secret::claims_format(cred.secret) || crate::secret::checksum_ok(cred.secret))
+    {
         Ok(cred)
     } else {
         Err(DenyReason::MalformedKey)
@@ -358,6 +363,19 @@ mod tests {
         assert!(is_well_formed(&"k".repeat(512)));
         assert!(!is_well_formed(&"k".repeat(513)));
         assert!(!is_well_formed(""));
+    }
+
+    #[test]
+    fn keyward_shaped_keys_must_pass_their_checksum() {
+        let good = crate::secret::generate().unwrap();
+        assert!(extract(Some(&good), None).is_ok());
+        let mut bad = good.clone().into_bytes();
+        bad[10] = if bad[10] == b'a' { b'b' } else { b'a' };
+        let bad = String::from_utf8(bad).unwrap();
+        assert_eq!(extract(Some(&bad), None), Err(DenyReason::MalformedKey));
+        assert_eq!(extract(Some("kw_short"), None), Err(DenyReason::MalformedKey));
+        // Keys issued elsewhere are looked up whatever their shape.
+        assert!(extract(Some("legacy-0123456789"), None).is_ok());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //!   per-key usage registry that outlives rings, and the [`ring::RingHandle`]
 //!   through which a new ring is published with one atomic store.
 //! - [`decide`]: credential extraction and the pure decision function.
+//! - [`secret`]: the format of keyward-issued secrets (prefix + checksum).
 //! - [`service`]: the `envoy.service.auth.v3.Authorization` gRPC service; the one
 //!   place a decision becomes a CheckResponse.
 //! - [`stats`]: decision counters.
@@ -23,6 +24,7 @@ pub mod decide;
 pub mod keyfile;
 pub mod pb;
 pub mod ring;
+pub mod secret;
 pub mod server;
 pub mod service;
 pub mod stats;

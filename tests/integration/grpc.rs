@@ -1,0 +1,282 @@
+//! The real server on port 0, called with a tonic client.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+use keyward::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use keyward::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use keyward::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use keyward::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
+use prost_types::value::Kind;
+
+use crate::util::{KeyDir, Running, Secrets, eventually, standard_ring};
+
+fn request(headers: &[(&str, &str)], required_scopes: Option<&str>) -> CheckRequest {
+    let mut ctx = HashMap::new();
+    if let Some(s) = required_scopes {
+        ctx.insert("required_scopes".to_owned(), s.to_owned());
+    }
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: "GET".into(),
+                    path: "/v1/orders".into(),
+                    headers: headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+                    ..Default::default()
+                }),
+            }),
+            context_extensions: ctx,
+            ..Default::default()
+        }),
+    }
+}
+
+fn denial(resp: &CheckResponse) -> (i32, u16, String, HashMap<String, String>) {
+    let Some(HttpResponse::DeniedResponse(d)) = &resp.http_response else {
+        panic!("expected a denial, got {resp:?}");
+    };
+    let headers = d
+        .headers
+        .iter()
+        .map(|h| {
+            let h = h.header.as_ref().unwrap();
+            (h.key.clone(), h.value.clone())
+        })
+        .collect();
+    (
+        resp.status.as_ref().unwrap().code,
+        u16::try_from(d.status.as_ref().unwrap().code).unwrap(),
+        d.body.clone(),
+        headers,
+    )
+}
+
+#[tokio::test]
+async fn every_decision_over_grpc() {
+    let keys = KeyDir::new(&standard_ring());
+    let server = Running::start(&keys.path).await;
+    let mut client = AuthorizationClient::connect(server.endpoint()).await.unwrap();
+
+    let long = "k".repeat(513);
+    let cases: Vec<(Vec<(&str, &str)>, Option<&str>, i32, u16, &str)> = vec![
+        (vec![], None, 16, 401, "missing_key"),
+        (vec![("authorization", "Basic dXNlcjpwYXNz")], None, 16, 401, "missing_key"),
+        (vec![("x-api-key", long.as_str())], None, 16, 401, "malformed_key"),
+        (vec![("x-api-key", "with space")], None, 16, 401, "malformed_key"),
+        (vec![("x-api-key", "not-a-key")], None, 16, 401, "unknown_key"),
+        (vec![("x-api-key", Secrets::REVOKED)], None, 16, 401, "revoked_key"),
+        (vec![("x-api-key", Secrets::EXPIRED)], None, 16, 401, "expired_key"),
+        (vec![("x-api-key", Secrets::FUTURE)], None, 16, 401, "key_not_yet_valid"),
+        (vec![("x-api-key", Secrets::READER)], Some("trade"), 7, 403, "insufficient_scope"),
+        (vec![("authorization", "Bearer nope")], None, 16, 401, "unknown_key"),
+    ];
+    for (headers, scopes, grpc_code, http, error) in cases {
+        let resp = client
+            .check(request(&headers, scopes))
+            .await
+            .expect("denials are responses, not RPC errors")
+            .into_inner();
+        let (code, status, body, hdrs) = denial(&resp);
+        assert_eq!((code, status), (grpc_code, http), "{error}");
+        assert_eq!(body, format!("{{\"error\":\"{error}\"}}"));
+        assert_eq!(hdrs["content-type"], "application/json");
+        assert_eq!(hdrs.contains_key("www-authenticate"), http == 401, "{error}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn allowed_requests_carry_identity_and_strip_credentials() {
+    let keys = KeyDir::new(&standard_ring());
+    let server = Running::start(&keys.path).await;
+    let mut client = AuthorizationClient::connect(server.endpoint()).await.unwrap();
+
+    let bearer = format!("bearer {}", Secrets::ACTIVE);
+    let resp = client
+        .check(request(
+            &[
+                ("authorization", bearer.as_str()),
+                ("x-keyward-client", "spoofed"),
+                ("x-keyward-admin", "true"),
+                ("user-agent", "test"),
+            ],
+            Some("read trade"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.status.as_ref().unwrap().code, 0);
+    let Some(HttpResponse::OkResponse(ok)) = &resp.http_response else {
+        panic!("expected OK, got {resp:?}");
+    };
+    let set: HashMap<_, _> = ok
+        .headers
+        .iter()
+        .map(|h| {
+            let v = h.header.as_ref().unwrap();
+            assert_eq!(h.append_action, 2, "identity headers overwrite, never append");
+            (v.key.as_str(), v.value.as_str())
+        })
+        .collect();
+    assert_eq!(set["x-keyward-client"], "acme");
+    assert_eq!(set["x-keyward-key-id"], "acme-new");
+    assert_eq!(set["x-keyward-scopes"], "read trade");
+    let mut removed = ok.headers_to_remove.clone();
+    removed.sort();
+    assert_eq!(removed, vec!["authorization", "x-keyward-admin"]);
+    assert!(ok.response_headers_to_add.is_empty(), "active keys get no deprecation headers");
+    let md = &resp.dynamic_metadata.as_ref().unwrap().fields;
+    let s = |k: &str| match &md[k].kind {
+        Some(Kind::StringValue(s)) => s.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((s("client"), s("key_id"), s("scopes")), ("acme".into(), "acme-new".into(), "read trade".into()));
+
+    // A deprecated key still works and tells the client it must switch.
+    let resp = client
+        .check(request(&[("x-api-key", Secrets::DEPRECATED)], Some("read")))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(HttpResponse::OkResponse(ok)) = &resp.http_response else {
+        panic!("deprecated keys are allowed: {resp:?}");
+    };
+    assert_eq!(ok.headers_to_remove, vec!["x-api-key"]);
+    let added: HashMap<_, _> = ok
+        .response_headers_to_add
+        .iter()
+        .map(|h| {
+            let v = h.header.as_ref().unwrap();
+            (v.key.as_str(), v.value.as_str())
+        })
+        .collect();
+    assert!(added["deprecation"].starts_with('@'), "{added:?}");
+    assert!(added["sunset"].ends_with(" GMT"), "{added:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_admin_endpoints() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let keys = KeyDir::new(&standard_ring());
+    let server = Running::start(&keys.path).await;
+    let channel = tonic::transport::Endpoint::from_shared(server.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    for service in ["", "envoy.service.auth.v3.Authorization"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, 1, "SERVING for {service:?}");
+    }
+    let http = reqwest::Client::new();
+    let r = http.get(format!("http://{}/healthz", server.admin)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http.get(format!("http://{}/readyz", server.admin)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("generation 1 with 6 keys"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_drains_and_closes_listeners() {
+    let keys = KeyDir::new(&standard_ring());
+    let server = Running::start(&keys.path).await;
+    let addr = server.grpc;
+    let mut client = AuthorizationClient::connect(server.endpoint()).await.unwrap();
+    client.check(request(&[], None)).await.unwrap();
+    server.stop().await;
+    eventually(Duration::from_secs(5), "listener closed", || async move {
+        tokio::net::TcpStream::connect(addr).await.is_err().then_some(())
+    })
+    .await;
+}
+
+fn keyward() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_keyward"))
+}
+
+#[test]
+fn serve_refuses_a_missing_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.toml");
+    let out = keyward()
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--keys"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}: cannot read key file", missing.display())), "{err}");
+}
+
+#[test]
+fn serve_refuses_an_invalid_key_file_naming_file_and_line() {
+    let keys = KeyDir::new("[[keys]]\nid = \"a\"\nclient = \"c\"\nsha256 = \"xyz\"\n");
+    let out = keyward()
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--keys"])
+        .arg(&keys.path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:4:10: `sha256` must be 64 hexadecimal digits", keys.path.display())), "{err}");
+}
+
+#[test]
+fn serve_refuses_an_empty_ring_unless_allowed() {
+    let keys = KeyDir::new("# all keys were removed\n");
+    let out = keyward()
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--keys"])
+        .arg(&keys.path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-empty"));
+}
+
+#[test]
+fn serve_exits_cleanly_on_sigterm() {
+    let keys = KeyDir::new(&standard_ring());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("keyward.sock");
+    let mut child = keyward()
+        .args(["serve", "--admin", "127.0.0.1:0", "--listen"])
+        .arg(format!("unix:{}", sock.display()))
+        .arg("--keys")
+        .arg(&keys.path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "socket never appeared");
+        if let Ok(Some(s)) = child.try_wait() {
+            panic!("keyward exited early: {s}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(status.success());
+    let start = std::time::Instant::now();
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "keyward did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "exit status {exit}");
+}

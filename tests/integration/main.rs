@@ -1,0 +1,6 @@
+//! Integration tests: the real server on port 0, and end to end through a real Envoy.
+
+mod envoy_e2e;
+mod grpc;
+mod util;
+mod wire;
