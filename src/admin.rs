@@ -28,10 +28,17 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, String) {
     let ring = shared.ring.load();
     let source = ring.source();
     if source.generation == 0 {
-        return (StatusCode::SERVICE_UNAVAILABLE, "no key ring loaded\n".into());
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no key ring loaded\n".into(),
+        );
     }
     (
         StatusCode::OK,
-        format!("ready: generation {} with {} keys\n", source.generation, ring.len()),
+        format!(
+            "ready: generation {} with {} keys\n",
+            source.generation,
+            ring.len()
+        ),
     )
 }

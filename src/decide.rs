@@ -252,7 +252,12 @@ pub fn digest_bytes(bytes: &[u8]) -> crate::ring::Digest {
 /// Decides a check. `required` is the route's `required_scopes` (space- or
 /// comma-separated, all required; empty for none).
 #[inline]
-pub fn decide<'r>(ring: &'r KeyRing, cred: &Credential<'_>, now: Timestamp, required: &str) -> Decision<'r> {
+pub fn decide<'r>(
+    ring: &'r KeyRing,
+    cred: &Credential<'_>,
+    now: Timestamp,
+    required: &str,
+) -> Decision<'r> {
     let Some(key) = ring.lookup(&digest(cred.secret)) else {
         return Decision::deny(DenyReason::UnknownKey);
     };
@@ -289,9 +294,21 @@ mod tests {
 
     fn ring() -> KeyRing {
         let keys = [
-            ("active", "s-active", "state = \"active\"\nscopes = [\"read\", \"trade\"]"),
-            ("deprecated", "s-deprecated", "state = \"deprecated\"\nexpires_at = 2027-01-01T00:00:00Z"),
-            ("revoked", "s-revoked", "state = \"revoked\"\nexpires_at = 2020-01-01T00:00:00Z"),
+            (
+                "active",
+                "s-active",
+                "state = \"active\"\nscopes = [\"read\", \"trade\"]",
+            ),
+            (
+                "deprecated",
+                "s-deprecated",
+                "state = \"deprecated\"\nexpires_at = 2027-01-01T00:00:00Z",
+            ),
+            (
+                "revoked",
+                "s-revoked",
+                "state = \"revoked\"\nexpires_at = 2020-01-01T00:00:00Z",
+            ),
             ("expired", "s-expired", "expires_at = 2026-01-01T00:00:00Z"),
             ("future", "s-future", "not_before = 2026-12-01T00:00:00Z"),
         ];
@@ -315,7 +332,12 @@ mod tests {
         "2026-11-27T12:00:00Z".parse().unwrap()
     }
 
-    fn check(ring: &KeyRing, api_key: Option<&str>, auth: Option<&str>, required: &str) -> Result<String, DenyReason> {
+    fn check(
+        ring: &KeyRing,
+        api_key: Option<&str>,
+        auth: Option<&str>,
+        required: &str,
+    ) -> Result<String, DenyReason> {
         let cred = extract(api_key, auth)?;
         match decide(ring, &cred, now(), required) {
             Decision::Allow(k) => Ok(k.id.to_string()),
@@ -328,7 +350,10 @@ mod tests {
         let r = ring();
         use DenyReason::*;
         assert_eq!(check(&r, None, None, ""), Err(MissingKey));
-        assert_eq!(check(&r, Some(&"x".repeat(513)), None, ""), Err(MalformedKey));
+        assert_eq!(
+            check(&r, Some(&"x".repeat(513)), None, ""),
+            Err(MalformedKey)
+        );
         assert_eq!(check(&r, Some("has space"), None, ""), Err(MalformedKey));
         assert_eq!(check(&r, Some("caf\u{e9}"), None, ""), Err(MalformedKey));
         assert_eq!(check(&r, Some("tab\there"), None, ""), Err(MalformedKey));
@@ -336,9 +361,18 @@ mod tests {
         assert_eq!(check(&r, Some("s-revoked"), None, ""), Err(RevokedKey));
         assert_eq!(check(&r, Some("s-expired"), None, ""), Err(ExpiredKey));
         assert_eq!(check(&r, Some("s-future"), None, ""), Err(KeyNotYetValid));
-        assert_eq!(check(&r, Some("s-active"), None, "read admin"), Err(InsufficientScope));
-        assert_eq!(check(&r, Some("s-active"), None, "read,trade"), Ok("active".into()));
-        assert_eq!(check(&r, Some("s-deprecated"), None, ""), Ok("deprecated".into()));
+        assert_eq!(
+            check(&r, Some("s-active"), None, "read admin"),
+            Err(InsufficientScope)
+        );
+        assert_eq!(
+            check(&r, Some("s-active"), None, "read,trade"),
+            Ok("active".into())
+        );
+        assert_eq!(
+            check(&r, Some("s-deprecated"), None, ""),
+            Ok("deprecated".into())
+        );
     }
 
     #[test]
@@ -346,7 +380,13 @@ mod tests {
         let r = ring();
         let k = r.by_id("expired").unwrap();
         let exp: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
-        assert!(matches!(decide_key(k, exp, ""), Decision::Deny { reason: DenyReason::ExpiredKey, .. }));
+        assert!(matches!(
+            decide_key(k, exp, ""),
+            Decision::Deny {
+                reason: DenyReason::ExpiredKey,
+                ..
+            }
+        ));
         let just_before = exp - jiff::SignedDuration::from_nanos(1);
         assert!(matches!(decide_key(k, just_before, ""), Decision::Allow(_)));
         let f = r.by_id("future").unwrap();
@@ -354,7 +394,10 @@ mod tests {
         assert!(matches!(decide_key(f, nb, ""), Decision::Allow(_)));
         assert!(matches!(
             decide_key(f, just_before, ""),
-            Decision::Deny { reason: DenyReason::KeyNotYetValid, .. }
+            Decision::Deny {
+                reason: DenyReason::KeyNotYetValid,
+                ..
+            }
         ));
     }
 
@@ -373,7 +416,10 @@ mod tests {
         bad[10] = if bad[10] == b'a' { b'b' } else { b'a' };
         let bad = String::from_utf8(bad).unwrap();
         assert_eq!(extract(Some(&bad), None), Err(DenyReason::MalformedKey));
-        assert_eq!(extract(Some("kw_short"), None), Err(DenyReason::MalformedKey));
+        assert_eq!(
+            extract(Some("kw_short"), None),
+            Err(DenyReason::MalformedKey)
+        );
         // Keys issued elsewhere are looked up whatever their shape.
         assert!(extract(Some("legacy-0123456789"), None).is_ok());
     }
@@ -388,7 +434,11 @@ mod tests {
     fn bearer_scheme_is_case_insensitive() {
         for v in ["Bearer tok", "bearer tok", "BEARER   tok ", "\tBeArEr\ttok"] {
             let c = extract(None, Some(v)).unwrap();
-            assert_eq!((c.secret, c.header), ("tok", CredentialHeader::Authorization), "{v:?}");
+            assert_eq!(
+                (c.secret, c.header),
+                ("tok", CredentialHeader::Authorization),
+                "{v:?}"
+            );
         }
     }
 
@@ -403,8 +453,14 @@ mod tests {
     fn empty_credentials_are_malformed() {
         assert_eq!(extract(Some(""), None), Err(DenyReason::MalformedKey));
         assert_eq!(extract(None, Some("Bearer")), Err(DenyReason::MalformedKey));
-        assert_eq!(extract(None, Some("Bearer   ")), Err(DenyReason::MalformedKey));
-        assert_eq!(extract(None, Some("Bearer a b")), Err(DenyReason::MalformedKey));
+        assert_eq!(
+            extract(None, Some("Bearer   ")),
+            Err(DenyReason::MalformedKey)
+        );
+        assert_eq!(
+            extract(None, Some("Bearer a b")),
+            Err(DenyReason::MalformedKey)
+        );
     }
 
     #[test]

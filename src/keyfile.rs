@@ -267,7 +267,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => 3_600_000,
         "d" => 86_400_000,
         "w" => 604_800_000,
-        _ => return Err(format!("duration {s:?} has unknown unit {unit:?} (use ms, s, m, h, d or w)")),
+        _ => {
+            return Err(format!(
+                "duration {s:?} has unknown unit {unit:?} (use ms, s, m, h, d or w)"
+            ));
+        }
     };
     n.checked_mul(unit_ms)
         .map(Duration::from_millis)
@@ -276,9 +280,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Parses an RFC 3339 instant (an offset is required).
 pub fn parse_time(s: &str) -> Result<Timestamp, String> {
-    s.trim()
-        .parse::<Timestamp>()
-        .map_err(|e| format!("invalid time {s:?} (expected RFC 3339 such as 2026-11-27T00:00:00Z): {e}"))
+    s.trim().parse::<Timestamp>().map_err(|e| {
+        format!("invalid time {s:?} (expected RFC 3339 such as 2026-11-27T00:00:00Z): {e}")
+    })
 }
 
 const KEY_FIELDS: &[&str] = &[
@@ -351,27 +355,26 @@ impl Validator<'_> {
             }
         }
         let id = self.required_str(t, "id", table_span.clone());
-        if let Some((id, span)) = &id {
-            if id.is_empty()
+        if let Some((id, span)) = &id
+            && (id.is_empty()
                 || id.len() > MAX_ID_LEN
                 || !id
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-            {
-                self.at(
-                    span.clone(),
-                    format!("invalid id {id:?}: ids are 1 to 128 characters of A-Z a-z 0-9 . _ -"),
-                );
-            }
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')))
+        {
+            self.at(
+                span.clone(),
+                format!("invalid id {id:?}: ids are 1 to 128 characters of A-Z a-z 0-9 . _ -"),
+            );
         }
         let client = self.required_str(t, "client", table_span.clone());
-        if let Some((client, span)) = &client {
-            if client.trim().is_empty() || client.chars().any(|c| c.is_control()) {
-                self.at(
-                    span.clone(),
-                    "`client` must be non-empty and contain no control characters",
-                );
-            }
+        if let Some((client, span)) = &client
+            && (client.trim().is_empty() || client.chars().any(|c| c.is_control()))
+        {
+            self.at(
+                span.clone(),
+                "`client` must be non-empty and contain no control characters",
+            );
         }
         let digest = self
             .required_str(t, "sha256", table_span.clone())
@@ -409,14 +412,14 @@ impl Validator<'_> {
         let not_before = self.time(t, "not_before");
         let expires_at = self.time(t, "expires_at");
         let deprecated_at = self.time(t, "deprecated_at");
-        if let (Some(nb), Some(exp)) = (not_before, expires_at) {
-            if exp <= nb {
-                let span = t.get("expires_at").and_then(Item::span);
-                self.at(
-                    span,
-                    format!("`expires_at` ({exp}) must be after `not_before` ({nb})"),
-                );
-            }
+        if let (Some(nb), Some(exp)) = (not_before, expires_at)
+            && exp <= nb
+        {
+            let span = t.get("expires_at").and_then(Item::span);
+            self.at(
+                span,
+                format!("`expires_at` ({exp}) must be after `not_before` ({nb})"),
+            );
         }
         let description = match t.get("description") {
             None => None,
@@ -456,7 +459,10 @@ impl Validator<'_> {
     ) -> Option<(String, Option<Range<usize>>)> {
         match t.get(field) {
             None => {
-                self.at(table_span, format!("missing required field `{field}` in [[keys]]"));
+                self.at(
+                    table_span,
+                    format!("missing required field `{field}` in [[keys]]"),
+                );
                 None
             }
             Some(item) => match item.as_str() {
@@ -474,7 +480,10 @@ impl Validator<'_> {
             return Some(Vec::new());
         };
         let Some(array) = item.as_array() else {
-            self.at(item.span(), "`scopes` must be an array of strings, e.g. [\"read\"]");
+            self.at(
+                item.span(),
+                "`scopes` must be an array of strings, e.g. [\"read\"]",
+            );
             return None;
         };
         let mut out = Vec::with_capacity(array.len());
@@ -555,19 +564,27 @@ impl Validator<'_> {
                             burst = Some(n as u64);
                         }
                     }
-                    _ => self.at(vspan, format!("`rate_limit.{name}` must be a positive integer")),
+                    _ => self.at(
+                        vspan,
+                        format!("`rate_limit.{name}` must be a positive integer"),
+                    ),
                 },
                 "per" => match value.as_str().map(parse_duration) {
                     Some(Ok(d)) if !d.is_zero() => per = Some(d),
                     Some(Ok(_)) => self.at(vspan, "`rate_limit.per` must be longer than zero"),
                     Some(Err(e)) => self.at(vspan, format!("`rate_limit.per`: {e}")),
-                    None => self.at(vspan, "`rate_limit.per` must be a duration string such as \"1s\""),
+                    None => self.at(
+                        vspan,
+                        "`rate_limit.per` must be a duration string such as \"1s\"",
+                    ),
                 },
                 other => {
                     let kspan = table.key(other).and_then(|k| k.span()).or(vspan);
                     self.at(
                         kspan,
-                        format!("unknown field `{other}` in rate_limit (expected requests, per, burst)"),
+                        format!(
+                            "unknown field `{other}` in rate_limit (expected requests, per, burst)"
+                        ),
                     );
                 }
             }
@@ -794,7 +811,10 @@ deprecated_at = 2026-01-01
             "27:17: `deprecated_at` must be a full date-time",
         ];
         for (want, got) in expected.iter().zip(&e) {
-            assert!(got.starts_with(want), "want {want:?}\n got {got:?}\nall: {e:#?}");
+            assert!(
+                got.starts_with(want),
+                "want {want:?}\n got {got:?}\nall: {e:#?}"
+            );
         }
         assert_eq!(e.len(), expected.len(), "{e:#?}");
     }
@@ -836,29 +856,49 @@ deprecated_at = 2026-01-01
             "[[keys]]\nid = \"a\"\nclient = \"c\"\nsha256 = \"{D1}\"\nexpires_at = \"2027-01-01T00:00:00\"\n"
         );
         let e = errors(&text);
-        assert!(e[0].starts_with("5:14: `expires_at`: invalid time"), "{e:?}");
+        assert!(
+            e[0].starts_with("5:14: `expires_at`: invalid time"),
+            "{e:?}"
+        );
     }
 
     #[test]
     fn non_utf8_is_reported() {
-        let err = parse_bytes(Path::new("k.toml"), b"[[keys]]\nid = \"\xff\"\n", ParseOptions::default())
-            .unwrap_err();
+        let err = parse_bytes(
+            Path::new("k.toml"),
+            b"[[keys]]\nid = \"\xff\"\n",
+            ParseOptions::default(),
+        )
+        .unwrap_err();
         assert_eq!(err.to_string(), "k.toml:2:7: key file is not valid UTF-8");
     }
 
     #[test]
     fn error_display_is_file_line_column() {
-        let err = parse_bytes(Path::new("keys.toml"), b"[[keys]]\nid = 1\n", ParseOptions::default())
-            .unwrap_err();
+        let err = parse_bytes(
+            Path::new("keys.toml"),
+            b"[[keys]]\nid = 1\n",
+            ParseOptions::default(),
+        )
+        .unwrap_err();
         let text = err.to_string();
-        assert!(text.starts_with("keys.toml:1:1: missing required field `client`"), "{text}");
-        assert!(text.contains("keys.toml:2:6: `id` must be a string"), "{text}");
+        assert!(
+            text.starts_with("keys.toml:1:1: missing required field `client`"),
+            "{text}"
+        );
+        assert!(
+            text.contains("keys.toml:2:6: `id` must be a string"),
+            "{text}"
+        );
     }
 
     #[test]
     fn durations() {
         assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
-        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("m").is_err());

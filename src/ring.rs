@@ -217,7 +217,13 @@ impl KeyRing {
                 .and_then(|p| p.by_id(&spec.id))
                 .filter(|k| k.state == KeyState::Deprecated)
                 .and_then(|k| k.deprecated_at);
-            let entry = entry_from_spec(spec, client, usage.usage(&spec.id), prev_deprecated, source.loaded_at);
+            let entry = entry_from_spec(
+                spec,
+                client,
+                usage.usage(&spec.id),
+                prev_deprecated,
+                source.loaded_at,
+            );
             let index = u32::try_from(i).expect("more than 4 billion keys");
             by_digest.insert(DigestKey(spec.digest), index);
             by_id.insert(Arc::clone(&entry.id), index);
@@ -297,7 +303,11 @@ fn entry_from_spec(
     KeyEntry {
         id: Arc::from(spec.id.as_str()),
         client,
-        scopes: spec.scopes.iter().map(|s| s.clone().into_boxed_str()).collect(),
+        scopes: spec
+            .scopes
+            .iter()
+            .map(|s| s.clone().into_boxed_str())
+            .collect(),
         scopes_joined: spec.scopes.join(" ").into_boxed_str(),
         state: spec.state,
         not_before: spec.not_before,
@@ -425,7 +435,10 @@ expires_at = 2027-02-27T00:00:00Z
         let b = ring.by_id("b").unwrap();
         // No deprecated_at in the file: the load time stands in.
         assert_eq!(b.deprecation_header.as_deref(), Some("@1795780800"));
-        assert_eq!(b.sunset_header.as_deref(), Some("Sat, 27 Feb 2027 00:00:00 GMT"));
+        assert_eq!(
+            b.sunset_header.as_deref(),
+            Some("Sat, 27 Feb 2027 00:00:00 GMT")
+        );
         assert!(ring.by_id("a").unwrap().deprecation_header.is_none());
 
         // A later ring keeps the first-seen deprecation time.
@@ -448,7 +461,11 @@ expires_at = 2027-02-27T00:00:00Z
         assert_eq!(a2.usage.requests.load(Ordering::Relaxed), 1);
         assert_eq!(a2.usage.last_used.load(Ordering::Relaxed), 42);
 
-        let only_a = two_keys().split("[[keys]]").nth(1).map(|s| format!("[[keys]]{s}")).unwrap();
+        let only_a = two_keys()
+            .split("[[keys]]")
+            .nth(1)
+            .map(|s| format!("[[keys]]{s}"))
+            .unwrap();
         let ring3 = KeyRing::build(&file(&only_a), source(3), &reg, Some(&ring2));
         reg.retain_ring(&ring3);
         assert_eq!(reg.len(), 1);

@@ -127,6 +127,9 @@ mod tests {
             }
         }
         // 21,500 draws: each symbol expects ~347; a biased generator falls far outside.
-        assert!(counts.iter().all(|&c| (250..450).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (250..450).contains(&c)),
+            "{counts:?}"
+        );
     }
 }

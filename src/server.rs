@@ -143,20 +143,21 @@ impl Server {
             let _ = rx.wait_for(|stop| *stop).await;
             tracing::info!("shutting down: draining in-flight checks");
         };
-        let serve: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
-            match grpc {
-                GrpcListener::Tcp(l) => {
-                    let incoming = TcpListenerStream::new(l).map(|conn| {
-                        conn.inspect(|s| {
-                            let _ = s.set_nodelay(true);
-                        })
-                    });
-                    Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
-                }
-                GrpcListener::Unix(l) => {
-                    Box::pin(router.serve_with_incoming_shutdown(UnixListenerStream::new(l), signal))
-                }
-            };
+        let serve: std::pin::Pin<
+            Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+        > = match grpc {
+            GrpcListener::Tcp(l) => {
+                let incoming = TcpListenerStream::new(l).map(|conn| {
+                    conn.inspect(|s| {
+                        let _ = s.set_nodelay(true);
+                    })
+                });
+                Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
+            }
+            GrpcListener::Unix(l) => {
+                Box::pin(router.serve_with_incoming_shutdown(UnixListenerStream::new(l), signal))
+            }
+        };
 
         let mut rx = stop_rx.clone();
         let deadline = async move {
@@ -167,7 +168,9 @@ impl Server {
             res = serve => res.context("gRPC server failed")?,
             () = deadline => tracing::warn!("drain timed out after {DRAIN_TIMEOUT:?}; closing remaining connections"),
         }
-        health.set_not_serving::<AuthorizationServer<AuthzService>>().await;
+        health
+            .set_not_serving::<AuthorizationServer<AuthzService>>()
+            .await;
         if let Some(task) = admin_task {
             match tokio::time::timeout(Duration::from_secs(2), task).await {
                 Ok(Ok(Err(e))) => tracing::warn!(error = %e, "admin listener failed"),

@@ -15,12 +15,15 @@ use tonic::{Request, Response, Status};
 use crate::decide::{
     API_KEY_HEADER, AUTHORIZATION_HEADER, CredentialHeader, Decision, DenyReason, decide, extract,
 };
-use crate::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction};
-use crate::pb::envoy::r#type::v3::HttpStatus;
-use crate::pb::envoy::service::auth::v3::{
-    CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse, attribute_context::HttpRequest,
-    authorization_server::Authorization, check_response::HttpResponse,
+use crate::pb::envoy::config::core::v3::{
+    HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
 };
+use crate::pb::envoy::service::auth::v3::{
+    CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
+    attribute_context::HttpRequest, authorization_server::Authorization,
+    check_response::HttpResponse,
+};
+use crate::pb::envoy::r#type::v3::HttpStatus;
 use crate::pb::google::rpc;
 use crate::ring::RingHandle;
 use crate::stats::CheckStats;
@@ -70,7 +73,10 @@ impl AuthzService {
             .and_then(|a| a.context_extensions.get(REQUIRED_SCOPES))
             .map_or("", String::as_str);
 
-        let cred = extract(headers.get(API_KEY_HEADER), headers.get(AUTHORIZATION_HEADER));
+        let cred = extract(
+            headers.get(API_KEY_HEADER),
+            headers.get(AUTHORIZATION_HEADER),
+        );
         let ring = self.shared.ring.load();
         let decision = match &cred {
             Ok(c) => decide(&ring, c, now, required),
@@ -84,8 +90,13 @@ impl AuthzService {
 
 #[tonic::async_trait]
 impl Authorization for AuthzService {
-    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
-        Ok(Response::new(self.check_at(request.get_ref(), Timestamp::now())))
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        Ok(Response::new(
+            self.check_at(request.get_ref(), Timestamp::now()),
+        ))
     }
 }
 
@@ -110,7 +121,9 @@ impl<'a> Headers<'a> {
     /// Every header name.
     pub fn names(&self) -> impl Iterator<Item = &'a str> + 'a {
         let http = self.0;
-        let plain = http.into_iter().flat_map(|h| h.headers.keys().map(String::as_str));
+        let plain = http
+            .into_iter()
+            .flat_map(|h| h.headers.keys().map(String::as_str));
         let raw = http
             .and_then(|h| h.header_map.as_ref())
             .into_iter()
@@ -148,7 +161,11 @@ fn string_value(s: &str) -> Value {
 
 /// Turns a decision into the CheckResponse Envoy acts on. The only place
 /// responses are made.
-pub fn respond(decision: &Decision<'_>, carrier: Option<CredentialHeader>, headers: &Headers<'_>) -> CheckResponse {
+pub fn respond(
+    decision: &Decision<'_>,
+    carrier: Option<CredentialHeader>,
+    headers: &Headers<'_>,
+) -> CheckResponse {
     match decision {
         Decision::Allow(key) => {
             let overwrite = HeaderAppendAction::OverwriteIfExistsOrAdd;
@@ -229,5 +246,154 @@ pub fn denied(reason: DenyReason) -> CheckResponse {
             body: format!("{{\"error\":\"{}\"}}", reason.code()),
         })),
         dynamic_metadata: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keyfile::{ParseOptions, parse_str};
+    use crate::pb::envoy::config::core::v3::HeaderMap;
+    use crate::pb::envoy::service::auth::v3::AttributeContext;
+    use crate::pb::envoy::service::auth::v3::attribute_context::Request as AttrRequest;
+    use crate::ring::{KeyRing, RingSource, UsageRegistry};
+    use std::sync::atomic::Ordering;
+
+    fn service() -> AuthzService {
+        let text = format!(
+            "[[keys]]\nid = \"k1\"\nclient = \"acme\"\nsha256 = \"{}\"\nscopes = [\"read\"]\n",
+            hex::encode(crate::decide::digest("secret-1"))
+        );
+        let file = parse_str(&text, ParseOptions::default()).unwrap();
+        let usage = UsageRegistry::default();
+        let source = RingSource {
+            generation: 1,
+            sha256: [0; 32],
+            loaded_at: Timestamp::now(),
+        };
+        let ring = KeyRing::build(&file, source, &usage, None);
+        AuthzService::new(Arc::new(Shared {
+            ring: RingHandle::new(ring),
+            usage,
+            stats: CheckStats::default(),
+        }))
+    }
+
+    fn with_http(http: HttpRequest, scopes: Option<&str>) -> CheckRequest {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(AttrRequest { http: Some(http) }),
+                context_extensions: scopes
+                    .map(|s| [(REQUIRED_SCOPES.to_owned(), s.to_owned())].into())
+                    .unwrap_or_default(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn outcome(resp: &CheckResponse) -> (i32, Option<String>) {
+        let code = resp.status.as_ref().unwrap().code;
+        match &resp.http_response {
+            Some(HttpResponse::DeniedResponse(d)) => (code, Some(d.body.clone())),
+            Some(HttpResponse::OkResponse(_)) => (code, None),
+            None => panic!("no http_response"),
+        }
+    }
+
+    #[test]
+    fn an_empty_request_is_denied_not_an_error() {
+        let svc = service();
+        let resp = svc.check_at(&CheckRequest::default(), Timestamp::now());
+        assert_eq!(
+            outcome(&resp),
+            (16, Some(r#"{"error":"missing_key"}"#.into()))
+        );
+    }
+
+    #[test]
+    fn raw_header_maps_are_read() {
+        let svc = service();
+        let raw = |k: &str, v: &[u8]| HeaderValue {
+            key: k.into(),
+            value: String::new(),
+            raw_value: v.to_vec(),
+        };
+        let http = HttpRequest {
+            header_map: Some(HeaderMap {
+                headers: vec![raw("X-Api-Key", b"secret-1"), raw("x-keyward-debug", b"1")],
+            }),
+            ..Default::default()
+        };
+        let resp = svc.check_at(&with_http(http, Some("read")), Timestamp::now());
+        assert_eq!(outcome(&resp), (0, None));
+        let Some(HttpResponse::OkResponse(ok)) = &resp.http_response else {
+            unreachable!()
+        };
+        assert_eq!(ok.headers_to_remove, vec!["x-api-key", "x-keyward-debug"]);
+
+        // Bytes that are not UTF-8 are malformed, not a crash.
+        let http = HttpRequest {
+            header_map: Some(HeaderMap {
+                headers: vec![raw("x-api-key", b"\xff\xfe")],
+            }),
+            ..Default::default()
+        };
+        let resp = svc.check_at(&with_http(http, None), Timestamp::now());
+        assert_eq!(
+            outcome(&resp),
+            (16, Some(r#"{"error":"malformed_key"}"#.into()))
+        );
+    }
+
+    #[test]
+    fn decisions_are_counted() {
+        let svc = service();
+        let http = |key: &str| HttpRequest {
+            headers: [("x-api-key".to_owned(), key.to_owned())].into(),
+            ..Default::default()
+        };
+        let now = Timestamp::now();
+        for _ in 0..3 {
+            svc.check_at(&with_http(http("secret-1"), None), now);
+        }
+        svc.check_at(&with_http(http("secret-1"), Some("admin")), now);
+        svc.check_at(&with_http(http("nope"), None), now);
+        let stats = &svc.shared.stats;
+        assert_eq!(stats.allowed(), 3);
+        assert_eq!(stats.denied(DenyReason::InsufficientScope), 1);
+        assert_eq!(stats.denied(DenyReason::UnknownKey), 1);
+        let ring = svc.shared.ring.load();
+        let usage = &ring.by_id("k1").unwrap().usage;
+        assert_eq!(usage.requests.load(Ordering::Relaxed), 3);
+        assert_eq!(
+            usage.last_used.load(Ordering::Relaxed),
+            now.as_second() as u64
+        );
+        assert_eq!(
+            usage.denied[DenyReason::InsufficientScope.key_index().unwrap()]
+                .load(Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn denials_have_the_contract_shape() {
+        for reason in DenyReason::ALL {
+            let resp = denied(reason);
+            let Some(HttpResponse::DeniedResponse(d)) = &resp.http_response else {
+                unreachable!()
+            };
+            assert_eq!(
+                d.status.as_ref().unwrap().code,
+                i32::from(reason.http_status())
+            );
+            assert_eq!(d.body, format!("{{\"error\":\"{}\"}}", reason.code()));
+            assert_ne!(resp.status.as_ref().unwrap().code, 0);
+            let has_challenge = d
+                .headers
+                .iter()
+                .any(|h| h.header.as_ref().unwrap().key == "www-authenticate");
+            assert_eq!(has_challenge, reason.http_status() == 401);
+        }
     }
 }

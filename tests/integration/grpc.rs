@@ -23,7 +23,10 @@ fn request(headers: &[(&str, &str)], required_scopes: Option<&str>) -> CheckRequ
                 http: Some(HttpRequest {
                     method: "GET".into(),
                     path: "/v1/orders".into(),
-                    headers: headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+                    headers: headers
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
                     ..Default::default()
                 }),
             }),
@@ -57,20 +60,77 @@ fn denial(resp: &CheckResponse) -> (i32, u16, String, HashMap<String, String>) {
 async fn every_decision_over_grpc() {
     let keys = KeyDir::new(&standard_ring());
     let server = Running::start(&keys.path).await;
-    let mut client = AuthorizationClient::connect(server.endpoint()).await.unwrap();
+    let mut client = AuthorizationClient::connect(server.endpoint())
+        .await
+        .unwrap();
 
     let long = "k".repeat(513);
-    let cases: Vec<(Vec<(&str, &str)>, Option<&str>, i32, u16, &str)> = vec![
+    type Case<'a> = (Vec<(&'a str, &'a str)>, Option<&'a str>, i32, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (vec![], None, 16, 401, "missing_key"),
-        (vec![("authorization", "Basic dXNlcjpwYXNz")], None, 16, 401, "missing_key"),
-        (vec![("x-api-key", long.as_str())], None, 16, 401, "malformed_key"),
-        (vec![("x-api-key", "with space")], None, 16, 401, "malformed_key"),
-        (vec![("x-api-key", "not-a-key")], None, 16, 401, "unknown_key"),
-        (vec![("x-api-key", Secrets::REVOKED)], None, 16, 401, "revoked_key"),
-        (vec![("x-api-key", Secrets::EXPIRED)], None, 16, 401, "expired_key"),
-        (vec![("x-api-key", Secrets::FUTURE)], None, 16, 401, "key_not_yet_valid"),
-        (vec![("x-api-key", Secrets::READER)], Some("trade"), 7, 403, "insufficient_scope"),
-        (vec![("authorization", "Bearer nope")], None, 16, 401, "unknown_key"),
+        (
+            vec![("authorization", "Basic dXNlcjpwYXNz")],
+            None,
+            16,
+            401,
+            "missing_key",
+        ),
+        (
+            vec![("x-api-key", long.as_str())],
+            None,
+            16,
+            401,
+            "malformed_key",
+        ),
+        (
+            vec![("x-api-key", "with space")],
+            None,
+            16,
+            401,
+            "malformed_key",
+        ),
+        (
+            vec![("x-api-key", "not-a-key")],
+            None,
+            16,
+            401,
+            "unknown_key",
+        ),
+        (
+            vec![("x-api-key", Secrets::REVOKED)],
+            None,
+            16,
+            401,
+            "revoked_key",
+        ),
+        (
+            vec![("x-api-key", Secrets::EXPIRED)],
+            None,
+            16,
+            401,
+            "expired_key",
+        ),
+        (
+            vec![("x-api-key", Secrets::FUTURE)],
+            None,
+            16,
+            401,
+            "key_not_yet_valid",
+        ),
+        (
+            vec![("x-api-key", Secrets::READER)],
+            Some("trade"),
+            7,
+            403,
+            "insufficient_scope",
+        ),
+        (
+            vec![("authorization", "Bearer nope")],
+            None,
+            16,
+            401,
+            "unknown_key",
+        ),
     ];
     for (headers, scopes, grpc_code, http, error) in cases {
         let resp = client
@@ -82,7 +142,11 @@ async fn every_decision_over_grpc() {
         assert_eq!((code, status), (grpc_code, http), "{error}");
         assert_eq!(body, format!("{{\"error\":\"{error}\"}}"));
         assert_eq!(hdrs["content-type"], "application/json");
-        assert_eq!(hdrs.contains_key("www-authenticate"), http == 401, "{error}");
+        assert_eq!(
+            hdrs.contains_key("www-authenticate"),
+            http == 401,
+            "{error}"
+        );
     }
     server.stop().await;
 }
@@ -91,7 +155,9 @@ async fn every_decision_over_grpc() {
 async fn allowed_requests_carry_identity_and_strip_credentials() {
     let keys = KeyDir::new(&standard_ring());
     let server = Running::start(&keys.path).await;
-    let mut client = AuthorizationClient::connect(server.endpoint()).await.unwrap();
+    let mut client = AuthorizationClient::connect(server.endpoint())
+        .await
+        .unwrap();
 
     let bearer = format!("bearer {}", Secrets::ACTIVE);
     let resp = client
@@ -116,7 +182,10 @@ async fn allowed_requests_carry_identity_and_strip_credentials() {
         .iter()
         .map(|h| {
             let v = h.header.as_ref().unwrap();
-            assert_eq!(h.append_action, 2, "identity headers overwrite, never append");
+            assert_eq!(
+                h.append_action, 2,
+                "identity headers overwrite, never append"
+            );
             (v.key.as_str(), v.value.as_str())
         })
         .collect();
@@ -126,13 +195,19 @@ async fn allowed_requests_carry_identity_and_strip_credentials() {
     let mut removed = ok.headers_to_remove.clone();
     removed.sort();
     assert_eq!(removed, vec!["authorization", "x-keyward-admin"]);
-    assert!(ok.response_headers_to_add.is_empty(), "active keys get no deprecation headers");
+    assert!(
+        ok.response_headers_to_add.is_empty(),
+        "active keys get no deprecation headers"
+    );
     let md = &resp.dynamic_metadata.as_ref().unwrap().fields;
     let s = |k: &str| match &md[k].kind {
         Some(Kind::StringValue(s)) => s.clone(),
         other => panic!("{other:?}"),
     };
-    assert_eq!((s("client"), s("key_id"), s("scopes")), ("acme".into(), "acme-new".into(), "read trade".into()));
+    assert_eq!(
+        (s("client"), s("key_id"), s("scopes")),
+        ("acme".into(), "acme-new".into(), "read trade".into())
+    );
 
     // A deprecated key still works and tells the client it must switch.
     let resp = client
@@ -182,9 +257,17 @@ async fn health_and_admin_endpoints() {
         assert_eq!(status, 1, "SERVING for {service:?}");
     }
     let http = reqwest::Client::new();
-    let r = http.get(format!("http://{}/healthz", server.admin)).send().await.unwrap();
+    let r = http
+        .get(format!("http://{}/healthz", server.admin))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = http.get(format!("http://{}/readyz", server.admin)).send().await.unwrap();
+    let r = http
+        .get(format!("http://{}/readyz", server.admin))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.text().await.unwrap().contains("generation 1 with 6 keys"));
     server.stop().await;
@@ -195,11 +278,16 @@ async fn shutdown_drains_and_closes_listeners() {
     let keys = KeyDir::new(&standard_ring());
     let server = Running::start(&keys.path).await;
     let addr = server.grpc;
-    let mut client = AuthorizationClient::connect(server.endpoint()).await.unwrap();
+    let mut client = AuthorizationClient::connect(server.endpoint())
+        .await
+        .unwrap();
     client.check(request(&[], None)).await.unwrap();
     server.stop().await;
     eventually(Duration::from_secs(5), "listener closed", || async move {
-        tokio::net::TcpStream::connect(addr).await.is_err().then_some(())
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .is_err()
+            .then_some(())
     })
     .await;
 }
@@ -213,33 +301,63 @@ fn serve_refuses_a_missing_key_file() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.toml");
     let out = keyward()
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--keys"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--keys",
+        ])
         .arg(&missing)
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("{}: cannot read key file", missing.display())), "{err}");
+    assert!(
+        err.contains(&format!("{}: cannot read key file", missing.display())),
+        "{err}"
+    );
 }
 
 #[test]
 fn serve_refuses_an_invalid_key_file_naming_file_and_line() {
     let keys = KeyDir::new("[[keys]]\nid = \"a\"\nclient = \"c\"\nsha256 = \"xyz\"\n");
     let out = keyward()
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--keys"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--keys",
+        ])
         .arg(&keys.path)
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("{}:4:10: `sha256` must be 64 hexadecimal digits", keys.path.display())), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:4:10: `sha256` must be 64 hexadecimal digits",
+            keys.path.display()
+        )),
+        "{err}"
+    );
 }
 
 #[test]
 fn serve_refuses_an_empty_ring_unless_allowed() {
     let keys = KeyDir::new("# all keys were removed\n");
     let out = keyward()
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--keys"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--keys",
+        ])
         .arg(&keys.path)
         .output()
         .unwrap();
@@ -262,20 +380,30 @@ fn serve_exits_cleanly_on_sigterm() {
         .unwrap();
     let start = std::time::Instant::now();
     while !sock.exists() {
-        assert!(start.elapsed() < Duration::from_secs(10), "socket never appeared");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "socket never appeared"
+        );
         if let Ok(Some(s)) = child.try_wait() {
             panic!("keyward exited early: {s}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
     assert!(status.success());
     let start = std::time::Instant::now();
     let exit = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(start.elapsed() < Duration::from_secs(15), "keyward did not exit after SIGTERM");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "keyward did not exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(exit.success(), "exit status {exit}");

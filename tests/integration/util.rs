@@ -152,9 +152,11 @@ impl Running {
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (grpc_addr, admin_addr) = (grpc.local_addr().unwrap(), admin.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(server.run(GrpcListener::Tcp(grpc), Some(admin), async move {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(
+            server.run(GrpcListener::Tcp(grpc), Some(admin), async move {
+                let _ = stopped.await;
+            }),
+        );
         Running {
             grpc: grpc_addr,
             admin: admin_addr,
@@ -264,7 +266,15 @@ impl Envoy {
         let child = Command::new(envoy_binary())
             .arg("-c")
             .arg(&cfg)
-            .args(["--concurrency", "1", "--disable-hot-restart", "-l", "warning"])
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "-l",
+                "warning",
+            ])
+            // Access logs reach the log file quickly enough to assert on.
+            .args(["--file-flush-interval-msec", "50"])
             .arg("--admin-address-path")
             .arg(&admin_file)
             .stdout(log.try_clone().unwrap())
@@ -284,10 +294,10 @@ impl Envoy {
             let child = &mut envoy.child;
             let start = Instant::now();
             loop {
-                if let Ok(s) = std::fs::read_to_string(&admin_file) {
-                    if let Ok(a) = s.trim().parse() {
-                        break a;
-                    }
+                if let Ok(s) = std::fs::read_to_string(&admin_file)
+                    && let Ok(a) = s.trim().parse()
+                {
+                    break a;
                 }
                 if let Ok(Some(status)) = child.try_wait() {
                     panic!(
@@ -295,7 +305,10 @@ impl Envoy {
                         std::fs::read_to_string(log_dir.join("envoy.log")).unwrap_or_default()
                     );
                 }
-                assert!(start.elapsed() < Duration::from_secs(30), "envoy did not start in 30s");
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "envoy did not start in 30s"
+                );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
@@ -313,7 +326,9 @@ impl Envoy {
                     .await
                     .ok()?;
                 let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-                let port = v["listener_statuses"][0]["local_address"]["socket_address"]["port_value"].as_u64()?;
+                let port =
+                    v["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+                        .as_u64()?;
                 u16::try_from(port).ok().filter(|p| *p != 0)
             }
         })
@@ -368,35 +383,44 @@ impl CaptureServer {
         let (tx, captured) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let tx = tx.clone();
                 let framed = framed.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let tx = tx.clone();
-                        let framed = framed.clone();
-                        async move {
-                            let path = req.uri().path().to_owned();
-                            let body = req.into_body().collect().await?.to_bytes();
-                            if body.len() >= 5 {
-                                let _ = tx.send((path, body[5..].to_vec()));
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let tx = tx.clone();
+                            let framed = framed.clone();
+                            async move {
+                                let path = req.uri().path().to_owned();
+                                let body = req.into_body().collect().await?.to_bytes();
+                                if body.len() >= 5 {
+                                    let _ = tx.send((path, body[5..].to_vec()));
+                                }
+                                let mut trailers = hyper::HeaderMap::new();
+                                trailers.insert(
+                                    "grpc-status",
+                                    hyper::header::HeaderValue::from_static("0"),
+                                );
+                                let frames: Vec<Result<Frame<Bytes>, hyper::Error>> =
+                                    vec![Ok(Frame::data(framed)), Ok(Frame::trailers(trailers))];
+                                let body = StreamBody::new(futures_stream(frames));
+                                Ok::<_, hyper::Error>(
+                                    hyper::Response::builder()
+                                        .header("content-type", "application/grpc")
+                                        .body(body)
+                                        .unwrap(),
+                                )
                             }
-                            let mut trailers = hyper::HeaderMap::new();
-                            trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
-                            let frames: Vec<Result<Frame<Bytes>, hyper::Error>> =
-                                vec![Ok(Frame::data(framed)), Ok(Frame::trailers(trailers))];
-                            let body = StreamBody::new(futures_stream(frames));
-                            Ok::<_, hyper::Error>(
-                                hyper::Response::builder()
-                                    .header("content-type", "application/grpc")
-                                    .body(body)
-                                    .unwrap(),
-                            )
-                        }
-                    });
-                    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
+                        },
+                    );
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
                 });
             }
         });

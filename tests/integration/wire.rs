@@ -12,22 +12,52 @@ const FIXTURE: &str = "tests/data/envoy-1.40-check-request.bin";
 
 fn assert_is_the_captured_request(req: &CheckRequest) {
     let attrs = req.attributes.as_ref().expect("attributes");
-    let http = attrs.request.as_ref().and_then(|r| r.http.as_ref()).expect("http request");
+    let http = attrs
+        .request
+        .as_ref()
+        .and_then(|r| r.http.as_ref())
+        .expect("http request");
     assert_eq!(http.method, "POST");
     assert_eq!(http.path, "/trade/orders?side=buy");
     assert_eq!(http.protocol, "HTTP/1.1");
-    assert_eq!(http.headers.get("x-api-key").map(String::as_str), Some("captured-key-0123"));
-    assert_eq!(http.headers.get("user-agent").map(String::as_str), Some("keyward-capture/1"));
-    assert_eq!(http.headers.get(":method").map(String::as_str), Some("POST"));
-    assert_eq!(http.headers.get(":path").map(String::as_str), Some("/trade/orders?side=buy"));
-    assert!(http.headers.contains_key("x-request-id"), "{:?}", http.headers.keys());
-    // Repeated headers arrive joined with a comma.
-    assert_eq!(http.headers.get("x-repeated").map(String::as_str), Some("one,two"));
     assert_eq!(
-        attrs.context_extensions.get("required_scopes").map(String::as_str),
+        http.headers.get("x-api-key").map(String::as_str),
+        Some("captured-key-0123")
+    );
+    assert_eq!(
+        http.headers.get("user-agent").map(String::as_str),
+        Some("keyward-capture/1")
+    );
+    assert_eq!(
+        http.headers.get(":method").map(String::as_str),
+        Some("POST")
+    );
+    assert_eq!(
+        http.headers.get(":path").map(String::as_str),
+        Some("/trade/orders?side=buy")
+    );
+    assert!(
+        http.headers.contains_key("x-request-id"),
+        "{:?}",
+        http.headers.keys()
+    );
+    // Repeated headers arrive joined with a comma.
+    assert_eq!(
+        http.headers.get("x-repeated").map(String::as_str),
+        Some("one,two")
+    );
+    assert_eq!(
+        attrs
+            .context_extensions
+            .get("required_scopes")
+            .map(String::as_str),
         Some("trade")
     );
-    let source = attrs.source.as_ref().and_then(|p| p.address.as_ref()).and_then(|a| a.address.as_ref());
+    let source = attrs
+        .source
+        .as_ref()
+        .and_then(|p| p.address.as_ref())
+        .and_then(|a| a.address.as_ref());
     match source {
         Some(address::Address::SocketAddress(s)) => assert_eq!(s.address, "127.0.0.1"),
         other => panic!("source address: {other:?}"),
