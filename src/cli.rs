@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -51,6 +52,17 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Fallback check of the key file for changes inotify may miss (network or
+    /// overlay filesystems); `0s` turns polling off.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration_arg)]
+    pub poll_interval: Duration,
+    /// Do not watch the key file's directory with inotify (poll only).
+    #[arg(long)]
+    pub no_watch: bool,
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    crate::keyfile::parse_duration(s)
 }
 
 /// Runs the command line; returns the process exit code.
@@ -84,10 +96,13 @@ fn init_logging(format: LogFormat) {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = Config {
-        keys: args.keys.clone(),
-        allow_empty: args.allow_empty,
-    };
+    let mut config = Config::new(args.keys.clone());
+    config.allow_empty = args.allow_empty;
+    config.watch = !args.no_watch;
+    config.poll_interval = (!args.poll_interval.is_zero()).then_some(args.poll_interval);
+    if !config.watch && config.poll_interval.is_none() {
+        anyhow::bail!("--no-watch with --poll-interval 0s would never reload: allow one of them");
+    }
     // Everything that depends on the key file happens before any listener is
     // bound, so a bad file is a startup error, not a server with no keys.
     let server = Server::load(config).map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;
@@ -101,11 +116,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let admin = tokio::net::TcpListener::bind(&args.admin)
             .await
             .with_context(|| format!("cannot bind the admin listener on {}", args.admin))?;
-        tracing::info!(
-            grpc = %args.listen,
-            admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            "keyward serving"
-        );
         server.run(grpc, Some(admin), shutdown_signal()).await
     })
 }

@@ -12,6 +12,7 @@
 //! - [`secret`]: the format of keyward-issued secrets (prefix + checksum).
 //! - [`service`]: the `envoy.service.auth.v3.Authorization` gRPC service; the one
 //!   place a decision becomes a CheckResponse.
+//! - [`reload`]: hot reload: watch, debounce, read, validate, publish or keep.
 //! - [`stats`]: decision counters.
 //! - [`admin`]: the admin HTTP listener.
 //! - [`server`]: loads the first ring and runs the listeners until shutdown.
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod decide;
 pub mod keyfile;
 pub mod pb;
+pub mod reload;
 pub mod ring;
 pub mod secret;
 pub mod server;

@@ -128,6 +128,8 @@ pub struct KeyEntry {
     pub id: Arc<str>,
     /// The principal the key authenticates.
     pub client: Arc<str>,
+    /// SHA-256 of the secret (not secret itself, but never exposed by the admin API).
+    pub digest: Digest,
     /// Granted scopes (deduplicated, file order).
     pub scopes: Box<[Box<str>]>,
     /// Scopes joined by single spaces, as sent in `x-keyward-scopes`.
@@ -303,6 +305,7 @@ fn entry_from_spec(
     KeyEntry {
         id: Arc::from(spec.id.as_str()),
         client,
+        digest: spec.digest,
         scopes: spec
             .scopes
             .iter()

@@ -13,12 +13,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use jiff::Timestamp;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
 use crate::keyfile::{self, KeyFileError, ParseOptions};
 use crate::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use crate::reload::{self, ReloadSettings, ReloadStats, Reloader, Watch};
 use crate::ring::{KeyRing, RingHandle, RingSource, UsageRegistry};
 use crate::service::{AuthzService, Shared};
 use crate::stats::CheckStats;
@@ -33,7 +34,32 @@ pub struct Config {
     pub keys: PathBuf,
     /// Accept a key file with no keys.
     pub allow_empty: bool,
+    /// Watch the key file's directory with inotify.
+    pub watch: bool,
+    /// Poll the key file's metadata this often (`None`: no polling unless
+    /// the watch cannot be set up).
+    pub poll_interval: Option<Duration>,
+    /// Reload on SIGHUP.
+    pub sighup: bool,
 }
+
+impl Config {
+    /// A config with the defaults `keyward serve` uses.
+    pub fn new(keys: impl Into<PathBuf>) -> Config {
+        Config {
+            keys: keys.into(),
+            allow_empty: false,
+            watch: true,
+            poll_interval: Some(DEFAULT_POLL_INTERVAL),
+            sighup: true,
+        }
+    }
+}
+
+/// Default polling fallback interval.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
+/// Polling interval used when inotify is unavailable and polling was off.
+pub const FALLBACK_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Config {
     /// Parse options implied by this config.
@@ -58,11 +84,34 @@ pub enum GrpcListener {
 pub struct Server {
     config: Config,
     shared: Arc<Shared>,
+    reloader: Arc<Reloader>,
+    signal: Arc<Notify>,
+    watch: Option<Watch>,
 }
 
 impl Server {
     /// Reads and validates the key file and builds the first ring.
-    pub fn load(config: Config) -> Result<Server, KeyFileError> {
+    pub fn load(mut config: Config) -> Result<Server, KeyFileError> {
+        // The watch is set up before the first read, so a change racing with
+        // startup is not missed.
+        let signal = Arc::new(Notify::new());
+        let watch = if config.watch {
+            match Watch::start(&config.keys, Arc::clone(&signal)) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    let every = config.poll_interval.unwrap_or(FALLBACK_POLL_INTERVAL);
+                    config.poll_interval = Some(every);
+                    tracing::warn!(
+                        error = %e,
+                        "cannot watch the key file's directory (inotify unavailable or exhausted); \
+                         falling back to polling every {every:?}"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let (file, bytes) = keyfile::load(&config.keys, config.parse_options())?;
         let usage = UsageRegistry::default();
         let source = RingSource {
@@ -79,19 +128,39 @@ impl Server {
             path = %config.keys.display(),
             "key ring loaded"
         );
+        let shared = Arc::new(Shared {
+            ring: RingHandle::new(ring),
+            usage,
+            stats: CheckStats::default(),
+            reloads: ReloadStats::default(),
+        });
+        let reloader = Arc::new(Reloader::new(
+            config.keys.clone(),
+            config.parse_options(),
+            Arc::clone(&shared),
+        ));
         Ok(Server {
             config,
-            shared: Arc::new(Shared {
-                ring: RingHandle::new(ring),
-                usage,
-                stats: CheckStats::default(),
-            }),
+            shared,
+            reloader,
+            signal,
+            watch,
         })
     }
 
     /// State shared with the service (for tests and embedding).
     pub fn shared(&self) -> Arc<Shared> {
         Arc::clone(&self.shared)
+    }
+
+    /// The reloader following the key file.
+    pub fn reloader(&self) -> Arc<Reloader> {
+        Arc::clone(&self.reloader)
+    }
+
+    /// Directories watched for changes (empty when polling only).
+    pub fn watched_dirs(&self) -> &[PathBuf] {
+        self.watch.as_ref().map_or(&[], |w| &w.dirs)
     }
 
     /// The configuration the server was loaded with.
@@ -113,6 +182,21 @@ impl Server {
             let _ = stop_tx.send(true);
         });
 
+        let reload_task = tokio::spawn(reload::run(
+            Arc::clone(&self.reloader),
+            Arc::clone(&self.signal),
+            ReloadSettings {
+                poll_interval: self.config.poll_interval,
+                #[cfg(unix)]
+                sighup: if self.config.sighup {
+                    reload::listen_sighup()
+                } else {
+                    None
+                },
+            },
+            stop_rx.clone(),
+        ));
+
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<AuthorizationServer<AuthzService>>()
@@ -126,6 +210,11 @@ impl Server {
             .add_service(health_service)
             .add_service(authz);
 
+        let admin_addr = admin
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "off".into());
         let admin_task = admin.map(|listener| {
             let app = crate::admin::router(Arc::clone(&self.shared));
             let mut rx = stop_rx.clone();
@@ -137,6 +226,23 @@ impl Server {
                     .await
             })
         });
+
+        let grpc_addr = match &grpc {
+            GrpcListener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            GrpcListener::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .unwrap_or_default(),
+        };
+        tracing::info!(
+            grpc = %grpc_addr,
+            admin = %admin_addr,
+            keys = %self.config.keys.display(),
+            watching = ?self.watched_dirs(),
+            poll_interval = ?self.config.poll_interval,
+            "keyward serving"
+        );
 
         let mut rx = stop_rx.clone();
         let signal = async move {
@@ -171,6 +277,8 @@ impl Server {
         health
             .set_not_serving::<AuthorizationServer<AuthzService>>()
             .await;
+        reload_task.abort();
+        drop(self.watch);
         if let Some(task) = admin_task {
             match tokio::time::timeout(Duration::from_secs(2), task).await {
                 Ok(Ok(Err(e))) => tracing::warn!(error = %e, "admin listener failed"),

@@ -48,6 +48,8 @@ pub struct Shared {
     pub usage: crate::ring::UsageRegistry,
     /// Decision counters.
     pub stats: CheckStats,
+    /// Reload counters and the last reload error.
+    pub reloads: crate::reload::ReloadStats,
 }
 
 /// The Check service.
@@ -276,6 +278,7 @@ mod tests {
             ring: RingHandle::new(ring),
             usage,
             stats: CheckStats::default(),
+            reloads: Default::default(),
         }))
     }
 

@@ -370,21 +370,22 @@ fn serve_exits_cleanly_on_sigterm() {
     let keys = KeyDir::new(&standard_ring());
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("keyward.sock");
-    let mut child = keyward()
+    let child = keyward()
         .args(["serve", "--admin", "127.0.0.1:0", "--listen"])
         .arg(format!("unix:{}", sock.display()))
         .arg("--keys")
         .arg(&keys.path)
-        .stderr(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let mut child = crate::util::ChildGuard(child);
     let start = std::time::Instant::now();
     while !sock.exists() {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "socket never appeared"
         );
-        if let Ok(Some(s)) = child.try_wait() {
+        if let Ok(Some(s)) = child.0.try_wait() {
             panic!("keyward exited early: {s}");
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -397,7 +398,7 @@ fn serve_exits_cleanly_on_sigterm() {
     assert!(status.success());
     let start = std::time::Instant::now();
     let exit = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = child.0.try_wait().unwrap() {
             break s;
         }
         assert!(

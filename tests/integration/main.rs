@@ -2,5 +2,6 @@
 
 mod envoy_e2e;
 mod grpc;
+mod reload;
 mod util;
 mod wire;

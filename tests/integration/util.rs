@@ -142,11 +142,11 @@ pub struct Running {
 
 impl Running {
     pub async fn start(keys: &Path) -> Running {
-        let server = Server::load(Config {
-            keys: keys.to_owned(),
-            allow_empty: false,
-        })
-        .expect("key file loads");
+        Running::start_with(Config::new(keys)).await
+    }
+
+    pub async fn start_with(config: Config) -> Running {
+        let server = Server::load(config).expect("key file loads");
         let shared = server.shared();
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -430,4 +430,22 @@ impl CaptureServer {
 
 fn futures_stream<T: Send + 'static>(items: Vec<T>) -> tokio_stream::Iter<std::vec::IntoIter<T>> {
     tokio_stream::iter(items)
+}
+
+/// Kills a child process when dropped, so a failing test leaves nothing behind.
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }

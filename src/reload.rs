@@ -1,0 +1,641 @@
+//! Hot reload: make the ring follow its file, and never publish a broken one.
+//!
+//! The pipeline is a chain of small steps, each testable alone:
+//!
+//! 1. **watch** ([`Watch`]): inotify (via `notify`) on the key file's parent
+//!    directory — not the file, because editors, config management and
+//!    Kubernetes Secret volumes replace files by rename and through the
+//!    `..data` symlink swap. The watcher only *signals*.
+//! 2. **debounce** ([`run`]): bursts of events become one attempt.
+//! 3. **read → parse → validate → build** ([`Reloader::reload`]): off the
+//!    serving threads; a file whose digest matches the serving ring is skipped.
+//! 4. **publish or keep**: one `ArcSwap` store of a complete ring, or keep the
+//!    current ring and remember why (for the log, the admin API and metrics).
+//!
+//! A polling fallback (file metadata on an interval, then the content digest)
+//! covers filesystems where inotify does not deliver, and SIGHUP forces an
+//! attempt.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use jiff::Timestamp;
+use notify::{EventKind, RecursiveMode, Watcher as _};
+use tokio::sync::Notify;
+
+use crate::keyfile::{self, KeyFileError, ParseOptions};
+use crate::ring::{Digest, KeyEntry, KeyRing, RingSource};
+use crate::service::Shared;
+
+/// Quiet time after the last filesystem event before reloading.
+pub const DEBOUNCE: Duration = Duration::from_millis(20);
+/// Longest a burst of events can postpone a reload.
+pub const MAX_DEBOUNCE: Duration = Duration::from_millis(60);
+
+/// What caused a reload attempt (for logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// A filesystem event.
+    Watch,
+    /// The polling fallback saw the file change.
+    Poll,
+    /// SIGHUP.
+    Signal,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Watch => "watch",
+            Trigger::Poll => "poll",
+            Trigger::Signal => "signal",
+        }
+    }
+}
+
+/// The result of one reload attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new ring is serving.
+    Published {
+        /// Its generation.
+        generation: u64,
+    },
+    /// The file's contents are those of the serving ring (or of the last
+    /// failure, already reported).
+    Unchanged,
+    /// The file could not be loaded; the previous ring keeps serving.
+    Failed(String),
+}
+
+/// The last failed reload, kept for the admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadError {
+    /// When it happened.
+    pub at: Timestamp,
+    /// The full message (`file:line:column: …` lines for invalid files).
+    pub message: String,
+}
+
+/// Reload counters and the last error; shared with the admin API.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    /// Rings published after the first.
+    pub success: AtomicU64,
+    /// Attempts that kept the previous ring.
+    pub failure: AtomicU64,
+    /// The most recent failure, cleared by the next success. A std `Mutex`:
+    /// only the reloader and admin scrapes take it, and nothing awaits while
+    /// it is held.
+    last_error: Mutex<Option<ReloadError>>,
+}
+
+impl ReloadStats {
+    /// The most recent failure, if the last attempt failed.
+    pub fn last_error(&self) -> Option<ReloadError> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_error(&self, e: Option<ReloadError>) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = e;
+    }
+}
+
+/// Identity of the file's current contents as far as metadata tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    ino: u64,
+    dev: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    // `metadata` follows symlinks, so a Kubernetes `..data` swap shows up as a
+    // new inode even though `keys.toml` itself never changes.
+    let m = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let (ino, dev) = {
+        use std::os::unix::fs::MetadataExt;
+        (m.ino(), m.dev())
+    };
+    #[cfg(not(unix))]
+    let (ino, dev) = (0, 0);
+    Some(Stamp {
+        len: m.len(),
+        modified: m.modified().ok(),
+        ino,
+        dev,
+    })
+}
+
+#[derive(Debug, Default)]
+struct Memory {
+    /// Metadata seen at the last attempt (for the poller).
+    stamp: Option<Stamp>,
+    /// Digest of the last file that failed validation (not re-reported).
+    failed_digest: Option<Digest>,
+}
+
+/// Loads the key file into new rings and publishes them.
+#[derive(Debug)]
+pub struct Reloader {
+    path: PathBuf,
+    options: ParseOptions,
+    shared: Arc<Shared>,
+    memory: Mutex<Memory>,
+}
+
+impl Reloader {
+    /// A reloader for `path` publishing into `shared.ring`.
+    pub fn new(path: PathBuf, options: ParseOptions, shared: Arc<Shared>) -> Reloader {
+        let memory = Memory {
+            stamp: stamp(&path),
+            failed_digest: None,
+        };
+        Reloader {
+            path,
+            options,
+            shared,
+            memory: Mutex::new(memory),
+        }
+    }
+
+    /// The file being followed.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
+        self.memory.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the file's metadata changed since the last attempt.
+    pub fn changed_on_disk(&self) -> bool {
+        stamp(&self.path) != self.memory().stamp
+    }
+
+    /// One attempt: read, parse, validate, build, publish — or keep the
+    /// current ring and record why. Blocking; call it off the serving threads.
+    pub fn reload(&self, trigger: Trigger) -> Outcome {
+        let mut memory = self.memory();
+        memory.stamp = stamp(&self.path);
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(source) => {
+                let err = KeyFileError::Io {
+                    path: self.path.clone(),
+                    source,
+                };
+                memory.failed_digest = None;
+                return self.fail(trigger, err.to_string());
+            }
+        };
+        let sha256 = crate::decide::digest_bytes(&bytes);
+        let current = self.shared.ring.load_full();
+        if current.source().sha256 == sha256 {
+            memory.failed_digest = None;
+            if self.shared.reloads.last_error().is_some() {
+                // The file is back to what is serving: nothing is wrong any more.
+                self.shared.reloads.set_error(None);
+            }
+            return Outcome::Unchanged;
+        }
+        if memory.failed_digest == Some(sha256) {
+            return Outcome::Unchanged;
+        }
+        let file = match keyfile::parse_bytes(&self.path, &bytes, self.options) {
+            Ok(f) => f,
+            Err(e) => {
+                memory.failed_digest = Some(sha256);
+                return self.fail(trigger, e.to_string());
+            }
+        };
+        memory.failed_digest = None;
+        let source = RingSource {
+            generation: current.source().generation + 1,
+            sha256,
+            loaded_at: Timestamp::now(),
+        };
+        let ring = KeyRing::build(&file, source, &self.shared.usage, Some(&current));
+        let diff = Diff::between(&current, &ring);
+        let keys = ring.len();
+        let old = self.shared.ring.publish(ring);
+        self.shared.usage.retain_ring(&self.shared.ring.load());
+        self.shared.reloads.success.fetch_add(1, Ordering::Relaxed);
+        self.shared.reloads.set_error(None);
+        tracing::info!(
+            target: "keyward::audit",
+            trigger = trigger.as_str(),
+            generation = source.generation,
+            previous_generation = old.source().generation,
+            sha256 = %hex::encode(sha256),
+            keys,
+            added = ?diff.added,
+            removed = ?diff.removed,
+            changed = ?diff.changed,
+            "key ring published"
+        );
+        Outcome::Published {
+            generation: source.generation,
+        }
+    }
+
+    fn fail(&self, trigger: Trigger, message: String) -> Outcome {
+        self.shared.reloads.failure.fetch_add(1, Ordering::Relaxed);
+        self.shared.reloads.set_error(Some(ReloadError {
+            at: Timestamp::now(),
+            message: message.clone(),
+        }));
+        let serving = self.shared.ring.load();
+        tracing::warn!(
+            target: "keyward::audit",
+            trigger = trigger.as_str(),
+            serving_generation = serving.source().generation,
+            error = %message,
+            "key file rejected; the previous ring keeps serving"
+        );
+        Outcome::Failed(message)
+    }
+}
+
+/// What changed between two rings, by key id.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    /// Ids only in the new ring.
+    pub added: Vec<String>,
+    /// Ids only in the old ring.
+    pub removed: Vec<String>,
+    /// `id: what changed` for ids in both.
+    pub changed: Vec<String>,
+}
+
+impl Diff {
+    /// Compares `old` with `new`.
+    pub fn between(old: &KeyRing, new: &KeyRing) -> Diff {
+        let mut d = Diff::default();
+        for k in new.keys() {
+            match old.by_id(&k.id) {
+                None => d.added.push(k.id.to_string()),
+                Some(o) => {
+                    let what = changes(o, k);
+                    if !what.is_empty() {
+                        d.changed.push(format!("{}: {}", k.id, what.join(", ")));
+                    }
+                }
+            }
+        }
+        for k in old.keys() {
+            if new.by_id(&k.id).is_none() {
+                d.removed.push(k.id.to_string());
+            }
+        }
+        d
+    }
+}
+
+fn changes(old: &KeyEntry, new: &KeyEntry) -> Vec<String> {
+    fn opt(t: Option<Timestamp>) -> String {
+        t.map_or_else(|| "none".into(), |t| t.to_string())
+    }
+    let mut what = Vec::new();
+    if old.state != new.state {
+        what.push(format!("state {} -> {}", old.state, new.state));
+    }
+    if old.expires_at != new.expires_at {
+        what.push(format!(
+            "expires_at {} -> {}",
+            opt(old.expires_at),
+            opt(new.expires_at)
+        ));
+    }
+    if old.not_before != new.not_before {
+        what.push(format!(
+            "not_before {} -> {}",
+            opt(old.not_before),
+            opt(new.not_before)
+        ));
+    }
+    if old.scopes != new.scopes {
+        what.push(format!(
+            "scopes [{}] -> [{}]",
+            old.scopes_joined, new.scopes_joined
+        ));
+    }
+    if old.client != new.client {
+        what.push(format!("client {} -> {}", old.client, new.client));
+    }
+    if old.digest != new.digest {
+        what.push("secret replaced".into());
+    }
+    if old.rate_limit != new.rate_limit {
+        what.push("rate_limit changed".into());
+    }
+    what
+}
+
+/// A filesystem watch that signals `notify` on relevant events.
+pub struct Watch {
+    _watcher: notify::RecommendedWatcher,
+    /// Directories being watched.
+    pub dirs: Vec<PathBuf>,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch").field("dirs", &self.dirs).finish()
+    }
+}
+
+impl Watch {
+    /// Watches the directory holding `path` (and, if `path` is a symlink into
+    /// another directory tree, the directory of its target).
+    pub fn start(path: &Path, signal: Arc<Notify>) -> notify::Result<Watch> {
+        let path = absolute(path);
+        let parent = path
+            .parent()
+            .map_or_else(|| PathBuf::from("/"), Path::to_owned);
+        let name = path.file_name().map(|n| n.to_owned()).unwrap_or_default();
+        let mut dirs = vec![parent.clone()];
+        let mut target_name = None;
+        if let Ok(canonical) = std::fs::canonicalize(&path)
+            && let Some(target_dir) = canonical.parent()
+        {
+            let parent_canonical = std::fs::canonicalize(&parent).unwrap_or(parent.clone());
+            // Kubernetes volumes point into a timestamped subdirectory of the
+            // same volume: the `..data` swap is seen from the parent already.
+            if !target_dir.starts_with(&parent_canonical) {
+                dirs.push(target_dir.to_owned());
+                target_name = canonical.file_name().map(|n| n.to_owned());
+            }
+        }
+        let mut watcher =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                let relevant = match res {
+                    // An error may mean lost events: reload to be safe.
+                    Err(_) => true,
+                    Ok(ev) => {
+                        !matches!(ev.kind, EventKind::Access(_))
+                            && (ev.need_rescan()
+                                || ev.paths.is_empty()
+                                || ev.paths.iter().any(|p| {
+                                    p.file_name().is_some_and(|n| {
+                                        n == name.as_os_str()
+                                        || target_name.as_deref() == Some(n)
+                                        // Kubernetes atomic writer: `..data`, `..data_tmp`.
+                                        || n.to_string_lossy().starts_with("..")
+                                    })
+                                }))
+                    }
+                };
+                if relevant {
+                    signal.notify_one();
+                }
+            })?;
+        for dir in &dirs {
+            watcher.watch(dir, RecursiveMode::NonRecursive)?;
+        }
+        Ok(Watch {
+            _watcher: watcher,
+            dirs,
+        })
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+/// How the reloader learns about changes.
+#[derive(Debug)]
+pub struct ReloadSettings {
+    /// Poll the file's metadata this often (`None` disables polling).
+    pub poll_interval: Option<Duration>,
+    /// Reload on SIGHUP (see [`listen_sighup`]).
+    #[cfg(unix)]
+    pub sighup: Option<tokio::signal::unix::Signal>,
+}
+
+/// Installs the SIGHUP handler. Call it before announcing readiness: until
+/// it is installed, SIGHUP's default action terminates the process.
+#[cfg(unix)]
+pub fn listen_sighup() -> Option<tokio::signal::unix::Signal> {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reload by signal is off");
+            None
+        }
+    }
+}
+
+/// Runs the reload loop until `stop` is set: waits for a watch signal, a
+/// poll tick that saw a change, or SIGHUP, then reloads off the serving threads.
+pub async fn run(
+    reloader: Arc<Reloader>,
+    signal: Arc<Notify>,
+    settings: ReloadSettings,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    #[cfg(unix)]
+    let mut hup = settings.sighup;
+    let mut poll = settings.poll_interval.map(|every| {
+        // The first tick is one interval from now, not immediately.
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
+    loop {
+        let hup_recv = async {
+            #[cfg(unix)]
+            if let Some(h) = hup.as_mut() {
+                h.recv().await;
+                return;
+            }
+            std::future::pending::<()>().await
+        };
+        let tick = async {
+            match poll.as_mut() {
+                Some(p) => {
+                    p.tick().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let stopped = async {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let trigger = tokio::select! {
+            () = stopped => return,
+            () = signal.notified() => {
+                debounce(&signal).await;
+                Trigger::Watch
+            }
+            () = tick => {
+                if !reloader.changed_on_disk() {
+                    continue;
+                }
+                Trigger::Poll
+            }
+            () = hup_recv => Trigger::Signal,
+        };
+        let r = Arc::clone(&reloader);
+        match tokio::task::spawn_blocking(move || r.reload(trigger)).await {
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "reload task failed"),
+        }
+    }
+}
+
+/// Waits until events stop arriving for [`DEBOUNCE`] (at most [`MAX_DEBOUNCE`]).
+async fn debounce(signal: &Notify) {
+    let deadline = tokio::time::Instant::now() + MAX_DEBOUNCE;
+    loop {
+        let quiet = tokio::time::sleep(DEBOUNCE);
+        tokio::select! {
+            () = signal.notified() => {
+                if tokio::time::Instant::now() >= deadline {
+                    return;
+                }
+            }
+            () = quiet => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::{RingHandle, UsageRegistry};
+    use crate::stats::CheckStats;
+
+    fn key(id: &str, secret: &str, extra: &str) -> String {
+        format!(
+            "[[keys]]\nid = \"{id}\"\nclient = \"c\"\nsha256 = \"{}\"\n{extra}\n",
+            hex::encode(crate::decide::digest(secret))
+        )
+    }
+
+    fn setup(text: &str) -> (tempfile::TempDir, PathBuf, Reloader, Arc<Shared>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        std::fs::write(&path, text).unwrap();
+        let (file, bytes) = keyfile::load(&path, ParseOptions::default()).unwrap();
+        let usage = UsageRegistry::default();
+        let source = RingSource {
+            generation: 1,
+            sha256: crate::decide::digest_bytes(&bytes),
+            loaded_at: Timestamp::now(),
+        };
+        let ring = KeyRing::build(&file, source, &usage, None);
+        let shared = Arc::new(Shared {
+            ring: RingHandle::new(ring),
+            usage,
+            stats: CheckStats::default(),
+            reloads: ReloadStats::default(),
+        });
+        let r = Reloader::new(path.clone(), ParseOptions::default(), Arc::clone(&shared));
+        (dir, path, r, shared)
+    }
+
+    #[test]
+    fn publishes_valid_changes_and_skips_identical_content() {
+        let (_d, path, r, shared) = setup(&key("a", "sa", ""));
+        assert_eq!(r.reload(Trigger::Signal), Outcome::Unchanged);
+        std::fs::write(&path, key("a", "sa", "") + &key("b", "sb", "")).unwrap();
+        assert_eq!(
+            r.reload(Trigger::Watch),
+            Outcome::Published { generation: 2 }
+        );
+        let ring = shared.ring.load();
+        assert_eq!(ring.len(), 2);
+        assert_eq!(
+            ring.source().sha256,
+            crate::decide::digest_bytes(&std::fs::read(&path).unwrap())
+        );
+        assert_eq!(shared.reloads.success.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_bad_file_keeps_the_ring_and_is_remembered_once() {
+        let (_d, path, r, shared) = setup(&key("a", "sa", ""));
+        std::fs::write(&path, key("a", "sa", "expire_at = 2027-01-01T00:00:00Z")).unwrap();
+        let Outcome::Failed(msg) = r.reload(Trigger::Watch) else {
+            panic!()
+        };
+        assert!(
+            msg.contains("keys.toml:5:1: unknown field `expire_at`"),
+            "{msg}"
+        );
+        assert_eq!(shared.ring.load().source().generation, 1);
+        assert_eq!(shared.reloads.last_error().unwrap().message, msg);
+        // The same bad bytes are not re-reported.
+        assert_eq!(r.reload(Trigger::Poll), Outcome::Unchanged);
+        assert_eq!(shared.reloads.failure.load(Ordering::Relaxed), 1);
+        // The next valid write is picked up and clears the error.
+        std::fs::write(&path, key("b", "sb", "")).unwrap();
+        assert_eq!(
+            r.reload(Trigger::Watch),
+            Outcome::Published { generation: 2 }
+        );
+        assert!(shared.reloads.last_error().is_none());
+    }
+
+    #[test]
+    fn a_deleted_file_keeps_the_ring() {
+        let (_d, path, r, shared) = setup(&key("a", "sa", ""));
+        std::fs::remove_file(&path).unwrap();
+        let Outcome::Failed(msg) = r.reload(Trigger::Watch) else {
+            panic!()
+        };
+        assert!(msg.contains("cannot read key file"), "{msg}");
+        assert_eq!(shared.ring.load().len(), 1);
+        // Restoring the same content clears the error without a new generation.
+        std::fs::write(&path, key("a", "sa", "")).unwrap();
+        assert_eq!(r.reload(Trigger::Watch), Outcome::Unchanged);
+        assert!(shared.reloads.last_error().is_none());
+    }
+
+    #[test]
+    fn metadata_changes_are_noticed() {
+        let (_d, path, r, _shared) = setup(&key("a", "sa", ""));
+        assert!(!r.changed_on_disk());
+        std::fs::write(&path, key("a", "sa", "") + "# more\n").unwrap();
+        assert!(r.changed_on_disk());
+        r.reload(Trigger::Poll);
+        assert!(!r.changed_on_disk());
+    }
+
+    #[test]
+    fn diffs_name_added_removed_and_changed_keys() {
+        let (_d, path, r, shared) =
+            setup(&(key("a", "sa", "") + &key("b", "sb", "") + &key("c", "sc", "")));
+        let old = shared.ring.load_full();
+        std::fs::write(
+            &path,
+            key(
+                "a",
+                "sa",
+                "state = \"deprecated\"\nexpires_at = 2030-01-01T00:00:00Z",
+            ) + &key("b", "sb2", "scopes = [\"read\"]")
+                + &key("d", "sd", ""),
+        )
+        .unwrap();
+        r.reload(Trigger::Watch);
+        let d = Diff::between(&old, &shared.ring.load());
+        assert_eq!(d.added, vec!["d"]);
+        assert_eq!(d.removed, vec!["c"]);
+        assert_eq!(
+            d.changed,
+            vec![
+                "a: state active -> deprecated, expires_at none -> 2030-01-01T00:00:00Z",
+                "b: scopes [] -> [read], secret replaced",
+            ]
+        );
+    }
+}
