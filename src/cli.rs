@@ -23,6 +23,88 @@ pub struct Cli {
 pub enum Command {
     /// Serve the ext_authz gRPC API from a key file.
     Serve(ServeArgs),
+    /// Manage the keys in a key file.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// `keyward keys …`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Add a key for a client; prints the new secret, alone, on stdout.
+    New {
+        /// The key file (created if missing).
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+        /// The client the key authenticates.
+        #[arg(long, value_name = "NAME")]
+        client: String,
+        /// Key id (default: <client>-<yyyymmdd>-<random>).
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
+        /// Scopes to grant, comma-separated.
+        #[arg(long, value_name = "A,B", value_parser = crate::keys::parse_scope_list)]
+        scopes: Option<crate::keys::ScopeList>,
+        /// Expire this long after it becomes valid (e.g. 90d).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+        expires_in: Option<Duration>,
+        /// Not valid before this time (RFC 3339).
+        #[arg(long, value_name = "TIME", value_parser = crate::keyfile::parse_time)]
+        not_before: Option<jiff::Timestamp>,
+        /// Free text stored with the key.
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Add a new key for a client and deprecate its active keys after a grace window.
+    Rotate {
+        /// The key file.
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+        /// The client whose keys rotate.
+        #[arg(long, value_name = "NAME")]
+        client: String,
+        /// Id of the new key.
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
+        /// How long the old keys keep working.
+        #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_duration_arg)]
+        grace: Duration,
+        /// Scopes of the new key (default: inherited from the client's newest active key).
+        #[arg(long, value_name = "A,B", value_parser = crate::keys::parse_scope_list)]
+        scopes: Option<crate::keys::ScopeList>,
+    },
+    /// Mark a key revoked (denied from the next reload).
+    Revoke {
+        /// The key file.
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+        /// The key to revoke.
+        #[arg(long, value_name = "ID")]
+        id: String,
+    },
+    /// Restore the file as it was before the last keyward edit.
+    Rollback {
+        /// The key file.
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Show the keys (no digests).
+    List {
+        /// The key file.
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Validate a key file; prints file:line:column: message for each problem.
+    Check {
+        /// The key file.
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+        /// Accept a file with no keys.
+        #[arg(long)]
+        allow_empty: bool,
+    },
+    /// Read a secret on stdin and print its SHA-256 (hex).
+    Hash,
 }
 
 /// Log output format.
@@ -69,6 +151,7 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Keys(cmd) => keys_command(cmd),
         Command::Serve(args) => {
             init_logging(args.log_format);
             match serve(args) {
@@ -80,6 +163,143 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn keys_command(cmd: KeysCommand) -> ExitCode {
+    use crate::keys;
+    let now = jiff::Timestamp::now();
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("keyward: {e}");
+        ExitCode::FAILURE
+    };
+    let fmt_expiry =
+        |t: Option<jiff::Timestamp>| t.map_or_else(|| "never".to_owned(), |t| t.to_string());
+    match cmd {
+        KeysCommand::New {
+            file,
+            client,
+            id,
+            scopes,
+            expires_in,
+            not_before,
+            description,
+        } => {
+            let spec = keys::NewKey {
+                id,
+                client,
+                scopes: scopes.map(|s| s.0).unwrap_or_default(),
+                expires_in,
+                not_before,
+                description,
+            };
+            match keys::edit(&file, |doc| keys::new_key(doc, &spec, now)) {
+                Ok(added) => {
+                    println!("{}", added.secret);
+                    eprintln!(
+                        "keyward: added key {} for client {} to {} (scopes: {}; expires: {})",
+                        added.id,
+                        spec.client,
+                        file.display(),
+                        if spec.scopes.is_empty() {
+                            "none".into()
+                        } else {
+                            spec.scopes.join(",")
+                        },
+                        fmt_expiry(expires_in.map(|d| {
+                            spec.not_before.unwrap_or(now).max(now)
+                                + jiff::SignedDuration::try_from(d).unwrap_or_default()
+                        })),
+                    );
+                    eprintln!(
+                        "keyward: the secret above is shown only once; hand it to the client now"
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        KeysCommand::Rotate {
+            file,
+            client,
+            id,
+            grace,
+            scopes,
+        } => match keys::edit(&file, |doc| {
+            keys::rotate(doc, &client, id, scopes.map(|s| s.0), grace, now)
+        }) {
+            Ok(added) => {
+                println!("{}", added.secret);
+                eprintln!(
+                    "keyward: added key {} for client {client} to {}",
+                    added.id,
+                    file.display()
+                );
+                for (id, until) in &added.deprecated {
+                    eprintln!("keyward: deprecated {id}; it keeps working until {until}");
+                }
+                eprintln!(
+                    "keyward: the secret above is shown only once; hand it to the client now"
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        KeysCommand::Revoke { file, id } => match keys::edit(&file, |doc| keys::revoke(doc, &id)) {
+            Ok(true) => {
+                eprintln!("keyward: revoked {id} in {}", file.display());
+                ExitCode::SUCCESS
+            }
+            Ok(false) => {
+                eprintln!("keyward: {id} was already revoked; nothing changed");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        KeysCommand::Rollback { file } => match keys::rollback(&file) {
+            Ok(entry) => {
+                eprintln!(
+                    "keyward: restored {} from history entry {entry}",
+                    file.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        KeysCommand::List { file } => match keys::list(&file, now) {
+            Ok(table) => {
+                print!("{table}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        KeysCommand::Check { file, allow_empty } => {
+            match crate::keyfile::load(&file, crate::keyfile::ParseOptions { allow_empty }) {
+                Ok((f, _)) => {
+                    let count = |s| f.keys.iter().filter(|k| k.state == s).count();
+                    println!(
+                        "{}: OK, {} keys ({} active, {} deprecated, {} revoked)",
+                        file.display(),
+                        f.keys.len(),
+                        count(crate::keyfile::KeyState::Active),
+                        count(crate::keyfile::KeyState::Deprecated),
+                        count(crate::keyfile::KeyState::Revoked),
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    println!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        KeysCommand::Hash => match keys::hash(keys::stdin()) {
+            Ok(h) => {
+                println!("{h}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
     }
 }
 

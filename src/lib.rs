@@ -16,13 +16,17 @@
 //! - [`stats`]: decision counters.
 //! - [`admin`]: the admin HTTP listener.
 //! - [`server`]: loads the first ring and runs the listeners until shutdown.
+//! - [`keys`]: `keyward keys …`, the key lifecycle commands.
+//! - [`edit`]: safe edits of the key file (lock, validate, history, atomic replace).
 //! - [`cli`]: the `keyward` command line.
 //! - [`pb`]: generated protobuf code for the ext_authz API.
 
 pub mod admin;
 pub mod cli;
 pub mod decide;
+pub mod edit;
 pub mod keyfile;
+pub mod keys;
 pub mod pb;
 pub mod reload;
 pub mod ring;

@@ -2,6 +2,7 @@
 
 mod envoy_e2e;
 mod grpc;
+mod keys_cli;
 mod reload;
 mod util;
 mod wire;
