@@ -31,6 +31,17 @@ fi
 export KEYWARD_ENVOY="$envoy_bin"
 echo "==> using Envoy $ENVOY_VERSION at $envoy_bin" >&2
 
+# promtool (Debian's prometheus package) checks and unit-tests the alert rules.
+if ! command -v promtool >/dev/null 2>&1; then
+    echo "==> installing promtool (Debian package prometheus)" >&2
+    sudo=""
+    [[ "$(id -u)" -ne 0 ]] && sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+KEYWARD_PROMTOOL="$(command -v promtool)"
+export KEYWARD_PROMTOOL
+
 echo "==> cargo fmt --check" >&2
 cargo fmt --check
 echo "==> cargo clippy" >&2

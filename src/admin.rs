@@ -1,5 +1,6 @@
-//! The admin HTTP listener (loopback by default): health, readiness and the
-//! serving ring.
+//! The admin HTTP listener (loopback by default): health, readiness, the
+//! serving ring, per-key usage and Prometheus metrics. It never exposes a
+//! digest or a secret.
 
 use std::sync::Arc;
 
@@ -16,6 +17,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/ring", get(ring))
+        .route("/metrics", get(metrics))
+        .route("/keys", get(keys))
         .with_state(shared)
 }
 
@@ -64,5 +67,61 @@ async fn ring(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
             "failure": shared.reloads.failure.load(std::sync::atomic::Ordering::Relaxed),
         },
         "last_reload_error": last_error,
+    }))
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match crate::metrics::render(&shared) {
+        Ok(body) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                crate::metrics::CONTENT_TYPE,
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n").into_response(),
+    }
+}
+
+/// Every key in the serving ring with its usage (no digests).
+async fn keys(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let ring = shared.ring.load_full();
+    let time = |t: Option<jiff::Timestamp>| t.map(|t| t.to_string());
+    let keys: Vec<serde_json::Value> = ring
+        .keys()
+        .iter()
+        .map(|k| {
+            let last = k.usage.last_used.load(Relaxed);
+            let last_used = (last > 0)
+                .then(|| jiff::Timestamp::from_second(i64::try_from(last).unwrap_or(i64::MAX)).ok())
+                .flatten()
+                .map(|t| t.to_string());
+            let mut denials = serde_json::Map::new();
+            for reason in crate::decide::DenyReason::ALL {
+                if let Some(i) = reason.key_index() {
+                    denials.insert(reason.code().into(), k.usage.denied[i].load(Relaxed).into());
+                }
+            }
+            serde_json::json!({
+                "id": &*k.id,
+                "client": &*k.client,
+                "state": k.state.as_str(),
+                "scopes": k.scopes.iter().map(|s| &**s).collect::<Vec<_>>(),
+                "not_before": time(k.not_before),
+                "expires_at": time(k.expires_at),
+                "deprecated_at": time(k.deprecated_at),
+                "description": k.description.as_deref(),
+                "requests": k.usage.requests.load(Relaxed),
+                "last_used": last_used,
+                "denials": denials,
+            })
+        })
+        .collect();
+    Json(serde_json::json!({
+        "generation": ring.source().generation,
+        "keys": keys,
     }))
 }

@@ -26,6 +26,15 @@ pub enum Command {
     /// Manage the keys in a key file.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Show per-key usage from a running server and which old keys are safe to retire.
+    Status {
+        /// The server's admin address.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9911")]
+        admin: String,
+        /// A deprecated or superseded key unused for this long is safe to retire.
+        #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = parse_duration_arg)]
+        idle: Duration,
+    },
 }
 
 /// `keyward keys …`.
@@ -141,6 +150,17 @@ pub struct ServeArgs {
     /// Do not watch the key file's directory with inotify (poll only).
     #[arg(long)]
     pub no_watch: bool,
+    /// Log this fraction of decisions (0 to 1) with key id, client, decision
+    /// and reason, never the secret.
+    #[arg(long, value_name = "FRACTION", default_value_t = 0.0, value_parser = parse_fraction)]
+    pub decision_log_sample: f64,
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{s:?} is not a fraction between 0 and 1")),
+    }
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
@@ -152,6 +172,26 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Keys(cmd) => keys_command(cmd),
+        Command::Status { admin, idle } => {
+            let report = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(crate::status::fetch(&admin)));
+            match report {
+                Ok(r) => {
+                    print!(
+                        "{}",
+                        crate::status::render(&r, jiff::Timestamp::now(), idle)
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("keyward: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Serve(args) => {
             init_logging(args.log_format);
             match serve(args) {
@@ -320,6 +360,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = Config::new(args.keys.clone());
     config.allow_empty = args.allow_empty;
     config.watch = !args.no_watch;
+    config.decision_log_every = crate::service::sample_every(args.decision_log_sample);
     config.poll_interval = (!args.poll_interval.is_zero()).then_some(args.poll_interval);
     if !config.watch && config.poll_interval.is_none() {
         anyhow::bail!("--no-watch with --poll-interval 0s would never reload: allow one of them");

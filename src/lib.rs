@@ -14,10 +14,12 @@
 //!   place a decision becomes a CheckResponse.
 //! - [`reload`]: hot reload: watch, debounce, read, validate, publish or keep.
 //! - [`stats`]: decision counters.
+//! - [`metrics`]: Prometheus exposition, read from the atomics at scrape time.
 //! - [`admin`]: the admin HTTP listener.
 //! - [`server`]: loads the first ring and runs the listeners until shutdown.
 //! - [`keys`]: `keyward keys …`, the key lifecycle commands.
 //! - [`edit`]: safe edits of the key file (lock, validate, history, atomic replace).
+//! - [`status`]: `keyward status`, per-key usage and retirement verdicts.
 //! - [`cli`]: the `keyward` command line.
 //! - [`pb`]: generated protobuf code for the ext_authz API.
 
@@ -27,6 +29,7 @@ pub mod decide;
 pub mod edit;
 pub mod keyfile;
 pub mod keys;
+pub mod metrics;
 pub mod pb;
 pub mod reload;
 pub mod ring;
@@ -34,3 +37,4 @@ pub mod secret;
 pub mod server;
 pub mod service;
 pub mod stats;
+pub mod status;

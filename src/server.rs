@@ -41,6 +41,8 @@ pub struct Config {
     pub poll_interval: Option<Duration>,
     /// Reload on SIGHUP.
     pub sighup: bool,
+    /// Log one decision in this many (0: none).
+    pub decision_log_every: u64,
 }
 
 impl Config {
@@ -52,6 +54,7 @@ impl Config {
             watch: true,
             poll_interval: Some(DEFAULT_POLL_INTERVAL),
             sighup: true,
+            decision_log_every: 0,
         }
     }
 }
@@ -202,7 +205,10 @@ impl Server {
             .set_serving::<AuthorizationServer<AuthzService>>()
             .await;
 
-        let authz = AuthorizationServer::new(AuthzService::new(Arc::clone(&self.shared)));
+        let authz = AuthorizationServer::new(
+            AuthzService::new(Arc::clone(&self.shared))
+                .with_decision_log(self.config.decision_log_every),
+        );
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))

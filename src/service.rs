@@ -56,16 +56,88 @@ pub struct Shared {
 #[derive(Debug, Clone)]
 pub struct AuthzService {
     shared: Arc<Shared>,
+    log_every: u64,
+}
+
+/// One decision in how many to log for a sampling fraction (0 for none).
+pub fn sample_every(fraction: f64) -> u64 {
+    if fraction <= 0.0 || fraction.is_nan() {
+        0
+    } else {
+        (1.0 / fraction.min(1.0)).round().max(1.0) as u64
+    }
+}
+
+thread_local! {
+    /// Per-thread decision counter for log sampling (no shared cache line).
+    static SEEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 impl AuthzService {
     /// A service answering from `shared.ring`.
     pub fn new(shared: Arc<Shared>) -> AuthzService {
-        AuthzService { shared }
+        AuthzService {
+            shared,
+            log_every: 0,
+        }
+    }
+
+    /// Logs one decision in `every` (0: none) to target `keyward::decision`.
+    pub fn with_decision_log(mut self, every: u64) -> AuthzService {
+        self.log_every = every;
+        self
+    }
+
+    fn log_decision(
+        &self,
+        decision: &Decision<'_>,
+        attrs: Option<&crate::pb::envoy::service::auth::v3::AttributeContext>,
+    ) {
+        if self.log_every == 0 {
+            return;
+        }
+        let n = SEEN.with(|c| {
+            let n = c.get().wrapping_add(1);
+            c.set(n);
+            n
+        });
+        if !n.is_multiple_of(self.log_every) {
+            return;
+        }
+        let source = attrs
+            .and_then(|a| a.source.as_ref())
+            .and_then(|p| p.address.as_ref())
+            .and_then(|a| a.address.as_ref())
+            .map(|a| match a {
+                crate::pb::envoy::config::core::v3::address::Address::SocketAddress(s) => {
+                    s.address.as_str()
+                }
+                crate::pb::envoy::config::core::v3::address::Address::Pipe(p) => p.path.as_str(),
+            })
+            .unwrap_or("");
+        match decision {
+            Decision::Allow(k) => tracing::info!(
+                target: "keyward::decision",
+                decision = "allowed",
+                key_id = &*k.id,
+                client = &*k.client,
+                state = k.state.as_str(),
+                source,
+            ),
+            Decision::Deny { reason, key } => tracing::info!(
+                target: "keyward::decision",
+                decision = "denied",
+                reason = reason.code(),
+                key_id = key.map(|k| &*k.id),
+                client = key.map(|k| &*k.client),
+                source,
+            ),
+        }
     }
 
     /// Decides one request at `now` and builds its response (no network involved).
     pub fn check_at(&self, req: &CheckRequest, now: Timestamp) -> CheckResponse {
+        let started = std::time::Instant::now();
         let attrs = req.attributes.as_ref();
         let http = attrs
             .and_then(|a| a.request.as_ref())
@@ -86,7 +158,10 @@ impl AuthzService {
         };
         let now_secs = u64::try_from(now.as_second()).unwrap_or(0);
         self.shared.stats.record(&decision, now_secs);
-        respond(&decision, cred.ok().map(|c| c.header), &headers)
+        self.log_decision(&decision, attrs);
+        let response = respond(&decision, cred.ok().map(|c| c.header), &headers);
+        self.shared.stats.latency.observe(started.elapsed());
+        response
     }
 }
 

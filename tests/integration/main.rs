@@ -1,8 +1,10 @@
 //! Integration tests: the real server on port 0, and end to end through a real Envoy.
 
+mod deploy;
 mod envoy_e2e;
 mod grpc;
 mod keys_cli;
+mod observability;
 mod reload;
 mod util;
 mod wire;

@@ -1,0 +1,217 @@
+//! Prometheus exposition. Nothing here runs on the verify path: the hot path
+//! bumps relaxed atomics ([`crate::stats`], [`crate::ring::KeyUsage`]) and this
+//! collector reads them when `/metrics` is scraped.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::decide::DenyReason;
+use crate::service::Shared;
+
+/// Reads the shared state at scrape time.
+#[derive(Debug)]
+struct SharedCollector(Arc<Shared>);
+
+/// Renders every metric in the OpenMetrics text format (which Prometheus
+/// scrapes natively; `# HELP` and `# TYPE` lines included).
+pub fn render(shared: &Arc<Shared>) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(SharedCollector(Arc::clone(shared))));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+/// The content type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: i64,
+) -> Result<(), std::fmt::Error> {
+    ConstGauge::new(v).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+impl Collector for SharedCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let shared = &self.0;
+        let stats = &shared.stats;
+
+        // Names of counters are given without `_total`: the encoder appends it.
+        let mut checks = encoder.encode_descriptor(
+            "keyward_checks",
+            "Checks decided, by result (allowed, denied) and reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, v) in [
+            ("active_key", stats.allowed()),
+            ("deprecated_key", stats.allowed_deprecated()),
+        ] {
+            ConstCounter::new(v)
+                .encode(checks.encode_family(&[("result", "allowed"), ("reason", reason)])?)?;
+        }
+        for reason in DenyReason::ALL {
+            ConstCounter::new(stats.denied(reason)).encode(
+                checks.encode_family(&[("result", "denied"), ("reason", reason.code())])?,
+            )?;
+        }
+
+        let (sum, count, buckets) = stats.latency.snapshot();
+        encoder
+            .encode_descriptor(
+                "keyward_check_duration_seconds",
+                "Time to decide a check, measured inside the service.",
+                None,
+                MetricType::Histogram,
+            )?
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                sum, count, &buckets, None,
+            )?;
+
+        let ring = shared.ring.load_full();
+        let source = ring.source();
+        {
+            let mut requests = encoder.encode_descriptor(
+                "keyward_key_requests",
+                "Allowed requests per key (since the key was first loaded by this process).",
+                None,
+                MetricType::Counter,
+            )?;
+            for k in ring.keys() {
+                let labels = [("key_id", &*k.id), ("client", &*k.client)];
+                ConstCounter::new(k.usage.requests.load(Ordering::Relaxed))
+                    .encode(requests.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut last = encoder.encode_descriptor(
+                "keyward_key_last_used_timestamp_seconds",
+                "Unix time of the key's last allowed request (absent if never used).",
+                None,
+                MetricType::Gauge,
+            )?;
+            for k in ring.keys() {
+                let t = k.usage.last_used.load(Ordering::Relaxed);
+                if t > 0 {
+                    let labels = [("key_id", &*k.id), ("client", &*k.client)];
+                    ConstGauge::new(i64::try_from(t).unwrap_or(i64::MAX))
+                        .encode(last.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut denials = encoder.encode_descriptor(
+                "keyward_key_denials",
+                "Denied requests that presented a known key, by reason.",
+                None,
+                MetricType::Counter,
+            )?;
+            for k in ring.keys() {
+                for reason in DenyReason::ALL {
+                    if let Some(i) = reason.key_index() {
+                        let v = k.usage.denied[i].load(Ordering::Relaxed);
+                        if v > 0 {
+                            let labels = [
+                                ("key_id", &*k.id),
+                                ("client", &*k.client),
+                                ("reason", reason.code()),
+                            ];
+                            ConstCounter::new(v).encode(denials.encode_family(&labels)?)?;
+                        }
+                    }
+                }
+            }
+        }
+        {
+            let mut info = encoder.encode_descriptor(
+                "keyward_key_info",
+                "One series per key in the serving ring, with its state.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for k in ring.keys() {
+                let labels = [
+                    ("key_id", &*k.id),
+                    ("client", &*k.client),
+                    ("state", k.state.as_str()),
+                ];
+                ConstGauge::new(1i64).encode(info.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut expires = encoder.encode_descriptor(
+                "keyward_key_expires_timestamp_seconds",
+                "Unix time at which the key expires (keys with an expiry only).",
+                None,
+                MetricType::Gauge,
+            )?;
+            for k in ring.keys() {
+                if let Some(e) = k.expires_at {
+                    let labels = [("key_id", &*k.id), ("client", &*k.client)];
+                    ConstGauge::new(e.as_second()).encode(expires.encode_family(&labels)?)?;
+                }
+            }
+        }
+
+        gauge(
+            &mut encoder,
+            "keyward_ring_keys",
+            "Keys in the serving ring.",
+            ring.len() as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "keyward_ring_generation",
+            "Generation of the serving ring (1 for the ring loaded at startup).",
+            i64::try_from(source.generation).unwrap_or(i64::MAX),
+        )?;
+        let sha = hex::encode(source.sha256);
+        ConstGauge::new(1i64).encode(
+            encoder
+                .encode_descriptor(
+                    "keyward_ring_info",
+                    "SHA-256 of the key file the serving ring was built from.",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_family(&[("sha256", sha.as_str())])?,
+        )?;
+        gauge(
+            &mut encoder,
+            "keyward_ring_loaded_timestamp_seconds",
+            "Unix time the serving ring was built.",
+            source.loaded_at.as_second(),
+        )?;
+
+        let reloads = &shared.reloads;
+        let mut family = encoder.encode_descriptor(
+            "keyward_reloads",
+            "Reload attempts after startup, by result (success published a ring; failure kept the previous one).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (result, v) in [
+            ("success", reloads.success.load(Ordering::Relaxed)),
+            ("failure", reloads.failure.load(Ordering::Relaxed)),
+        ] {
+            ConstCounter::new(v).encode(family.encode_family(&[("result", result)])?)?;
+        }
+        gauge(
+            &mut encoder,
+            "keyward_reload_failing",
+            "1 while the key file on disk cannot be loaded (the previous ring keeps serving).",
+            i64::from(reloads.last_error().is_some()),
+        )?;
+        Ok(())
+    }
+}
