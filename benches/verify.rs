@@ -8,8 +8,8 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use jiff::Timestamp;
-use keyward::decide::{Decision, decide, digest, extract};
-use keyward::keyfile::{KeyFile, KeySpec, KeyState};
+use keyward::decide::{decide, digest, extract};
+use keyward::keyfile::{KeyFile, KeySpec, KeyState, RateLimitSpec};
 use keyward::ring::{KeyRing, RingSource, UsageRegistry};
 use keyward::stats::CheckStats;
 
@@ -18,6 +18,10 @@ fn secret(i: usize) -> String {
 }
 
 fn file(n: usize) -> KeyFile {
+    file_with_limit(n, None)
+}
+
+fn file_with_limit(n: usize, rate_limit: Option<RateLimitSpec>) -> KeyFile {
     let keys = (0..n)
         .map(|i| KeySpec {
             id: format!("key-{i}"),
@@ -29,7 +33,7 @@ fn file(n: usize) -> KeyFile {
             expires_at: Some("2099-01-01T00:00:00Z".parse().unwrap()),
             deprecated_at: None,
             description: None,
-            rate_limit: None,
+            rate_limit,
             line: i + 1,
         })
         .collect();
@@ -60,7 +64,7 @@ fn verify(c: &mut Criterion) {
                 let cred = extract(Some(black_box(key)), None).unwrap();
                 let d = decide(&ring, &cred, now, "read");
                 stats.record(&d, 0);
-                matches!(d, Decision::Allow(_))
+                d.is_allowed()
             })
         });
         let miss = "bench-secret-not-in-the-ring-abcdefghijklmnopq".to_owned();
@@ -69,10 +73,31 @@ fn verify(c: &mut Criterion) {
                 let cred = extract(Some(black_box(key)), None).unwrap();
                 let d = decide(&ring, &cred, now, "read");
                 stats.record(&d, 0);
-                matches!(d, Decision::Allow(_))
+                d.is_allowed()
             })
         });
     }
+    // The same hit with a rate limit configured (one CAS more); a limit so
+    // high the benchmark never exhausts it.
+    let limit = RateLimitSpec {
+        requests: u64::MAX / 4,
+        per: std::time::Duration::from_secs(1),
+        burst: u64::MAX / 4,
+    };
+    let n = 100_000;
+    let usage = UsageRegistry::default();
+    let ring = KeyRing::build(&file_with_limit(n, Some(limit)), source(), &usage, None);
+    let stats = CheckStats::default();
+    let hit = secret(n / 2);
+    let now = Timestamp::now();
+    g.bench_with_input(BenchmarkId::new("hit_rate_limited", n), &hit, |b, key| {
+        b.iter(|| {
+            let cred = extract(Some(black_box(key)), None).unwrap();
+            let d = decide(&ring, &cred, now, "read");
+            stats.record(&d, 0);
+            d.is_allowed()
+        })
+    });
     g.finish();
 }
 

@@ -19,6 +19,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/ring", get(ring))
         .route("/metrics", get(metrics))
         .route("/keys", get(keys))
+        .route("/lockouts", get(lockouts))
+        .route("/lockouts/{source}", axum::routing::delete(lift_lockout))
         .with_state(shared)
 }
 
@@ -124,4 +126,61 @@ async fn keys(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "generation": ring.source().generation,
         "keys": keys,
     }))
+}
+
+fn now_ns() -> u64 {
+    u64::try_from(jiff::Timestamp::now().as_nanosecond()).unwrap_or(0)
+}
+
+/// Sources locked out right now.
+async fn lockouts(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let now = now_ns();
+    let list: Vec<serde_json::Value> = shared
+        .lockout
+        .active(now)
+        .into_iter()
+        .map(|l| {
+            let until = jiff::Timestamp::from_nanosecond(i128::from(l.until_ns))
+                .map(|t| t.to_string())
+                .unwrap_or_default();
+            serde_json::json!({
+                "source": l.source.to_string(),
+                "until": until,
+                "remaining_seconds": (l.until_ns - now).div_ceil(1_000_000_000),
+            })
+        })
+        .collect();
+    let cfg = shared.lockout.config();
+    Json(serde_json::json!({
+        "enabled": shared.lockout.enabled(),
+        "threshold": cfg.threshold,
+        "window_seconds": cfg.window.as_secs(),
+        "duration_seconds": cfg.duration.as_secs(),
+        "tracked_sources": shared.lockout.tracked(),
+        "lockouts": list,
+    }))
+}
+
+/// `DELETE /lockouts/{source}`: lifts a lockout.
+async fn lift_lockout(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Path(source): axum::extract::Path<String>,
+) -> (StatusCode, Json<serde_json::Value>) {
+    let Ok(ip) = source.parse::<std::net::IpAddr>() else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({ "error": format!("{source:?} is not an IP address") })),
+        );
+    };
+    if shared.lockout.lift(ip) {
+        (
+            StatusCode::OK,
+            Json(serde_json::json!({ "lifted": ip.to_string() })),
+        )
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({ "error": format!("{ip} is not locked out") })),
+        )
+    }
 }

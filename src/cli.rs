@@ -154,6 +154,24 @@ pub struct ServeArgs {
     /// and reason, never the secret.
     #[arg(long, value_name = "FRACTION", default_value_t = 0.0, value_parser = parse_fraction)]
     pub decision_log_sample: f64,
+    /// Failed checks (unknown or malformed key) from one source within the
+    /// window that lock it out; 0 turns lockout off.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub lockout_threshold: u32,
+    /// The window in which failures are counted.
+    #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = parse_duration_arg)]
+    pub lockout_window: Duration,
+    /// How long a locked-out source is denied.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration_arg)]
+    pub lockout_duration: Duration,
+    /// Most sources tracked for lockout at once (memory bound).
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    pub lockout_max_sources: usize,
+    /// Take the client address from the N-th x-forwarded-for entry from the
+    /// right (the proxies in front of Envoy that you trust); 0 uses the peer
+    /// address Envoy reports.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub xff_trusted_hops: usize,
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -361,6 +379,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.allow_empty = args.allow_empty;
     config.watch = !args.no_watch;
     config.decision_log_every = crate::service::sample_every(args.decision_log_sample);
+    config.lockout = crate::lockout::LockoutConfig {
+        threshold: args.lockout_threshold,
+        window: args.lockout_window,
+        duration: args.lockout_duration,
+        max_sources: args.lockout_max_sources.max(1),
+    };
+    config.xff_trusted_hops = args.xff_trusted_hops;
     config.poll_interval = (!args.poll_interval.is_zero()).then_some(args.poll_interval);
     if !config.watch && config.poll_interval.is_none() {
         anyhow::bail!("--no-watch with --poll-interval 0s would never reload: allow one of them");

@@ -8,6 +8,7 @@ use jiff::Timestamp;
 use sha2::{Digest as _, Sha256};
 
 use crate::keyfile::KeyState;
+use crate::limit::Quota;
 use crate::ring::{KeyEntry, KeyRing};
 
 /// Longest credential accepted, in bytes.
@@ -153,26 +154,45 @@ impl DenyReason {
 #[derive(Debug, Clone, Copy)]
 pub enum Decision<'r> {
     /// Let the request through as `key`.
-    Allow(&'r KeyEntry),
+    Allow {
+        /// The matched key.
+        key: &'r KeyEntry,
+        /// The key's remaining budget, when it has a rate limit.
+        quota: Option<Quota>,
+    },
     /// Deny it; `key` is the matched key when the denial is about a known key.
     Deny {
         /// Why.
         reason: DenyReason,
         /// The matched key, if any.
         key: Option<&'r KeyEntry>,
+        /// The key's budget, for `rate_limited`.
+        quota: Option<Quota>,
+        /// Seconds the client should wait (`retry-after`), 0 for none.
+        retry_after: u64,
     },
 }
 
 impl<'r> Decision<'r> {
     /// A denial that matched no key.
     pub fn deny(reason: DenyReason) -> Decision<'r> {
-        Decision::Deny { reason, key: None }
+        Decision::Deny {
+            reason,
+            key: None,
+            quota: None,
+            retry_after: 0,
+        }
+    }
+
+    /// Whether the request is allowed.
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Decision::Allow { .. })
     }
 
     /// The denial reason, if denied.
     pub fn reason(&self) -> Option<DenyReason> {
         match self {
-            Decision::Allow(_) => None,
+            Decision::Allow { .. } => None,
             Decision::Deny { reason, .. } => Some(*reason),
         }
     }
@@ -264,12 +284,16 @@ pub fn decide<'r>(
     decide_key(key, now, required)
 }
 
-/// The part of [`decide`] after the lookup: state, validity window, scopes.
+/// The part of [`decide`] after the lookup: state, validity window, scopes,
+/// and the key's rate limit (the only step with a side effect: it takes one
+/// request from the key's budget, with one atomic compare-and-swap).
 #[inline]
 pub fn decide_key<'r>(key: &'r KeyEntry, now: Timestamp, required: &str) -> Decision<'r> {
     let deny = |reason| Decision::Deny {
         reason,
         key: Some(key),
+        quota: None,
+        retry_after: 0,
     };
     if key.state == KeyState::Revoked {
         return deny(DenyReason::RevokedKey);
@@ -283,7 +307,24 @@ pub fn decide_key<'r>(key: &'r KeyEntry, now: Timestamp, required: &str) -> Deci
     if !key.has_scopes(required) {
         return deny(DenyReason::InsufficientScope);
     }
-    Decision::Allow(key)
+    let quota = match &key.rate_limit {
+        None => None,
+        Some(spec) => {
+            let now_ns = u64::try_from(now.as_nanosecond()).unwrap_or(0);
+            match key.usage.limiter.acquire(spec, now_ns) {
+                Ok(q) => Some(q),
+                Err(q) => {
+                    return Decision::Deny {
+                        reason: DenyReason::RateLimited,
+                        key: Some(key),
+                        quota: Some(q),
+                        retry_after: q.retry_after_secs,
+                    };
+                }
+            }
+        }
+    };
+    Decision::Allow { key, quota }
 }
 
 #[cfg(test)]
@@ -340,7 +381,7 @@ mod tests {
     ) -> Result<String, DenyReason> {
         let cred = extract(api_key, auth)?;
         match decide(ring, &cred, now(), required) {
-            Decision::Allow(k) => Ok(k.id.to_string()),
+            Decision::Allow { key, .. } => Ok(key.id.to_string()),
             Decision::Deny { reason, .. } => Err(reason),
         }
     }
@@ -388,10 +429,10 @@ mod tests {
             }
         ));
         let just_before = exp - jiff::SignedDuration::from_nanos(1);
-        assert!(matches!(decide_key(k, just_before, ""), Decision::Allow(_)));
+        assert!(decide_key(k, just_before, "").is_allowed());
         let f = r.by_id("future").unwrap();
         let nb: Timestamp = "2026-12-01T00:00:00Z".parse().unwrap();
-        assert!(matches!(decide_key(f, nb, ""), Decision::Allow(_)));
+        assert!(decide_key(f, nb, "").is_allowed());
         assert!(matches!(
             decide_key(f, just_before, ""),
             Decision::Deny {

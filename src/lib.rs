@@ -9,6 +9,8 @@
 //!   per-key usage registry that outlives rings, and the [`ring::RingHandle`]
 //!   through which a new ring is published with one atomic store.
 //! - [`decide`]: credential extraction and the pure decision function.
+//! - [`limit`]: per-key rate limits (GCRA in one atomic word per key).
+//! - [`lockout`]: brute-force lockout per source address.
 //! - [`secret`]: the format of keyward-issued secrets (prefix + checksum).
 //! - [`service`]: the `envoy.service.auth.v3.Authorization` gRPC service; the one
 //!   place a decision becomes a CheckResponse.
@@ -29,6 +31,8 @@ pub mod decide;
 pub mod edit;
 pub mod keyfile;
 pub mod keys;
+pub mod limit;
+pub mod lockout;
 pub mod metrics;
 pub mod pb;
 pub mod reload;

@@ -163,6 +163,34 @@ impl Collector for SharedCollector {
             }
         }
 
+        {
+            let mut limited = encoder.encode_descriptor(
+                "keyward_rate_limited",
+                "Requests denied because the key was over its rate limit.",
+                None,
+                MetricType::Counter,
+            )?;
+            let i = DenyReason::RateLimited.key_index().unwrap_or_default();
+            for k in ring.keys().iter().filter(|k| k.rate_limit.is_some()) {
+                let labels = [("key_id", &*k.id), ("client", &*k.client)];
+                ConstCounter::new(k.usage.denied[i].load(Ordering::Relaxed))
+                    .encode(limited.encode_family(&labels)?)?;
+            }
+        }
+        ConstCounter::new(shared.lockout.total()).encode(encoder.encode_descriptor(
+            "keyward_lockouts",
+            "Sources locked out after repeated failed checks.",
+            None,
+            MetricType::Counter,
+        )?)?;
+        let now_ns = u64::try_from(jiff::Timestamp::now().as_nanosecond()).unwrap_or(0);
+        gauge(
+            &mut encoder,
+            "keyward_lockouts_active",
+            "Sources locked out right now.",
+            shared.lockout.active(now_ns).len() as i64,
+        )?;
+
         gauge(
             &mut encoder,
             "keyward_ring_keys",

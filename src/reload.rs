@@ -538,6 +538,7 @@ mod tests {
             usage,
             stats: CheckStats::default(),
             reloads: ReloadStats::default(),
+            lockout: Default::default(),
         });
         let r = Reloader::new(path.clone(), ParseOptions::default(), Arc::clone(&shared));
         (dir, path, r, shared)

@@ -73,6 +73,22 @@ pub struct KeyUsage {
     pub last_used: AtomicU64,
     /// Denials that matched this key, by [`crate::decide::DenyReason::key_index`].
     pub denied: [AtomicU64; KEY_DENIAL_REASONS],
+    /// The key's rate-limit budget.
+    pub limiter: crate::limit::Limiter,
+    /// The limit the budget was kept for; a reload that changes it resets the
+    /// budget, any other reload keeps it. Only ring builds take this lock.
+    limit_spec: std::sync::Mutex<Option<RateLimitSpec>>,
+}
+
+impl KeyUsage {
+    /// Keeps the budget if `spec` is the limit it was kept for, else resets it.
+    pub fn sync_limit(&self, spec: Option<RateLimitSpec>) {
+        let mut current = self.limit_spec.lock().unwrap_or_else(|e| e.into_inner());
+        if *current != spec {
+            self.limiter.reset();
+            *current = spec;
+        }
+    }
 }
 
 impl KeyUsage {
@@ -219,13 +235,9 @@ impl KeyRing {
                 .and_then(|p| p.by_id(&spec.id))
                 .filter(|k| k.state == KeyState::Deprecated)
                 .and_then(|k| k.deprecated_at);
-            let entry = entry_from_spec(
-                spec,
-                client,
-                usage.usage(&spec.id),
-                prev_deprecated,
-                source.loaded_at,
-            );
+            let key_usage = usage.usage(&spec.id);
+            key_usage.sync_limit(spec.rate_limit);
+            let entry = entry_from_spec(spec, client, key_usage, prev_deprecated, source.loaded_at);
             let index = u32::try_from(i).expect("more than 4 billion keys");
             by_digest.insert(DigestKey(spec.digest), index);
             by_id.insert(Arc::clone(&entry.id), index);

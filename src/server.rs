@@ -43,6 +43,10 @@ pub struct Config {
     pub sighup: bool,
     /// Log one decision in this many (0: none).
     pub decision_log_every: u64,
+    /// Brute-force lockout settings.
+    pub lockout: crate::lockout::LockoutConfig,
+    /// Trusted `x-forwarded-for` hops for the client address (0: peer address).
+    pub xff_trusted_hops: usize,
 }
 
 impl Config {
@@ -55,6 +59,8 @@ impl Config {
             poll_interval: Some(DEFAULT_POLL_INTERVAL),
             sighup: true,
             decision_log_every: 0,
+            lockout: crate::lockout::LockoutConfig::default(),
+            xff_trusted_hops: 0,
         }
     }
 }
@@ -116,6 +122,7 @@ impl Server {
             None
         };
         let (file, bytes) = keyfile::load(&config.keys, config.parse_options())?;
+        let lockout = config.lockout;
         let usage = UsageRegistry::default();
         let source = RingSource {
             generation: 1,
@@ -136,6 +143,7 @@ impl Server {
             usage,
             stats: CheckStats::default(),
             reloads: ReloadStats::default(),
+            lockout: crate::lockout::Lockout::new(lockout),
         });
         let reloader = Arc::new(Reloader::new(
             config.keys.clone(),
@@ -207,7 +215,8 @@ impl Server {
 
         let authz = AuthorizationServer::new(
             AuthzService::new(Arc::clone(&self.shared))
-                .with_decision_log(self.config.decision_log_every),
+                .with_decision_log(self.config.decision_log_every)
+                .with_xff_trusted_hops(self.config.xff_trusted_hops),
         );
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::decide::{
     API_KEY_HEADER, AUTHORIZATION_HEADER, CredentialHeader, Decision, DenyReason, decide, extract,
 };
+use crate::limit::Quota;
 use crate::pb::envoy::config::core::v3::{
     HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
 };
@@ -50,6 +51,8 @@ pub struct Shared {
     pub stats: CheckStats,
     /// Reload counters and the last reload error.
     pub reloads: crate::reload::ReloadStats,
+    /// Brute-force lockout state.
+    pub lockout: crate::lockout::Lockout,
 }
 
 /// The Check service.
@@ -57,6 +60,7 @@ pub struct Shared {
 pub struct AuthzService {
     shared: Arc<Shared>,
     log_every: u64,
+    xff_hops: usize,
 }
 
 /// One decision in how many to log for a sampling fraction (0 for none).
@@ -79,7 +83,15 @@ impl AuthzService {
         AuthzService {
             shared,
             log_every: 0,
+            xff_hops: 0,
         }
+    }
+
+    /// Takes the client address for lockout from the `hops`-th
+    /// `x-forwarded-for` entry from the right (0: the peer address Envoy reports).
+    pub fn with_xff_trusted_hops(mut self, hops: usize) -> AuthzService {
+        self.xff_hops = hops;
+        self
     }
 
     /// Logs one decision in `every` (0: none) to target `keyward::decision`.
@@ -116,7 +128,7 @@ impl AuthzService {
             })
             .unwrap_or("");
         match decision {
-            Decision::Allow(k) => tracing::info!(
+            Decision::Allow { key: k, .. } => tracing::info!(
                 target: "keyward::decision",
                 decision = "allowed",
                 key_id = &*k.id,
@@ -124,7 +136,7 @@ impl AuthzService {
                 state = k.state.as_str(),
                 source,
             ),
-            Decision::Deny { reason, key } => tracing::info!(
+            Decision::Deny { reason, key, .. } => tracing::info!(
                 target: "keyward::decision",
                 decision = "denied",
                 reason = reason.code(),
@@ -147,15 +159,49 @@ impl AuthzService {
             .and_then(|a| a.context_extensions.get(REQUIRED_SCOPES))
             .map_or("", String::as_str);
 
+        let lockout = &self.shared.lockout;
+        let now_ns = u64::try_from(now.as_nanosecond()).unwrap_or(0);
+        let source = || {
+            let peer = attrs
+                .and_then(|a| a.source.as_ref())
+                .and_then(|p| p.address.as_ref())
+                .and_then(|a| a.address.as_ref())
+                .and_then(|a| match a {
+                    crate::pb::envoy::config::core::v3::address::Address::SocketAddress(s) => {
+                        Some(s.address.as_str())
+                    }
+                    crate::pb::envoy::config::core::v3::address::Address::Pipe(_) => None,
+                });
+            crate::lockout::client_address(peer, headers.get("x-forwarded-for"), self.xff_hops)
+        };
+        // A locked-out source is denied before any digest work. While no
+        // source is locked out this is a single atomic load.
+        let locked_for = if lockout.any_locked() {
+            source().and_then(|ip| lockout.locked_for(ip, now_ns))
+        } else {
+            None
+        };
         let cred = extract(
             headers.get(API_KEY_HEADER),
             headers.get(AUTHORIZATION_HEADER),
         );
         let ring = self.shared.ring.load();
-        let decision = match &cred {
-            Ok(c) => decide(&ring, c, now, required),
-            Err(reason) => Decision::deny(*reason),
+        let decision = match (&cred, locked_for) {
+            (_, Some(retry_after)) => Decision::Deny {
+                reason: DenyReason::TooManyFailures,
+                key: None,
+                quota: None,
+                retry_after,
+            },
+            (Ok(c), None) => decide(&ring, c, now, required),
+            (Err(reason), None) => Decision::deny(*reason),
         };
+        if decision.reason().is_some_and(DenyReason::is_failure)
+            && lockout.enabled()
+            && let Some(ip) = source()
+        {
+            lockout.record_failure(ip, now_ns);
+        }
         let now_secs = u64::try_from(now.as_second()).unwrap_or(0);
         self.shared.stats.record(&decision, now_secs);
         self.log_decision(&decision, attrs);
@@ -244,7 +290,7 @@ pub fn respond(
     headers: &Headers<'_>,
 ) -> CheckResponse {
     match decision {
-        Decision::Allow(key) => {
+        Decision::Allow { key, quota } => {
             let overwrite = HeaderAppendAction::OverwriteIfExistsOrAdd;
             let mut headers_to_remove: Vec<String> = Vec::with_capacity(1);
             if let Some(c) = carrier {
@@ -266,6 +312,9 @@ pub fn respond(
                 }
             }
             let mut response_headers_to_add = Vec::new();
+            if let Some(q) = quota {
+                push_quota(&mut response_headers_to_add, q);
+            }
             if let Some(dep) = &key.deprecation_header {
                 response_headers_to_add.push(header("deprecation", dep, overwrite));
                 if let Some(sunset) = &key.sunset_header {
@@ -293,15 +342,44 @@ pub fn respond(
                 dynamic_metadata: Some(Struct { fields: metadata }),
             }
         }
-        Decision::Deny { reason, .. } => denied(*reason),
+        Decision::Deny {
+            reason,
+            quota,
+            retry_after,
+            ..
+        } => denied(*reason, quota.as_ref(), *retry_after),
     }
 }
 
-/// The response for a denial.
-pub fn denied(reason: DenyReason) -> CheckResponse {
+/// The IETF `RateLimit-Policy` and `RateLimit` headers (structured fields,
+/// draft-ietf-httpapi-ratelimit-headers): quota `q` per window `w` seconds,
+/// `r` requests remaining, `t` seconds until the budget is full again.
+fn push_quota(headers: &mut Vec<HeaderValueOption>, q: &Quota) {
+    let overwrite = HeaderAppendAction::OverwriteIfExistsOrAdd;
+    headers.push(header(
+        "ratelimit-policy",
+        &format!("\"key\";q={};w={}", q.limit, q.window_secs),
+        overwrite,
+    ));
+    headers.push(header(
+        "ratelimit",
+        &format!("\"key\";r={};t={}", q.remaining, q.reset_secs),
+        overwrite,
+    ));
+}
+
+/// The response for a denial; `quota` and `retry_after` (seconds, 0 for none)
+/// add the rate-limit headers.
+pub fn denied(reason: DenyReason, quota: Option<&Quota>, retry_after: u64) -> CheckResponse {
     let status = reason.http_status();
     let overwrite = HeaderAppendAction::OverwriteIfExistsOrAdd;
     let mut headers = vec![header("content-type", "application/json", overwrite)];
+    if let Some(q) = quota {
+        push_quota(&mut headers, q);
+    }
+    if retry_after > 0 {
+        headers.push(header("retry-after", &retry_after.to_string(), overwrite));
+    }
     if status == 401 {
         let challenge = if reason == DenyReason::MissingKey {
             r#"Bearer realm="keyward""#
@@ -354,6 +432,7 @@ mod tests {
             usage,
             stats: CheckStats::default(),
             reloads: Default::default(),
+            lockout: Default::default(),
         }))
     }
 
@@ -457,7 +536,7 @@ mod tests {
     #[test]
     fn denials_have_the_contract_shape() {
         for reason in DenyReason::ALL {
-            let resp = denied(reason);
+            let resp = denied(reason, None, 0);
             let Some(HttpResponse::DeniedResponse(d)) = &resp.http_response else {
                 unreachable!()
             };

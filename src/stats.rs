@@ -77,7 +77,7 @@ impl CheckStats {
     #[inline]
     pub fn record(&self, decision: &Decision<'_>, now_secs: u64) {
         match decision {
-            Decision::Allow(key) => {
+            Decision::Allow { key, .. } => {
                 if key.state == KeyState::Deprecated {
                     self.allowed_deprecated.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -85,7 +85,7 @@ impl CheckStats {
                 }
                 key.usage.record_use(now_secs);
             }
-            Decision::Deny { reason, key } => {
+            Decision::Deny { reason, key, .. } => {
                 self.denied[reason.index()].fetch_add(1, Ordering::Relaxed);
                 if let (Some(key), Some(i)) = (key, reason.key_index()) {
                     key.usage.denied[i].fetch_add(1, Ordering::Relaxed);

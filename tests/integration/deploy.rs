@@ -56,3 +56,80 @@ fn the_grafana_dashboard_is_valid_json() {
     let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
     assert!(v["panels"].as_array().is_some_and(|p| !p.is_empty()));
 }
+
+/// Every metric the alert rules and the dashboard use is one keyward exports.
+#[tokio::test]
+async fn rules_and_dashboard_only_use_exported_metrics() {
+    use std::collections::BTreeSet;
+
+    let text = crate::util::sha("s-1");
+    let ring = format!(
+        "[[keys]]\nid = \"a\"\nclient = \"c\"\nsha256 = \"{text}\"\nstate = \"deprecated\"\n\
+         expires_at = 2099-01-01T00:00:00Z\nrate_limit = {{ requests = 1, per = \"1h\" }}\n"
+    );
+    let keys = crate::util::KeyDir::new(&ring);
+    let server = crate::util::Running::start(&keys.path).await;
+    let mut c =
+        keyward::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::connect(
+            server.endpoint(),
+        )
+        .await
+        .unwrap();
+    let req = || keyward::pb::envoy::service::auth::v3::CheckRequest {
+        attributes: Some(keyward::pb::envoy::service::auth::v3::AttributeContext {
+            request: Some(
+                keyward::pb::envoy::service::auth::v3::attribute_context::Request {
+                    http: Some(
+                        keyward::pb::envoy::service::auth::v3::attribute_context::HttpRequest {
+                            headers: [("x-api-key".to_owned(), "s-1".to_owned())].into(),
+                            ..Default::default()
+                        },
+                    ),
+                },
+            ),
+            ..Default::default()
+        }),
+    };
+    c.check(req()).await.unwrap();
+    c.check(req()).await.unwrap(); // rate limited: a per-key denial
+    let mut exported: BTreeSet<String> = reqwest::get(format!("http://{}/metrics", server.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next().map(str::to_owned))
+        .collect();
+    server.stop().await;
+    // A histogram is also known by its family name.
+    let families: Vec<String> = exported
+        .iter()
+        .filter_map(|n| n.strip_suffix("_bucket").map(str::to_owned))
+        .collect();
+    exported.extend(families);
+
+    for file in [
+        "deploy/prometheus/keyward-alerts.yml",
+        "deploy/grafana/keyward-dashboard.json",
+    ] {
+        let text = std::fs::read_to_string(repo().join(file)).unwrap();
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("keyward_") {
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[i + name.len()..];
+            // Rule and alert names such as `keyward_alerts` are not metrics.
+            if name.ends_with('_') || !name.contains("keyward_") {
+                continue;
+            }
+            assert!(
+                exported.contains(&name),
+                "{file} uses {name}, which keyward does not export (exported: {exported:?})"
+            );
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! Integration tests: the real server on port 0, and end to end through a real Envoy.
 
+mod abuse;
 mod deploy;
 mod envoy_e2e;
 mod grpc;

@@ -1,0 +1,360 @@
+//! Brute-force lockout: too many failed checks (unknown or malformed keys)
+//! from one source address within a window lock that source out for a
+//! cool-down, denied with `too_many_failures` before any digest work.
+//!
+//! Two structures, so the success path stays lock-free:
+//!
+//! * the set of **locked** sources is an immutable map behind an `ArcSwap`,
+//!   replaced copy-on-write when a lockout starts or is lifted (rare). Every
+//!   check does one `load`, and nothing more while the map is empty;
+//! * the **failure counters** live in a `DashMap`, touched only by checks that
+//!   already failed. It is bounded: when full, expired windows are swept and,
+//!   if still full, the oldest tenth is evicted.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ahash::AHashMap;
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+
+/// Lockout settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockoutConfig {
+    /// Failures within `window` that trigger a lockout (0 turns lockout off).
+    pub threshold: u32,
+    /// The counting window.
+    pub window: Duration,
+    /// How long a lockout lasts.
+    pub duration: Duration,
+    /// Most sources tracked at once (failure counters and lockouts each).
+    pub max_sources: usize,
+}
+
+impl Default for LockoutConfig {
+    fn default() -> Self {
+        LockoutConfig {
+            threshold: 100,
+            window: Duration::from_secs(60),
+            duration: Duration::from_secs(300),
+            max_sources: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Tracker {
+    window_start_ns: u64,
+    failures: u32,
+}
+
+/// One active lockout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Locked {
+    /// The source.
+    pub source: IpAddr,
+    /// Unix nanoseconds at which it ends.
+    pub until_ns: u64,
+}
+
+fn ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Lockout state for the whole process.
+#[derive(Debug)]
+pub struct Lockout {
+    config: LockoutConfig,
+    failures: DashMap<IpAddr, Tracker, ahash::RandomState>,
+    locked: ArcSwap<AHashMap<IpAddr, u64>>,
+    total: AtomicU64,
+}
+
+impl Default for Lockout {
+    fn default() -> Self {
+        Lockout::new(LockoutConfig::default())
+    }
+}
+
+impl Lockout {
+    /// Lockout with `config`.
+    pub fn new(config: LockoutConfig) -> Lockout {
+        Lockout {
+            config,
+            failures: DashMap::with_hasher(ahash::RandomState::new()),
+            locked: ArcSwap::from_pointee(AHashMap::new()),
+            total: AtomicU64::new(0),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &LockoutConfig {
+        &self.config
+    }
+
+    /// Whether lockout is on.
+    #[inline]
+    pub fn enabled(&self) -> bool {
+        self.config.threshold > 0
+    }
+
+    /// Whether any lockout may be in force (one atomic load; no lock).
+    #[inline]
+    pub fn any_locked(&self) -> bool {
+        self.enabled() && !self.locked.load().is_empty()
+    }
+
+    /// Seconds left on `source`'s lockout, if it is locked out at `now_ns`.
+    #[inline]
+    pub fn locked_for(&self, source: IpAddr, now_ns: u64) -> Option<u64> {
+        let locked = self.locked.load();
+        let until = *locked.get(&source)?;
+        (until > now_ns).then(|| (until - now_ns).div_ceil(1_000_000_000).max(1))
+    }
+
+    /// Counts a failed check from `source`; returns true if it started a lockout.
+    pub fn record_failure(&self, source: IpAddr, now_ns: u64) -> bool {
+        if !self.enabled() {
+            return false;
+        }
+        let window = ns(self.config.window);
+        if !self.failures.contains_key(&source) && self.failures.len() >= self.config.max_sources {
+            self.make_room(now_ns);
+        }
+        let reached = {
+            let mut t = self.failures.entry(source).or_insert(Tracker {
+                window_start_ns: now_ns,
+                failures: 0,
+            });
+            if now_ns.saturating_sub(t.window_start_ns) >= window {
+                *t = Tracker {
+                    window_start_ns: now_ns,
+                    failures: 0,
+                };
+            }
+            t.failures += 1;
+            t.failures >= self.config.threshold
+        };
+        if !reached {
+            return false;
+        }
+        self.failures.remove(&source);
+        let until = now_ns.saturating_add(ns(self.config.duration));
+        let max = self.config.max_sources;
+        self.locked.rcu(|current| {
+            let mut next: AHashMap<IpAddr, u64> = current
+                .iter()
+                .filter(|(_, u)| **u > now_ns)
+                .map(|(k, v)| (*k, *v))
+                .collect();
+            if next.len() >= max
+                && let Some(soonest) = next.iter().min_by_key(|(_, u)| **u).map(|(k, _)| *k)
+            {
+                next.remove(&soonest);
+            }
+            next.insert(source, until);
+            next
+        });
+        self.total.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            target: "keyward::audit",
+            %source,
+            failures = self.config.threshold,
+            window = ?self.config.window,
+            duration = ?self.config.duration,
+            "source locked out after repeated failed checks"
+        );
+        true
+    }
+
+    fn make_room(&self, now_ns: u64) {
+        let window = ns(self.config.window);
+        self.failures
+            .retain(|_, t| now_ns.saturating_sub(t.window_start_ns) < window);
+        if self.failures.len() < self.config.max_sources {
+            return;
+        }
+        let mut ages: Vec<(u64, IpAddr)> = self
+            .failures
+            .iter()
+            .map(|e| (e.value().window_start_ns, *e.key()))
+            .collect();
+        ages.sort_unstable();
+        let evict = (ages.len() / 10).max(1);
+        for (_, ip) in ages.into_iter().take(evict) {
+            self.failures.remove(&ip);
+        }
+    }
+
+    /// Lifts `source`'s lockout (and forgets its failures); true if it was locked.
+    pub fn lift(&self, source: IpAddr) -> bool {
+        self.failures.remove(&source);
+        let was = self.locked.load().contains_key(&source);
+        if was {
+            self.locked.rcu(|current| {
+                let mut next = AHashMap::clone(current);
+                next.remove(&source);
+                next
+            });
+            tracing::info!(target: "keyward::audit", %source, "lockout lifted by an operator");
+        }
+        was
+    }
+
+    /// Lockouts in force at `now_ns`, soonest to end first.
+    pub fn active(&self, now_ns: u64) -> Vec<Locked> {
+        let mut v: Vec<Locked> = self
+            .locked
+            .load()
+            .iter()
+            .filter(|(_, u)| **u > now_ns)
+            .map(|(s, u)| Locked {
+                source: *s,
+                until_ns: *u,
+            })
+            .collect();
+        v.sort_by_key(|l| l.until_ns);
+        v
+    }
+
+    /// Lockouts started since the process began.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Sources with failure counters.
+    pub fn tracked(&self) -> usize {
+        self.failures.len()
+    }
+}
+
+/// The client address of a check: the `hops`-th `x-forwarded-for` entry from
+/// the right when `hops > 0` and the header has that many entries (each
+/// trusted proxy appends the address it saw), else the peer address Envoy
+/// reports. Allocation-free.
+pub fn client_address(peer: Option<&str>, xff: Option<&str>, hops: usize) -> Option<IpAddr> {
+    if hops > 0
+        && let Some(entry) = xff.and_then(|x| x.rsplit(',').nth(hops - 1))
+    {
+        return entry.trim().parse().ok();
+    }
+    peer?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn lockout(threshold: u32, max: usize) -> Lockout {
+        Lockout::new(LockoutConfig {
+            threshold,
+            window: Duration::from_secs(60),
+            duration: Duration::from_secs(300),
+            max_sources: max,
+        })
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn locks_at_the_threshold_and_expires() {
+        let l = lockout(3, 100);
+        let a = ip("192.0.2.1");
+        let t = 1_000 * S;
+        assert!(!l.any_locked());
+        assert!(!l.record_failure(a, t));
+        assert!(!l.record_failure(a, t + S));
+        assert_eq!(l.locked_for(a, t + S), None);
+        assert!(l.record_failure(a, t + 2 * S));
+        assert!(l.any_locked());
+        assert_eq!(l.locked_for(a, t + 2 * S), Some(300));
+        assert_eq!(
+            l.locked_for(ip("192.0.2.2"), t + 2 * S),
+            None,
+            "other sources untouched"
+        );
+        assert_eq!(l.locked_for(a, t + 2 * S + 300 * S), None, "expired");
+        assert_eq!(l.total(), 1);
+        assert_eq!(l.active(t + 3 * S).len(), 1);
+        assert!(l.active(t + 400 * S).is_empty());
+    }
+
+    #[test]
+    fn failures_outside_the_window_do_not_add_up() {
+        let l = lockout(3, 100);
+        let a = ip("2001:db8::1");
+        assert!(!l.record_failure(a, 0));
+        assert!(!l.record_failure(a, 10 * S));
+        assert!(!l.record_failure(a, 70 * S), "window restarted");
+        assert!(!l.record_failure(a, 80 * S));
+        assert!(l.record_failure(a, 90 * S));
+    }
+
+    #[test]
+    fn operators_can_lift_a_lockout() {
+        let l = lockout(1, 100);
+        let a = ip("198.51.100.7");
+        assert!(l.record_failure(a, S));
+        assert!(l.lift(a));
+        assert_eq!(l.locked_for(a, 2 * S), None);
+        assert!(!l.lift(a));
+    }
+
+    #[test]
+    fn zero_threshold_turns_lockout_off() {
+        let l = lockout(0, 100);
+        for i in 0..1000 {
+            assert!(!l.record_failure(ip("192.0.2.9"), i));
+        }
+        assert!(!l.any_locked());
+        assert_eq!(l.tracked(), 0);
+    }
+
+    #[test]
+    fn tracking_stays_bounded_under_a_flood_of_sources() {
+        let l = lockout(5, 1000);
+        for i in 0..50_000u32 {
+            let addr = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            l.record_failure(addr, u64::from(i));
+        }
+        assert!(l.tracked() <= 1000, "{}", l.tracked());
+    }
+
+    #[test]
+    fn client_addresses() {
+        assert_eq!(
+            client_address(Some("10.0.0.5"), None, 0),
+            Some(ip("10.0.0.5"))
+        );
+        let xff = Some("203.0.113.9, 198.51.100.1 ,10.0.0.2");
+        assert_eq!(
+            client_address(Some("10.0.0.5"), xff, 0),
+            Some(ip("10.0.0.5")),
+            "XFF ignored"
+        );
+        assert_eq!(
+            client_address(Some("10.0.0.5"), xff, 1),
+            Some(ip("10.0.0.2"))
+        );
+        assert_eq!(
+            client_address(Some("10.0.0.5"), xff, 2),
+            Some(ip("198.51.100.1"))
+        );
+        assert_eq!(
+            client_address(Some("10.0.0.5"), xff, 3),
+            Some(ip("203.0.113.9"))
+        );
+        assert_eq!(
+            client_address(Some("10.0.0.5"), xff, 4),
+            Some(ip("10.0.0.5")),
+            "too few entries"
+        );
+        assert_eq!(client_address(Some("/run/envoy.sock"), None, 0), None);
+        assert_eq!(client_address(None, Some("garbage"), 1), None);
+    }
+}
