@@ -37,7 +37,10 @@ fn file_with_limit(n: usize, rate_limit: Option<RateLimitSpec>) -> KeyFile {
             line: i + 1,
         })
         .collect();
-    KeyFile { keys }
+    KeyFile {
+        keys,
+        routes: Vec::new(),
+    }
 }
 
 fn source() -> RingSource {

@@ -101,6 +101,22 @@ pub struct KeySpec {
 pub struct KeyFile {
     /// The keys, in file order.
     pub keys: Vec<KeySpec>,
+    /// Route rules, in file order (used when Envoy sends no `required_scopes`).
+    pub routes: Vec<RouteSpec>,
+}
+
+/// One validated `[[routes]]` entry: the scopes a request needs when Envoy
+/// passes no per-route `required_scopes` (as under Istio, which cannot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSpec {
+    /// Matches paths starting with this (the query string is ignored).
+    pub path_prefix: String,
+    /// Matches only these methods (upper case); empty matches every method.
+    pub methods: Vec<String>,
+    /// Scopes the key must have (all of them).
+    pub required_scopes: Vec<String>,
+    /// 1-based line of the entry's `[[routes]]` header.
+    pub line: usize,
 }
 
 /// One problem found in a key file.
@@ -218,7 +234,7 @@ pub fn parse_str(text: &str, opts: ParseOptions) -> Result<KeyFile, Vec<Diagnost
         text,
         diags: Vec::new(),
     };
-    let keys = v.document(doc.as_table());
+    let (keys, routes) = v.document(doc.as_table());
     if keys.is_empty() && v.diags.is_empty() && !opts.allow_empty {
         v.diags.push(Diagnostic {
             line: 1,
@@ -229,7 +245,7 @@ pub fn parse_str(text: &str, opts: ParseOptions) -> Result<KeyFile, Vec<Diagnost
         });
     }
     if v.diags.is_empty() {
-        Ok(KeyFile { keys })
+        Ok(KeyFile { keys, routes })
     } else {
         v.diags.sort_by_key(|d| (d.line, d.column));
         Err(v.diags)
@@ -313,8 +329,9 @@ impl Validator<'_> {
         });
     }
 
-    fn document(&mut self, root: &Table) -> Vec<KeySpec> {
+    fn document(&mut self, root: &Table) -> (Vec<KeySpec>, Vec<RouteSpec>) {
         let mut keys = Vec::new();
+        let mut routes = Vec::new();
         for (name, item) in root.iter() {
             let key_span = root.key(name).and_then(|k| k.span());
             match name {
@@ -332,14 +349,98 @@ impl Validator<'_> {
                         "`keys` must be an array of tables, written as [[keys]] sections",
                     ),
                 },
+                "routes" => match item {
+                    Item::ArrayOfTables(aot) => {
+                        for table in aot.iter() {
+                            if let Some(r) = self.route_table(table) {
+                                routes.push(r);
+                            }
+                        }
+                    }
+                    Item::Value(Value::Array(a)) if a.is_empty() => {}
+                    _ => self.at(
+                        key_span,
+                        "`routes` must be an array of tables, written as [[routes]] sections",
+                    ),
+                },
                 other => self.at(
                     key_span,
-                    format!("unknown top-level field `{other}` (expected [[keys]])"),
+                    format!("unknown top-level field `{other}` (expected [[keys]] or [[routes]])"),
                 ),
             }
         }
         self.cross_checks(&keys);
-        keys
+        (keys, routes)
+    }
+
+    fn route_table(&mut self, t: &Table) -> Option<RouteSpec> {
+        const FIELDS: &[&str] = &["path_prefix", "methods", "required_scopes"];
+        let before = self.diags.len();
+        for (name, _) in t.iter() {
+            if !FIELDS.contains(&name) {
+                let hint = suggest(name, FIELDS)
+                    .map(|s| format!(" (did you mean `{s}`?)"))
+                    .unwrap_or_default();
+                self.at(
+                    t.key(name).and_then(|k| k.span()),
+                    format!("unknown field `{name}` in [[routes]]{hint}"),
+                );
+            }
+        }
+        let prefix = match t.get("path_prefix") {
+            None => {
+                self.at(t.span(), "missing required field `path_prefix` in [[routes]]");
+                None
+            }
+            Some(item) => match item.as_str() {
+                Some(p) if p.starts_with('/') && !p.contains(['?', '#']) => Some(p.to_owned()),
+                _ => {
+                    self.at(
+                        item.span(),
+                        "`path_prefix` must be a string starting with / (without query or fragment)",
+                    );
+                    None
+                }
+            },
+        };
+        let mut strings = |field: &str, valid: &dyn Fn(&str) -> bool, what: &str| -> Option<Vec<String>> {
+            let Some(item) = t.get(field) else {
+                return Some(Vec::new());
+            };
+            let Some(array) = item.as_array() else {
+                self.at(item.span(), format!("`{field}` must be an array of strings"));
+                return None;
+            };
+            let mut out = Vec::new();
+            for v in array.iter() {
+                match v.as_str() {
+                    Some(s) if valid(s) => out.push(s.to_owned()),
+                    _ => self.at(v.span(), format!("invalid {what} in `{field}`")),
+                }
+            }
+            Some(out)
+        };
+        let methods = strings(
+            "methods",
+            &|m| !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()),
+            "method (use upper case, e.g. \"GET\")",
+        );
+        let scopes = strings("required_scopes", &is_scope, "scope");
+        if t.get("required_scopes").is_none() {
+            self.at(
+                t.span(),
+                "missing required field `required_scopes` in [[routes]] (use [] for a route that needs only a valid key)",
+            );
+        }
+        if self.diags.len() != before {
+            return None;
+        }
+        Some(RouteSpec {
+            path_prefix: prefix?,
+            methods: methods?,
+            required_scopes: scopes?,
+            line: position(self.text, t.span().map_or(0, |s| s.start)).0,
+        })
     }
 
     fn key_table(&mut self, t: &Table) -> Option<KeySpec> {
@@ -751,7 +852,7 @@ rate_limit = {{ requests = 100, per = "1s", burst = 200 }}
         let text = format!("kyes = 1\n[[keys]]\nid = \"a\"\nclient = \"c\"\nsha256 = \"{D1}\"\n");
         assert_eq!(
             errors(&text),
-            vec!["1:1: unknown top-level field `kyes` (expected [[keys]])"]
+            vec!["1:1: unknown top-level field `kyes` (expected [[keys]] or [[routes]])"]
         );
     }
 
@@ -840,6 +941,54 @@ deprecated_at = 2026-01-01
             let ok = parse_str(text, ParseOptions { allow_empty: true }).unwrap();
             assert!(ok.keys.is_empty());
         }
+    }
+
+    #[test]
+    fn route_rules_are_validated() {
+        let text = format!(
+            r#"[[keys]]
+id = "a"
+client = "c"
+sha256 = "{D1}"
+
+[[routes]]
+path_prefix = "/trade"
+methods = ["POST"]
+required_scopes = ["trade"]
+
+[[routes]]
+path_prefix = "trade"
+methods = ["post"]
+required_scopes = ["a b"]
+scope = "x"
+
+[[routes]]
+path_prefix = "/x"
+"#
+        );
+        let e = errors(&text);
+        let expected = [
+            "12:15: `path_prefix` must be a string starting with /",
+            "13:12: invalid method",
+            "14:20: invalid scope in `required_scopes`",
+            "15:1: unknown field `scope` in [[routes]]",
+            "17:1: missing required field `required_scopes` in [[routes]]",
+        ];
+        assert_eq!(e.len(), expected.len(), "{e:#?}");
+        for (want, got) in expected.iter().zip(&e) {
+            assert!(got.starts_with(want), "want {want:?}\n got {got:?}");
+        }
+        let ok = text.split("[[routes]]\npath_prefix = \"trade\"").next().unwrap();
+        let file = parse_str(ok, ParseOptions::default()).unwrap();
+        assert_eq!(
+            file.routes,
+            vec![RouteSpec {
+                path_prefix: "/trade".into(),
+                methods: vec!["POST".into()],
+                required_scopes: vec!["trade".into()],
+                line: 6,
+            }]
+        );
     }
 
     #[test]

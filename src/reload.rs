@@ -224,6 +224,7 @@ impl Reloader {
         };
         let ring = KeyRing::build(&file, source, &self.shared.usage, Some(&current));
         let diff = Diff::between(&current, &ring);
+        let routes_changed = current.routes() != ring.routes();
         let keys = ring.len();
         let old = self.shared.ring.publish(ring);
         self.shared.usage.retain_ring(&self.shared.ring.load());
@@ -239,6 +240,7 @@ impl Reloader {
             added = ?diff.added,
             removed = ?diff.removed,
             changed = ?diff.changed,
+            routes_changed,
             "key ring published"
         );
         Outcome::Published {

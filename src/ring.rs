@@ -200,7 +200,19 @@ pub struct KeyRing {
     entries: Box<[KeyEntry]>,
     by_digest: HashMap<DigestKey, u32, BuildHasherDefault<PassThrough>>,
     by_id: ahash::AHashMap<Arc<str>, u32>,
+    routes: Box<[Route]>,
     source: RingSource,
+}
+
+/// A route rule: the scopes required for requests under a path prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Path prefix.
+    pub prefix: Box<str>,
+    /// Methods matched (empty: all).
+    pub methods: Box<[Box<str>]>,
+    /// Required scopes joined by spaces (the form `has_scopes` takes).
+    pub scopes: Box<str>,
 }
 
 impl std::fmt::Debug for DigestKey {
@@ -243,12 +255,47 @@ impl KeyRing {
             by_id.insert(Arc::clone(&entry.id), index);
             entries.push(entry);
         }
+        // Longest prefix first, so the most specific rule wins; file order
+        // breaks ties (the sort is stable).
+        let mut routes: Vec<Route> = file
+            .routes
+            .iter()
+            .map(|r| Route {
+                prefix: r.path_prefix.as_str().into(),
+                methods: r.methods.iter().map(|m| m.as_str().into()).collect(),
+                scopes: r.required_scopes.join(" ").into_boxed_str(),
+            })
+            .collect();
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         KeyRing {
             entries: entries.into_boxed_slice(),
             by_digest,
             by_id,
+            routes: routes.into_boxed_slice(),
             source,
         }
+    }
+
+    /// The scopes the route rules require for `method` and `path` (the query
+    /// string is ignored), or `None` when no rule matches.
+    #[inline]
+    pub fn route_scopes(&self, method: &str, path: &str) -> Option<&str> {
+        if self.routes.is_empty() {
+            return None;
+        }
+        let path = path.split(['?', '#']).next().unwrap_or(path);
+        self.routes
+            .iter()
+            .find(|r| {
+                path.starts_with(&*r.prefix)
+                    && (r.methods.is_empty() || r.methods.iter().any(|m| **m == *method))
+            })
+            .map(|r| &*r.scopes)
+    }
+
+    /// The route rules, most specific first.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
     }
 
     /// An empty ring (used before the first load in tests).
@@ -257,6 +304,7 @@ impl KeyRing {
             entries: Box::new([]),
             by_digest: HashMap::default(),
             by_id: ahash::AHashMap::new(),
+            routes: Box::new([]),
             source,
         }
     }
@@ -498,6 +546,37 @@ expires_at = 2027-02-27T00:00:00Z
         assert_eq!(held.source().generation, 0);
         assert_eq!(reader.load().source().generation, 1);
         assert_eq!(reader.load().len(), 2);
+    }
+
+    #[test]
+    fn route_rules_pick_the_most_specific_prefix() {
+        let text = two_keys()
+            + r#"
+[[routes]]
+path_prefix = "/"
+required_scopes = ["read"]
+
+[[routes]]
+path_prefix = "/trade"
+methods = ["POST", "DELETE"]
+required_scopes = ["trade"]
+
+[[routes]]
+path_prefix = "/trade/admin"
+required_scopes = ["trade", "admin"]
+
+[[routes]]
+path_prefix = "/public"
+required_scopes = []
+"#;
+        let ring = KeyRing::build(&file(&text), source(1), &UsageRegistry::default(), None);
+        assert_eq!(ring.route_scopes("GET", "/prices"), Some("read"));
+        assert_eq!(ring.route_scopes("POST", "/trade/orders?x=1"), Some("trade"));
+        assert_eq!(ring.route_scopes("GET", "/trade/orders"), Some("read"), "method not listed");
+        assert_eq!(ring.route_scopes("GET", "/trade/admin/x"), Some("trade admin"));
+        assert_eq!(ring.route_scopes("GET", "/public/x"), Some(""));
+        let no_routes = KeyRing::build(&file(&two_keys()), source(1), &UsageRegistry::default(), None);
+        assert_eq!(no_routes.route_scopes("GET", "/"), None);
     }
 
     #[test]

@@ -155,9 +155,6 @@ impl AuthzService {
             .and_then(|a| a.request.as_ref())
             .and_then(|r| r.http.as_ref());
         let headers = Headers(http);
-        let required = attrs
-            .and_then(|a| a.context_extensions.get(REQUIRED_SCOPES))
-            .map_or("", String::as_str);
 
         let lockout = &self.shared.lockout;
         let now_ns = u64::try_from(now.as_nanosecond()).unwrap_or(0);
@@ -186,6 +183,14 @@ impl AuthzService {
             headers.get(AUTHORIZATION_HEADER),
         );
         let ring = self.shared.ring.load();
+        // Envoy's per-route `required_scopes` wins; the key file's route rules
+        // apply when Envoy sends none (Istio cannot send any).
+        let required = match attrs.and_then(|a| a.context_extensions.get(REQUIRED_SCOPES)) {
+            Some(s) => s.as_str(),
+            None => http
+                .and_then(|h| ring.route_scopes(&h.method, &h.path))
+                .unwrap_or(""),
+        };
         let decision = match (&cred, locked_for) {
             (_, Some(retry_after)) => Decision::Deny {
                 reason: DenyReason::TooManyFailures,
