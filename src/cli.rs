@@ -172,6 +172,26 @@ pub struct ServeArgs {
     /// address Envoy reports.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub xff_trusted_hops: usize,
+    /// Serve gRPC over TLS with this PEM certificate chain (reloaded when it changes).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates chaining to this PEM CA bundle (mutual TLS).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+    /// Permissions of the socket for --listen unix:PATH (octal). The default
+    /// lets the owner and group connect: run Envoy in keyward's group.
+    #[arg(long, value_name = "MODE", default_value = "660", value_parser = parse_mode)]
+    pub socket_mode: u32,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal file mode such as 660"))
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -399,7 +419,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let grpc = bind_grpc(&args.listen).await?;
+        let mut grpc = bind_grpc(&args.listen, args.socket_mode).await?;
+        if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+            let GrpcListener::Tcp(l) = grpc else {
+                anyhow::bail!("TLS needs a TCP --listen address, not a Unix socket");
+            };
+            let files = crate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.client_ca.clone(),
+            };
+            let tls = crate::tls::TlsReloader::new(files)
+                .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;
+            grpc = GrpcListener::Tls(l, std::sync::Arc::new(tls));
+        }
         let admin = tokio::net::TcpListener::bind(&args.admin)
             .await
             .with_context(|| format!("cannot bind the admin listener on {}", args.admin))?;
@@ -407,7 +440,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-async fn bind_grpc(addr: &str) -> anyhow::Result<GrpcListener> {
+async fn bind_grpc(addr: &str, socket_mode: u32) -> anyhow::Result<GrpcListener> {
     if let Some(path) = addr.strip_prefix("unix:") {
         // A stale socket from a previous run would make bind fail.
         match std::fs::remove_file(path) {
@@ -417,6 +450,12 @@ async fn bind_grpc(addr: &str) -> anyhow::Result<GrpcListener> {
         }
         let l = tokio::net::UnixListener::bind(path)
             .with_context(|| format!("cannot bind the gRPC listener on unix:{path}"))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(socket_mode))
+                .with_context(|| format!("cannot set the permissions of unix:{path}"))?;
+        }
         return Ok(GrpcListener::Unix(l));
     }
     let l = tokio::net::TcpListener::bind(addr)

@@ -389,7 +389,10 @@ impl Validator<'_> {
         }
         let prefix = match t.get("path_prefix") {
             None => {
-                self.at(t.span(), "missing required field `path_prefix` in [[routes]]");
+                self.at(
+                    t.span(),
+                    "missing required field `path_prefix` in [[routes]]",
+                );
                 None
             }
             Some(item) => match item.as_str() {
@@ -403,23 +406,27 @@ impl Validator<'_> {
                 }
             },
         };
-        let mut strings = |field: &str, valid: &dyn Fn(&str) -> bool, what: &str| -> Option<Vec<String>> {
-            let Some(item) = t.get(field) else {
-                return Some(Vec::new());
-            };
-            let Some(array) = item.as_array() else {
-                self.at(item.span(), format!("`{field}` must be an array of strings"));
-                return None;
-            };
-            let mut out = Vec::new();
-            for v in array.iter() {
-                match v.as_str() {
-                    Some(s) if valid(s) => out.push(s.to_owned()),
-                    _ => self.at(v.span(), format!("invalid {what} in `{field}`")),
+        let mut strings =
+            |field: &str, valid: &dyn Fn(&str) -> bool, what: &str| -> Option<Vec<String>> {
+                let Some(item) = t.get(field) else {
+                    return Some(Vec::new());
+                };
+                let Some(array) = item.as_array() else {
+                    self.at(
+                        item.span(),
+                        format!("`{field}` must be an array of strings"),
+                    );
+                    return None;
+                };
+                let mut out = Vec::new();
+                for v in array.iter() {
+                    match v.as_str() {
+                        Some(s) if valid(s) => out.push(s.to_owned()),
+                        _ => self.at(v.span(), format!("invalid {what} in `{field}`")),
+                    }
                 }
-            }
-            Some(out)
-        };
+                Some(out)
+            };
         let methods = strings(
             "methods",
             &|m| !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()),
@@ -978,7 +985,10 @@ path_prefix = "/x"
         for (want, got) in expected.iter().zip(&e) {
             assert!(got.starts_with(want), "want {want:?}\n got {got:?}");
         }
-        let ok = text.split("[[routes]]\npath_prefix = \"trade\"").next().unwrap();
+        let ok = text
+            .split("[[routes]]\npath_prefix = \"trade\"")
+            .next()
+            .unwrap();
         let file = parse_str(ok, ParseOptions::default()).unwrap();
         assert_eq!(
             file.routes,

@@ -22,6 +22,7 @@
 //! - [`keys`]: `keyward keys …`, the key lifecycle commands.
 //! - [`edit`]: safe edits of the key file (lock, validate, history, atomic replace).
 //! - [`status`]: `keyward status`, per-key usage and retirement verdicts.
+//! - [`tls`]: TLS and mutual TLS on the gRPC listener, hot-reloaded.
 //! - [`cli`]: the `keyward` command line.
 //! - [`pb`]: generated protobuf code for the ext_authz API.
 
@@ -42,3 +43,4 @@ pub mod server;
 pub mod service;
 pub mod stats;
 pub mod status;
+pub mod tls;

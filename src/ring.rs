@@ -571,11 +571,26 @@ required_scopes = []
 "#;
         let ring = KeyRing::build(&file(&text), source(1), &UsageRegistry::default(), None);
         assert_eq!(ring.route_scopes("GET", "/prices"), Some("read"));
-        assert_eq!(ring.route_scopes("POST", "/trade/orders?x=1"), Some("trade"));
-        assert_eq!(ring.route_scopes("GET", "/trade/orders"), Some("read"), "method not listed");
-        assert_eq!(ring.route_scopes("GET", "/trade/admin/x"), Some("trade admin"));
+        assert_eq!(
+            ring.route_scopes("POST", "/trade/orders?x=1"),
+            Some("trade")
+        );
+        assert_eq!(
+            ring.route_scopes("GET", "/trade/orders"),
+            Some("read"),
+            "method not listed"
+        );
+        assert_eq!(
+            ring.route_scopes("GET", "/trade/admin/x"),
+            Some("trade admin")
+        );
         assert_eq!(ring.route_scopes("GET", "/public/x"), Some(""));
-        let no_routes = KeyRing::build(&file(&two_keys()), source(1), &UsageRegistry::default(), None);
+        let no_routes = KeyRing::build(
+            &file(&two_keys()),
+            source(1),
+            &UsageRegistry::default(),
+            None,
+        );
         assert_eq!(no_routes.route_scopes("GET", "/"), None);
     }
 

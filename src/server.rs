@@ -86,6 +86,8 @@ pub enum GrpcListener {
     Tcp(TcpListener),
     /// A Unix domain socket.
     Unix(UnixListener),
+    /// A TCP socket speaking TLS (mutual TLS when the files name a client CA).
+    Tls(TcpListener, Arc<crate::tls::TlsReloader>),
 }
 
 /// A loaded, ready-to-run sidecar.
@@ -249,6 +251,10 @@ impl Server {
                 .ok()
                 .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
                 .unwrap_or_default(),
+            GrpcListener::Tls(l, _) => l
+                .local_addr()
+                .map(|a| format!("{a} (TLS)"))
+                .unwrap_or_default(),
         };
         tracing::info!(
             grpc = %grpc_addr,
@@ -277,6 +283,13 @@ impl Server {
             }
             GrpcListener::Unix(l) => {
                 Box::pin(router.serve_with_incoming_shutdown(UnixListenerStream::new(l), signal))
+            }
+            GrpcListener::Tls(l, tls) => {
+                tokio::spawn(Arc::clone(&tls).follow(
+                    self.config.poll_interval.unwrap_or(DEFAULT_POLL_INTERVAL),
+                    stop_rx.clone(),
+                ));
+                Box::pin(router.serve_with_incoming_shutdown(crate::tls::incoming(l, tls), signal))
             }
         };
 

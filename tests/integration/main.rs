@@ -2,6 +2,7 @@
 
 mod abuse;
 mod deploy;
+mod deployment;
 mod envoy_e2e;
 mod grpc;
 mod keys_cli;

@@ -146,17 +146,24 @@ impl Running {
     }
 
     pub async fn start_with(config: Config) -> Running {
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Running::start_on(config, GrpcListener::Tcp(grpc)).await
+    }
+
+    /// Serves gRPC on `listener` (TCP, Unix socket or TLS).
+    pub async fn start_on(config: Config, listener: GrpcListener) -> Running {
         let server = Server::load(config).expect("key file loads");
         let shared = server.shared();
-        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc_addr = match &listener {
+            GrpcListener::Tcp(l) | GrpcListener::Tls(l, _) => l.local_addr().unwrap(),
+            GrpcListener::Unix(_) => "0.0.0.0:0".parse().unwrap(),
+        };
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (grpc_addr, admin_addr) = (grpc.local_addr().unwrap(), admin.local_addr().unwrap());
+        let admin_addr = admin.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(
-            server.run(GrpcListener::Tcp(grpc), Some(admin), async move {
-                let _ = stopped.await;
-            }),
-        );
+        let task = tokio::spawn(server.run(listener, Some(admin), async move {
+            let _ = stopped.await;
+        }));
         Running {
             grpc: grpc_addr,
             admin: admin_addr,
@@ -314,6 +321,20 @@ impl Envoy {
         };
         envoy.admin = admin;
         let client = reqwest::Client::new();
+        // Listeners accept only once Envoy has initialised (clusters with
+        // active health checks wait for their first round).
+        eventually(Duration::from_secs(30), "envoy to be LIVE", || {
+            let client = client.clone();
+            async move {
+                let r = client
+                    .get(format!("http://{admin}/ready"))
+                    .send()
+                    .await
+                    .ok()?;
+                (r.status() == 200).then_some(())
+            }
+        })
+        .await;
         envoy.port = eventually(Duration::from_secs(30), "envoy listener", || {
             let client = client.clone();
             async move {
@@ -396,9 +417,15 @@ impl CaptureServer {
                             async move {
                                 let path = req.uri().path().to_owned();
                                 let body = req.into_body().collect().await?.to_bytes();
-                                if body.len() >= 5 {
-                                    let _ = tx.send((path, body[5..].to_vec()));
-                                }
+                                // Envoy's active health check: answer SERVING.
+                                let framed = if path == "/grpc.health.v1.Health/Check" {
+                                    Bytes::from_static(&[0, 0, 0, 0, 2, 0x08, 0x01])
+                                } else {
+                                    if body.len() >= 5 {
+                                        let _ = tx.send((path, body[5..].to_vec()));
+                                    }
+                                    framed
+                                };
                                 let mut trailers = hyper::HeaderMap::new();
                                 trailers.insert(
                                     "grpc-status",
