@@ -49,7 +49,6 @@ async fn every_decision_through_envoy() {
 /// access log, through an Envoy running one of the shipped bootstraps in
 /// front of keyward serving `standard_ring()`.
 pub async fn decision_suite(envoy: &Envoy) {
-    let envoy = envoy;
     let long = "k".repeat(513);
     type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16, &'a str);
     let denials: Vec<Case> = vec![
@@ -119,7 +118,7 @@ pub async fn decision_suite(envoy: &Envoy) {
         ),
     ];
     for (path, headers, status, error) in denials {
-        let r = get(&envoy, path, &headers).await;
+        let r = get(envoy, path, &headers).await;
         assert_eq!(r.status, status, "{error}: {}", r.body);
         assert_eq!(r.json(), serde_json::json!({ "error": error }));
         assert_eq!(r.headers["content-type"], "application/json", "{error}");
@@ -134,7 +133,7 @@ pub async fn decision_suite(envoy: &Envoy) {
     // Allowed: the upstream sees keyward's identity headers, never the key,
     // and never a client's attempt to set x-keyward-* itself.
     let r = get(
-        &envoy,
+        envoy,
         "/trade/orders",
         &[
             ("x-api-key", Secrets::ACTIVE),
@@ -167,7 +166,7 @@ pub async fn decision_suite(envoy: &Envoy) {
 
     // Bearer credentials are stripped too.
     let bearer = format!("Bearer {}", Secrets::READER);
-    let r = get(&envoy, "/v1/prices", &[("authorization", bearer.as_str())]).await;
+    let r = get(envoy, "/v1/prices", &[("authorization", bearer.as_str())]).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(
         r.upstream_header("x-keyward-client").as_deref(),
@@ -177,7 +176,7 @@ pub async fn decision_suite(envoy: &Envoy) {
 
     // A deprecated key works and the client is told, in-band, to switch.
     let r = get(
-        &envoy,
+        envoy,
         "/trade/orders",
         &[("x-api-key", Secrets::DEPRECATED)],
     )
@@ -196,7 +195,7 @@ pub async fn decision_suite(envoy: &Envoy) {
     assert!(sunset.ends_with(" GMT"), "{sunset}");
 
     // The health route needs no key.
-    let r = get(&envoy, "/healthz", &[]).await;
+    let r = get(envoy, "/healthz", &[]).await;
     assert_eq!(r.status, 200);
 
     // The access log carries keyward's dynamic metadata.
