@@ -26,6 +26,16 @@ pub enum Command {
     /// Manage the keys in a key file.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Probe a running server's admin endpoint (for exec probes in images
+    /// without curl): exits 0 if it answers 200.
+    Probe {
+        /// The server's admin address.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9911")]
+        admin: String,
+        /// `readyz` or `healthz`.
+        #[arg(value_parser = ["readyz", "healthz"], default_value = "readyz")]
+        endpoint: String,
+    },
     /// Show per-key usage from a running server and which old keys are safe to retire.
     Status {
         /// The server's admin address.
@@ -210,6 +220,32 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Keys(cmd) => keys_command(cmd),
+        Command::Probe { admin, endpoint } => {
+            let url = format!("http://{admin}/{endpoint}");
+            let answer = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| {
+                    rt.block_on(async {
+                        let client = reqwest::Client::builder()
+                            .timeout(Duration::from_secs(2))
+                            .build()?;
+                        Ok(client.get(&url).send().await?.status())
+                    })
+                });
+            match answer {
+                Ok(s) if s.is_success() => ExitCode::SUCCESS,
+                Ok(s) => {
+                    eprintln!("keyward: {url} answered {s}");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("keyward: {url}: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Status { admin, idle } => {
             let report = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -133,3 +133,132 @@ async fn rules_and_dashboard_only_use_exported_metrics() {
         }
     }
 }
+
+fn yaml_docs(dir: &str) -> Vec<(String, yaml_rust2::Yaml)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(repo().join(dir)).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            !text.contains("subPath:"),
+            "{}: a subPath mount never sees Secret updates",
+            path.display()
+        );
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        for doc in
+            yaml_rust2::YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"))
+        {
+            out.push((name.clone(), doc));
+        }
+    }
+    out
+}
+
+/// The Kubernetes and Istio manifests parse, and keyward's container is
+/// locked down and probed the way the docs say.
+#[test]
+fn kubernetes_and_istio_manifests_are_sound() {
+    let mut keyward_containers = 0;
+    let mut docs = yaml_docs("deploy/kubernetes");
+    docs.extend(yaml_docs("deploy/istio"));
+    for (name, doc) in &docs {
+        if doc["kind"].as_str() != Some("Deployment") {
+            continue;
+        }
+        let pod = &doc["spec"]["template"]["spec"];
+        assert_eq!(
+            pod["securityContext"]["runAsNonRoot"].as_bool(),
+            Some(true),
+            "{name}"
+        );
+        for c in pod["containers"].as_vec().unwrap() {
+            if c["name"].as_str() != Some("keyward") {
+                continue;
+            }
+            keyward_containers += 1;
+            let sc = &c["securityContext"];
+            assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true), "{name}");
+            assert_eq!(
+                sc["allowPrivilegeEscalation"].as_bool(),
+                Some(false),
+                "{name}"
+            );
+            assert!(
+                !c["readinessProbe"].is_badvalue(),
+                "{name}: readiness probe"
+            );
+            assert!(!c["livenessProbe"].is_badvalue(), "{name}: liveness probe");
+            assert!(
+                !c["resources"]["requests"].is_badvalue(),
+                "{name}: resource requests"
+            );
+            let args: Vec<&str> = c["args"]
+                .as_vec()
+                .unwrap()
+                .iter()
+                .filter_map(|a| a.as_str())
+                .collect();
+            assert!(
+                args.iter()
+                    .any(|a| a.starts_with("--keys=/etc/keyward/keys/")),
+                "{name}: {args:?}"
+            );
+            assert!(
+                args.contains(&"--admin=127.0.0.1:9911"),
+                "{name}: admin stays on loopback"
+            );
+        }
+    }
+    assert_eq!(
+        keyward_containers, 2,
+        "the sidecar and the shared-service deployments"
+    );
+    let policy = docs
+        .iter()
+        .find(|(_, d)| d["kind"].as_str() == Some("AuthorizationPolicy"))
+        .expect("an AuthorizationPolicy");
+    assert_eq!(policy.1["spec"]["action"].as_str(), Some("CUSTOM"));
+    assert_eq!(
+        policy.1["spec"]["provider"]["name"].as_str(),
+        Some("keyward")
+    );
+    let mesh = docs
+        .iter()
+        .find(|(n, _)| n == "mesh-config.yaml")
+        .expect("mesh config");
+    let provider = &mesh.1["extensionProviders"][0];
+    assert_eq!(provider["name"].as_str(), Some("keyward"));
+    assert_eq!(
+        provider["envoyExtAuthzGrpc"]["failOpen"].as_bool(),
+        Some(false)
+    );
+}
+
+/// `keyward probe` is what the exec probes run.
+#[tokio::test]
+async fn probe_command_reports_readiness() {
+    let keys = crate::util::KeyDir::new(&crate::util::standard_ring());
+    let server = crate::util::Running::start(&keys.path).await;
+    let admin = server.admin.to_string();
+    let ok = tokio::task::spawn_blocking(move || {
+        let run = |args: &[&str]| {
+            Command::new(env!("CARGO_BIN_EXE_keyward"))
+                .args(args)
+                .status()
+                .unwrap()
+                .success()
+        };
+        (
+            run(&["probe", "--admin", &admin, "readyz"]),
+            run(&["probe", "--admin", &admin, "healthz"]),
+            run(&["probe", "--admin", "127.0.0.1:1", "readyz"]),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(ok, (true, true, false));
+    server.stop().await;
+}

@@ -1,0 +1,17 @@
+# Multi-stage build of keyward: a static-enough binary on a distroless,
+# non-root base image.
+#
+#   docker build -t keyward:0.1.0 .
+#   docker run --rm -v "$PWD/examples:/etc/keyward/keys:ro" -p 50051:50051 keyward:0.1.0 \
+#       serve --keys /etc/keyward/keys/keys.toml --listen 0.0.0.0:50051
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin keyward \
+ && strip target/release/keyward
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/keyward /usr/local/bin/keyward
+USER nonroot:nonroot
+ENTRYPOINT ["/usr/local/bin/keyward"]
+CMD ["serve", "--keys", "/etc/keyward/keys/keys.toml", "--listen", "unix:/run/keyward/keyward.sock"]
