@@ -187,12 +187,46 @@ pub struct ParseOptions {
 
 /// Reads and validates the key file at `path`.
 pub fn load(path: &Path, opts: ParseOptions) -> Result<(KeyFile, Vec<u8>), KeyFileError> {
-    let bytes = std::fs::read(path).map_err(|source| KeyFileError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
+    let bytes = read(path)?;
     let file = parse_bytes(path, &bytes, opts)?;
     Ok((file, bytes))
+}
+
+/// Largest key file read (a million keys take about 150 MB).
+pub const MAX_FILE_BYTES: u64 = 512 * 1024 * 1024;
+
+/// Reads a key file: a regular file (symlinks followed) of at most
+/// [`MAX_FILE_BYTES`], so a FIFO, a device or a runaway file can neither
+/// block the reloader nor exhaust memory.
+pub fn read(path: &Path) -> Result<Vec<u8>, KeyFileError> {
+    use std::io::Read as _;
+    let io = |source| KeyFileError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} bytes is larger than the {} byte limit", meta.len(), MAX_FILE_BYTES),
+        )));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the file grew past the size limit while being read",
+        )));
+    }
+    Ok(bytes)
 }
 
 /// Validates key file contents; `path` is used only in messages.

@@ -25,7 +25,7 @@ use jiff::Timestamp;
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::Notify;
 
-use crate::keyfile::{self, KeyFileError, ParseOptions};
+use crate::keyfile::{self, ParseOptions};
 use crate::ring::{Digest, KeyEntry, KeyRing, RingSource};
 use crate::service::Shared;
 
@@ -185,13 +185,9 @@ impl Reloader {
     pub fn reload(&self, trigger: Trigger) -> Outcome {
         let mut memory = self.memory();
         memory.stamp = stamp(&self.path);
-        let bytes = match std::fs::read(&self.path) {
+        let bytes = match keyfile::read(&self.path) {
             Ok(b) => b,
-            Err(source) => {
-                let err = KeyFileError::Io {
-                    path: self.path.clone(),
-                    source,
-                };
+            Err(err) => {
                 memory.failed_digest = None;
                 return self.fail(trigger, err.to_string());
             }
