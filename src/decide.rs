@@ -524,3 +524,79 @@ mod tests {
         assert!(!format!("{c:?}").contains("supersecret"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::keyfile::{KeyFile, KeySpec};
+    use crate::ring::{RingSource, UsageRegistry};
+    use proptest::prelude::*;
+
+    const SCOPES: [&str; 4] = ["read", "trade", "admin", "withdraw"];
+
+    fn state() -> impl Strategy<Value = KeyState> {
+        prop_oneof![
+            Just(KeyState::Active),
+            Just(KeyState::Deprecated),
+            Just(KeyState::Revoked)
+        ]
+    }
+
+    proptest! {
+        /// Whatever else is true, a revoked, expired, not-yet-valid or
+        /// under-scoped key is never allowed, and a key that is none of
+        /// those always is.
+        #[test]
+        fn decisions_follow_the_table(
+            st in state(),
+            nb in proptest::option::of(-1000i64..1000),
+            exp in proptest::option::of(-1000i64..1000),
+            granted in proptest::sample::subsequence(SCOPES.to_vec(), 0..=4),
+            required in proptest::sample::subsequence(SCOPES.to_vec(), 0..=4),
+            sep in prop_oneof![Just(" "), Just(","), Just(" , ")],
+            now in -1000i64..1000,
+        ) {
+            let base = 1_800_000_000i64;
+            let t = |s: i64| Timestamp::from_second(base + s).unwrap();
+            let spec = KeySpec {
+                id: "k".into(),
+                client: "c".into(),
+                digest: digest("secret"),
+                scopes: granted.iter().map(|s| s.to_string()).collect(),
+                state: st,
+                not_before: nb.map(t),
+                expires_at: exp.map(t),
+                deprecated_at: None,
+                description: None,
+                rate_limit: None,
+                line: 1,
+            };
+            let file = KeyFile { keys: vec![spec], routes: Vec::new() };
+            let source = RingSource { generation: 1, sha256: [0; 32], loaded_at: t(0) };
+            let ring = KeyRing::build(&file, source, &UsageRegistry::default(), None);
+            let cred = extract(Some("secret"), None).unwrap();
+            let required_text = required.join(sep);
+            let d = decide(&ring, &cred, t(now), &required_text);
+            let should_allow = st != KeyState::Revoked
+                && exp.is_none_or(|e| now < e)
+                && nb.is_none_or(|n| now >= n)
+                && required.iter().all(|r| granted.contains(r));
+            prop_assert_eq!(d.is_allowed(), should_allow, "{:?}", d.reason());
+            if st == KeyState::Revoked {
+                prop_assert_eq!(d.reason(), Some(DenyReason::RevokedKey));
+            }
+        }
+
+        /// Extraction never panics, and whatever it accepts is well formed.
+        #[test]
+        fn extraction_accepts_only_well_formed_keys(
+            api in proptest::option::of(any::<String>()),
+            auth in proptest::option::of(any::<String>()),
+        ) {
+            if let Ok(c) = extract(api.as_deref(), auth.as_deref()) {
+                prop_assert!(is_well_formed(c.secret));
+                prop_assert!(c.secret.len() <= MAX_KEY_LEN);
+            }
+        }
+    }
+}

@@ -215,11 +215,17 @@ pub fn read(path: &Path) -> Result<Vec<u8>, KeyFileError> {
     if meta.len() > MAX_FILE_BYTES {
         return Err(io(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("{} bytes is larger than the {} byte limit", meta.len(), MAX_FILE_BYTES),
+            format!(
+                "{} bytes is larger than the {} byte limit",
+                meta.len(),
+                MAX_FILE_BYTES
+            ),
         )));
     }
     let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(io)?;
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
     if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(io(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -1103,5 +1109,55 @@ path_prefix = "/x"
     fn positions_count_characters() {
         assert_eq!(position("ab\ncé d", 7), (2, 4));
         assert_eq!(position("", 0), (1, 1));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any text is either a valid key file or a list of diagnostics
+        /// pointing inside it; never a panic.
+        #[test]
+        fn parsing_never_panics(text in any::<String>()) {
+            if let Err(diags) = parse_str(&text, ParseOptions::default()) {
+                prop_assert!(!diags.is_empty());
+                let lines = text.split('\n').count();
+                for d in diags {
+                    prop_assert!(d.line >= 1 && d.line <= lines.max(1), "{:?} in {} lines", d, lines);
+                    prop_assert!(d.column >= 1);
+                }
+            }
+        }
+
+        /// TOML-shaped noise exercises the validator, not just the TOML parser.
+        #[test]
+        fn key_tables_with_arbitrary_values_never_panic(
+            fields in proptest::collection::vec(
+                (prop_oneof![
+                    Just("id"), Just("client"), Just("sha256"), Just("scopes"), Just("state"),
+                    Just("not_before"), Just("expires_at"), Just("rate_limit"), Just("bogus")
+                ],
+                prop_oneof![
+                    Just("\"x\"".to_owned()), Just("1".to_owned()), Just("[]".to_owned()),
+                    Just("[1, \"a\"]".to_owned()), Just("2026-01-01T00:00:00Z".to_owned()),
+                    Just("{ requests = 0, per = \"0s\" }".to_owned()),
+                    Just("{ requests = 5, per = \"1s\", burst = 9223372036854775807 }".to_owned()),
+                    "\"[a-f0-9]{0,70}\"",
+                ]),
+                0..12,
+            )
+        ) {
+            let mut text = String::from("[[keys]]\n");
+            let mut seen = std::collections::HashSet::new();
+            for (k, v) in fields {
+                if seen.insert(k) {
+                    text.push_str(&format!("{k} = {v}\n"));
+                }
+            }
+            let _ = parse_str(&text, ParseOptions::default());
+        }
     }
 }

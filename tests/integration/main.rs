@@ -5,6 +5,7 @@ mod deploy;
 mod deployment;
 mod envoy_e2e;
 mod grpc;
+mod hardening;
 mod keys_cli;
 mod observability;
 mod reload;
