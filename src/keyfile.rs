@@ -273,6 +273,9 @@ pub fn parse_str(text: &str, opts: ParseOptions) -> Result<KeyFile, Vec<Diagnost
     let mut v = Validator {
         text,
         diags: Vec::new(),
+        line_starts: std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect(),
     };
     let (keys, routes) = v.document(doc.as_table());
     if keys.is_empty() && v.diags.is_empty() && !opts.allow_empty {
@@ -357,11 +360,25 @@ const KEY_FIELDS: &[&str] = &[
 struct Validator<'t> {
     text: &'t str,
     diags: Vec<Diagnostic>,
+    /// Byte offset of the start of each line, for O(log n) positions.
+    line_starts: Vec<usize>,
 }
 
 impl Validator<'_> {
+    /// 1-based (line, column) of byte offset `at`, like [`position`] but
+    /// without rescanning the text (files can hold a million keys).
+    fn pos(&self, at: usize) -> (usize, usize) {
+        let mut at = at.min(self.text.len());
+        while !self.text.is_char_boundary(at) {
+            at -= 1;
+        }
+        let line = self.line_starts.partition_point(|&s| s <= at);
+        let start = self.line_starts[line - 1];
+        (line, self.text[start..at].chars().count() + 1)
+    }
+
     fn at(&mut self, span: Option<Range<usize>>, message: impl Into<String>) {
-        let (line, column) = position(self.text, span.map(|s| s.start).unwrap_or(0));
+        let (line, column) = self.pos(span.map(|s| s.start).unwrap_or(0));
         self.diags.push(Diagnostic {
             line,
             column,
@@ -486,7 +503,7 @@ impl Validator<'_> {
             path_prefix: prefix?,
             methods: methods?,
             required_scopes: scopes?,
-            line: position(self.text, t.span().map_or(0, |s| s.start)).0,
+            line: self.pos(t.span().map_or(0, |s| s.start)).0,
         })
     }
 
@@ -583,7 +600,7 @@ impl Validator<'_> {
         if self.diags.len() != before {
             return None;
         }
-        let line = position(self.text, table_span.map(|s| s.start).unwrap_or(0)).0;
+        let line = self.pos(table_span.map(|s| s.start).unwrap_or(0)).0;
         Some(KeySpec {
             id: id?.0,
             client: client?.0,
@@ -1109,6 +1126,18 @@ path_prefix = "/x"
     fn positions_count_characters() {
         assert_eq!(position("ab\ncé d", 7), (2, 4));
         assert_eq!(position("", 0), (1, 1));
+        for text in ["ab\ncé d", "", "\n\nx", "é\n"] {
+            let v = Validator {
+                text,
+                diags: Vec::new(),
+                line_starts: std::iter::once(0)
+                    .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+                    .collect(),
+            };
+            for at in 0..=text.len() + 1 {
+                assert_eq!(v.pos(at), position(text, at), "{text:?} at {at}");
+            }
+        }
     }
 }
 
