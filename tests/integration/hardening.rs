@@ -147,7 +147,8 @@ async fn hostile_requests_get_clear_denials() {
     let malformed = Err(r#"{"error":"malformed_key"}"#.to_owned());
     let unknown = Err(r#"{"error":"unknown_key"}"#.to_owned());
     let missing = Err(r#"{"error":"missing_key"}"#.to_owned());
-    let cases: Vec<(Vec<(String, String)>, Result<(), String>)> = vec![
+    type Case = (Vec<(String, String)>, Result<(), String>);
+    let cases: Vec<Case> = vec![
         (vec![("x-api-key".into(), String::new())], malformed.clone()),
         (vec![("x-api-key".into(), "k".into())], unknown.clone()),
         (
