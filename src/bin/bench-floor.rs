@@ -1,0 +1,125 @@
+//! `bench-floor`: the transport floor for ext_authz benchmarks.
+//!
+//! A bare hyper 1.x HTTP/2 server that answers every POST with the same
+//! pre-encoded gRPC OK CheckResponse and never decodes the request: it drains
+//! the body and replies. Whatever an ext_authz server costs above this is the
+//! cost of gRPC framework, protobuf decoding and the decision itself. It
+//! prints the address it listens on (so `--listen 127.0.0.1:0` works) on stdout.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use keyward::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use keyward::pb::envoy::service::auth::v3::{CheckResponse, OkHttpResponse};
+use keyward::pb::google::rpc;
+use prost::Message;
+
+/// Bare HTTP/2 server answering every POST with a fixed gRPC OK CheckResponse.
+#[derive(Debug, Parser)]
+#[command(name = "bench-floor")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:50053")]
+    listen: std::net::SocketAddr,
+}
+
+/// The response body: one data frame, then the `grpc-status: 0` trailers.
+struct Fixed {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Body for Fixed {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(data) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let n = self.data.as_ref().map_or(0, |d| d.len() as u64);
+        SizeHint::with_exact(n)
+    }
+}
+
+/// A gRPC length-prefixed message: uncompressed flag, big-endian length, bytes.
+fn grpc_frame(message: &[u8]) -> Bytes {
+    let mut framed = Vec::with_capacity(5 + message.len());
+    framed.push(0);
+    framed.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
+    framed.extend_from_slice(message);
+    Bytes::from(framed)
+}
+
+async fn answer(req: Request<Incoming>, ok: Bytes) -> Result<Response<Fixed>, hyper::Error> {
+    if req.method() != Method::POST {
+        let mut resp = Response::new(Fixed {
+            data: None,
+            trailers: None,
+        });
+        *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+        return Ok(resp);
+    }
+    // Drain the request without looking at it.
+    let mut body = req.into_body();
+    while let Some(frame) = body.frame().await {
+        frame?;
+    }
+    let mut trailers = HeaderMap::with_capacity(1);
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    let mut resp = Response::new(Fixed {
+        data: Some(ok),
+        trailers: Some(trailers),
+    });
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    Ok(resp)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let ok = grpc_frame(
+        &CheckResponse {
+            status: Some(rpc::Status {
+                code: 0,
+                message: String::new(),
+            }),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
+            dynamic_metadata: None,
+        }
+        .encode_to_vec(),
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    println!("{}", listener.local_addr()?);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let ok = ok.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| answer(req, ok.clone()));
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,733 @@
+//! `keyward-loadgen`: a gRPC load generator for Envoy ext_authz servers.
+//!
+//! It opens `--connections` separate HTTP/2 connections (one tonic `Channel`
+//! each, each from its own `Endpoint::connect`) and keeps up to `--streams`
+//! Check calls in flight on each, the way Envoy multiplexes many requests over
+//! few connections. Requests look like what Envoy 1.40 sends (see
+//! `tests/data/envoy-1.40-check-request.bin`).
+//!
+//! Two modes:
+//!
+//! * closed loop (default): every stream sends its next request as soon as the
+//!   previous one is answered; this measures maximum throughput.
+//! * open loop (`--rate R`): requests are scheduled at fixed intervals by a
+//!   pacing thread, whatever the server does, and latency is measured from
+//!   each request's *scheduled* send time, so a stalled server cannot hide its
+//!   stall by slowing the client down (no coordinated omission). `--streams`
+//!   bounds the calls in flight per connection; a request that waits for a
+//!   free stream is charged that wait.
+//!
+//! Only requests started (closed loop) or scheduled (open loop) after
+//! `--warmup` are counted. With `--verify` every response is checked: gRPC
+//! status OK, allowed for a valid key, denied with HTTP 401 for an invalid one.
+//! Exit status: 0 fine, 1 a decision mismatched, 2 errors under `--verify` or
+//! not a single successful call, 3 bad arguments or setup failure.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use keyward::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
+use keyward::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
+use keyward::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use keyward::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use keyward::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
+use tonic::transport::{Channel, Endpoint};
+
+/// Load generator for gRPC ext_authz (envoy.service.auth.v3.Authorization/Check) servers.
+#[derive(Debug, Parser)]
+#[command(name = "keyward-loadgen", version)]
+struct Args {
+    /// Server address: http://HOST:PORT or unix:PATH.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    target: String,
+    /// Separate HTTP/2 connections to open.
+    #[arg(long, default_value_t = 2)]
+    connections: usize,
+    /// Concurrent in-flight calls per connection.
+    #[arg(long, default_value_t = 64)]
+    streams: usize,
+    /// How long to measure, after the warmup.
+    #[arg(long, default_value = "10s", value_parser = keyward::keyfile::parse_duration)]
+    duration: Duration,
+    /// How long to run before measuring.
+    #[arg(long, default_value = "2s", value_parser = keyward::keyfile::parse_duration)]
+    warmup: Duration,
+    /// Open loop: send this many requests per second in total, on a fixed
+    /// schedule. Without it, run closed loop at maximum throughput.
+    #[arg(long, value_name = "REQ_PER_SEC")]
+    rate: Option<f64>,
+    /// File of valid secrets, one per line (blank lines and `#` comments ignored).
+    #[arg(long, value_name = "FILE")]
+    keys: Option<PathBuf>,
+    /// A valid secret (repeatable); added to those from --keys.
+    #[arg(long = "key", value_name = "SECRET")]
+    key: Vec<String>,
+    /// Fraction of requests carrying a random, invalid key instead.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
+    invalid_fraction: f64,
+    /// Check every response: gRPC OK; allowed for valid keys; denied with 401
+    /// for invalid ones. Mismatches make the exit status 1.
+    #[arg(long, alias = "expect-allowed")]
+    verify: bool,
+    /// The route's `required_scopes` context extension (empty: none).
+    #[arg(long, default_value = "trade")]
+    required_scopes: String,
+    /// Request path (and `:path`) of the simulated HTTP request.
+    #[arg(long, default_value = "/trade/orders?side=buy")]
+    path: String,
+    /// Deadline of each call; a call that misses it counts as an error.
+    #[arg(long, default_value = "5s", value_parser = keyward::keyfile::parse_duration)]
+    timeout: Duration,
+    /// Also report this process's CPU time (from /proc/PID/stat) over the
+    /// measured window, per request: the server's cost per check.
+    #[arg(long, value_name = "PID")]
+    server_pid: Option<u32>,
+    /// Runtime worker threads (default: the number of CPUs).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print one line of JSON instead of the human-readable report.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{s:?} is not a fraction between 0 and 1")),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.threads {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = match rt.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keyward-loadgen: runtime: {e}");
+            return std::process::ExitCode::from(3);
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            eprintln!("keyward-loadgen: {e:#}");
+            std::process::ExitCode::from(3)
+        }
+    }
+}
+
+/// A small, fast PRNG (SplitMix64); statistical quality is plenty for
+/// picking keys and making request ids.
+struct Rng(u64);
+
+impl Rng {
+    fn seeded(stream: u64) -> Rng {
+        let mut seed = [0u8; 8];
+        // A fixed seed is an acceptable fallback: only key choice depends on it.
+        let _ = getrandom::fill(&mut seed);
+        Rng(u64::from_le_bytes(seed) ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// A version-4-shaped UUID string, like Envoy's `x-request-id`.
+    fn uuid(&mut self) -> String {
+        let a = self.next();
+        let b = self.next();
+        format!(
+            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+            a >> 32,
+            (a >> 16) & 0xffff,
+            a & 0x0fff,
+            0x8000 | ((b >> 48) & 0x3fff),
+            b & 0xffff_ffff_ffff
+        )
+    }
+
+    /// A random key that no ring holds: 40 alphanumerics with a prefix that
+    /// is not keyward's `kw_`, so a server has to look it up to reject it.
+    fn invalid_key(&mut self) -> String {
+        const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+        let mut s = String::with_capacity(44);
+        s.push_str("bad_");
+        for _ in 0..40 {
+            s.push(ALPHABET[self.below(ALPHABET.len())] as char);
+        }
+        s
+    }
+}
+
+/// Everything the workers share: request templates and what to expect.
+struct Plan {
+    /// One CheckRequest per valid key, complete but for the request id.
+    valid: Vec<CheckRequest>,
+    /// The same request without a key, for invalid ones.
+    keyless: CheckRequest,
+    invalid_fraction: f64,
+    verify: bool,
+    timeout: Duration,
+}
+
+/// A request shaped like the one Envoy 1.40 sends for a downstream
+/// `POST /trade/orders?side=buy` over HTTP/1.1 (see the captured fixture).
+fn template(key: Option<&str>, path: &str, scopes: &str) -> CheckRequest {
+    let authority = "127.0.0.1:10000";
+    let mut headers = HashMap::new();
+    for (k, v) in [
+        (":authority", authority),
+        (":method", "POST"),
+        (":path", path),
+        (":scheme", "http"),
+        ("accept", "*/*"),
+        ("content-length", "2"),
+        ("user-agent", "keyward-loadgen/1"),
+        ("x-forwarded-proto", "http"),
+    ] {
+        headers.insert(k.to_owned(), v.to_owned());
+    }
+    if let Some(key) = key {
+        headers.insert("x-api-key".to_owned(), key.to_owned());
+    }
+    let peer = |port: u32| Peer {
+        address: Some(Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: "127.0.0.1".to_owned(),
+                port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+            })),
+        }),
+        ..Default::default()
+    };
+    let mut context_extensions = HashMap::new();
+    if !scopes.is_empty() {
+        context_extensions.insert("required_scopes".to_owned(), scopes.to_owned());
+    }
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(peer(47_062)),
+            destination: Some(peer(10_000)),
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: "POST".to_owned(),
+                    headers,
+                    path: path.to_owned(),
+                    host: authority.to_owned(),
+                    scheme: "http".to_owned(),
+                    protocol: "HTTP/1.1".to_owned(),
+                    ..Default::default()
+                }),
+            }),
+            context_extensions,
+        }),
+    }
+}
+
+impl Plan {
+    /// The next request to send and whether its key is valid.
+    fn request(&self, rng: &mut Rng) -> (CheckRequest, bool) {
+        let valid = !self.valid.is_empty() && rng.unit() >= self.invalid_fraction;
+        let mut req = if valid {
+            self.valid[rng.below(self.valid.len())].clone()
+        } else {
+            let mut r = self.keyless.clone();
+            if let Some(http) = http_mut(&mut r) {
+                http.headers
+                    .insert("x-api-key".to_owned(), rng.invalid_key());
+            }
+            r
+        };
+        let id = rng.uuid();
+        if let Some(http) = http_mut(&mut req) {
+            http.headers.insert("x-request-id".to_owned(), id.clone());
+            http.id = id;
+        }
+        (req, valid)
+    }
+}
+
+fn http_mut(r: &mut CheckRequest) -> Option<&mut HttpRequest> {
+    r.attributes.as_mut()?.request.as_mut()?.http.as_mut()
+}
+
+/// What one call came back with.
+enum Outcome {
+    Allowed,
+    Denied(i32),
+    Error(String),
+}
+
+fn classify(resp: &CheckResponse) -> Outcome {
+    let code = resp.status.as_ref().map_or(0, |s| s.code);
+    match &resp.http_response {
+        Some(HttpResponse::DeniedResponse(d)) => {
+            // Envoy answers 403 when a denial names no status.
+            Outcome::Denied(d.status.as_ref().map_or(403, |s| s.code))
+        }
+        _ if code == 0 => Outcome::Allowed,
+        _ => Outcome::Denied(403),
+    }
+}
+
+/// Counters and histograms of one worker (merged at the end).
+struct Stats {
+    latency: Histogram<u64>,
+    /// Open loop only: how late each call left relative to its schedule.
+    lag: Histogram<u64>,
+    requests: u64,
+    errors: u64,
+    mismatches: u64,
+    allowed: u64,
+    denied: u64,
+    samples: Vec<String>,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats {
+            latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+            lag: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+            requests: 0,
+            errors: 0,
+            mismatches: 0,
+            allowed: 0,
+            denied: 0,
+            samples: Vec::new(),
+        }
+    }
+
+    fn sample(&mut self, what: String) {
+        if self.samples.len() < 5 {
+            self.samples.push(what);
+        }
+    }
+
+    fn record(&mut self, outcome: Outcome, valid: bool, verify: bool, latency: Duration) {
+        self.requests += 1;
+        self.latency.saturating_record(micros(latency));
+        match outcome {
+            Outcome::Error(e) => {
+                self.errors += 1;
+                self.sample(format!("error: {e}"));
+            }
+            Outcome::Allowed => {
+                self.allowed += 1;
+                if verify && !valid {
+                    self.mismatches += 1;
+                    self.sample("mismatch: an invalid key was allowed".to_owned());
+                }
+            }
+            Outcome::Denied(status) => {
+                self.denied += 1;
+                if verify && valid {
+                    self.mismatches += 1;
+                    self.sample(format!("mismatch: a valid key was denied with {status}"));
+                } else if verify && status != 401 {
+                    self.mismatches += 1;
+                    self.sample(format!(
+                        "mismatch: an invalid key was denied with {status}, not 401"
+                    ));
+                }
+            }
+        }
+    }
+
+    fn merge(&mut self, other: &Stats) {
+        // Same bounds on both sides, so adding cannot fail.
+        let _ = self.latency.add(&other.latency);
+        let _ = self.lag.add(&other.lag);
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.mismatches += other.mismatches;
+        self.allowed += other.allowed;
+        self.denied += other.denied;
+        for s in &other.samples {
+            self.sample(s.clone());
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+/// One Check call.
+async fn call(
+    client: &mut AuthorizationClient<Channel>,
+    req: CheckRequest,
+    timeout: Duration,
+) -> Outcome {
+    match tokio::time::timeout(timeout, client.check(req)).await {
+        Ok(Ok(resp)) => classify(resp.get_ref()),
+        Ok(Err(status)) => {
+            Outcome::Error(format!("gRPC {:?}: {}", status.code(), status.message()))
+        }
+        Err(_) => Outcome::Error(format!("no answer within {timeout:?}")),
+    }
+}
+
+/// CPU time (user + system) a process has used, from /proc/PID/stat.
+fn cpu_time(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; fields after it are plain.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    // utime and stime are fields 14 and 15 overall, 12 and 13 after the name.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    Some(Duration::from_micros(ticks * 1_000_000 / hz))
+}
+
+struct Window {
+    /// Requests before this instant are warmup.
+    measure_from: Instant,
+    /// No request starts (closed) or is scheduled (open) at or after this.
+    end: Instant,
+}
+
+async fn run(args: Args) -> anyhow::Result<u8> {
+    anyhow::ensure!(args.connections > 0, "--connections must be at least 1");
+    anyhow::ensure!(args.streams > 0, "--streams must be at least 1");
+    if let Some(r) = args.rate {
+        anyhow::ensure!(r > 0.0 && r.is_finite(), "--rate must be positive");
+    }
+    let mut secrets = args.key.clone();
+    if let Some(path) = &args.keys {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        secrets.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned),
+        );
+    }
+    anyhow::ensure!(
+        !secrets.is_empty() || args.invalid_fraction >= 1.0,
+        "no valid keys: give --keys FILE or --key SECRET (or --invalid-fraction 1)"
+    );
+    let plan = Arc::new(Plan {
+        valid: secrets
+            .iter()
+            .map(|k| template(Some(k), &args.path, &args.required_scopes))
+            .collect(),
+        keyless: template(None, &args.path, &args.required_scopes),
+        invalid_fraction: args.invalid_fraction,
+        verify: args.verify,
+        timeout: args.timeout,
+    });
+
+    // One Endpoint::connect per connection: separate TCP (or Unix) connections.
+    let endpoint = Endpoint::from_shared(args.target.clone())?;
+    let mut clients = Vec::with_capacity(args.connections);
+    for i in 0..args.connections {
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| anyhow::anyhow!("connection {i} to {}: {e:?}", args.target))?;
+        clients.push(AuthorizationClient::new(channel));
+    }
+
+    let start = Instant::now();
+    let window = Arc::new(Window {
+        measure_from: start + args.warmup,
+        end: start + args.warmup + args.duration,
+    });
+
+    // CPU time of the server and of this process over the measured window.
+    let pid = args.server_pid.map(|p| p.to_string());
+    let cpu_at_start = {
+        let window = Arc::clone(&window);
+        let pid = pid.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(window.measure_from.into()).await;
+            (
+                pid.as_deref().and_then(cpu_time),
+                cpu_time("self"),
+                Instant::now(),
+            )
+        })
+    };
+
+    let stats = match args.rate {
+        None => closed_loop(&clients, args.streams, &plan, &window).await,
+        Some(rate) => open_loop(&clients, args.streams, &plan, &window, rate).await,
+    };
+    let finished = Instant::now();
+    let server_cpu_end = pid.as_deref().and_then(cpu_time);
+    let self_cpu_end = cpu_time("self");
+    let (server_cpu_start, self_cpu_start, measured_at) = cpu_at_start.await?;
+    let elapsed = finished.saturating_duration_since(measured_at.max(window.measure_from));
+    let secs = elapsed.as_secs_f64().max(1e-9);
+
+    let per_req = |a: Option<Duration>, b: Option<Duration>| -> Option<(f64, f64)> {
+        let used = b?.checked_sub(a?)?;
+        let us = used.as_secs_f64() * 1e6;
+        Some((us / stats.requests.max(1) as f64, used.as_secs_f64() / secs))
+    };
+    let server = per_req(server_cpu_start, server_cpu_end);
+    let own = per_req(self_cpu_start, self_cpu_end);
+    let throughput = stats.requests as f64 / secs;
+    let q = |h: &Histogram<u64>, p: f64| {
+        if h.is_empty() {
+            0
+        } else {
+            h.value_at_quantile(p)
+        }
+    };
+    let l = &stats.latency;
+
+    if args.json {
+        let mut v = serde_json::json!({
+            "target": args.target,
+            "mode": if args.rate.is_some() { "open" } else { "closed" },
+            "connections": args.connections,
+            "streams": args.streams,
+            "rate": args.rate,
+            "duration_s": secs,
+            "requests": stats.requests,
+            "errors": stats.errors,
+            "mismatches": stats.mismatches,
+            "allowed": stats.allowed,
+            "denied": stats.denied,
+            "throughput_rps": throughput,
+            "latency_us": {
+                "p50": q(l, 0.50), "p90": q(l, 0.90), "p99": q(l, 0.99),
+                "p999": q(l, 0.999), "max": l.max(), "mean": l.mean(),
+            },
+        });
+        if args.rate.is_some() {
+            v["send_lag_us"] =
+                serde_json::json!({ "p50": q(&stats.lag, 0.5), "p99": q(&stats.lag, 0.99) });
+        }
+        if let Some((per, util)) = server {
+            v["server_cpu_us_per_req"] = per.into();
+            v["server_cpu_cores"] = util.into();
+        }
+        if let Some((per, util)) = own {
+            v["loadgen_cpu_us_per_req"] = per.into();
+            v["loadgen_cpu_cores"] = util.into();
+        }
+        println!("{v}");
+    } else {
+        let mode = match args.rate {
+            Some(r) => format!("open loop at {r} req/s"),
+            None => "closed loop".to_owned(),
+        };
+        println!(
+            "target {}  {mode}  {} connections x {} streams  {:.1}s measured after {:?} warmup",
+            args.target, args.connections, args.streams, secs, args.warmup
+        );
+        println!(
+            "requests {}  errors {}  mismatches {}{}  (allowed {}, denied {})",
+            stats.requests,
+            stats.errors,
+            stats.mismatches,
+            if args.verify { "" } else { " (not verified)" },
+            stats.allowed,
+            stats.denied
+        );
+        println!("throughput {throughput:.0} req/s");
+        println!(
+            "latency µs  p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+            q(l, 0.50),
+            q(l, 0.90),
+            q(l, 0.99),
+            q(l, 0.999),
+            l.max()
+        );
+        if args.rate.is_some() {
+            println!(
+                "send lag µs (included in latency)  p50 {}  p99 {}",
+                q(&stats.lag, 0.5),
+                q(&stats.lag, 0.99)
+            );
+        }
+        if let Some((per, util)) = server {
+            println!("server cpu {per:.1} µs/req ({util:.2} cores)");
+        }
+        if let Some((per, util)) = own {
+            println!("loadgen cpu {per:.1} µs/req ({util:.2} cores)");
+        }
+    }
+    for s in &stats.samples {
+        eprintln!("keyward-loadgen: {s}");
+    }
+    if let Some(r) = args.rate
+        && throughput < 0.95 * r
+    {
+        eprintln!(
+            "keyward-loadgen: warning: achieved {throughput:.0} req/s of the {r} asked for; \
+             the server (or --streams) cannot keep up, latency includes the backlog"
+        );
+    }
+    Ok(if args.verify && stats.mismatches > 0 {
+        1
+    } else if stats.requests == stats.errors || (args.verify && stats.errors > 0) {
+        2
+    } else {
+        0
+    })
+}
+
+/// Every stream sends its next call as soon as the last one is answered.
+async fn closed_loop(
+    clients: &[AuthorizationClient<Channel>],
+    streams: usize,
+    plan: &Arc<Plan>,
+    window: &Arc<Window>,
+) -> Stats {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (c, client) in clients.iter().enumerate() {
+        for s in 0..streams {
+            let mut client = client.clone();
+            let plan = Arc::clone(plan);
+            let window = Arc::clone(window);
+            tasks.spawn(async move {
+                let mut rng = Rng::seeded((c * streams + s) as u64);
+                let mut stats = Stats::new();
+                loop {
+                    if Instant::now() >= window.end {
+                        break;
+                    }
+                    let (req, valid) = plan.request(&mut rng);
+                    let sent = Instant::now();
+                    let outcome = call(&mut client, req, plan.timeout).await;
+                    if sent >= window.measure_from {
+                        stats.record(outcome, valid, plan.verify, sent.elapsed());
+                    }
+                }
+                stats
+            });
+        }
+    }
+    let mut total = Stats::new();
+    while let Some(res) = tasks.join_next().await {
+        if let Ok(s) = res {
+            total.merge(&s);
+        }
+    }
+    total
+}
+
+/// A pacing thread hands out send times on a fixed schedule; each
+/// connection's dispatcher starts a call per tick when one of its streams is
+/// free. Latency runs from the scheduled time.
+async fn open_loop(
+    clients: &[AuthorizationClient<Channel>],
+    streams: usize,
+    plan: &Arc<Plan>,
+    window: &Arc<Window>,
+    rate: f64,
+) -> Stats {
+    let conns = clients.len();
+    let mut senders = Vec::with_capacity(conns);
+    let mut dispatchers = Vec::with_capacity(conns);
+    let done = Arc::new(AtomicBool::new(false));
+    for (c, client) in clients.iter().enumerate() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        senders.push(tx);
+        let client = client.clone();
+        let plan = Arc::clone(plan);
+        let window = Arc::clone(window);
+        dispatchers.push(tokio::spawn(async move {
+            let stats = Arc::new(Mutex::new(Stats::new()));
+            let free = Arc::new(tokio::sync::Semaphore::new(streams));
+            let mut rng = Rng::seeded(c as u64);
+            while let Some(scheduled) = rx.recv().await {
+                let Ok(permit) = Arc::clone(&free).acquire_owned().await else {
+                    break;
+                };
+                let (req, valid) = plan.request(&mut rng);
+                let mut client = client.clone();
+                let plan = Arc::clone(&plan);
+                let stats = Arc::clone(&stats);
+                let measured = scheduled >= window.measure_from;
+                tokio::spawn(async move {
+                    let sent = Instant::now();
+                    let outcome = call(&mut client, req, plan.timeout).await;
+                    let latency = scheduled.elapsed();
+                    if measured {
+                        let mut s = stats.lock().unwrap_or_else(|e| e.into_inner());
+                        s.lag
+                            .saturating_record(micros(sent.saturating_duration_since(scheduled)));
+                        s.record(outcome, valid, plan.verify, latency);
+                    }
+                    // Released only after recording, so the drain below sees every call.
+                    drop(permit);
+                });
+            }
+            // Wait for the calls still in flight (each is bounded by --timeout).
+            let _ = free
+                .acquire_many(u32::try_from(streams).unwrap_or(u32::MAX))
+                .await;
+            Arc::try_unwrap(stats)
+                .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+                .unwrap_or_else(|shared| {
+                    let mut s = Stats::new();
+                    s.merge(&shared.lock().unwrap_or_else(|e| e.into_inner()));
+                    s
+                })
+        }));
+    }
+
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let (start, end) = (Instant::now(), window.end);
+    let stop = Arc::clone(&done);
+    let pacer = std::thread::spawn(move || {
+        // Ask for precise wakeups: the default 50 µs timer slack would add
+        // that much lag to each tick.
+        // SAFETY: PR_SET_TIMERSLACK only changes this thread's timer slack.
+        unsafe {
+            libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
+        }
+        let mut i: u64 = 0;
+        loop {
+            let at = start + interval.mul_f64(i as f64);
+            if at >= end || stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let now = Instant::now();
+            if at > now {
+                std::thread::sleep(at - now);
+            }
+            if senders[(i % conns as u64) as usize].send(at).is_err() {
+                break;
+            }
+            i += 1;
+        }
+        // Dropping the senders ends the dispatchers once they drain.
+    });
+
+    let mut total = Stats::new();
+    for d in dispatchers {
+        if let Ok(s) = d.await {
+            total.merge(&s);
+        }
+    }
+    done.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || pacer.join()).await;
+    total
+}
