@@ -13,8 +13,10 @@ cd "$(dirname "$0")/.."
 
 duration="${1:-180}"
 rate="${2:-20}"
-cargo build --release --quiet --bin keyward --bin keyward-loadgen
-bin="$PWD/target/release"
+# PROFILE=dev for a quick try without the (slow) optimised build.
+profile="${PROFILE:-release}"
+cargo build --profile "$profile" --quiet --bin keyward --bin keyward-loadgen
+bin="$PWD/target/$([[ "$profile" == dev ]] && echo debug || echo "$profile")"
 work="$(mktemp -d)"
 pids=()
 cleanup() {
@@ -36,8 +38,10 @@ for i in $(seq 1 200); do
     "$bin/keyward" keys new --file "$keys" --client "filler-$((i % 20))" >/dev/null 2>&1
 done
 grpc="$(free_port)"; admin="$(free_port)"
+# All load comes from one address: lockout off, or the invalid keys in the
+# mix would (rightly) lock the load generator out.
 "$bin/keyward" serve --keys "$keys" --listen "127.0.0.1:$grpc" --admin "127.0.0.1:$admin" \
-    --log-format json 2> "$work/keyward.log" &
+    --lockout-threshold 0 --log-format json 2> "$work/keyward.log" &
 keyward_pid=$!
 pids+=("$keyward_pid")
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break; sleep 0.1; done
@@ -51,6 +55,7 @@ rss0="$(rss_kib "$keyward_pid")"; fds0="$(fds "$keyward_pid")"
 cp "$keys" "$work/a.toml"
 sed 's/^description = .*//' "$keys" > "$work/b.toml"
 printf '# churn\n[[keys]]\nid = "churn"\nclient = "churn"\nsha256 = "%064d"\ndescription = "b"\n' 1 >> "$work/b.toml"
+interval="$(python3 -c "print(1/$rate)")"
 (
     n=0
     end=$((SECONDS + duration))
@@ -58,7 +63,7 @@ printf '# churn\n[[keys]]\nid = "churn"\nclient = "churn"\nsha256 = "%064d"\ndes
         if (( n % 2 )); then cp "$work/a.toml" "$work/next.toml"; else cp "$work/b.toml" "$work/next.toml"; fi
         mv "$work/next.toml" "$keys"
         n=$((n + 1))
-        sleep "$(python3 -c "print(1/$rate)")"
+        sleep "$interval"
     done
     echo "$n" > "$work/writes"
 ) &
