@@ -16,11 +16,12 @@ use crate::decide::{
     API_KEY_HEADER, AUTHORIZATION_HEADER, CredentialHeader, Decision, DenyReason, decide, extract,
 };
 use crate::limit::Quota;
+use crate::pb::envoy::config::core::v3::address::Address;
 use crate::pb::envoy::config::core::v3::{
     HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
 };
 use crate::pb::envoy::service::auth::v3::{
-    CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
+    AttributeContext, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
     attribute_context::HttpRequest, authorization_server::Authorization,
     check_response::HttpResponse,
 };
@@ -100,11 +101,7 @@ impl AuthzService {
         self
     }
 
-    fn log_decision(
-        &self,
-        decision: &Decision<'_>,
-        attrs: Option<&crate::pb::envoy::service::auth::v3::AttributeContext>,
-    ) {
+    fn log_decision(&self, decision: &Decision<'_>, attrs: Option<&AttributeContext>) {
         if self.log_every == 0 {
             return;
         }
@@ -116,15 +113,10 @@ impl AuthzService {
         if !n.is_multiple_of(self.log_every) {
             return;
         }
-        let source = attrs
-            .and_then(|a| a.source.as_ref())
-            .and_then(|p| p.address.as_ref())
-            .and_then(|a| a.address.as_ref())
+        let source = source_address(attrs)
             .map(|a| match a {
-                crate::pb::envoy::config::core::v3::address::Address::SocketAddress(s) => {
-                    s.address.as_str()
-                }
-                crate::pb::envoy::config::core::v3::address::Address::Pipe(p) => p.path.as_str(),
+                Address::SocketAddress(s) => s.address.as_str(),
+                Address::Pipe(p) => p.path.as_str(),
             })
             .unwrap_or("");
         match decision {
@@ -159,16 +151,10 @@ impl AuthzService {
         let lockout = &self.shared.lockout;
         let now_ns = u64::try_from(now.as_nanosecond()).unwrap_or(0);
         let source = || {
-            let peer = attrs
-                .and_then(|a| a.source.as_ref())
-                .and_then(|p| p.address.as_ref())
-                .and_then(|a| a.address.as_ref())
-                .and_then(|a| match a {
-                    crate::pb::envoy::config::core::v3::address::Address::SocketAddress(s) => {
-                        Some(s.address.as_str())
-                    }
-                    crate::pb::envoy::config::core::v3::address::Address::Pipe(_) => None,
-                });
+            let peer = source_address(attrs).and_then(|a| match a {
+                Address::SocketAddress(s) => Some(s.address.as_str()),
+                Address::Pipe(_) => None,
+            });
             crate::lockout::client_address(peer, headers.get("x-forwarded-for"), self.xff_hops)
         };
         // A locked-out source is denied before any digest work. While no
@@ -226,6 +212,11 @@ impl Authorization for AuthzService {
             self.check_at(request.get_ref(), Timestamp::now()),
         ))
     }
+}
+
+/// The downstream peer's address as Envoy reports it.
+fn source_address(attrs: Option<&AttributeContext>) -> Option<&Address> {
+    attrs?.source.as_ref()?.address.as_ref()?.address.as_ref()
 }
 
 /// Read access to the request headers, whichever way Envoy encoded them.
@@ -414,7 +405,6 @@ mod tests {
     use super::*;
     use crate::keyfile::{ParseOptions, parse_str};
     use crate::pb::envoy::config::core::v3::HeaderMap;
-    use crate::pb::envoy::service::auth::v3::AttributeContext;
     use crate::pb::envoy::service::auth::v3::attribute_context::Request as AttrRequest;
     use crate::ring::{KeyRing, RingSource, UsageRegistry};
     use std::sync::atomic::Ordering;
