@@ -12,8 +12,12 @@
 //! - [`limit`]: per-key rate limits (GCRA in one atomic word per key).
 //! - [`lockout`]: brute-force lockout per source address.
 //! - [`secret`]: the format of keyward-issued secrets (prefix + checksum).
-//! - [`service`]: the `envoy.service.auth.v3.Authorization` gRPC service; the one
+//! - [`service`]: the Check logic from request bytes to response bytes; the one
 //!   place a decision becomes a CheckResponse.
+//! - [`wire`]: the hand-written protobuf of the hot path: a borrowing
+//!   CheckRequest reader and a CheckResponse writer.
+//! - [`grpc`]: the HTTP/2 listener (hyper) that answers Check directly and
+//!   hands `grpc.health.v1` to tonic.
 //! - [`reload`]: hot reload: watch, debounce, read, validate, publish or keep.
 //! - [`stats`]: decision counters.
 //! - [`metrics`]: Prometheus exposition, read from the atomics at scrape time.
@@ -30,6 +34,7 @@ pub mod admin;
 pub mod cli;
 pub mod decide;
 pub mod edit;
+pub mod grpc;
 pub mod keyfile;
 pub mod keys;
 pub mod limit;
@@ -44,3 +49,4 @@ pub mod service;
 pub mod stats;
 pub mod status;
 pub mod tls;
+pub mod wire;

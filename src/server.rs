@@ -10,15 +10,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use jiff::Timestamp;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Notify, watch};
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic_health::ServingStatus;
 
+use crate::grpc::{CHECK_SERVICE, GrpcService};
 use crate::keyfile::{self, KeyFileError, ParseOptions};
-use crate::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use crate::reload::{self, ReloadSettings, ReloadStats, Reloader, Watch};
 use crate::ring::{KeyRing, RingHandle, RingSource, UsageRegistry};
 use crate::service::{AuthzService, Shared};
@@ -212,20 +212,12 @@ impl Server {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health
-            .set_serving::<AuthorizationServer<AuthzService>>()
+            .set_service_status(CHECK_SERVICE, ServingStatus::Serving)
             .await;
-
-        let authz = AuthorizationServer::new(
-            AuthzService::new(Arc::clone(&self.shared))
-                .with_decision_log(self.config.decision_log_every)
-                .with_xff_trusted_hops(self.config.xff_trusted_hops),
-        );
-        let router = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(health_service)
-            .add_service(authz);
+        let authz = AuthzService::new(Arc::clone(&self.shared))
+            .with_decision_log(self.config.decision_log_every)
+            .with_xff_trusted_hops(self.config.xff_trusted_hops);
+        let service = GrpcService::new(authz, tonic::service::Routes::new(health_service));
 
         let admin_addr = admin
             .as_ref()
@@ -265,45 +257,30 @@ impl Server {
             "keyward serving"
         );
 
-        let mut rx = stop_rx.clone();
-        let signal = async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-            tracing::info!("shutting down: draining in-flight checks");
-        };
-        let serve: std::pin::Pin<
-            Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
-        > = match grpc {
+        match grpc {
             GrpcListener::Tcp(l) => {
                 let incoming = TcpListenerStream::new(l).map(|conn| {
                     conn.inspect(|s| {
                         let _ = s.set_nodelay(true);
                     })
                 });
-                Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
+                crate::grpc::serve(incoming, service, stop_rx.clone(), DRAIN_TIMEOUT).await;
             }
             GrpcListener::Unix(l) => {
-                Box::pin(router.serve_with_incoming_shutdown(UnixListenerStream::new(l), signal))
+                let incoming = UnixListenerStream::new(l);
+                crate::grpc::serve(incoming, service, stop_rx.clone(), DRAIN_TIMEOUT).await;
             }
             GrpcListener::Tls(l, tls) => {
                 tokio::spawn(Arc::clone(&tls).follow(
                     self.config.poll_interval.unwrap_or(DEFAULT_POLL_INTERVAL),
                     stop_rx.clone(),
                 ));
-                Box::pin(router.serve_with_incoming_shutdown(crate::tls::incoming(l, tls), signal))
+                let incoming = crate::tls::incoming(l, tls);
+                crate::grpc::serve(incoming, service, stop_rx.clone(), DRAIN_TIMEOUT).await;
             }
-        };
-
-        let mut rx = stop_rx.clone();
-        let deadline = async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-            tokio::time::sleep(DRAIN_TIMEOUT).await;
-        };
-        tokio::select! {
-            res = serve => res.context("gRPC server failed")?,
-            () = deadline => tracing::warn!("drain timed out after {DRAIN_TIMEOUT:?}; closing remaining connections"),
         }
         health
-            .set_not_serving::<AuthorizationServer<AuthzService>>()
+            .set_service_status(CHECK_SERVICE, ServingStatus::NotServing)
             .await;
         reload_task.abort();
         drop(self.watch);

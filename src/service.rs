@@ -1,34 +1,24 @@
-//! The `envoy.service.auth.v3.Authorization` gRPC service.
+//! The `envoy.service.auth.v3.Authorization/Check` logic, from request bytes
+//! to response bytes.
 //!
-//! Glue only: read the headers and route context out of the CheckRequest,
-//! [`extract`] the credential, [`decide`] against the current ring, and turn the
-//! [`Decision`] into a CheckResponse in exactly one place ([`respond`]).
-//! A denial is a normal response; `Err(Status)` is never returned for one.
+//! Glue only: read the headers and route context out of the CheckRequest
+//! ([`CheckView`]), [`extract`] the credential, [`decide`] against the current
+//! ring, and turn the [`Decision`] into an encoded CheckResponse in exactly one
+//! place ([`respond`]). A denial is a normal response; a gRPC error status is
+//! reserved for requests that are not a CheckRequest at all. The HTTP/2 side
+//! is in [`crate::grpc`].
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::io::Write as _;
+use std::sync::{Arc, OnceLock};
 
+use bytes::Bytes;
 use jiff::Timestamp;
-use prost_types::{Struct, Value, value::Kind};
-use tonic::{Request, Response, Status};
 
-use crate::decide::{
-    API_KEY_HEADER, AUTHORIZATION_HEADER, CredentialHeader, Decision, DenyReason, decide, extract,
-};
+use crate::decide::{CredentialHeader, Decision, DenyReason, decide, extract};
 use crate::limit::Quota;
-use crate::pb::envoy::config::core::v3::address::Address;
-use crate::pb::envoy::config::core::v3::{
-    HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
-};
-use crate::pb::envoy::service::auth::v3::{
-    AttributeContext, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
-    attribute_context::HttpRequest, authorization_server::Authorization,
-    check_response::HttpResponse,
-};
-use crate::pb::envoy::r#type::v3::HttpStatus;
-use crate::pb::google::rpc;
-use crate::ring::RingHandle;
+use crate::ring::{KeyEntry, RingHandle};
 use crate::stats::CheckStats;
+use crate::wire::{self, CheckView, DecodeError, DeniedResponse, Header, OkResponse, Source};
 
 /// Identity headers keyward sets on allowed requests.
 pub const CLIENT_HEADER: &str = "x-keyward-client";
@@ -78,6 +68,12 @@ thread_local! {
     static SEEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
+/// Header bytes as text; bytes that are not UTF-8 become a value that
+/// [`extract`] rejects as malformed and no scope or route matches.
+fn text(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).unwrap_or("\u{fffd}")
+}
+
 impl AuthzService {
     /// A service answering from `shared.ring`.
     pub fn new(shared: Arc<Shared>) -> AuthzService {
@@ -101,7 +97,12 @@ impl AuthzService {
         self
     }
 
-    fn log_decision(&self, decision: &Decision<'_>, attrs: Option<&AttributeContext>) {
+    /// State shared with the admin API and the reloader.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    fn log_decision(&self, decision: &Decision<'_>, source: Option<Source<'_>>) {
         if self.log_every == 0 {
             return;
         }
@@ -113,12 +114,10 @@ impl AuthzService {
         if !n.is_multiple_of(self.log_every) {
             return;
         }
-        let source = source_address(attrs)
-            .map(|a| match a {
-                Address::SocketAddress(s) => s.address.as_str(),
-                Address::Pipe(p) => p.path.as_str(),
-            })
-            .unwrap_or("");
+        let source = match source {
+            Some(Source::Socket(a) | Source::Pipe(a)) => text(a),
+            None => "",
+        };
         match decision {
             Decision::Allow { key: k, .. } => tracing::info!(
                 target: "keyward::decision",
@@ -139,23 +138,27 @@ impl AuthzService {
         }
     }
 
-    /// Decides one request at `now` and builds its response (no network involved).
-    pub fn check_at(&self, req: &CheckRequest, now: Timestamp) -> CheckResponse {
-        let started = std::time::Instant::now();
-        let attrs = req.attributes.as_ref();
-        let http = attrs
-            .and_then(|a| a.request.as_ref())
-            .and_then(|r| r.http.as_ref());
-        let headers = Headers(http);
+    /// Checks one serialized CheckRequest at `now`; returns the CheckResponse
+    /// as a gRPC frame (prefix included), ready for the wire.
+    pub fn check_message(&self, message: &[u8], now: Timestamp) -> Result<Bytes, DecodeError> {
+        let view = CheckView::decode(message)?;
+        Ok(self.check_view(&view, now))
+    }
 
+    /// Decides one decoded request at `now` and encodes its response.
+    pub fn check_view(&self, view: &CheckView<'_>, now: Timestamp) -> Bytes {
+        let started = std::time::Instant::now();
         let lockout = &self.shared.lockout;
         let now_ns = u64::try_from(now.as_nanosecond()).unwrap_or(0);
         let source = || {
-            let peer = source_address(attrs).and_then(|a| match a {
-                Address::SocketAddress(s) => Some(s.address.as_str()),
-                Address::Pipe(_) => None,
-            });
-            crate::lockout::client_address(peer, headers.get("x-forwarded-for"), self.xff_hops)
+            let peer = match view.source {
+                Some(Source::Socket(a)) => std::str::from_utf8(a).ok(),
+                _ => None,
+            };
+            let xff = view
+                .forwarded_for()
+                .and_then(|x| std::str::from_utf8(x).ok());
+            crate::lockout::client_address(peer, xff, self.xff_hops)
         };
         // A locked-out source is denied before any digest work. While no
         // source is locked out this is a single atomic load.
@@ -164,17 +167,14 @@ impl AuthzService {
         } else {
             None
         };
-        let cred = extract(
-            headers.get(API_KEY_HEADER),
-            headers.get(AUTHORIZATION_HEADER),
-        );
+        let cred = extract(view.api_key().map(text), view.authorization().map(text));
         let ring = self.shared.ring.load();
         // Envoy's per-route `required_scopes` wins; the key file's route rules
         // apply when Envoy sends none (Istio cannot send any).
-        let required = match attrs.and_then(|a| a.context_extensions.get(REQUIRED_SCOPES)) {
-            Some(s) => s.as_str(),
-            None => http
-                .and_then(|h| ring.route_scopes(&h.method, &h.path))
+        let required = match view.required_scopes {
+            Some(s) => text(s),
+            None => ring
+                .route_scopes(text(view.method), text(view.path))
                 .unwrap_or(""),
         };
         let decision = match (&cred, locked_for) {
@@ -195,149 +195,75 @@ impl AuthzService {
         }
         let now_secs = u64::try_from(now.as_second()).unwrap_or(0);
         self.shared.stats.record(&decision, now_secs);
-        self.log_decision(&decision, attrs);
-        let response = respond(&decision, cred.ok().map(|c| c.header), &headers);
+        self.log_decision(&decision, view.source);
+        let response = respond(&decision, cred.ok().map(|c| c.header), &view.own_headers);
         self.shared.stats.latency.observe(started.elapsed());
         response
     }
-}
 
-#[tonic::async_trait]
-impl Authorization for AuthzService {
-    async fn check(
+    /// Checks a prost-built request and decodes the response: a convenience
+    /// for tests and embedding, going through the same bytes as the server.
+    pub fn check_at(
         &self,
-        request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
-        Ok(Response::new(
-            self.check_at(request.get_ref(), Timestamp::now()),
-        ))
+        request: &crate::pb::envoy::service::auth::v3::CheckRequest,
+        now: Timestamp,
+    ) -> crate::pb::envoy::service::auth::v3::CheckResponse {
+        use prost::Message as _;
+        let bytes = request.encode_to_vec();
+        let framed = match self.check_message(&bytes, now) {
+            Ok(f) => f,
+            Err(e) => unreachable!("prost wrote a request keyward cannot read: {e}"),
+        };
+        let message = wire::unframe(&framed).unwrap_or_default();
+        crate::pb::envoy::service::auth::v3::CheckResponse::decode(message).unwrap_or_default()
     }
 }
 
-/// The downstream peer's address as Envoy reports it.
-fn source_address(attrs: Option<&AttributeContext>) -> Option<&Address> {
-    attrs?.source.as_ref()?.address.as_ref()?.address.as_ref()
+/// A small stack buffer for formatted header values.
+struct Scratch {
+    buf: [u8; 64],
+    len: usize,
 }
 
-/// Read access to the request headers, whichever way Envoy encoded them.
-#[derive(Clone, Copy)]
-pub struct Headers<'a>(pub Option<&'a HttpRequest>);
-
-impl<'a> Headers<'a> {
-    /// The value of header `name` (lower-case).
-    pub fn get(&self, name: &str) -> Option<&'a str> {
-        let http = self.0?;
-        if let Some(v) = http.headers.get(name) {
-            return Some(v.as_str());
-        }
-        let map = http.header_map.as_ref()?;
-        map.headers
-            .iter()
-            .find(|h| h.key.eq_ignore_ascii_case(name))
-            .map(raw_header_value)
+impl Scratch {
+    fn format(args: std::fmt::Arguments<'_>) -> Scratch {
+        let mut buf = [0u8; 64];
+        let mut cursor = &mut buf[..];
+        // 64 bytes hold every value formatted here (two u64s and a few
+        // characters); a longer one would be cut, never overflow.
+        let _ = cursor.write_fmt(args);
+        let len = 64 - cursor.len();
+        Scratch { buf, len }
     }
 
-    /// Every header name.
-    pub fn names(&self) -> impl Iterator<Item = &'a str> + 'a {
-        let http = self.0;
-        let plain = http
-            .into_iter()
-            .flat_map(|h| h.headers.keys().map(String::as_str));
-        let raw = http
-            .and_then(|h| h.header_map.as_ref())
-            .into_iter()
-            .flat_map(|m| m.headers.iter().map(|h| h.key.as_str()));
-        plain.chain(raw)
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
-/// A raw header's value: `raw_value` when set (Envoy's raw encoding), else `value`.
-/// Invalid UTF-8 yields a value that `extract` rejects as malformed.
-fn raw_header_value(h: &HeaderValue) -> &str {
-    if h.raw_value.is_empty() {
-        h.value.as_str()
-    } else {
-        std::str::from_utf8(&h.raw_value).unwrap_or("\u{fffd}")
-    }
+/// The IETF `RateLimit-Policy` and `RateLimit` header values (structured
+/// fields, draft-ietf-httpapi-ratelimit-headers): quota `q` per window `w`
+/// seconds, `r` requests remaining, `t` seconds until the budget is full again.
+fn quota_values(q: &Quota) -> (Scratch, Scratch) {
+    (
+        Scratch::format(format_args!("\"key\";q={};w={}", q.limit, q.window_secs)),
+        Scratch::format(format_args!("\"key\";r={};t={}", q.remaining, q.reset_secs)),
+    )
 }
 
-fn header(key: &str, value: &str, action: HeaderAppendAction) -> HeaderValueOption {
-    HeaderValueOption {
-        header: Some(HeaderValue {
-            key: key.to_owned(),
-            value: value.to_owned(),
-            raw_value: Vec::new(),
-        }),
-        append_action: action as i32,
-    }
-}
+const OWN: [&str; 3] = [CLIENT_HEADER, KEY_ID_HEADER, SCOPES_HEADER];
 
-fn string_value(s: &str) -> Value {
-    Value {
-        kind: Some(Kind::StringValue(s.to_owned())),
-    }
-}
-
-/// Turns a decision into the CheckResponse Envoy acts on. The only place
-/// responses are made.
+/// Encodes the CheckResponse Envoy acts on. The only place responses are made.
+///
+/// `carrier` is the header that carried the key (removed before the request
+/// goes upstream); `own_headers` are the client-sent `x-keyward-*` names.
 pub fn respond(
     decision: &Decision<'_>,
     carrier: Option<CredentialHeader>,
-    headers: &Headers<'_>,
-) -> CheckResponse {
+    own_headers: &[&[u8]],
+) -> Bytes {
     match decision {
-        Decision::Allow { key, quota } => {
-            let overwrite = HeaderAppendAction::OverwriteIfExistsOrAdd;
-            let mut headers_to_remove: Vec<String> = Vec::with_capacity(1);
-            if let Some(c) = carrier {
-                headers_to_remove.push(c.name().to_owned());
-            }
-            // Envoy applies removals after it sets `headers`, so list only the
-            // client-sent x-keyward-* names that we do not set ourselves.
-            for name in headers.names() {
-                if name.len() > OWN_PREFIX.len()
-                    && name[..OWN_PREFIX.len()].eq_ignore_ascii_case(OWN_PREFIX)
-                    && ![CLIENT_HEADER, KEY_ID_HEADER, SCOPES_HEADER]
-                        .iter()
-                        .any(|own| own.eq_ignore_ascii_case(name))
-                {
-                    let lower = name.to_ascii_lowercase();
-                    if !headers_to_remove.contains(&lower) {
-                        headers_to_remove.push(lower);
-                    }
-                }
-            }
-            let mut response_headers_to_add = Vec::new();
-            if let Some(q) = quota {
-                push_quota(&mut response_headers_to_add, q);
-            }
-            if let Some(dep) = &key.deprecation_header {
-                response_headers_to_add.push(header("deprecation", dep, overwrite));
-                if let Some(sunset) = &key.sunset_header {
-                    response_headers_to_add.push(header("sunset", sunset, overwrite));
-                }
-            }
-            let mut metadata = BTreeMap::new();
-            metadata.insert("client".to_owned(), string_value(&key.client));
-            metadata.insert("key_id".to_owned(), string_value(&key.id));
-            metadata.insert("scopes".to_owned(), string_value(&key.scopes_joined));
-            CheckResponse {
-                status: Some(rpc::Status {
-                    code: 0,
-                    message: String::new(),
-                }),
-                http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                    headers: vec![
-                        header(CLIENT_HEADER, &key.client, overwrite),
-                        header(KEY_ID_HEADER, &key.id, overwrite),
-                        header(SCOPES_HEADER, &key.scopes_joined, overwrite),
-                    ],
-                    headers_to_remove,
-                    response_headers_to_add,
-                })),
-                dynamic_metadata: Some(Struct { fields: metadata }),
-            }
-        }
+        Decision::Allow { key, quota } => allowed(key, quota.as_ref(), carrier, own_headers),
         Decision::Deny {
             reason,
             quota,
@@ -347,65 +273,129 @@ pub fn respond(
     }
 }
 
-/// The IETF `RateLimit-Policy` and `RateLimit` headers (structured fields,
-/// draft-ietf-httpapi-ratelimit-headers): quota `q` per window `w` seconds,
-/// `r` requests remaining, `t` seconds until the budget is full again.
-fn push_quota(headers: &mut Vec<HeaderValueOption>, q: &Quota) {
-    let overwrite = HeaderAppendAction::OverwriteIfExistsOrAdd;
-    headers.push(header(
-        "ratelimit-policy",
-        &format!("\"key\";q={};w={}", q.limit, q.window_secs),
-        overwrite,
-    ));
-    headers.push(header(
-        "ratelimit",
-        &format!("\"key\";r={};t={}", q.remaining, q.reset_secs),
-        overwrite,
-    ));
+fn allowed(
+    key: &KeyEntry,
+    quota: Option<&Quota>,
+    carrier: Option<CredentialHeader>,
+    own_headers: &[&[u8]],
+) -> Bytes {
+    let carrier_name = carrier.map(|c| c.name().as_bytes());
+    // Envoy applies removals after it sets `headers`, so list only the
+    // client-sent x-keyward-* names that we do not set ourselves. Envoy
+    // sends names in lower case; anything else is lowered (and allocates,
+    // which only such a request pays for).
+    let mut lowered: Vec<Vec<u8>> = Vec::new();
+    for name in own_headers {
+        if OWN
+            .iter()
+            .any(|own| own.as_bytes().eq_ignore_ascii_case(name))
+        {
+            continue;
+        }
+        let lower = name.to_ascii_lowercase();
+        if !lowered.contains(&lower) {
+            lowered.push(lower);
+        }
+    }
+    let mut all: Vec<&[u8]> = Vec::new();
+    let remove: &[&[u8]] = if lowered.is_empty() {
+        carrier_name.as_slice()
+    } else {
+        all.extend(carrier_name);
+        all.extend(lowered.iter().map(Vec::as_slice));
+        &all
+    };
+
+    let quota = quota.map(quota_values);
+    let mut response_headers: [Header<'_>; 4] = [(&[], &[]); 4];
+    let mut n = 0;
+    if let Some((policy, remaining)) = &quota {
+        response_headers[0] = (b"ratelimit-policy", policy.bytes());
+        response_headers[1] = (b"ratelimit", remaining.bytes());
+        n = 2;
+    }
+    if let Some(dep) = &key.deprecation_header {
+        response_headers[n] = (b"deprecation", dep.as_bytes());
+        n += 1;
+        if let Some(sunset) = &key.sunset_header {
+            response_headers[n] = (b"sunset", sunset.as_bytes());
+            n += 1;
+        }
+    }
+    let ok = OkResponse {
+        headers: &[
+            (CLIENT_HEADER.as_bytes(), key.client.as_bytes()),
+            (KEY_ID_HEADER.as_bytes(), key.id.as_bytes()),
+            (SCOPES_HEADER.as_bytes(), key.scopes_joined.as_bytes()),
+        ],
+        remove,
+        response_headers: &response_headers[..n],
+        metadata: &[
+            (b"client", key.client.as_bytes()),
+            (b"key_id", key.id.as_bytes()),
+            (b"scopes", key.scopes_joined.as_bytes()),
+        ],
+    };
+    wire::frame(ok.encoded_len(), |e| ok.encode(e))
 }
 
 /// The response for a denial; `quota` and `retry_after` (seconds, 0 for none)
-/// add the rate-limit headers.
-pub fn denied(reason: DenyReason, quota: Option<&Quota>, retry_after: u64) -> CheckResponse {
-    let status = reason.http_status();
-    let overwrite = HeaderAppendAction::OverwriteIfExistsOrAdd;
-    let mut headers = vec![header("content-type", "application/json", overwrite)];
-    if let Some(q) = quota {
-        push_quota(&mut headers, q);
+/// add the rate-limit headers. Denials without either are encoded once per
+/// process and shared.
+pub fn denied(reason: DenyReason, quota: Option<&Quota>, retry_after: u64) -> Bytes {
+    static PLAIN: OnceLock<[Bytes; DenyReason::ALL.len()]> = OnceLock::new();
+    if quota.is_none() && retry_after == 0 {
+        let plain = PLAIN.get_or_init(|| DenyReason::ALL.map(|r| encode_denied(r, None, 0)));
+        return plain[reason.index()].clone();
     }
+    encode_denied(reason, quota, retry_after)
+}
+
+fn encode_denied(reason: DenyReason, quota: Option<&Quota>, retry_after: u64) -> Bytes {
+    let status = reason.http_status();
+    let mut headers: [Header<'_>; 5] = [(&[], &[]); 5];
+    headers[0] = (b"content-type", b"application/json");
+    let mut n = 1;
+    let quota = quota.map(quota_values);
+    if let Some((policy, remaining)) = &quota {
+        headers[1] = (b"ratelimit-policy", policy.bytes());
+        headers[2] = (b"ratelimit", remaining.bytes());
+        n = 3;
+    }
+    let retry = Scratch::format(format_args!("{retry_after}"));
     if retry_after > 0 {
-        headers.push(header("retry-after", &retry_after.to_string(), overwrite));
+        headers[n] = (b"retry-after", retry.bytes());
+        n += 1;
     }
     if status == 401 {
-        let challenge = if reason == DenyReason::MissingKey {
-            r#"Bearer realm="keyward""#
+        let challenge: &[u8] = if reason == DenyReason::MissingKey {
+            br#"Bearer realm="keyward""#
         } else {
-            r#"Bearer realm="keyward", error="invalid_token""#
+            br#"Bearer realm="keyward", error="invalid_token""#
         };
-        headers.push(header("www-authenticate", challenge, overwrite));
+        headers[n] = (b"www-authenticate", challenge);
+        n += 1;
     }
-    CheckResponse {
-        status: Some(rpc::Status {
-            code: reason.grpc_code(),
-            message: reason.code().to_owned(),
-        }),
-        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
-            status: Some(HttpStatus {
-                code: i32::from(status),
-            }),
-            headers,
-            body: format!("{{\"error\":\"{}\"}}", reason.code()),
-        })),
-        dynamic_metadata: None,
-    }
+    let body = Scratch::format(format_args!("{{\"error\":\"{}\"}}", reason.code()));
+    let d = DeniedResponse {
+        grpc_code: reason.grpc_code().unsigned_abs(),
+        message: reason.code().as_bytes(),
+        http_status: status,
+        headers: &headers[..n],
+        body: body.bytes(),
+    };
+    wire::frame(d.encoded_len(), |e| d.encode(e))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::keyfile::{ParseOptions, parse_str};
-    use crate::pb::envoy::config::core::v3::HeaderMap;
+    use crate::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use crate::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
     use crate::pb::envoy::service::auth::v3::attribute_context::Request as AttrRequest;
+    use crate::pb::envoy::service::auth::v3::check_response::HttpResponse;
+    use crate::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
     use crate::ring::{KeyRing, RingSource, UsageRegistry};
     use std::sync::atomic::Ordering;
 
@@ -530,8 +520,10 @@ mod tests {
 
     #[test]
     fn denials_have_the_contract_shape() {
+        use prost::Message as _;
         for reason in DenyReason::ALL {
-            let resp = denied(reason, None, 0);
+            let framed = denied(reason, None, 0);
+            let resp = CheckResponse::decode(wire::unframe(&framed).unwrap()).unwrap();
             let Some(HttpResponse::DeniedResponse(d)) = &resp.http_response else {
                 unreachable!()
             };

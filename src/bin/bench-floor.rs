@@ -6,17 +6,14 @@
 //! cost of gRPC framework, protobuf decoding and the decision itself. It
 //! prints the address it listens on (so `--listen 127.0.0.1:0` works) on stdout.
 
-use std::convert::Infallible;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use bytes::Bytes;
 use clap::Parser;
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
+use keyward::grpc::Reply;
 use keyward::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use keyward::pb::envoy::service::auth::v3::{CheckResponse, OkHttpResponse};
 use keyward::pb::google::rpc;
@@ -31,36 +28,6 @@ struct Args {
     listen: std::net::SocketAddr,
 }
 
-/// The response body: one data frame, then the `grpc-status: 0` trailers.
-struct Fixed {
-    data: Option<Bytes>,
-    trailers: Option<HeaderMap>,
-}
-
-impl Body for Fixed {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if let Some(data) = self.data.take() {
-            return Poll::Ready(Some(Ok(Frame::data(data))));
-        }
-        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.data.is_none() && self.trailers.is_none()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let n = self.data.as_ref().map_or(0, |d| d.len() as u64);
-        SizeHint::with_exact(n)
-    }
-}
-
 /// A gRPC length-prefixed message: uncompressed flag, big-endian length, bytes.
 fn grpc_frame(message: &[u8]) -> Bytes {
     let mut framed = Vec::with_capacity(5 + message.len());
@@ -70,12 +37,9 @@ fn grpc_frame(message: &[u8]) -> Bytes {
     Bytes::from(framed)
 }
 
-async fn answer(req: Request<Incoming>, ok: Bytes) -> Result<Response<Fixed>, hyper::Error> {
+async fn answer(req: Request<Incoming>, ok: Bytes) -> Result<Response<Reply>, hyper::Error> {
     if req.method() != Method::POST {
-        let mut resp = Response::new(Fixed {
-            data: None,
-            trailers: None,
-        });
+        let mut resp = Response::new(Reply::empty());
         *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
         return Ok(resp);
     }
@@ -84,12 +48,7 @@ async fn answer(req: Request<Incoming>, ok: Bytes) -> Result<Response<Fixed>, hy
     while let Some(frame) = body.frame().await {
         frame?;
     }
-    let mut trailers = HeaderMap::with_capacity(1);
-    trailers.insert("grpc-status", HeaderValue::from_static("0"));
-    let mut resp = Response::new(Fixed {
-        data: Some(ok),
-        trailers: Some(trailers),
-    });
+    let mut resp = Response::new(Reply::ok(ok));
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     Ok(resp)
@@ -117,7 +76,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let ok = ok.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| answer(req, ok.clone()));
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            // The same HTTP/2 settings as keyward's listener, so the two
+            // differ only in what they do per request.
+            let _ = keyward::grpc::http2()
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });

@@ -1,0 +1,304 @@
+//! The gRPC listener: HTTP/2 connections served by hyper.
+//!
+//! `Authorization/Check` is answered right here, on the stream's task: the
+//! request body is the one gRPC message (usually one DATA frame, used without
+//! a copy), [`AuthzService::check_message`] turns it into the encoded
+//! response, and the reply is that frame plus `grpc-status: 0` trailers.
+//! There is no framework between the socket and the decision: no codec, no
+//! per-request routing table, no boxed bodies.
+//!
+//! Every other path (`grpc.health.v1.Health`, and UNIMPLEMENTED for the rest)
+//! goes to tonic's router, which is not on the hot path.
+//!
+//! Connections come from any stream of sockets (TCP, Unix, TLS), so one
+//! server loop serves all three; on shutdown it stops accepting, sends every
+//! connection a GOAWAY, and waits (bounded) for in-flight checks to finish.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt as _;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use jiff::Timestamp;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::codegen::Service as _;
+
+use crate::service::AuthzService;
+
+/// The one method keyward serves itself.
+pub const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
+/// The service name reported by `grpc.health.v1`.
+pub const CHECK_SERVICE: &str = "envoy.service.auth.v3.Authorization";
+/// Largest CheckRequest accepted (gRPC's customary default). Envoy's are
+/// well under a kilobyte unless it is configured to send request bodies.
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+/// Concurrent streams allowed per connection. Envoy multiplexes every check
+/// of a worker over one connection, so this is generous.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Largest request header block accepted (Envoy's gRPC headers are small).
+pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+
+/// gRPC status codes used here.
+mod code {
+    pub const INVALID_ARGUMENT: u16 = 3;
+    pub const RESOURCE_EXHAUSTED: u16 = 8;
+    pub const UNIMPLEMENTED: u16 = 12;
+    pub const INTERNAL: u16 = 13;
+}
+
+/// A unary gRPC reply body: the response message, then the trailers.
+#[derive(Debug)]
+pub struct Reply {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Body for Reply {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(data) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+/// The response body type: a Check reply, or whatever tonic's router answers.
+pub type ResponseBody = http_body_util::Either<Reply, tonic::body::Body>;
+
+fn grpc_response(body: Reply) -> Response<ResponseBody> {
+    let mut resp = Response::new(http_body_util::Either::Left(body));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    resp
+}
+
+impl Reply {
+    /// A successful reply: `message` (one gRPC frame), then `grpc-status: 0`.
+    pub fn ok(message: Bytes) -> Reply {
+        let mut trailers = HeaderMap::with_capacity(1);
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        Reply {
+            data: Some(message),
+            trailers: Some(trailers),
+        }
+    }
+
+    /// No body at all (the status and headers say everything).
+    pub fn empty() -> Reply {
+        Reply {
+            data: None,
+            trailers: None,
+        }
+    }
+}
+
+/// A successful unary reply carrying `message` (a framed CheckResponse).
+fn ok(message: Bytes) -> Response<ResponseBody> {
+    grpc_response(Reply::ok(message))
+}
+
+/// A trailers-only error reply.
+fn error(code: u16, message: &'static str) -> Response<ResponseBody> {
+    let mut resp = grpc_response(Reply::empty());
+    let headers = resp.headers_mut();
+    headers.insert("grpc-status", HeaderValue::from(code));
+    headers.insert("grpc-message", HeaderValue::from_static(message));
+    resp
+}
+
+/// Why a request body could not be read as one gRPC message.
+enum BodyError {
+    TooLarge,
+    Transport,
+}
+
+/// Reads the whole request body. A body in one DATA frame (Envoy's usual)
+/// is returned as is; only a split body is copied together.
+async fn read_body(mut body: Incoming) -> Result<Bytes, BodyError> {
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| BodyError::Transport)?.into_data() else {
+            continue; // trailers on a request carry nothing for us
+        };
+        let total = first.as_ref().map_or(0, Bytes::len)
+            + joined.as_ref().map_or(0, BytesMut::len)
+            + data.len();
+        if total > MAX_MESSAGE_BYTES + crate::wire::FRAME_PREFIX {
+            return Err(BodyError::TooLarge);
+        }
+        match (&mut joined, first.take()) {
+            (Some(buf), _) => buf.extend_from_slice(&data),
+            (None, None) => first = Some(data),
+            (None, Some(head)) => {
+                let mut buf = BytesMut::with_capacity(head.len() + data.len());
+                buf.extend_from_slice(&head);
+                buf.extend_from_slice(&data);
+                joined = Some(buf);
+            }
+        }
+    }
+    Ok(match joined {
+        Some(buf) => buf.freeze(),
+        None => first.unwrap_or_default(),
+    })
+}
+
+/// Serves one HTTP/2 request.
+#[derive(Clone)]
+pub struct GrpcService {
+    authz: AuthzService,
+    other: tonic::service::Routes,
+}
+
+impl std::fmt::Debug for GrpcService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcService")
+            .field("authz", &self.authz)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrpcService {
+    /// Check answered by `authz`; every other path by `other`.
+    pub fn new(authz: AuthzService, other: tonic::service::Routes) -> GrpcService {
+        GrpcService { authz, other }
+    }
+
+    /// Answers one request.
+    pub async fn call(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+        if req.uri().path() != CHECK_PATH {
+            let mut other = self.other.clone();
+            // tonic's router (an axum Router) is always ready.
+            return match other.call(req.map(tonic::body::Body::new)).await {
+                Ok(resp) => resp.map(http_body_util::Either::Right),
+                Err(never) => match never {},
+            };
+        }
+        if req.method() != Method::POST {
+            let mut resp = Response::new(http_body_util::Either::Left(Reply::empty()));
+            *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            return resp;
+        }
+        if req
+            .headers()
+            .get("grpc-encoding")
+            .is_some_and(|e| e.as_bytes() != b"identity")
+        {
+            return error(code::UNIMPLEMENTED, "compressed requests are not accepted");
+        }
+        let body = match read_body(req.into_body()).await {
+            Ok(body) => body,
+            Err(BodyError::TooLarge) => {
+                return error(code::RESOURCE_EXHAUSTED, "CheckRequest too large");
+            }
+            Err(BodyError::Transport) => {
+                return error(code::INTERNAL, "request body failed");
+            }
+        };
+        let message = match crate::wire::unframe(&body) {
+            Ok(m) => m,
+            Err(_) => {
+                return error(code::INVALID_ARGUMENT, "the body is not one gRPC message");
+            }
+        };
+        match self.authz.check_message(message, Timestamp::now()) {
+            Ok(reply) => ok(reply),
+            Err(e) => {
+                tracing::debug!(error = %e, "undecodable CheckRequest");
+                error(code::INVALID_ARGUMENT, "malformed CheckRequest")
+            }
+        }
+    }
+}
+
+/// The HTTP/2 settings for ext_authz traffic: few connections, many streams.
+pub fn http2() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        // gRPC peers do not read `date`; formatting it is wasted work.
+        .auto_date_header(false);
+    b
+}
+
+/// Serves connections from `incoming` until `stop` turns true, then stops
+/// accepting and drains open connections for at most `drain`.
+pub async fn serve<S, IO>(
+    mut incoming: S,
+    service: GrpcService,
+    mut stop: watch::Receiver<bool>,
+    drain: Duration,
+) where
+    S: Stream<Item = std::io::Result<IO>> + Unpin,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let builder = http2();
+    let graceful = GracefulShutdown::new();
+    let service = Arc::new(service);
+    loop {
+        let conn = tokio::select! {
+            conn = incoming.next() => conn,
+            _ = stop.wait_for(|stop| *stop) => break,
+        };
+        let io = match conn {
+            Some(Ok(io)) => io,
+            Some(Err(e)) => {
+                // Transient (e.g. EMFILE): back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            None => break,
+        };
+        let service = Arc::clone(&service);
+        let conn = builder.serve_connection(
+            TokioIo::new(io),
+            hyper::service::service_fn(move |req| {
+                let service = Arc::clone(&service);
+                async move { Ok::<_, Infallible>(service.call(req).await) }
+            }),
+        );
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "gRPC connection ended with an error");
+            }
+        });
+    }
+    drop(incoming);
+    tracing::info!("shutting down: draining in-flight checks");
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(drain) => {
+            tracing::warn!("drain timed out after {drain:?}; closing remaining connections");
+        }
+    }
+}

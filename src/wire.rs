@@ -1,0 +1,838 @@
+//! Protobuf for the Check hot path, by hand.
+//!
+//! [`CheckView::decode`] reads only the CheckRequest fields keyward uses,
+//! borrowing them from the request bytes: no `HashMap` of every header, no
+//! `String`s, no allocation at all unless a client sends its own
+//! `x-keyward-*` headers. Everything else is skipped by wire type. It follows
+//! protobuf's merge rules, so it reads exactly what prost would: the last
+//! value of a scalar wins, repeated occurrences of a message merge, and the
+//! last entry of a map key wins.
+//!
+//! [`Encoder`] writes a CheckResponse straight into the gRPC frame that goes
+//! on the wire. Field sizes are computed first, so each byte is written once.
+//!
+//! The generated prost types in [`crate::pb`] stay the reference: the tests
+//! here decode what the encoder writes with prost and compare, and encode
+//! requests with prost and compare what the view reads.
+
+use bytes::{BufMut as _, BytesMut};
+
+use crate::decide::{API_KEY_HEADER, AUTHORIZATION_HEADER};
+
+/// `x-forwarded-for`, read for the lockout's client address.
+pub const FORWARDED_FOR_HEADER: &str = "x-forwarded-for";
+/// Prefix of every header keyward owns; client-sent ones are stripped.
+pub const OWN_PREFIX: &[u8] = b"x-keyward-";
+/// The per-route `context_extensions` key naming required scopes.
+pub const REQUIRED_SCOPES: &[u8] = b"required_scopes";
+
+/// A CheckRequest that is not valid protobuf (or not the shape the
+/// ext_authz API defines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed CheckRequest: {0}")]
+pub struct DecodeError(&'static str);
+
+/// The downstream address Envoy reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source<'a> {
+    /// An IP socket address (`address` only; the port is not used).
+    Socket(&'a [u8]),
+    /// A Unix socket path.
+    Pipe(&'a [u8]),
+}
+
+/// What keyward reads from a CheckRequest, borrowed from its bytes.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CheckView<'a> {
+    /// `attributes.source.address`.
+    pub source: Option<Source<'a>>,
+    /// `attributes.request.http.method`.
+    pub method: &'a [u8],
+    /// `attributes.request.http.path`.
+    pub path: &'a [u8],
+    /// `attributes.context_extensions["required_scopes"]`.
+    pub required_scopes: Option<&'a [u8]>,
+    api_key: Headers<'a>,
+    authorization: Headers<'a>,
+    forwarded_for: Headers<'a>,
+    /// Names of client-sent `x-keyward-*` headers, in request order (may
+    /// repeat). Allocates only when a client sends one.
+    pub own_headers: Vec<&'a [u8]>,
+}
+
+/// One header as found in the two encodings Envoy uses: the `headers` map
+/// (the last entry of a name wins) and the raw `header_map` list (the first
+/// entry wins). The map is preferred, as before raw encoding existed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Headers<'a> {
+    map: Option<&'a [u8]>,
+    raw: Option<&'a [u8]>,
+}
+
+impl<'a> Headers<'a> {
+    fn get(self) -> Option<&'a [u8]> {
+        self.map.or(self.raw)
+    }
+}
+
+impl<'a> CheckView<'a> {
+    /// The `x-api-key` header.
+    pub fn api_key(&self) -> Option<&'a [u8]> {
+        self.api_key.get()
+    }
+
+    /// The `authorization` header.
+    pub fn authorization(&self) -> Option<&'a [u8]> {
+        self.authorization.get()
+    }
+
+    /// The `x-forwarded-for` header.
+    pub fn forwarded_for(&self) -> Option<&'a [u8]> {
+        self.forwarded_for.get()
+    }
+
+    /// Reads a serialized CheckRequest.
+    pub fn decode(buf: &'a [u8]) -> Result<CheckView<'a>, DecodeError> {
+        let mut view = CheckView::default();
+        let mut r = Reader(buf);
+        while let Some((field, wire)) = r.tag()? {
+            match field {
+                1 => view.attributes(r.message(wire)?)?,
+                _ => r.skip(wire)?,
+            }
+        }
+        Ok(view)
+    }
+
+    /// `AttributeContext`.
+    fn attributes(&mut self, buf: &'a [u8]) -> Result<(), DecodeError> {
+        let mut r = Reader(buf);
+        while let Some((field, wire)) = r.tag()? {
+            match field {
+                // source: Peer { address = 1 }
+                1 => {
+                    let mut peer = Reader(r.message(wire)?);
+                    while let Some((field, wire)) = peer.tag()? {
+                        match field {
+                            1 => self.address(peer.message(wire)?)?,
+                            _ => peer.skip(wire)?,
+                        }
+                    }
+                }
+                // request: Request { http = 2 }
+                4 => {
+                    let mut req = Reader(r.message(wire)?);
+                    while let Some((field, wire)) = req.tag()? {
+                        match field {
+                            2 => self.http(req.message(wire)?)?,
+                            _ => req.skip(wire)?,
+                        }
+                    }
+                }
+                // context_extensions: map<string, string>
+                10 => {
+                    let (key, value) = map_entry(r.message(wire)?)?;
+                    if key == REQUIRED_SCOPES {
+                        self.required_scopes = Some(value);
+                    }
+                }
+                _ => r.skip(wire)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// `config.core.v3.Address`: a oneof of `socket_address = 1` and `pipe = 2`.
+    fn address(&mut self, buf: &'a [u8]) -> Result<(), DecodeError> {
+        let mut r = Reader(buf);
+        while let Some((field, wire)) = r.tag()? {
+            match field {
+                1 => {
+                    // Merging into the socket address kept so far, as prost does.
+                    let mut address = match self.source {
+                        Some(Source::Socket(a)) => a,
+                        _ => &[],
+                    };
+                    let mut s = Reader(r.message(wire)?);
+                    while let Some((field, wire)) = s.tag()? {
+                        match field {
+                            2 => address = s.bytes(wire)?,
+                            _ => s.skip(wire)?,
+                        }
+                    }
+                    self.source = Some(Source::Socket(address));
+                }
+                2 => {
+                    let mut path = match self.source {
+                        Some(Source::Pipe(p)) => p,
+                        _ => &[],
+                    };
+                    let mut p = Reader(r.message(wire)?);
+                    while let Some((field, wire)) = p.tag()? {
+                        match field {
+                            1 => path = p.bytes(wire)?,
+                            _ => p.skip(wire)?,
+                        }
+                    }
+                    self.source = Some(Source::Pipe(path));
+                }
+                _ => r.skip(wire)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// `AttributeContext.HttpRequest`.
+    fn http(&mut self, buf: &'a [u8]) -> Result<(), DecodeError> {
+        let mut r = Reader(buf);
+        while let Some((field, wire)) = r.tag()? {
+            match field {
+                2 => self.method = r.bytes(wire)?,
+                3 => {
+                    let (name, value) = map_entry(r.message(wire)?)?;
+                    self.header(name, value, false);
+                }
+                4 => self.path = r.bytes(wire)?,
+                // header_map: HeaderMap { repeated HeaderValue headers = 1 }
+                13 => {
+                    let mut map = Reader(r.message(wire)?);
+                    while let Some((field, wire)) = map.tag()? {
+                        match field {
+                            1 => {
+                                let (name, value) = header_value(map.message(wire)?)?;
+                                self.header(name, value, true);
+                            }
+                            _ => map.skip(wire)?,
+                        }
+                    }
+                }
+                _ => r.skip(wire)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn header(&mut self, name: &'a [u8], value: &'a [u8], raw: bool) {
+        let slot = if name.eq_ignore_ascii_case(API_KEY_HEADER.as_bytes()) {
+            &mut self.api_key
+        } else if name.eq_ignore_ascii_case(AUTHORIZATION_HEADER.as_bytes()) {
+            &mut self.authorization
+        } else if name.eq_ignore_ascii_case(FORWARDED_FOR_HEADER.as_bytes()) {
+            &mut self.forwarded_for
+        } else {
+            if name.len() > OWN_PREFIX.len()
+                && name[..OWN_PREFIX.len()].eq_ignore_ascii_case(OWN_PREFIX)
+            {
+                self.own_headers.push(name);
+            }
+            return;
+        };
+        if raw {
+            slot.raw.get_or_insert(value);
+        } else {
+            slot.map = Some(value);
+        }
+    }
+}
+
+/// A `map<string, string>` entry: (key = 1, value = 2), either may be absent.
+fn map_entry(buf: &[u8]) -> Result<(&[u8], &[u8]), DecodeError> {
+    let (mut key, mut value): (&[u8], &[u8]) = (&[], &[]);
+    let mut r = Reader(buf);
+    while let Some((field, wire)) = r.tag()? {
+        match field {
+            1 => key = r.bytes(wire)?,
+            2 => value = r.bytes(wire)?,
+            _ => r.skip(wire)?,
+        }
+    }
+    Ok((key, value))
+}
+
+/// `config.core.v3.HeaderValue`: the key, and `raw_value` when set, else `value`.
+fn header_value(buf: &[u8]) -> Result<(&[u8], &[u8]), DecodeError> {
+    let (mut key, mut value, mut raw): (&[u8], &[u8], &[u8]) = (&[], &[], &[]);
+    let mut r = Reader(buf);
+    while let Some((field, wire)) = r.tag()? {
+        match field {
+            1 => key = r.bytes(wire)?,
+            2 => value = r.bytes(wire)?,
+            3 => raw = r.bytes(wire)?,
+            _ => r.skip(wire)?,
+        }
+    }
+    Ok((key, if raw.is_empty() { value } else { raw }))
+}
+
+const VARINT: u8 = 0;
+const FIXED64: u8 = 1;
+const LEN: u8 = 2;
+const FIXED32: u8 = 5;
+
+/// A cursor over protobuf bytes.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    #[inline]
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut value = 0u64;
+        for (i, &b) in self.0.iter().enumerate().take(10) {
+            value |= u64::from(b & 0x7f) << (7 * i);
+            if b < 0x80 {
+                if i == 9 && b > 1 {
+                    return Err(DecodeError("varint overflows 64 bits"));
+                }
+                self.0 = &self.0[i + 1..];
+                return Ok(value);
+            }
+        }
+        Err(DecodeError("truncated or overlong varint"))
+    }
+
+    /// The next (field number, wire type), or `None` at the end.
+    #[inline]
+    fn tag(&mut self) -> Result<Option<(u32, u8)>, DecodeError> {
+        if self.0.is_empty() {
+            return Ok(None);
+        }
+        let tag = self.varint()?;
+        let field = u32::try_from(tag >> 3).map_err(|_| DecodeError("field number too large"))?;
+        if field == 0 {
+            return Err(DecodeError("field number 0"));
+        }
+        Ok(Some((field, (tag & 7) as u8)))
+    }
+
+    #[inline]
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if n > self.0.len() {
+            return Err(DecodeError("length runs past the end"));
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Ok(head)
+    }
+
+    /// A length-delimited field of a known field number.
+    #[inline]
+    fn bytes(&mut self, wire: u8) -> Result<&'a [u8], DecodeError> {
+        if wire != LEN {
+            return Err(DecodeError("wrong wire type for a string or message field"));
+        }
+        let n = self.varint()?;
+        self.take(usize::try_from(n).map_err(|_| DecodeError("length too large"))?)
+    }
+
+    #[inline]
+    fn message(&mut self, wire: u8) -> Result<&'a [u8], DecodeError> {
+        self.bytes(wire)
+    }
+
+    /// Skips a field keyward does not read.
+    fn skip(&mut self, wire: u8) -> Result<(), DecodeError> {
+        match wire {
+            VARINT => self.varint().map(drop),
+            FIXED64 => self.take(8).map(drop),
+            LEN => self.bytes(LEN).map(drop),
+            FIXED32 => self.take(4).map(drop),
+            // Groups are proto2-only and absent from the ext_authz API.
+            _ => Err(DecodeError("unsupported wire type")),
+        }
+    }
+}
+
+/// Bytes of a varint.
+#[inline]
+const fn varint_len(v: u64) -> usize {
+    // 1 byte per started group of 7 bits, at least 1.
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// Bytes of a length-delimited field of `len` payload bytes (field < 16).
+#[inline]
+const fn field_len(len: usize) -> usize {
+    1 + varint_len(len as u64) + len
+}
+
+/// `config.core.v3.HeaderValueOption::append_action` OVERWRITE_IF_EXISTS_OR_ADD.
+const OVERWRITE_IF_EXISTS_OR_ADD: u64 = 2;
+
+/// Bytes of a `HeaderValue { key, value }`.
+#[inline]
+fn header_value_len(key: &[u8], value: &[u8]) -> usize {
+    field_len(key.len()) + field_len(value.len())
+}
+
+/// Bytes of a `HeaderValueOption { header, append_action: overwrite }`.
+#[inline]
+fn header_option_len(key: &[u8], value: &[u8]) -> usize {
+    field_len(header_value_len(key, value)) + 2
+}
+
+/// Bytes of a `Struct.FieldsEntry { key, Value { string_value } }`.
+#[inline]
+fn struct_entry_len(key: &[u8], value: &[u8]) -> usize {
+    field_len(key.len()) + field_len(field_len(value.len()))
+}
+
+/// Writes protobuf into a buffer that already holds the gRPC frame prefix.
+pub struct Encoder<'b>(pub &'b mut BytesMut);
+
+impl Encoder<'_> {
+    #[inline]
+    fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.0.put_u8((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.0.put_u8(v as u8);
+    }
+
+    #[inline]
+    fn tag(&mut self, field: u8, wire: u8) {
+        self.0.put_u8((field << 3) | wire);
+    }
+
+    /// Starts a length-delimited field whose payload is `len` bytes.
+    #[inline]
+    fn open(&mut self, field: u8, len: usize) {
+        self.tag(field, LEN);
+        self.varint(len as u64);
+    }
+
+    #[inline]
+    fn bytes(&mut self, field: u8, data: &[u8]) {
+        self.open(field, data.len());
+        self.0.put_slice(data);
+    }
+
+    #[inline]
+    fn uint(&mut self, field: u8, v: u64) {
+        self.tag(field, VARINT);
+        self.varint(v);
+    }
+
+    /// A `HeaderValueOption` that overwrites `key` with `value`, as `field`.
+    #[inline]
+    fn header_option(&mut self, field: u8, key: &[u8], value: &[u8]) {
+        self.open(field, header_option_len(key, value));
+        self.open(1, header_value_len(key, value));
+        self.bytes(1, key);
+        self.bytes(2, value);
+        self.uint(3, OVERWRITE_IF_EXISTS_OR_ADD);
+    }
+
+    #[inline]
+    fn struct_entry(&mut self, key: &[u8], value: &[u8]) {
+        self.open(1, struct_entry_len(key, value));
+        self.bytes(1, key);
+        self.open(2, field_len(value.len()));
+        self.bytes(3, value);
+    }
+}
+
+/// A header to set: name and value.
+pub type Header<'a> = (&'a [u8], &'a [u8]);
+
+/// An allowed CheckResponse, as fields.
+#[derive(Debug, Default)]
+pub struct OkResponse<'a> {
+    /// `ok_response.headers`: set on the request that goes upstream.
+    pub headers: &'a [Header<'a>],
+    /// `ok_response.headers_to_remove`.
+    pub remove: &'a [&'a [u8]],
+    /// `ok_response.response_headers_to_add`: set on the client's response.
+    pub response_headers: &'a [Header<'a>],
+    /// `dynamic_metadata` string fields.
+    pub metadata: &'a [Header<'a>],
+}
+
+impl OkResponse<'_> {
+    fn ok_len(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .chain(self.response_headers)
+            .map(|(k, v)| field_len(header_option_len(k, v)))
+            .sum();
+        let remove: usize = self.remove.iter().map(|n| field_len(n.len())).sum();
+        headers + remove
+    }
+
+    fn metadata_len(&self) -> usize {
+        self.metadata
+            .iter()
+            .map(|(k, v)| field_len(struct_entry_len(k, v)))
+            .sum()
+    }
+
+    /// Bytes of the encoded CheckResponse.
+    pub fn encoded_len(&self) -> usize {
+        let mut n = field_len(0) + field_len(self.ok_len());
+        if !self.metadata.is_empty() {
+            n += field_len(self.metadata_len());
+        }
+        n
+    }
+
+    /// Appends the CheckResponse.
+    pub fn encode(&self, e: &mut Encoder<'_>) {
+        // status: google.rpc.Status {} (code OK, no message)
+        e.open(1, 0);
+        e.open(3, self.ok_len());
+        for (k, v) in self.headers {
+            e.header_option(2, k, v);
+        }
+        for name in self.remove {
+            e.bytes(5, name);
+        }
+        for (k, v) in self.response_headers {
+            e.header_option(6, k, v);
+        }
+        if !self.metadata.is_empty() {
+            e.open(4, self.metadata_len());
+            for (k, v) in self.metadata {
+                e.struct_entry(k, v);
+            }
+        }
+    }
+}
+
+/// A denied CheckResponse, as fields.
+#[derive(Debug)]
+pub struct DeniedResponse<'a> {
+    /// `status.code` (a `google.rpc.Code`, not OK).
+    pub grpc_code: u32,
+    /// `status.message`.
+    pub message: &'a [u8],
+    /// `denied_response.status.code`: the HTTP status for the client.
+    pub http_status: u16,
+    /// `denied_response.headers`.
+    pub headers: &'a [Header<'a>],
+    /// `denied_response.body`.
+    pub body: &'a [u8],
+}
+
+impl DeniedResponse<'_> {
+    fn status_len(&self) -> usize {
+        1 + varint_len(u64::from(self.grpc_code)) + field_len(self.message.len())
+    }
+
+    fn denied_len(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| field_len(header_option_len(k, v)))
+            .sum();
+        field_len(1 + varint_len(u64::from(self.http_status)))
+            + headers
+            + field_len(self.body.len())
+    }
+
+    /// Bytes of the encoded CheckResponse.
+    pub fn encoded_len(&self) -> usize {
+        field_len(self.status_len()) + field_len(self.denied_len())
+    }
+
+    /// Appends the CheckResponse.
+    pub fn encode(&self, e: &mut Encoder<'_>) {
+        e.open(1, self.status_len());
+        e.uint(1, u64::from(self.grpc_code));
+        e.bytes(2, self.message);
+        e.open(2, self.denied_len());
+        e.open(1, 1 + varint_len(u64::from(self.http_status)));
+        e.uint(1, u64::from(self.http_status));
+        for (k, v) in self.headers {
+            e.header_option(2, k, v);
+        }
+        e.bytes(3, self.body);
+    }
+}
+
+/// Length of the gRPC message prefix: a compression flag and a big-endian u32 length.
+pub const FRAME_PREFIX: usize = 5;
+
+/// Encodes `len` bytes of message with `write` into a new gRPC frame.
+#[inline]
+pub fn frame(len: usize, write: impl FnOnce(&mut Encoder<'_>)) -> bytes::Bytes {
+    let mut buf = BytesMut::with_capacity(FRAME_PREFIX + len);
+    buf.put_u8(0);
+    buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    write(&mut Encoder(&mut buf));
+    debug_assert_eq!(buf.len(), FRAME_PREFIX + len, "encoded length mismatch");
+    buf.freeze()
+}
+
+/// The message of a unary gRPC request body: one uncompressed frame.
+pub fn unframe(body: &[u8]) -> Result<&[u8], DecodeError> {
+    let Some((prefix, rest)) = body.split_first_chunk::<FRAME_PREFIX>() else {
+        return Err(DecodeError("the request body is not a gRPC message"));
+    };
+    if prefix[0] != 0 {
+        return Err(DecodeError("compressed messages are not accepted"));
+    }
+    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    if rest.len() != len {
+        return Err(DecodeError(
+            "the request body is not exactly one gRPC message",
+        ));
+    }
+    Ok(rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::envoy::config::core::v3::{self as core, address::Address as AddressKind};
+    use crate::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
+    use crate::pb::envoy::service::auth::v3::check_response::HttpResponse;
+    use crate::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
+    use proptest::prelude::*;
+    use prost::Message as _;
+
+    fn request(headers: &[(&str, &str)], raw: &[(&str, &[u8])], scopes: Option<&str>) -> Vec<u8> {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                source: Some(Peer {
+                    address: Some(core::Address {
+                        address: Some(AddressKind::SocketAddress(core::SocketAddress {
+                            address: "10.0.0.7".into(),
+                            port_specifier: None,
+                        })),
+                    }),
+                    principal: String::new(),
+                }),
+                request: Some(Request {
+                    http: Some(HttpRequest {
+                        method: "GET".into(),
+                        path: "/v1/orders".into(),
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                            .collect(),
+                        header_map: (!raw.is_empty()).then(|| core::HeaderMap {
+                            headers: raw
+                                .iter()
+                                .map(|(k, v)| core::HeaderValue {
+                                    key: (*k).into(),
+                                    value: String::new(),
+                                    raw_value: v.to_vec(),
+                                })
+                                .collect(),
+                        }),
+                        ..Default::default()
+                    }),
+                }),
+                context_extensions: scopes
+                    .map(|s| [("required_scopes".to_owned(), s.to_owned())].into())
+                    .unwrap_or_default(),
+                ..Default::default()
+            }),
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn reads_what_keyward_needs() {
+        let bytes = request(
+            &[
+                ("x-api-key", "k1"),
+                ("authorization", "Bearer b"),
+                ("x-forwarded-for", "1.2.3.4"),
+                ("x-keyward-debug", "1"),
+                ("user-agent", "curl"),
+            ],
+            &[],
+            Some("read trade"),
+        );
+        let v = CheckView::decode(&bytes).unwrap();
+        assert_eq!(v.api_key(), Some(&b"k1"[..]));
+        assert_eq!(v.authorization(), Some(&b"Bearer b"[..]));
+        assert_eq!(v.forwarded_for(), Some(&b"1.2.3.4"[..]));
+        assert_eq!(v.own_headers, vec![&b"x-keyward-debug"[..]]);
+        assert_eq!(v.required_scopes, Some(&b"read trade"[..]));
+        assert_eq!(v.method, b"GET");
+        assert_eq!(v.path, b"/v1/orders");
+        assert_eq!(v.source, Some(Source::Socket(b"10.0.0.7")));
+    }
+
+    #[test]
+    fn raw_header_maps_are_read_and_the_plain_map_wins() {
+        let bytes = request(
+            &[],
+            &[("X-Api-Key", b"raw"), ("x-api-key", b"second")],
+            None,
+        );
+        let v = CheckView::decode(&bytes).unwrap();
+        assert_eq!(v.api_key(), Some(&b"raw"[..]));
+        let bytes = request(&[("x-api-key", "plain")], &[("x-api-key", b"raw")], None);
+        assert_eq!(
+            CheckView::decode(&bytes).unwrap().api_key(),
+            Some(&b"plain"[..])
+        );
+    }
+
+    #[test]
+    fn merges_repeated_messages_like_prost() {
+        // Two `attributes` fields: protobuf merges them.
+        let mut bytes = request(&[("x-api-key", "first")], &[], Some("a"));
+        bytes.extend(request(&[("authorization", "Bearer x")], &[], None));
+        let merged = CheckRequest::decode(&bytes[..]).unwrap();
+        let attrs = merged.attributes.unwrap();
+        let http = attrs.request.unwrap().http.unwrap();
+        assert_eq!(http.headers.len(), 2);
+        let v = CheckView::decode(&bytes).unwrap();
+        assert_eq!(v.api_key(), Some(&b"first"[..]));
+        assert_eq!(v.authorization(), Some(&b"Bearer x"[..]));
+        assert_eq!(v.required_scopes, Some(&b"a"[..]));
+    }
+
+    #[test]
+    fn the_captured_envoy_request_decodes() {
+        let bytes = include_bytes!("../tests/data/envoy-1.40-check-request.bin");
+        let reference = CheckRequest::decode(&bytes[..]).unwrap();
+        let v = CheckView::decode(bytes).unwrap();
+        let http = reference.attributes.unwrap().request.unwrap().http.unwrap();
+        assert_eq!(v.method, http.method.as_bytes());
+        assert_eq!(v.path, http.path.as_bytes());
+        assert_eq!(
+            v.api_key(),
+            http.headers.get("x-api-key").map(|s| s.as_bytes())
+        );
+    }
+
+    #[test]
+    fn truncation_and_garbage_are_errors_not_panics() {
+        let bytes = request(&[("x-api-key", "k1")], &[], Some("read"));
+        for cut in 0..bytes.len() {
+            let _ = CheckView::decode(&bytes[..cut]);
+        }
+        assert!(CheckView::decode(&[0x0a, 0x05, 0x01]).is_err());
+        assert!(CheckView::decode(&[0x00]).is_err());
+        assert!(CheckView::decode(&[0xff; 11]).is_err());
+        assert!(CheckView::decode(&[0x08]).is_err());
+    }
+
+    #[test]
+    fn varint_lengths() {
+        for v in [
+            0u64,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            let mut buf = BytesMut::new();
+            Encoder(&mut buf).varint(v);
+            assert_eq!(buf.len(), varint_len(v), "{v}");
+            assert_eq!(Reader(&buf).varint().unwrap(), v);
+        }
+    }
+
+    fn decode_response(framed: &[u8]) -> CheckResponse {
+        CheckResponse::decode(unframe(framed).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn ok_responses_decode_with_prost() {
+        let long = "v".repeat(300);
+        let ok = OkResponse {
+            headers: &[
+                (b"x-keyward-client", b"acme"),
+                (b"x-keyward-key-id", long.as_bytes()),
+            ],
+            remove: &[b"x-api-key", b"x-keyward-debug"],
+            response_headers: &[(b"deprecation", b"@1700000000")],
+            metadata: &[(b"client", b"acme"), (b"key_id", b"k1")],
+        };
+        let resp = decode_response(&frame(ok.encoded_len(), |e| ok.encode(e)));
+        assert_eq!(resp.status.unwrap().code, 0);
+        let Some(HttpResponse::OkResponse(r)) = resp.http_response else {
+            panic!("not ok")
+        };
+        let h: Vec<_> = r
+            .headers
+            .iter()
+            .map(|o| {
+                assert_eq!(o.append_action, 2);
+                let h = o.header.as_ref().unwrap();
+                (h.key.as_str(), h.value.as_str())
+            })
+            .collect();
+        assert_eq!(
+            h,
+            [
+                ("x-keyward-client", "acme"),
+                ("x-keyward-key-id", long.as_str())
+            ]
+        );
+        assert_eq!(r.headers_to_remove, ["x-api-key", "x-keyward-debug"]);
+        assert_eq!(
+            r.response_headers_to_add[0].header.as_ref().unwrap().value,
+            "@1700000000"
+        );
+        let fields = resp.dynamic_metadata.unwrap().fields;
+        assert_eq!(fields.len(), 2);
+        assert!(matches!(
+            &fields["key_id"].kind,
+            Some(prost_types::value::Kind::StringValue(s)) if s == "k1"
+        ));
+    }
+
+    #[test]
+    fn denied_responses_decode_with_prost() {
+        let d = DeniedResponse {
+            grpc_code: 16,
+            message: b"unknown_key",
+            http_status: 401,
+            headers: &[(b"content-type", b"application/json")],
+            body: br#"{"error":"unknown_key"}"#,
+        };
+        let resp = decode_response(&frame(d.encoded_len(), |e| d.encode(e)));
+        let status = resp.status.unwrap();
+        assert_eq!((status.code, status.message.as_str()), (16, "unknown_key"));
+        let Some(HttpResponse::DeniedResponse(r)) = resp.http_response else {
+            panic!("not denied")
+        };
+        assert_eq!(r.status.unwrap().code, 401);
+        assert_eq!(r.body, r#"{"error":"unknown_key"}"#);
+        assert_eq!(r.headers[0].header.as_ref().unwrap().key, "content-type");
+    }
+
+    #[test]
+    fn frames_are_checked() {
+        assert_eq!(unframe(&[0, 0, 0, 0, 2, 8, 1]).unwrap(), &[8, 1]);
+        assert!(unframe(&[0, 0, 0, 0, 3, 8, 1]).is_err());
+        assert!(unframe(&[1, 0, 0, 0, 2, 8, 1]).is_err());
+        assert!(unframe(&[0, 0]).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = CheckView::decode(&bytes);
+        }
+
+        #[test]
+        fn agrees_with_prost(
+            headers in proptest::collection::vec(("[a-z-]{1,12}", "[ -~]{0,20}"), 0..8),
+            key in proptest::option::of("[!-~]{0,40}"),
+            scopes in proptest::option::of("[a-z ,]{0,20}"),
+        ) {
+            let mut all: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            if let Some(k) = &key {
+                all.push(("x-api-key", k));
+            }
+            let bytes = request(&all, &[], scopes.as_deref());
+            let reference = CheckRequest::decode(&bytes[..]).unwrap();
+            let attrs = reference.attributes.unwrap();
+            let http = attrs.request.unwrap().http.unwrap();
+            let v = CheckView::decode(&bytes).unwrap();
+            prop_assert_eq!(v.api_key(), http.headers.get("x-api-key").map(|s| s.as_bytes()));
+            prop_assert_eq!(v.required_scopes, attrs.context_extensions.get("required_scopes").map(|s| s.as_bytes()));
+        }
+    }
+}
