@@ -1,27 +1,38 @@
-//! The verify path (extract → SHA-256 → lookup → decide → counters) and ring
-//! builds, at several ring sizes. Run with `cargo bench --bench verify`.
+//! The hot path and ring builds. Run with `cargo bench --bench verify`.
 //!
-//! Figures to compare are in the same run: `sha256` alone is the floor the
-//! verify path cannot beat without SHA instructions.
+//! * `verify/*`: extract → (memo or SHA-256) → lookup → decide → counters, at
+//!   1k, 100k and 1M keys. `hit`/`miss` present the same key again and again,
+//!   as a client does (the per-thread memo answers); `hit_first`/`miss_first`
+//!   cycle through 64k distinct keys, so nearly every lookup is a first sight
+//!   and pays for SHA-256. `sha256_only` is the floor of a first sight
+//!   without SHA instructions.
+//! * `verify_publishing/*`: `hit` and `hit_first` while another thread builds
+//!   and publishes new rings of the same keys back to back (a reload storm:
+//!   every publication also invalidates the memo).
+//! * `check/*`: the whole check in-process, from the bytes of a CheckRequest
+//!   as Envoy 1.40 sends it (482 bytes, captured) to the framed CheckResponse.
+//! * `ring_build/*`: building a ring from a parsed file.
+//!
+//! Compare figures within one run: the machine's speed drifts between runs.
 
 use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use jiff::Timestamp;
 use keyward::decide::{decide, digest, extract};
 use keyward::keyfile::{KeyFile, KeySpec, KeyState, RateLimitSpec};
-use keyward::ring::{KeyRing, RingSource, UsageRegistry};
+use keyward::ring::{KeyRing, RingHandle, RingSource, UsageRegistry};
+use keyward::service::{AuthzService, Shared};
 use keyward::stats::CheckStats;
+use prost::Message as _;
 
 fn secret(i: usize) -> String {
     format!("bench-secret-{i:012}-abcdefghijklmnopqrstuvwxyz")
 }
 
-fn file(n: usize) -> KeyFile {
-    file_with_limit(n, None)
-}
-
-fn file_with_limit(n: usize, rate_limit: Option<RateLimitSpec>) -> KeyFile {
+fn file(n: usize, rate_limit: Option<RateLimitSpec>) -> KeyFile {
     let keys = (0..n)
         .map(|i| KeySpec {
             id: format!("key-{i}"),
@@ -51,34 +62,48 @@ fn source() -> RingSource {
     }
 }
 
+/// Distinct keys cycled through by the `*_first` benchmarks: many more than
+/// a thread's memo holds.
+const DISTINCT: usize = 1 << 16;
+
+fn verify_one(ring: &KeyRing, stats: &CheckStats, key: &str, now: Timestamp) -> bool {
+    let cred = extract(Some(black_box(key)), None).unwrap();
+    let d = decide(ring, &cred, now, "read");
+    stats.record(&d, 0);
+    d.is_allowed()
+}
+
 fn verify(c: &mut Criterion) {
     let mut g = c.benchmark_group("verify");
     g.throughput(Throughput::Elements(1));
     let present = secret(7);
     g.bench_function("sha256_only", |b| b.iter(|| digest(black_box(&present))));
-    for n in [1_000usize, 100_000] {
+    for n in [1_000usize, 100_000, 1_000_000] {
         let usage = UsageRegistry::default();
-        let ring = KeyRing::build(&file(n), source(), &usage, None);
+        let ring = KeyRing::build(&file(n, None), source(), &usage, None);
         let stats = CheckStats::default();
         let now = Timestamp::now();
         let hit = secret(n / 2);
-        g.bench_with_input(BenchmarkId::new("hit", n), &hit, |b, key| {
-            b.iter(|| {
-                let cred = extract(Some(black_box(key)), None).unwrap();
-                let d = decide(&ring, &cred, now, "read");
-                stats.record(&d, 0);
-                d.is_allowed()
-            })
+        g.bench_function(BenchmarkId::new("hit", n), |b| {
+            b.iter(|| verify_one(&ring, &stats, &hit, now))
         });
         let miss = "bench-secret-not-in-the-ring-abcdefghijklmnopq".to_owned();
-        g.bench_with_input(BenchmarkId::new("miss", n), &miss, |b, key| {
-            b.iter(|| {
-                let cred = extract(Some(black_box(key)), None).unwrap();
-                let d = decide(&ring, &cred, now, "read");
-                stats.record(&d, 0);
-                d.is_allowed()
-            })
+        g.bench_function(BenchmarkId::new("miss", n), |b| {
+            b.iter(|| verify_one(&ring, &stats, &miss, now))
         });
+        let hits: Vec<String> = (0..DISTINCT).map(|i| secret(i % n)).collect();
+        let misses: Vec<String> = (0..DISTINCT)
+            .map(|i| format!("bench-miss-{i:012}"))
+            .collect();
+        for (name, keys) in [("hit_first", &hits), ("miss_first", &misses)] {
+            let mut i = 0;
+            g.bench_function(BenchmarkId::new(name, n), |b| {
+                b.iter(|| {
+                    i = (i + 1) & (DISTINCT - 1);
+                    verify_one(&ring, &stats, &keys[i], now)
+                })
+            });
+        }
     }
     // The same hit with a rate limit configured (one CAS more); a limit so
     // high the benchmark never exhausts it.
@@ -88,33 +113,110 @@ fn verify(c: &mut Criterion) {
         burst: u64::MAX / 4,
     };
     let n = 100_000;
-    let usage = UsageRegistry::default();
-    let ring = KeyRing::build(&file_with_limit(n, Some(limit)), source(), &usage, None);
+    let ring = KeyRing::build(
+        &file(n, Some(limit)),
+        source(),
+        &UsageRegistry::default(),
+        None,
+    );
     let stats = CheckStats::default();
     let hit = secret(n / 2);
     let now = Timestamp::now();
-    g.bench_with_input(BenchmarkId::new("hit_rate_limited", n), &hit, |b, key| {
-        b.iter(|| {
-            let cred = extract(Some(black_box(key)), None).unwrap();
-            let d = decide(&ring, &cred, now, "read");
-            stats.record(&d, 0);
-            d.is_allowed()
-        })
+    g.bench_function(BenchmarkId::new("hit_rate_limited", n), |b| {
+        b.iter(|| verify_one(&ring, &stats, &hit, now))
     });
+    g.finish();
+}
+
+/// The verify path while another thread builds and publishes rings non-stop.
+fn verify_publishing(c: &mut Criterion) {
+    let mut g = c.benchmark_group("verify_publishing");
+    g.throughput(Throughput::Elements(1));
+    let n = 100_000;
+    let usage = UsageRegistry::default();
+    let f = file(n, None);
+    let handle = RingHandle::new(KeyRing::build(&f, source(), &usage, None));
+    let stop = AtomicBool::new(false);
+    let stats = CheckStats::default();
+    let now = Timestamp::now();
+    let hit = secret(n / 2);
+    let hits: Vec<String> = (0..DISTINCT).map(|i| secret(i % n)).collect();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                handle.publish(KeyRing::build(&f, source(), &usage, None));
+            }
+        });
+        g.bench_function(BenchmarkId::new("hit", n), |b| {
+            b.iter(|| verify_one(&handle.load(), &stats, &hit, now))
+        });
+        let mut i = 0;
+        g.bench_function(BenchmarkId::new("hit_first", n), |b| {
+            b.iter(|| {
+                i = (i + 1) & (DISTINCT - 1);
+                verify_one(&handle.load(), &stats, &hits[i], now)
+            })
+        });
+        stop.store(true, Ordering::Relaxed);
+    });
+    g.finish();
+}
+
+/// A CheckRequest as Envoy 1.40 sends it, carrying `key`.
+fn envoy_request(key: &str) -> Vec<u8> {
+    use keyward::pb::envoy::service::auth::v3::CheckRequest;
+    let captured = include_bytes!("../tests/data/envoy-1.40-check-request.bin");
+    let mut req = CheckRequest::decode(&captured[..]).unwrap();
+    let http = req
+        .attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+        .unwrap();
+    http.headers.insert("x-api-key".into(), key.into());
+    req.encode_to_vec()
+}
+
+fn check(c: &mut Criterion) {
+    let mut g = c.benchmark_group("check");
+    g.throughput(Throughput::Elements(1));
+    let n = 100_000;
+    let usage = UsageRegistry::default();
+    let ring = KeyRing::build(&file(n, None), source(), &usage, None);
+    let svc = AuthzService::new(Arc::new(Shared {
+        ring: RingHandle::new(ring),
+        usage,
+        stats: CheckStats::default(),
+        reloads: Default::default(),
+        // Off, so that `unknown_key` measures the lookup, not a lockout.
+        lockout: keyward::lockout::Lockout::new(keyward::lockout::LockoutConfig {
+            threshold: 0,
+            ..Default::default()
+        }),
+    }));
+    let now = Timestamp::now();
+    let allowed = envoy_request(&secret(n / 2));
+    let unknown = envoy_request("bench-secret-not-in-the-ring-abcdefghijklmnopq");
+    for (name, req) in [("allowed", &allowed), ("unknown_key", &unknown)] {
+        g.bench_function(BenchmarkId::new(name, req.len()), |b| {
+            b.iter(|| svc.check_message(black_box(req), now).unwrap())
+        });
+    }
     g.finish();
 }
 
 fn build(c: &mut Criterion) {
     let mut g = c.benchmark_group("ring_build");
     g.sample_size(10);
-    let n = 100_000usize;
-    let f = file(n);
-    let usage = UsageRegistry::default();
-    g.bench_with_input(BenchmarkId::from_parameter(n), &f, |b, f| {
-        b.iter(|| KeyRing::build(f, source(), &usage, None))
-    });
+    for n in [100_000usize, 1_000_000] {
+        let f = file(n, None);
+        let usage = UsageRegistry::default();
+        g.bench_with_input(BenchmarkId::from_parameter(n), &f, |b, f| {
+            b.iter(|| KeyRing::build(f, source(), &usage, None))
+        });
+    }
     g.finish();
 }
 
-criterion_group!(benches, verify, build);
+criterion_group!(benches, verify, verify_publishing, check, build);
 criterion_main!(benches);

@@ -9,6 +9,7 @@
 //!   per-key usage registry that outlives rings, and the [`ring::RingHandle`]
 //!   through which a new ring is published with one atomic store.
 //! - [`decide`]: credential extraction and the pure decision function.
+//! - [`verified`]: the per-thread memo that lets a key seen again skip SHA-256.
 //! - [`limit`]: per-key rate limits (GCRA in one atomic word per key).
 //! - [`lockout`]: brute-force lockout per source address.
 //! - [`secret`]: the format of keyward-issued secrets (prefix + checksum).
@@ -49,4 +50,5 @@ pub mod service;
 pub mod stats;
 pub mod status;
 pub mod tls;
+pub mod verified;
 pub mod wire;

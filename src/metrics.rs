@@ -66,7 +66,7 @@ impl Collector for SharedCollector {
             )?;
         }
 
-        let (sum, count, buckets) = stats.latency.snapshot();
+        let (sum, count, buckets) = stats.latency_snapshot();
         encoder
             .encode_descriptor(
                 "keyward_check_duration_seconds",

@@ -202,6 +202,8 @@ pub struct KeyRing {
     by_id: ahash::AHashMap<Arc<str>, u32>,
     routes: Box<[Route]>,
     source: RingSource,
+    /// Process-unique id, for the per-thread lookup memo.
+    uid: u64,
 }
 
 /// A route rule: the scopes required for requests under a path prefix.
@@ -273,6 +275,7 @@ impl KeyRing {
             by_id,
             routes: routes.into_boxed_slice(),
             source,
+            uid: crate::verified::next_ring_id(),
         }
     }
 
@@ -306,6 +309,7 @@ impl KeyRing {
             by_id: ahash::AHashMap::new(),
             routes: Box::new([]),
             source,
+            uid: crate::verified::next_ring_id(),
         }
     }
 
@@ -314,6 +318,28 @@ impl KeyRing {
     pub fn lookup(&self, digest: &Digest) -> Option<&KeyEntry> {
         let i = *self.by_digest.get(&DigestKey(*digest))?;
         self.entries.get(i as usize)
+    }
+
+    /// The key whose secret is `secret`: SHA-256 and [`KeyRing::lookup`] the
+    /// first time this thread sees it in this ring, a keyed tag and one slot
+    /// of the thread's memo after that (see [`crate::verified`]).
+    #[inline]
+    pub fn find(&self, secret: &[u8]) -> Option<&KeyEntry> {
+        let tag = crate::verified::tag(secret);
+        let index = match crate::verified::get(tag, self.uid) {
+            Some(index) => index,
+            None => {
+                let digest = crate::decide::digest_bytes(secret);
+                let index = self
+                    .by_digest
+                    .get(&DigestKey(digest))
+                    .copied()
+                    .unwrap_or(crate::verified::ABSENT);
+                crate::verified::put(tag, self.uid, index);
+                index
+            }
+        };
+        self.entries.get(index as usize)
     }
 
     /// The key with id `id`.

@@ -197,7 +197,7 @@ impl AuthzService {
         self.shared.stats.record(&decision, now_secs);
         self.log_decision(&decision, view.source);
         let response = respond(&decision, cred.ok().map(|c| c.header), &view.own_headers);
-        self.shared.stats.latency.observe(started.elapsed());
+        self.shared.stats.observe_latency(started.elapsed());
         response
     }
 

@@ -1,7 +1,7 @@
 //! Decision counters and the check-latency histogram: relaxed atomics bumped
 //! on the verify path, read only at scrape time.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::decide::{Decision, DenyReason};
@@ -26,67 +26,64 @@ pub const LATENCY_BUCKETS_NS: [u64; 15] = [
     100_000_000,
 ];
 
-/// A fixed-bucket histogram of check latencies (lock-free).
+/// Counter stripes. Each thread bumps the stripe it was assigned, so the
+/// serving threads never write to the same cache line; a scrape sums them.
+const STRIPES: usize = 16;
+
+/// One thread's share of the counters, on cache lines of its own.
 #[derive(Debug, Default)]
-pub struct LatencyHistogram {
-    /// Non-cumulative counts per bucket; the last slot is +Inf.
+#[repr(align(128))]
+struct Stripe {
+    allowed: AtomicU64,
+    allowed_deprecated: AtomicU64,
+    denied: [AtomicU64; DenyReason::ALL.len()],
+    /// Non-cumulative latency counts per bucket; the last slot is +Inf.
     buckets: [AtomicU64; LATENCY_BUCKETS_NS.len() + 1],
     sum_ns: AtomicU64,
 }
 
-impl LatencyHistogram {
-    /// Records one observation.
-    #[inline]
-    pub fn observe(&self, d: Duration) {
-        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        let i = LATENCY_BUCKETS_NS.partition_point(|&b| b < ns);
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
-    }
-
-    /// (sum in seconds, count, per-bucket (upper bound in seconds, count))
-    /// for exposition. Counts are per bucket, not cumulative (the encoder
-    /// accumulates); the last bound is `f64::MAX`, which it writes as `+Inf`.
-    pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
-        let mut total = 0;
-        let mut out = Vec::with_capacity(self.buckets.len());
-        for (i, b) in self.buckets.iter().enumerate() {
-            let n = b.load(Ordering::Relaxed);
-            total += n;
-            let le = LATENCY_BUCKETS_NS
-                .get(i)
-                .map_or(f64::MAX, |&ns| ns as f64 / 1e9);
-            out.push((le, n));
-        }
-        (self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9, total, out)
-    }
+thread_local! {
+    static STRIPE: usize = {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES
+    };
 }
 
-/// Counts of decisions by outcome.
+/// Counts of decisions by outcome, and the check-latency histogram
+/// (lock-free, striped per thread).
 #[derive(Debug, Default)]
 pub struct CheckStats {
-    allowed: AtomicU64,
-    allowed_deprecated: AtomicU64,
-    denied: [AtomicU64; DenyReason::ALL.len()],
-    /// Time spent deciding each check, measured inside the service.
-    pub latency: LatencyHistogram,
+    stripes: Box<[Stripe; STRIPES]>,
 }
 
 impl CheckStats {
+    #[inline]
+    fn mine(&self) -> &Stripe {
+        &self.stripes[STRIPE.with(|s| *s)]
+    }
+
+    fn sum(&self, f: impl Fn(&Stripe) -> &AtomicU64) -> u64 {
+        self.stripes
+            .iter()
+            .map(|s| f(s).load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
+    }
+
     /// Records a decision, and the key's usage when one matched.
     #[inline]
     pub fn record(&self, decision: &Decision<'_>, now_secs: u64) {
+        let stripe = self.mine();
         match decision {
             Decision::Allow { key, .. } => {
                 if key.state == KeyState::Deprecated {
-                    self.allowed_deprecated.fetch_add(1, Ordering::Relaxed);
+                    stripe.allowed_deprecated.fetch_add(1, Ordering::Relaxed);
                 } else {
-                    self.allowed.fetch_add(1, Ordering::Relaxed);
+                    stripe.allowed.fetch_add(1, Ordering::Relaxed);
                 }
                 key.usage.record_use(now_secs);
             }
             Decision::Deny { reason, key, .. } => {
-                self.denied[reason.index()].fetch_add(1, Ordering::Relaxed);
+                stripe.denied[reason.index()].fetch_add(1, Ordering::Relaxed);
                 if let (Some(key), Some(i)) = (key, reason.key_index()) {
                     key.usage.denied[i].fetch_add(1, Ordering::Relaxed);
                 }
@@ -94,19 +91,47 @@ impl CheckStats {
         }
     }
 
+    /// Records how long one check took.
+    #[inline]
+    pub fn observe_latency(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let i = LATENCY_BUCKETS_NS.partition_point(|&b| b < ns);
+        let stripe = self.mine();
+        stripe.buckets[i].fetch_add(1, Ordering::Relaxed);
+        stripe.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// The latency histogram as (sum in seconds, count, per-bucket (upper
+    /// bound in seconds, count)) for exposition. Counts are per bucket, not
+    /// cumulative (the encoder accumulates); the last bound is `f64::MAX`,
+    /// which it writes as `+Inf`.
+    pub fn latency_snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let mut total = 0u64;
+        let mut out = Vec::with_capacity(LATENCY_BUCKETS_NS.len() + 1);
+        for i in 0..=LATENCY_BUCKETS_NS.len() {
+            let n = self.sum(|s| &s.buckets[i]);
+            total = total.wrapping_add(n);
+            let le = LATENCY_BUCKETS_NS
+                .get(i)
+                .map_or(f64::MAX, |&ns| ns as f64 / 1e9);
+            out.push((le, n));
+        }
+        (self.sum(|s| &s.sum_ns) as f64 / 1e9, total, out)
+    }
+
     /// Allowed checks with an active key.
     pub fn allowed(&self) -> u64 {
-        self.allowed.load(Ordering::Relaxed)
+        self.sum(|s| &s.allowed)
     }
 
     /// Allowed checks with a deprecated key.
     pub fn allowed_deprecated(&self) -> u64 {
-        self.allowed_deprecated.load(Ordering::Relaxed)
+        self.sum(|s| &s.allowed_deprecated)
     }
 
     /// Denied checks for `reason`.
     pub fn denied(&self, reason: DenyReason) -> u64 {
-        self.denied[reason.index()].load(Ordering::Relaxed)
+        self.sum(|s| &s.denied[reason.index()])
     }
 }
 
@@ -116,12 +141,15 @@ mod tests {
 
     #[test]
     fn histogram_buckets_are_cumulative() {
-        let h = LatencyHistogram::default();
-        h.observe(Duration::from_nanos(1_000));
-        h.observe(Duration::from_nanos(2_500));
-        h.observe(Duration::from_micros(7));
-        h.observe(Duration::from_secs(1));
-        let (sum, count, buckets) = h.snapshot();
+        let h = CheckStats::default();
+        h.observe_latency(Duration::from_nanos(1_000));
+        h.observe_latency(Duration::from_nanos(2_500));
+        // From another thread: another stripe, the same totals.
+        std::thread::scope(|s| {
+            s.spawn(|| h.observe_latency(Duration::from_micros(7)));
+        });
+        h.observe_latency(Duration::from_secs(1));
+        let (sum, count, buckets) = h.latency_snapshot();
         assert_eq!(count, 4);
         assert!((sum - 1.0000105).abs() < 1e-9, "{sum}");
         assert_eq!(buckets[0], (2.5e-6, 2), "le is inclusive");
