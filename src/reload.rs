@@ -433,7 +433,8 @@ pub fn listen_sighup() -> Option<tokio::signal::unix::Signal> {
 }
 
 /// Runs the reload loop until `stop` is set: waits for a watch signal, a
-/// poll tick that saw a change, or SIGHUP, then reloads off the serving threads.
+/// poll tick that saw a change, or SIGHUP, then reloads off the serving
+/// threads, on a thread of its own at a lower priority.
 pub async fn run(
     reloader: Arc<Reloader>,
     signal: Arc<Notify>,
@@ -483,9 +484,43 @@ pub async fn run(
             () = hup_recv => Trigger::Signal,
         };
         let r = Arc::clone(&reloader);
-        match tokio::task::spawn_blocking(move || r.reload(trigger)).await {
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "reload task failed"),
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("keyward-reload".into())
+            .spawn(move || {
+                lower_priority();
+                let _ = tx.send(r.reload(trigger));
+            });
+        match spawned {
+            Ok(_) => {
+                if rx.await.is_err() {
+                    tracing::error!("reload thread failed");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot start a reload thread"),
+        }
+    }
+}
+
+/// Niceness of the reload thread: parsing and building a large ring yields
+/// the CPU to the serving threads, so checks keep their latency during a
+/// reload (it takes the spare time instead).
+pub const RELOAD_NICENESS: i32 = 10;
+
+/// Lowers the calling thread's scheduling priority to [`RELOAD_NICENESS`].
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // On Linux the nice value is per thread, and `who = 0` names the
+        // calling thread.
+        // SAFETY: setpriority takes plain integers and touches no memory of
+        // ours; failure is reported through the return value, handled below.
+        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, RELOAD_NICENESS) };
+        if rc != 0 {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                "cannot lower the reload thread's priority"
+            );
         }
     }
 }
