@@ -15,18 +15,7 @@ if [[ -z "${KEYWARD_BIN:-}" ]]; then
     KEYWARD_BIN="$PWD/target/debug/keyward"
 fi
 ENVOY="$(./scripts/envoy.sh)"
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+source scripts/lib.sh
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*" >&2; "$@"; }
 expect_status() { # expect_status WANT SECRET PATH

@@ -17,19 +17,7 @@ rate="${2:-20}"
 profile="${PROFILE:-release}"
 cargo build --profile "$profile" --quiet --bin keyward --bin keyward-loadgen
 bin="$PWD/target/$([[ "$profile" == dev ]] && echo debug || echo "$profile")"
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
+source scripts/lib.sh
 fds() { ls "/proc/$1/fd" | wc -l; }
 
 keys="$work/keys.toml"
