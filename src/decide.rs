@@ -381,7 +381,7 @@ mod tests {
     ) -> Result<String, DenyReason> {
         let cred = extract(api_key, auth)?;
         match decide(ring, &cred, now(), required) {
-            Decision::Allow { key, .. } => Ok(key.id.to_string()),
+            Decision::Allow { key, .. } => Ok(key.id().to_string()),
             Decision::Deny { reason, .. } => Err(reason),
         }
     }
