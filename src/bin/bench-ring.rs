@@ -91,16 +91,6 @@ fn report(step: &str) {
     );
 }
 
-/// Hands freed heap memory back to the OS.
-fn trim() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: `malloc_trim` only releases free memory at the top of the heap
-    // and in free pages of glibc's arenas; it touches no live allocation.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 fn source(generation: u64) -> RingSource {
     RingSource {
         generation,
@@ -144,7 +134,7 @@ fn main() {
     drop(ring);
 
     drop(file);
-    trim();
+    keyward::ring::release_free_memory();
     report("file dropped, trimmed");
 
     let file = key_file(n, 2);
@@ -159,7 +149,7 @@ fn main() {
     usage.retain_ring(&handle.load());
     report("reloaded (file alive)");
     drop(file);
-    trim();
+    keyward::ring::release_free_memory();
     report("reloaded, file dropped, trimmed");
     println!("usage entries: {}", usage.len());
 }
