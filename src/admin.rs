@@ -94,9 +94,13 @@ async fn keys(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     let time = |t: Option<jiff::Timestamp>| t.map(|t| t.to_string());
     let keys: Vec<serde_json::Value> = ring
         .keys()
-        .iter()
         .map(|k| {
-            let last = k.usage.last_used.load(Relaxed);
+            // Keys never used have no counters yet: report zeros.
+            let usage = k.usage_if_used();
+            let load = |f: fn(&crate::ring::KeyUsage) -> &std::sync::atomic::AtomicU64| {
+                usage.map_or(0, |u| f(u).load(Relaxed))
+            };
+            let last = load(|u| &u.last_used);
             let last_used = (last > 0)
                 .then(|| jiff::Timestamp::from_second(i64::try_from(last).unwrap_or(i64::MAX)).ok())
                 .flatten()
@@ -104,19 +108,20 @@ async fn keys(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
             let mut denials = serde_json::Map::new();
             for reason in crate::decide::DenyReason::ALL {
                 if let Some(i) = reason.key_index() {
-                    denials.insert(reason.code().into(), k.usage.denied[i].load(Relaxed).into());
+                    let n = usage.map_or(0, |u| u.denied[i].load(Relaxed));
+                    denials.insert(reason.code().into(), n.into());
                 }
             }
             serde_json::json!({
-                "id": &*k.id,
-                "client": &*k.client,
-                "state": k.state.as_str(),
-                "scopes": k.scopes.iter().map(|s| &**s).collect::<Vec<_>>(),
-                "not_before": time(k.not_before),
-                "expires_at": time(k.expires_at),
-                "deprecated_at": time(k.deprecated_at),
-                "description": k.description.as_deref(),
-                "requests": k.usage.requests.load(Relaxed),
+                "id": k.id(),
+                "client": k.client(),
+                "state": k.state().as_str(),
+                "scopes": k.scopes().iter().map(|s| &**s).collect::<Vec<_>>(),
+                "not_before": time(k.not_before()),
+                "expires_at": time(k.expires_at()),
+                "deprecated_at": time(k.deprecated_at()),
+                "description": k.description(),
+                "requests": load(|u| &u.requests),
                 "last_used": last_used,
                 "denials": denials,
             })

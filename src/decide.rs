@@ -9,7 +9,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::keyfile::KeyState;
 use crate::limit::Quota;
-use crate::ring::{KeyEntry, KeyRing};
+use crate::ring::{KeyRef, KeyRing};
 
 /// Longest credential accepted, in bytes.
 pub const MAX_KEY_LEN: usize = 512;
@@ -156,7 +156,7 @@ pub enum Decision<'r> {
     /// Let the request through as `key`.
     Allow {
         /// The matched key.
-        key: &'r KeyEntry,
+        key: KeyRef<'r>,
         /// The key's remaining budget, when it has a rate limit.
         quota: Option<Quota>,
     },
@@ -165,7 +165,7 @@ pub enum Decision<'r> {
         /// Why.
         reason: DenyReason,
         /// The matched key, if any.
-        key: Option<&'r KeyEntry>,
+        key: Option<KeyRef<'r>>,
         /// The key's budget, for `rate_limited`.
         quota: Option<Quota>,
         /// Seconds the client should wait (`retry-after`), 0 for none.
@@ -288,30 +288,30 @@ pub fn decide<'r>(
 /// and the key's rate limit (the only step with a side effect: it takes one
 /// request from the key's budget, with one atomic compare-and-swap).
 #[inline]
-pub fn decide_key<'r>(key: &'r KeyEntry, now: Timestamp, required: &str) -> Decision<'r> {
+pub fn decide_key<'r>(key: KeyRef<'r>, now: Timestamp, required: &str) -> Decision<'r> {
     let deny = |reason| Decision::Deny {
         reason,
         key: Some(key),
         quota: None,
         retry_after: 0,
     };
-    if key.state == KeyState::Revoked {
+    if key.state() == KeyState::Revoked {
         return deny(DenyReason::RevokedKey);
     }
-    if key.expires_at.is_some_and(|exp| now >= exp) {
+    if key.is_expired(now) {
         return deny(DenyReason::ExpiredKey);
     }
-    if key.not_before.is_some_and(|nb| now < nb) {
+    if key.is_not_yet_valid(now) {
         return deny(DenyReason::KeyNotYetValid);
     }
     if !key.has_scopes(required) {
         return deny(DenyReason::InsufficientScope);
     }
-    let quota = match &key.rate_limit {
+    let quota = match key.rate_limit() {
         None => None,
         Some(spec) => {
             let now_ns = u64::try_from(now.as_nanosecond()).unwrap_or(0);
-            match key.usage.limiter.acquire(spec, now_ns) {
+            match key.usage().limiter.acquire(&spec, now_ns) {
                 Ok(q) => Some(q),
                 Err(q) => {
                     return Decision::Deny {
@@ -381,7 +381,7 @@ mod tests {
     ) -> Result<String, DenyReason> {
         let cred = extract(api_key, auth)?;
         match decide(ring, &cred, now(), required) {
-            Decision::Allow { key, .. } => Ok(key.id.to_string()),
+            Decision::Allow { key, .. } => Ok(key.id().to_string()),
             Decision::Deny { reason, .. } => Err(reason),
         }
     }

@@ -88,9 +88,12 @@ impl Collector for SharedCollector {
                 MetricType::Counter,
             )?;
             for k in ring.keys() {
-                let labels = [("key_id", &*k.id), ("client", &*k.client)];
-                ConstCounter::new(k.usage.requests.load(Ordering::Relaxed))
-                    .encode(requests.encode_family(&labels)?)?;
+                let labels = [("key_id", k.id()), ("client", k.client())];
+                ConstCounter::new(
+                    k.usage_if_used()
+                        .map_or(0, |u| u.requests.load(Ordering::Relaxed)),
+                )
+                .encode(requests.encode_family(&labels)?)?;
             }
         }
         {
@@ -101,9 +104,11 @@ impl Collector for SharedCollector {
                 MetricType::Gauge,
             )?;
             for k in ring.keys() {
-                let t = k.usage.last_used.load(Ordering::Relaxed);
+                let t = k
+                    .usage_if_used()
+                    .map_or(0, |u| u.last_used.load(Ordering::Relaxed));
                 if t > 0 {
-                    let labels = [("key_id", &*k.id), ("client", &*k.client)];
+                    let labels = [("key_id", k.id()), ("client", k.client())];
                     ConstGauge::new(i64::try_from(t).unwrap_or(i64::MAX))
                         .encode(last.encode_family(&labels)?)?;
                 }
@@ -119,11 +124,13 @@ impl Collector for SharedCollector {
             for k in ring.keys() {
                 for reason in DenyReason::ALL {
                     if let Some(i) = reason.key_index() {
-                        let v = k.usage.denied[i].load(Ordering::Relaxed);
+                        let v = k
+                            .usage_if_used()
+                            .map_or(0, |u| u.denied[i].load(Ordering::Relaxed));
                         if v > 0 {
                             let labels = [
-                                ("key_id", &*k.id),
-                                ("client", &*k.client),
+                                ("key_id", k.id()),
+                                ("client", k.client()),
                                 ("reason", reason.code()),
                             ];
                             ConstCounter::new(v).encode(denials.encode_family(&labels)?)?;
@@ -141,9 +148,9 @@ impl Collector for SharedCollector {
             )?;
             for k in ring.keys() {
                 let labels = [
-                    ("key_id", &*k.id),
-                    ("client", &*k.client),
-                    ("state", k.state.as_str()),
+                    ("key_id", k.id()),
+                    ("client", k.client()),
+                    ("state", k.state().as_str()),
                 ];
                 ConstGauge::new(1i64).encode(info.encode_family(&labels)?)?;
             }
@@ -156,8 +163,8 @@ impl Collector for SharedCollector {
                 MetricType::Gauge,
             )?;
             for k in ring.keys() {
-                if let Some(e) = k.expires_at {
-                    let labels = [("key_id", &*k.id), ("client", &*k.client)];
+                if let Some(e) = k.expires_at() {
+                    let labels = [("key_id", k.id()), ("client", k.client())];
                     ConstGauge::new(e.as_second()).encode(expires.encode_family(&labels)?)?;
                 }
             }
@@ -171,10 +178,13 @@ impl Collector for SharedCollector {
                 MetricType::Counter,
             )?;
             let i = DenyReason::RateLimited.key_index().unwrap_or_default();
-            for k in ring.keys().iter().filter(|k| k.rate_limit.is_some()) {
-                let labels = [("key_id", &*k.id), ("client", &*k.client)];
-                ConstCounter::new(k.usage.denied[i].load(Ordering::Relaxed))
-                    .encode(limited.encode_family(&labels)?)?;
+            for k in ring.keys().filter(|k| k.rate_limit().is_some()) {
+                let labels = [("key_id", k.id()), ("client", k.client())];
+                ConstCounter::new(
+                    k.usage_if_used()
+                        .map_or(0, |u| u.denied[i].load(Ordering::Relaxed)),
+                )
+                .encode(limited.encode_family(&labels)?)?;
             }
         }
         ConstCounter::new(shared.lockout.total()).encode(encoder.encode_descriptor(

@@ -26,7 +26,7 @@ use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::Notify;
 
 use crate::keyfile::{self, ParseOptions};
-use crate::ring::{Digest, KeyEntry, KeyRing, RingSource};
+use crate::ring::{Digest, KeyRef, KeyRing, RingSource};
 use crate::service::Shared;
 
 /// Quiet time after the last filesystem event before reloading.
@@ -239,6 +239,13 @@ impl Reloader {
             routes_changed,
             "key ring published"
         );
+        // Free the previous ring (unless a reader still holds it) and the
+        // parsed file, then hand the freed pages back to the OS so the
+        // resident set returns to its steady state.
+        drop(old);
+        drop(current);
+        drop(file);
+        crate::ring::release_free_memory();
         Outcome::Published {
             generation: source.generation,
         }
@@ -278,60 +285,61 @@ impl Diff {
     pub fn between(old: &KeyRing, new: &KeyRing) -> Diff {
         let mut d = Diff::default();
         for k in new.keys() {
-            match old.by_id(&k.id) {
-                None => d.added.push(k.id.to_string()),
+            match old.by_id(k.id()) {
+                None => d.added.push(k.id().to_string()),
                 Some(o) => {
                     let what = changes(o, k);
                     if !what.is_empty() {
-                        d.changed.push(format!("{}: {}", k.id, what.join(", ")));
+                        d.changed.push(format!("{}: {}", k.id(), what.join(", ")));
                     }
                 }
             }
         }
         for k in old.keys() {
-            if new.by_id(&k.id).is_none() {
-                d.removed.push(k.id.to_string());
+            if new.by_id(k.id()).is_none() {
+                d.removed.push(k.id().to_string());
             }
         }
         d
     }
 }
 
-fn changes(old: &KeyEntry, new: &KeyEntry) -> Vec<String> {
+fn changes(old: KeyRef<'_>, new: KeyRef<'_>) -> Vec<String> {
     fn opt(t: Option<Timestamp>) -> String {
         t.map_or_else(|| "none".into(), |t| t.to_string())
     }
     let mut what = Vec::new();
-    if old.state != new.state {
-        what.push(format!("state {} -> {}", old.state, new.state));
+    if old.state() != new.state() {
+        what.push(format!("state {} -> {}", old.state(), new.state()));
     }
-    if old.expires_at != new.expires_at {
+    if old.expires_at() != new.expires_at() {
         what.push(format!(
             "expires_at {} -> {}",
-            opt(old.expires_at),
-            opt(new.expires_at)
+            opt(old.expires_at()),
+            opt(new.expires_at())
         ));
     }
-    if old.not_before != new.not_before {
+    if old.not_before() != new.not_before() {
         what.push(format!(
             "not_before {} -> {}",
-            opt(old.not_before),
-            opt(new.not_before)
+            opt(old.not_before()),
+            opt(new.not_before())
         ));
     }
-    if old.scopes != new.scopes {
+    if old.scopes() != new.scopes() {
         what.push(format!(
             "scopes [{}] -> [{}]",
-            old.scopes_joined, new.scopes_joined
+            old.scopes_joined(),
+            new.scopes_joined()
         ));
     }
-    if old.client != new.client {
-        what.push(format!("client {} -> {}", old.client, new.client));
+    if old.client() != new.client() {
+        what.push(format!("client {} -> {}", old.client(), new.client()));
     }
-    if old.digest != new.digest {
+    if old.digest() != new.digest() {
         what.push("secret replaced".into());
     }
-    if old.rate_limit != new.rate_limit {
+    if old.rate_limit() != new.rate_limit() {
         what.push("rate_limit changed".into());
     }
     what

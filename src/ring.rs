@@ -5,15 +5,37 @@
 //! [`KeyFile`], then published with one atomic store through a [`RingHandle`].
 //! Readers do one `ArcSwap::load` per request and never see a half-built ring.
 //!
+//! # Layout
+//!
+//! A ring holds a million keys in well under a hundred bytes each, so it is
+//! laid out in columns rather than as one struct per key:
+//!
+//! - one fixed-size [`Slot`] per key (file order) with what the verify path
+//!   reads: the digest, the offset of the id in a shared string arena, the
+//!   interned client and scope set, the state, the expiry in whole seconds,
+//!   and flags saying which rare fields the key has;
+//! - the rare fields (not-before, sub-second or out-of-range times, rate
+//!   limit, description; the deprecation time) in side tables keyed by entry
+//!   index, looked up only when a flag says they exist;
+//! - two open-addressing tables of entry indices, one by digest (the verify
+//!   path) and one by id (reload diffs, admin, tests).
+//!
+//! [`KeyRef`] is a view of one entry with accessor methods.
+//!
+//! # Usage counters
+//!
 //! Per-key usage counters ([`KeyUsage`]) live in a [`UsageRegistry`] outside the
-//! ring, keyed by key id, so they survive reloads; each ring entry holds an
-//! `Arc` to its counters, so the hot path bumps relaxed atomics it already has
-//! and never touches the registry.
+//! ring, keyed by key id, so they survive reloads. Most keys of a large ring
+//! are idle, so counters are created lazily: the first use of a key in a ring
+//! fetches (or creates) its counters from the registry and links them into the
+//! ring — this is the one allocation of the verify path, once per key and
+//! ring. Counters the registry already holds when a ring is built (keys used
+//! under the previous ring) are linked at build time. After linking, the hot
+//! path reads them with two atomic loads and never touches the registry.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
-use std::sync::Arc;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::{ArcSwap, Guard};
 use dashmap::DashMap;
@@ -23,43 +45,6 @@ use crate::keyfile::{KeyFile, KeySpec, KeyState, RateLimitSpec};
 
 /// A SHA-256 digest.
 pub type Digest = [u8; 32];
-
-/// Map key wrapping a digest so it hashes to its own first eight bytes.
-///
-/// SHA-256 output is already uniformly distributed, so hashing it again is
-/// wasted work. Flooding is not a concern: an attacker chooses only the keys
-/// that are *looked up*, never the ones stored, so crafted digests cannot
-/// lengthen the probe sequences of the table.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct DigestKey(Digest);
-
-impl Hash for DigestKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&self.0[..8]);
-        state.write_u64(u64::from_ne_bytes(first));
-    }
-}
-
-/// Hasher that passes through the single `u64` a [`DigestKey`] writes.
-#[derive(Default)]
-struct PassThrough(u64);
-
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Only reached if something other than `DigestKey` is hashed; fold the
-        // bytes in rather than lose them.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
 
 /// Denial reasons counted per key in [`KeyUsage::denied`].
 pub const KEY_DENIAL_REASONS: usize = 6;
@@ -76,7 +61,8 @@ pub struct KeyUsage {
     /// The key's rate-limit budget.
     pub limiter: crate::limit::Limiter,
     /// The limit the budget was kept for; a reload that changes it resets the
-    /// budget, any other reload keeps it. Only ring builds take this lock.
+    /// budget, any other reload keeps it. Taken only when counters are linked
+    /// into a ring.
     limit_spec: std::sync::Mutex<Option<RateLimitSpec>>,
 }
 
@@ -89,9 +75,7 @@ impl KeyUsage {
             *current = spec;
         }
     }
-}
 
-impl KeyUsage {
     /// Records one allowed request at `now_secs`.
     #[inline]
     pub fn record_use(&self, now_secs: u64) {
@@ -101,10 +85,14 @@ impl KeyUsage {
     }
 }
 
-/// Usage counters by key id; touched only when a ring is built and at scrape time.
-#[derive(Debug, Default)]
+/// Usage counters by key id; touched when a ring is built, when a key is first
+/// used in a ring, and at scrape time.
+///
+/// Cloning shares the same registry (rings keep a clone to link counters
+/// lazily).
+#[derive(Debug, Default, Clone)]
 pub struct UsageRegistry {
-    by_id: DashMap<Arc<str>, Arc<KeyUsage>, ahash::RandomState>,
+    by_id: Arc<DashMap<Arc<str>, Arc<KeyUsage>, ahash::RandomState>>,
 }
 
 impl UsageRegistry {
@@ -126,7 +114,7 @@ impl UsageRegistry {
         self.by_id.retain(|id, _| ring.by_id(id).is_some());
     }
 
-    /// Number of keys with counters.
+    /// Number of keys with counters (keys used at least once, or linked).
     pub fn len(&self) -> usize {
         self.by_id.len()
     }
@@ -137,50 +125,61 @@ impl UsageRegistry {
     }
 }
 
-/// One key as the verify path sees it.
-#[derive(Debug)]
-pub struct KeyEntry {
-    /// Unique id.
-    pub id: Arc<str>,
-    /// The principal the key authenticates.
-    pub client: Arc<str>,
-    /// SHA-256 of the secret (not secret itself, but never exposed by the admin API).
-    pub digest: Digest,
-    /// Granted scopes (deduplicated, file order).
-    pub scopes: Box<[Box<str>]>,
-    /// Scopes joined by single spaces, as sent in `x-keyward-scopes`.
-    pub scopes_joined: Box<str>,
-    /// Lifecycle state.
-    pub state: KeyState,
-    /// Not valid before this instant.
-    pub not_before: Option<Timestamp>,
-    /// Not valid at or after this instant.
-    pub expires_at: Option<Timestamp>,
-    /// When the key was deprecated: from the file, or when this process first
-    /// saw it deprecated.
-    pub deprecated_at: Option<Timestamp>,
-    /// Operator's description.
-    pub description: Option<Box<str>>,
-    /// Optional request budget.
-    pub rate_limit: Option<RateLimitSpec>,
-    /// `Deprecation` response header value (RFC 9745), for deprecated keys.
-    pub deprecation_header: Option<Box<str>>,
-    /// `Sunset` response header value (RFC 8594), for deprecated keys with an expiry.
-    pub sunset_header: Option<Box<str>>,
-    /// Live counters (shared across rings).
-    pub usage: Arc<KeyUsage>,
+/// Flag: the key has a not-before time (in `rare`).
+const F_NOT_BEFORE: u8 = 1;
+/// Flag: the expiry is not a whole second in `1..=u32::MAX` (exact value in `rare`).
+const F_EXPIRES_EXACT: u8 = 2;
+/// Flag: the key has a rate limit (in `rare`).
+const F_RATE_LIMIT: u8 = 4;
+/// Flag: the key has a description (in `rare`).
+const F_DESCRIPTION: u8 = 8;
+/// Flag: the key has a deprecation time (in `deprecated_at`).
+const F_DEPRECATED_AT: u8 = 16;
+/// Flags whose field lives in `rare`.
+const F_RARE: u8 = F_NOT_BEFORE | F_EXPIRES_EXACT | F_RATE_LIMIT | F_DESCRIPTION;
+
+/// What the ring keeps of every key: 52 bytes.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    digest: Digest,
+    /// Start of the id in the arena; it ends where the next id starts.
+    id_start: u32,
+    /// Index into `clients`.
+    client: u32,
+    /// Index into `scope_sets`.
+    scopes: u32,
+    /// Unix seconds of the expiry (0: none, or see [`F_EXPIRES_EXACT`]).
+    expires_at: u32,
+    state: u8,
+    flags: u8,
 }
 
-impl KeyEntry {
-    /// Whether the key grants every scope in `required` (space- or
-    /// comma-separated). Allocation-free.
-    #[inline]
-    pub fn has_scopes(&self, required: &str) -> bool {
-        required
-            .split([' ', ','])
-            .filter(|s| !s.is_empty())
-            .all(|need| self.scopes.iter().any(|have| **have == *need))
+const STATES: [KeyState; 3] = [KeyState::Active, KeyState::Deprecated, KeyState::Revoked];
+
+fn state_code(s: KeyState) -> u8 {
+    match s {
+        KeyState::Active => 0,
+        KeyState::Deprecated => 1,
+        KeyState::Revoked => 2,
     }
+}
+
+/// Fields few keys have.
+#[derive(Debug, Default)]
+struct Rare {
+    not_before: Option<Timestamp>,
+    expires_at: Option<Timestamp>,
+    rate_limit: Option<RateLimitSpec>,
+    description: Option<Box<str>>,
+}
+
+/// An interned scope set.
+#[derive(Debug)]
+struct ScopeSet {
+    /// Deduplicated, file order.
+    list: Box<[Box<str>]>,
+    /// Joined by single spaces, as sent in `x-keyward-scopes`.
+    joined: Box<str>,
 }
 
 /// Where a ring came from.
@@ -194,16 +193,45 @@ pub struct RingSource {
     pub loaded_at: Timestamp,
 }
 
+/// Keys per page of lazily linked usage counters.
+const USAGE_PAGE: usize = 64;
+
+type UsagePage = [OnceLock<Arc<KeyUsage>>; USAGE_PAGE];
+
 /// An immutable set of keys indexed by digest.
-#[derive(Debug)]
 pub struct KeyRing {
-    entries: Box<[KeyEntry]>,
-    by_digest: HashMap<DigestKey, u32, BuildHasherDefault<PassThrough>>,
-    by_id: ahash::AHashMap<Arc<str>, u32>,
+    slots: Box<[Slot]>,
+    /// Every id, concatenated in file order.
+    ids: Box<str>,
+    clients: Box<[Box<str>]>,
+    scope_sets: Box<[ScopeSet]>,
+    rare: ahash::AHashMap<u32, Rare>,
+    deprecated_at: ahash::AHashMap<u32, Timestamp>,
+    /// Open addressing by the digest's first eight bytes: each cell holds an
+    /// entry index (low half) and bytes 8..12 of its digest (high half), so a
+    /// miss scans only this table.
+    by_digest: Box<[u64]>,
+    /// Open addressing by a hash of the id: entry indices.
+    by_id: Box<[u32]>,
+    id_hasher: ahash::RandomState,
+    /// Usage counters, linked on first use; pages are allocated on first use too.
+    usage: Box<[OnceLock<Box<UsagePage>>]>,
+    registry: UsageRegistry,
     routes: Box<[Route]>,
     source: RingSource,
     /// Process-unique id, for the per-thread lookup memo.
     uid: u64,
+}
+
+impl fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Digests of secrets are not secrets, but keep them out of debug dumps anyway.
+        f.debug_struct("KeyRing")
+            .field("keys", &self.slots.len())
+            .field("routes", &self.routes)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A route rule: the scopes required for requests under a path prefix.
@@ -217,46 +245,157 @@ pub struct Route {
     pub scopes: Box<str>,
 }
 
-impl std::fmt::Debug for DigestKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Digests of secrets are not secrets, but keep them out of debug dumps anyway.
-        f.write_str("DigestKey(..)")
+const EMPTY: u32 = u32::MAX;
+const EMPTY_CELL: u64 = u64::MAX;
+
+/// Cells for `n` entries: a load of at most 0.8.
+fn table_len(n: usize) -> usize {
+    if n == 0 { 0 } else { n + n / 4 + 1 }
+}
+
+/// Maps a uniformly distributed `hash` onto `0..len` (multiply-shift; the
+/// table need not be a power of two).
+#[inline]
+fn home(hash: u64, len: usize) -> usize {
+    ((u128::from(hash) * len as u128) >> 64) as usize
+}
+
+#[inline]
+fn digest_hash(d: &Digest) -> u64 {
+    // SHA-256 output is already uniformly distributed, so hashing it again is
+    // wasted work. Flooding is not a concern: an attacker chooses only the
+    // digests that are *looked up*, never the ones stored, so crafted digests
+    // cannot lengthen the probe sequences of the table.
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&d[..8]);
+    u64::from_le_bytes(first)
+}
+
+#[inline]
+fn digest_tag(d: &Digest) -> u32 {
+    let mut t = [0u8; 4];
+    t.copy_from_slice(&d[8..12]);
+    u32::from_le_bytes(t)
+}
+
+/// Unix seconds as stored inline, when `t` is a whole second in `1..=u32::MAX`.
+fn inline_secs(t: Timestamp) -> Option<u32> {
+    if t.subsec_nanosecond() != 0 {
+        return None;
     }
+    u32::try_from(t.as_second()).ok().filter(|&s| s != 0)
 }
 
 impl KeyRing {
     /// Builds a ring from a validated file.
     ///
     /// `previous` (the ring being replaced, if any) carries over the time a key
-    /// was first seen deprecated when the file does not say.
+    /// was first seen deprecated when the file does not say. Counters that
+    /// `usage` already holds are linked now; the others on first use.
+    ///
+    /// # Panics
+    ///
+    /// With more than four billion keys, or ids longer than four GiB together.
     pub fn build(
         file: &KeyFile,
         source: RingSource,
         usage: &UsageRegistry,
         previous: Option<&KeyRing>,
     ) -> KeyRing {
-        let mut by_digest = HashMap::with_capacity_and_hasher(file.keys.len(), Default::default());
-        let mut by_id = ahash::AHashMap::with_capacity(file.keys.len());
-        let mut clients: ahash::AHashMap<&str, Arc<str>> = ahash::AHashMap::new();
-        let mut entries = Vec::with_capacity(file.keys.len());
+        let n = file.keys.len();
+        assert!(
+            u32::try_from(n).is_ok_and(|n| n < EMPTY),
+            "more than 4 billion keys"
+        );
+        let id_bytes: usize = file.keys.iter().map(|k| k.id.len()).sum();
+        assert!(
+            u32::try_from(id_bytes).is_ok(),
+            "ids longer than 4 GiB together"
+        );
+
+        let mut ids = String::with_capacity(id_bytes);
+        let mut slots = Vec::with_capacity(n);
+        let mut client_index: ahash::AHashMap<&str, u32> = ahash::AHashMap::new();
+        let mut clients: Vec<Box<str>> = Vec::new();
+        let mut scope_index: ahash::AHashMap<&[String], u32> = ahash::AHashMap::new();
+        let mut scope_sets: Vec<ScopeSet> = Vec::new();
+        let mut rare = ahash::AHashMap::new();
+        let mut deprecated_at = ahash::AHashMap::new();
+
         for (i, spec) in file.keys.iter().enumerate() {
-            let client = Arc::clone(
-                clients
-                    .entry(spec.client.as_str())
-                    .or_insert_with(|| Arc::from(spec.client.as_str())),
-            );
-            let prev_deprecated = previous
-                .and_then(|p| p.by_id(&spec.id))
-                .filter(|k| k.state == KeyState::Deprecated)
-                .and_then(|k| k.deprecated_at);
-            let key_usage = usage.usage(&spec.id);
-            key_usage.sync_limit(spec.rate_limit);
-            let entry = entry_from_spec(spec, client, key_usage, prev_deprecated, source.loaded_at);
-            let index = u32::try_from(i).expect("more than 4 billion keys");
-            by_digest.insert(DigestKey(spec.digest), index);
-            by_id.insert(Arc::clone(&entry.id), index);
-            entries.push(entry);
+            // Both bounds checked above.
+            let index = i as u32;
+            let id_start = ids.len() as u32;
+            ids.push_str(&spec.id);
+            let client = *client_index.entry(spec.client.as_str()).or_insert_with(|| {
+                clients.push(spec.client.as_str().into());
+                (clients.len() - 1) as u32
+            });
+            let scopes = *scope_index
+                .entry(spec.scopes.as_slice())
+                .or_insert_with(|| {
+                    scope_sets.push(scope_set(&spec.scopes));
+                    (scope_sets.len() - 1) as u32
+                });
+            let mut flags = 0;
+            let mut r = Rare::default();
+            let expires_at = match spec.expires_at {
+                None => 0,
+                Some(t) => inline_secs(t).unwrap_or_else(|| {
+                    flags |= F_EXPIRES_EXACT;
+                    r.expires_at = Some(t);
+                    0
+                }),
+            };
+            if let Some(nb) = spec.not_before {
+                flags |= F_NOT_BEFORE;
+                r.not_before = Some(nb);
+            }
+            if let Some(limit) = spec.rate_limit {
+                flags |= F_RATE_LIMIT;
+                r.rate_limit = Some(limit);
+            }
+            if let Some(d) = &spec.description {
+                flags |= F_DESCRIPTION;
+                r.description = Some(d.as_str().into());
+            }
+            if flags & F_RARE != 0 {
+                rare.insert(index, r);
+            }
+            if let Some(at) = deprecation_time(spec, previous, source.loaded_at) {
+                flags |= F_DEPRECATED_AT;
+                deprecated_at.insert(index, at);
+            }
+            slots.push(Slot {
+                digest: spec.digest,
+                id_start,
+                client,
+                scopes,
+                expires_at,
+                state: state_code(spec.state),
+                flags,
+            });
         }
+
+        let mut by_digest = vec![EMPTY_CELL; table_len(n)].into_boxed_slice();
+        for (i, slot) in slots.iter().enumerate() {
+            let mut at = home(digest_hash(&slot.digest), by_digest.len());
+            while by_digest[at] != EMPTY_CELL {
+                at = if at + 1 == by_digest.len() { 0 } else { at + 1 };
+            }
+            by_digest[at] = u64::from(digest_tag(&slot.digest)) << 32 | i as u64;
+        }
+
+        let id_hasher = ahash::RandomState::new();
+        let mut by_id = vec![EMPTY; table_len(n)].into_boxed_slice();
+        for (i, spec) in file.keys.iter().enumerate() {
+            let mut at = home(id_hasher.hash_one(spec.id.as_str()), by_id.len());
+            while by_id[at] != EMPTY {
+                at = if at + 1 == by_id.len() { 0 } else { at + 1 };
+            }
+            by_id[at] = i as u32;
+        }
+
         // Longest prefix first, so the most specific rule wins; file order
         // breaks ties (the sort is stable).
         let mut routes: Vec<Route> = file
@@ -269,14 +408,32 @@ impl KeyRing {
             })
             .collect();
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
-        KeyRing {
-            entries: entries.into_boxed_slice(),
+
+        let ring = KeyRing {
+            slots: slots.into_boxed_slice(),
+            ids: ids.into_boxed_str(),
+            clients: clients.into_boxed_slice(),
+            scope_sets: scope_sets.into_boxed_slice(),
+            rare,
+            deprecated_at,
             by_digest,
             by_id,
+            id_hasher,
+            usage: (0..n.div_ceil(USAGE_PAGE))
+                .map(|_| OnceLock::new())
+                .collect(),
+            registry: usage.clone(),
             routes: routes.into_boxed_slice(),
             source,
             uid: crate::verified::next_ring_id(),
+        };
+        // Keys used under earlier rings keep their counters (and budgets).
+        for item in usage.by_id.iter() {
+            if let Some(key) = ring.by_id(item.key()) {
+                key.link(Arc::clone(item.value()));
+            }
         }
+        ring
     }
 
     /// The scopes the route rules require for `method` and `path` (the query
@@ -303,64 +460,93 @@ impl KeyRing {
 
     /// An empty ring (used before the first load in tests).
     pub fn empty(source: RingSource) -> KeyRing {
-        KeyRing {
-            entries: Box::new([]),
-            by_digest: HashMap::default(),
-            by_id: ahash::AHashMap::new(),
-            routes: Box::new([]),
-            source,
-            uid: crate::verified::next_ring_id(),
+        KeyRing::build(&KeyFile::default(), source, &UsageRegistry::default(), None)
+    }
+
+    #[inline]
+    fn key(&self, index: u32) -> Option<KeyRef<'_>> {
+        ((index as usize) < self.slots.len()).then_some(KeyRef { ring: self, index })
+    }
+
+    #[inline]
+    fn index_of(&self, digest: &Digest) -> u32 {
+        let len = self.by_digest.len();
+        if len == 0 {
+            return EMPTY;
+        }
+        let tag = digest_tag(digest);
+        let mut at = home(digest_hash(digest), len);
+        loop {
+            let cell = self.by_digest[at];
+            if cell == EMPTY_CELL {
+                return EMPTY;
+            }
+            if (cell >> 32) as u32 == tag {
+                let index = cell as u32;
+                if self.slots[index as usize].digest == *digest {
+                    return index;
+                }
+            }
+            at = if at + 1 == len { 0 } else { at + 1 };
         }
     }
 
     /// The key whose secret hashes to `digest`.
     #[inline]
-    pub fn lookup(&self, digest: &Digest) -> Option<&KeyEntry> {
-        let i = *self.by_digest.get(&DigestKey(*digest))?;
-        self.entries.get(i as usize)
+    pub fn lookup(&self, digest: &Digest) -> Option<KeyRef<'_>> {
+        self.key(self.index_of(digest))
     }
 
     /// The key whose secret is `secret`: SHA-256 and [`KeyRing::lookup`] the
     /// first time this thread sees it in this ring, a keyed tag and one slot
     /// of the thread's memo after that (see [`crate::verified`]).
     #[inline]
-    pub fn find(&self, secret: &[u8]) -> Option<&KeyEntry> {
+    pub fn find(&self, secret: &[u8]) -> Option<KeyRef<'_>> {
         let tag = crate::verified::tag(secret);
         let index = match crate::verified::get(tag, self.uid) {
             Some(index) => index,
             None => {
-                let digest = crate::decide::digest_bytes(secret);
-                let index = self
-                    .by_digest
-                    .get(&DigestKey(digest))
-                    .copied()
-                    .unwrap_or(crate::verified::ABSENT);
+                let index = self.index_of(&crate::decide::digest_bytes(secret));
                 crate::verified::put(tag, self.uid, index);
                 index
             }
         };
-        self.entries.get(index as usize)
+        self.key(index)
     }
 
     /// The key with id `id`.
-    pub fn by_id(&self, id: &str) -> Option<&KeyEntry> {
-        let i = *self.by_id.get(id)?;
-        self.entries.get(i as usize)
+    pub fn by_id(&self, id: &str) -> Option<KeyRef<'_>> {
+        let len = self.by_id.len();
+        if len == 0 {
+            return None;
+        }
+        let mut at = home(self.id_hasher.hash_one(id), len);
+        loop {
+            let index = self.by_id[at];
+            if index == EMPTY {
+                return None;
+            }
+            let key = KeyRef { ring: self, index };
+            if key.id() == id {
+                return Some(key);
+            }
+            at = if at + 1 == len { 0 } else { at + 1 };
+        }
     }
 
     /// All keys, in file order.
-    pub fn keys(&self) -> &[KeyEntry] {
-        &self.entries
+    pub fn keys(&self) -> impl ExactSizeIterator<Item = KeyRef<'_>> + '_ {
+        (0..self.slots.len() as u32).map(move |index| KeyRef { ring: self, index })
     }
 
     /// Number of keys.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.slots.len()
     }
 
     /// Whether the ring holds no key.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.slots.is_empty()
     }
 
     /// Generation, file digest and load time.
@@ -369,50 +555,278 @@ impl KeyRing {
     }
 }
 
-fn entry_from_spec(
+fn scope_set(scopes: &[String]) -> ScopeSet {
+    let mut list: Vec<Box<str>> = Vec::with_capacity(scopes.len());
+    for s in scopes {
+        if !list.iter().any(|have| **have == **s) {
+            list.push(s.as_str().into());
+        }
+    }
+    let joined = list.join(" ").into_boxed_str();
+    ScopeSet {
+        list: list.into_boxed_slice(),
+        joined,
+    }
+}
+
+/// When the key was deprecated: from the file, else (for deprecated keys) when
+/// this process first saw it deprecated.
+fn deprecation_time(
     spec: &KeySpec,
-    client: Arc<str>,
-    usage: Arc<KeyUsage>,
-    prev_deprecated: Option<Timestamp>,
+    previous: Option<&KeyRing>,
     loaded_at: Timestamp,
-) -> KeyEntry {
-    let deprecated_at = match spec.state {
-        KeyState::Deprecated => Some(spec.deprecated_at.or(prev_deprecated).unwrap_or(loaded_at)),
-        _ => spec.deprecated_at,
-    };
-    let (deprecation_header, sunset_header) = if spec.state == KeyState::Deprecated {
-        (
-            deprecated_at.map(|t| format!("@{}", t.as_second()).into_boxed_str()),
-            spec.expires_at.map(|t| http_date(t).into_boxed_str()),
+) -> Option<Timestamp> {
+    if spec.state != KeyState::Deprecated {
+        return spec.deprecated_at;
+    }
+    spec.deprecated_at.or_else(|| {
+        let prev = previous
+            .and_then(|p| p.by_id(&spec.id))
+            .filter(|k| k.state() == KeyState::Deprecated)
+            .and_then(|k| k.deprecated_at());
+        Some(prev.unwrap_or(loaded_at))
+    })
+}
+
+/// One key of a ring.
+#[derive(Clone, Copy)]
+pub struct KeyRef<'r> {
+    ring: &'r KeyRing,
+    index: u32,
+}
+
+impl fmt::Debug for KeyRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRef")
+            .field("id", &self.id())
+            .field("client", &self.client())
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'r> KeyRef<'r> {
+    #[inline]
+    fn slot(&self) -> &'r Slot {
+        &self.ring.slots[self.index as usize]
+    }
+
+    #[inline]
+    fn rare(&self, flag: u8) -> Option<&'r Rare> {
+        if self.slot().flags & flag == 0 {
+            return None;
+        }
+        self.ring.rare.get(&self.index)
+    }
+
+    /// Position in the ring (file order).
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Unique id.
+    #[inline]
+    pub fn id(&self) -> &'r str {
+        let start = self.slot().id_start as usize;
+        let end = self
+            .ring
+            .slots
+            .get(self.index as usize + 1)
+            .map_or(self.ring.ids.len(), |next| next.id_start as usize);
+        // Ids are ASCII, so every offset is a character boundary.
+        self.ring.ids.get(start..end).unwrap_or("")
+    }
+
+    /// The principal the key authenticates.
+    #[inline]
+    pub fn client(&self) -> &'r str {
+        &self.ring.clients[self.slot().client as usize]
+    }
+
+    /// SHA-256 of the secret (not secret itself, but never exposed by the admin API).
+    pub fn digest(&self) -> &'r Digest {
+        &self.slot().digest
+    }
+
+    /// Granted scopes (deduplicated, file order).
+    pub fn scopes(&self) -> &'r [Box<str>] {
+        &self.ring.scope_sets[self.slot().scopes as usize].list
+    }
+
+    /// Scopes joined by single spaces, as sent in `x-keyward-scopes`.
+    #[inline]
+    pub fn scopes_joined(&self) -> &'r str {
+        &self.ring.scope_sets[self.slot().scopes as usize].joined
+    }
+
+    /// Lifecycle state.
+    #[inline]
+    pub fn state(&self) -> KeyState {
+        STATES[usize::from(self.slot().state)]
+    }
+
+    /// Not valid before this instant.
+    pub fn not_before(&self) -> Option<Timestamp> {
+        self.rare(F_NOT_BEFORE).and_then(|r| r.not_before)
+    }
+
+    /// Not valid at or after this instant.
+    pub fn expires_at(&self) -> Option<Timestamp> {
+        if let Some(r) = self.rare(F_EXPIRES_EXACT) {
+            return r.expires_at;
+        }
+        match self.slot().expires_at {
+            0 => None,
+            s => Timestamp::from_second(i64::from(s)).ok(),
+        }
+    }
+
+    /// Whether the key has expired at `now` (`now >= expires_at`).
+    #[inline]
+    pub fn is_expired(&self, now: Timestamp) -> bool {
+        let slot = self.slot();
+        if slot.flags & F_EXPIRES_EXACT != 0 {
+            return self.expires_at().is_some_and(|exp| now >= exp);
+        }
+        // A whole-second expiry E: now >= E exactly when now's whole seconds
+        // (rounded down) are >= E.
+        slot.expires_at != 0 && now.as_second() >= i64::from(slot.expires_at)
+    }
+
+    /// Whether the key is not valid yet at `now` (`now < not_before`).
+    #[inline]
+    pub fn is_not_yet_valid(&self, now: Timestamp) -> bool {
+        self.slot().flags & F_NOT_BEFORE != 0 && self.not_before().is_some_and(|nb| now < nb)
+    }
+
+    /// When the key was deprecated: from the file, or when this process first
+    /// saw it deprecated.
+    pub fn deprecated_at(&self) -> Option<Timestamp> {
+        if self.slot().flags & F_DEPRECATED_AT == 0 {
+            return None;
+        }
+        self.ring.deprecated_at.get(&self.index).copied()
+    }
+
+    /// Operator's description.
+    pub fn description(&self) -> Option<&'r str> {
+        self.rare(F_DESCRIPTION)
+            .and_then(|r| r.description.as_deref())
+    }
+
+    /// Optional request budget.
+    #[inline]
+    pub fn rate_limit(&self) -> Option<RateLimitSpec> {
+        self.rare(F_RATE_LIMIT).and_then(|r| r.rate_limit)
+    }
+
+    /// For a deprecated key, the Unix seconds of its deprecation
+    /// (`Deprecation: @<seconds>`, RFC 9745) and its expiry (`Sunset`,
+    /// RFC 8594, formatted with [`HttpDate`]).
+    #[inline]
+    pub fn deprecation(&self) -> Option<(i64, Option<Timestamp>)> {
+        if self.state() != KeyState::Deprecated {
+            return None;
+        }
+        let at = self.deprecated_at()?;
+        Some((at.as_second(), self.expires_at()))
+    }
+
+    /// Whether the key grants every scope in `required` (space- or
+    /// comma-separated). Allocation-free.
+    #[inline]
+    pub fn has_scopes(&self, required: &str) -> bool {
+        let have = self.scopes();
+        required
+            .split([' ', ','])
+            .filter(|s| !s.is_empty())
+            .all(|need| have.iter().any(|h| **h == *need))
+    }
+
+    /// The key's live counters, linked from the registry on the first use of
+    /// the key in this ring (which allocates, once per key and ring, and takes
+    /// a registry shard lock); lock-free after that.
+    #[inline]
+    pub fn usage(&self) -> &'r KeyUsage {
+        let i = self.index as usize;
+        let page = self.ring.usage[i / USAGE_PAGE]
+            .get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
+        page[i % USAGE_PAGE].get_or_init(|| {
+            let usage = self.ring.registry.usage(self.id());
+            usage.sync_limit(self.rate_limit());
+            usage
+        })
+    }
+
+    /// The key's counters if it has been used (or had counters when the ring
+    /// was built); never allocates. For scrapes.
+    pub fn usage_if_used(&self) -> Option<&'r KeyUsage> {
+        let i = self.index as usize;
+        let page = self.ring.usage[i / USAGE_PAGE].get()?;
+        page[i % USAGE_PAGE].get().map(|u| &**u)
+    }
+
+    fn link(&self, usage: Arc<KeyUsage>) {
+        usage.sync_limit(self.rate_limit());
+        let i = self.index as usize;
+        let page = self.ring.usage[i / USAGE_PAGE]
+            .get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
+        let _ = page[i % USAGE_PAGE].set(usage);
+    }
+}
+
+/// Formats an instant as an HTTP-date (RFC 9110 IMF-fixdate), as `Sunset`
+/// requires, without allocating.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpDate(pub Timestamp);
+
+impl fmt::Display for HttpDate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use jiff::civil::Weekday;
+        const MONTHS: [&str; 12] = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ];
+        let dt = jiff::tz::Offset::UTC.to_datetime(self.0);
+        let day = match dt.weekday() {
+            Weekday::Monday => "Mon",
+            Weekday::Tuesday => "Tue",
+            Weekday::Wednesday => "Wed",
+            Weekday::Thursday => "Thu",
+            Weekday::Friday => "Fri",
+            Weekday::Saturday => "Sat",
+            Weekday::Sunday => "Sun",
+        };
+        let month = MONTHS
+            .get(usize::try_from(dt.month() - 1).unwrap_or(0))
+            .copied()
+            .unwrap_or("Jan");
+        write!(
+            f,
+            "{day}, {:02} {month} {:04} {:02}:{:02}:{:02} GMT",
+            dt.day(),
+            dt.year(),
+            dt.hour(),
+            dt.minute(),
+            dt.second()
         )
-    } else {
-        (None, None)
-    };
-    KeyEntry {
-        id: Arc::from(spec.id.as_str()),
-        client,
-        digest: spec.digest,
-        scopes: spec
-            .scopes
-            .iter()
-            .map(|s| s.clone().into_boxed_str())
-            .collect(),
-        scopes_joined: spec.scopes.join(" ").into_boxed_str(),
-        state: spec.state,
-        not_before: spec.not_before,
-        expires_at: spec.expires_at,
-        deprecated_at,
-        description: spec.description.as_deref().map(Box::from),
-        rate_limit: spec.rate_limit,
-        deprecation_header,
-        sunset_header,
-        usage,
     }
 }
 
 /// Formats an instant as an HTTP-date (RFC 9110 IMF-fixdate), as `Sunset` requires.
 pub fn http_date(t: Timestamp) -> String {
-    t.strftime("%a, %d %b %Y %H:%M:%S GMT").to_string()
+    HttpDate(t).to_string()
+}
+
+/// Gives memory freed by the allocator back to the OS, so the resident set
+/// falls back after a reload drops the previous ring and the parsed file.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only returns free pages of glibc's heaps to the
+    // kernel; it takes the allocator's own locks, moves no live allocation,
+    // and has no preconditions on the caller.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// The publishing point: readers `load`, the reloader `publish`es.
@@ -494,13 +908,15 @@ expires_at = 2027-02-27T00:00:00Z
         let reg = UsageRegistry::default();
         let ring = KeyRing::build(&file(&two_keys()), source(1), &reg, None);
         assert_eq!(ring.len(), 2);
-        assert_eq!(&*ring.lookup(&sha("secret-a")).unwrap().id, "a");
-        assert_eq!(&*ring.lookup(&sha("secret-b")).unwrap().id, "b");
+        assert_eq!(ring.lookup(&sha("secret-a")).unwrap().id(), "a");
+        assert_eq!(ring.lookup(&sha("secret-b")).unwrap().id(), "b");
         assert!(ring.lookup(&sha("secret-c")).is_none());
-        assert_eq!(&*ring.by_id("b").unwrap().client, "acme");
+        assert_eq!(ring.by_id("b").unwrap().client(), "acme");
         assert!(ring.by_id("c").is_none());
         // Clients are interned.
-        assert!(Arc::ptr_eq(&ring.keys()[0].client, &ring.keys()[1].client));
+        let keys: Vec<_> = ring.keys().collect();
+        assert!(std::ptr::eq(keys[0].client(), keys[1].client()));
+        assert_eq!(keys[1].id(), "b");
     }
 
     #[test]
@@ -508,7 +924,8 @@ expires_at = 2027-02-27T00:00:00Z
         let reg = UsageRegistry::default();
         let ring = KeyRing::build(&file(&two_keys()), source(1), &reg, None);
         let a = ring.by_id("a").unwrap();
-        assert_eq!(&*a.scopes_joined, "read trade");
+        assert_eq!(a.scopes_joined(), "read trade");
+        assert_eq!(a.scopes().len(), 2);
         assert!(a.has_scopes(""));
         assert!(a.has_scopes("read"));
         assert!(a.has_scopes("read trade"));
@@ -523,20 +940,18 @@ expires_at = 2027-02-27T00:00:00Z
         let ring = KeyRing::build(&file(&two_keys()), source(1), &reg, None);
         let b = ring.by_id("b").unwrap();
         // No deprecated_at in the file: the load time stands in.
-        assert_eq!(b.deprecation_header.as_deref(), Some("@1795780800"));
-        assert_eq!(
-            b.sunset_header.as_deref(),
-            Some("Sat, 27 Feb 2027 00:00:00 GMT")
-        );
-        assert!(ring.by_id("a").unwrap().deprecation_header.is_none());
+        let (since, sunset) = b.deprecation().unwrap();
+        assert_eq!(since, 1795780800);
+        assert_eq!(http_date(sunset.unwrap()), "Sat, 27 Feb 2027 00:00:00 GMT");
+        assert!(ring.by_id("a").unwrap().deprecation().is_none());
 
         // A later ring keeps the first-seen deprecation time.
         let mut later = source(2);
         later.loaded_at = "2026-12-01T00:00:00Z".parse().unwrap();
         let ring2 = KeyRing::build(&file(&two_keys()), later, &reg, Some(&ring));
         assert_eq!(
-            ring2.by_id("b").unwrap().deprecation_header.as_deref(),
-            Some("@1795780800")
+            ring2.by_id("b").unwrap().deprecation().map(|d| d.0),
+            Some(1795780800)
         );
     }
 
@@ -544,11 +959,16 @@ expires_at = 2027-02-27T00:00:00Z
     fn usage_survives_rebuilds_and_is_pruned() {
         let reg = UsageRegistry::default();
         let ring = KeyRing::build(&file(&two_keys()), source(1), &reg, None);
-        ring.by_id("a").unwrap().usage.record_use(42);
+        ring.by_id("a").unwrap().usage().record_use(42);
+        assert_eq!(reg.len(), 1, "counters are created on first use");
         let ring2 = KeyRing::build(&file(&two_keys()), source(2), &reg, Some(&ring));
         let a2 = ring2.by_id("a").unwrap();
-        assert_eq!(a2.usage.requests.load(Ordering::Relaxed), 1);
-        assert_eq!(a2.usage.last_used.load(Ordering::Relaxed), 42);
+        let linked = a2.usage_if_used().expect("linked at build");
+        assert_eq!(linked.requests.load(Ordering::Relaxed), 1);
+        assert_eq!(linked.last_used.load(Ordering::Relaxed), 42);
+        assert!(ring2.by_id("b").unwrap().usage_if_used().is_none());
+        ring2.by_id("b").unwrap().usage().record_use(1);
+        assert_eq!(reg.len(), 2);
 
         let only_a = two_keys()
             .split("[[keys]]")
@@ -624,5 +1044,82 @@ required_scopes = []
     fn http_dates() {
         let t: Timestamp = "2026-11-01T08:05:09Z".parse().unwrap();
         assert_eq!(http_date(t), "Sun, 01 Nov 2026 08:05:09 GMT");
+        for t in [
+            "1970-01-01T00:00:00Z",
+            "2000-02-29T23:59:59.5Z",
+            "2106-02-07T06:28:16Z",
+        ] {
+            let t: Timestamp = t.parse().unwrap();
+            let want = t.strftime("%a, %d %b %Y %H:%M:%S GMT").to_string();
+            assert_eq!(http_date(t), want);
+        }
+    }
+
+    #[test]
+    fn times_keep_exact_semantics() {
+        let text = format!(
+            r#"[[keys]]
+id = "frac"
+client = "c"
+sha256 = "{}"
+expires_at = 2027-01-01T00:00:00.5Z
+not_before = 2026-01-01T00:00:00.25Z
+[[keys]]
+id = "whole"
+client = "c"
+sha256 = "{}"
+expires_at = 2027-01-01T00:00:00Z
+[[keys]]
+id = "far"
+client = "c"
+sha256 = "{}"
+expires_at = 2200-01-01T00:00:00Z
+"#,
+            hex::encode(sha("f")),
+            hex::encode(sha("w")),
+            hex::encode(sha("x"))
+        );
+        let ring = KeyRing::build(&file(&text), source(1), &UsageRegistry::default(), None);
+        let at = |s: &str| s.parse::<Timestamp>().unwrap();
+        let frac = ring.by_id("frac").unwrap();
+        assert_eq!(frac.expires_at(), Some(at("2027-01-01T00:00:00.5Z")));
+        assert!(!frac.is_expired(at("2027-01-01T00:00:00.4Z")));
+        assert!(frac.is_expired(at("2027-01-01T00:00:00.5Z")));
+        assert!(frac.is_not_yet_valid(at("2026-01-01T00:00:00.2Z")));
+        assert!(!frac.is_not_yet_valid(at("2026-01-01T00:00:00.25Z")));
+        let whole = ring.by_id("whole").unwrap();
+        assert_eq!(whole.expires_at(), Some(at("2027-01-01T00:00:00Z")));
+        assert!(!whole.is_expired(at("2026-12-31T23:59:59.999Z")));
+        assert!(whole.is_expired(at("2027-01-01T00:00:00Z")));
+        assert!(!whole.is_not_yet_valid(at("2000-01-01T00:00:00Z")));
+        let far = ring.by_id("far").unwrap();
+        assert_eq!(far.expires_at(), Some(at("2200-01-01T00:00:00Z")));
+        assert!(!far.is_expired(at("2199-12-31T23:59:59Z")));
+        assert!(far.is_expired(at("2200-01-01T00:00:00Z")));
+    }
+
+    #[test]
+    fn many_keys_are_all_found() {
+        let mut text = String::new();
+        for i in 0..2000 {
+            text.push_str(&format!(
+                "[[keys]]\nid = \"k{i}\"\nclient = \"c{}\"\nsha256 = \"{}\"\n",
+                i % 7,
+                hex::encode(sha(&format!("s{i}")))
+            ));
+        }
+        let ring = KeyRing::build(&file(&text), source(1), &UsageRegistry::default(), None);
+        for i in 0..2000 {
+            let k = ring.lookup(&sha(&format!("s{i}"))).unwrap();
+            assert_eq!(k.id(), format!("k{i}"));
+            assert_eq!(ring.by_id(&format!("k{i}")).unwrap().index(), k.index());
+            assert_eq!(
+                ring.find(format!("s{i}").as_bytes()).unwrap().index(),
+                k.index()
+            );
+        }
+        assert!(ring.lookup(&sha("s2000")).is_none());
+        assert!(ring.by_id("k2000").is_none());
+        assert!(KeyRing::empty(source(0)).lookup(&sha("s1")).is_none());
     }
 }

@@ -16,7 +16,7 @@ use jiff::Timestamp;
 
 use crate::decide::{CredentialHeader, Decision, DenyReason, decide, extract};
 use crate::limit::Quota;
-use crate::ring::{KeyEntry, RingHandle};
+use crate::ring::{HttpDate, KeyRef, RingHandle};
 use crate::stats::CheckStats;
 use crate::wire::{self, CheckView, DecodeError, DeniedResponse, Header, OkResponse, Source};
 
@@ -122,17 +122,17 @@ impl AuthzService {
             Decision::Allow { key: k, .. } => tracing::info!(
                 target: "keyward::decision",
                 decision = "allowed",
-                key_id = &*k.id,
-                client = &*k.client,
-                state = k.state.as_str(),
+                key_id = k.id(),
+                client = k.client(),
+                state = k.state().as_str(),
                 source,
             ),
             Decision::Deny { reason, key, .. } => tracing::info!(
                 target: "keyward::decision",
                 decision = "denied",
                 reason = reason.code(),
-                key_id = key.map(|k| &*k.id),
-                client = key.map(|k| &*k.client),
+                key_id = key.map(|k| k.id()),
+                client = key.map(|k| k.client()),
                 source,
             ),
         }
@@ -263,7 +263,7 @@ pub fn respond(
     own_headers: &[&[u8]],
 ) -> Bytes {
     match decision {
-        Decision::Allow { key, quota } => allowed(key, quota.as_ref(), carrier, own_headers),
+        Decision::Allow { key, quota } => allowed(*key, quota.as_ref(), carrier, own_headers),
         Decision::Deny {
             reason,
             quota,
@@ -274,7 +274,7 @@ pub fn respond(
 }
 
 fn allowed(
-    key: &KeyEntry,
+    key: KeyRef<'_>,
     quota: Option<&Quota>,
     carrier: Option<CredentialHeader>,
     own_headers: &[&[u8]],
@@ -314,26 +314,34 @@ fn allowed(
         response_headers[1] = (b"ratelimit", remaining.bytes());
         n = 2;
     }
-    if let Some(dep) = &key.deprecation_header {
-        response_headers[n] = (b"deprecation", dep.as_bytes());
+    // `Deprecation` (RFC 9745) and `Sunset` (RFC 8594), formatted on the
+    // stack: only deprecated keys pay for it.
+    let deprecation = key.deprecation().map(|(since, sunset)| {
+        (
+            Scratch::format(format_args!("@{since}")),
+            sunset.map(|t| Scratch::format(format_args!("{}", HttpDate(t)))),
+        )
+    });
+    if let Some((dep, sunset)) = &deprecation {
+        response_headers[n] = (b"deprecation", dep.bytes());
         n += 1;
-        if let Some(sunset) = &key.sunset_header {
-            response_headers[n] = (b"sunset", sunset.as_bytes());
+        if let Some(sunset) = sunset {
+            response_headers[n] = (b"sunset", sunset.bytes());
             n += 1;
         }
     }
     let ok = OkResponse {
         headers: &[
-            (CLIENT_HEADER.as_bytes(), key.client.as_bytes()),
-            (KEY_ID_HEADER.as_bytes(), key.id.as_bytes()),
-            (SCOPES_HEADER.as_bytes(), key.scopes_joined.as_bytes()),
+            (CLIENT_HEADER.as_bytes(), key.client().as_bytes()),
+            (KEY_ID_HEADER.as_bytes(), key.id().as_bytes()),
+            (SCOPES_HEADER.as_bytes(), key.scopes_joined().as_bytes()),
         ],
         remove,
         response_headers: &response_headers[..n],
         metadata: &[
-            (b"client", key.client.as_bytes()),
-            (b"key_id", key.id.as_bytes()),
-            (b"scopes", key.scopes_joined.as_bytes()),
+            (b"client", key.client().as_bytes()),
+            (b"key_id", key.id().as_bytes()),
+            (b"scopes", key.scopes_joined().as_bytes()),
         ],
     };
     wire::frame(ok.encoded_len(), |e| ok.encode(e))
@@ -505,7 +513,7 @@ mod tests {
         assert_eq!(stats.denied(DenyReason::InsufficientScope), 1);
         assert_eq!(stats.denied(DenyReason::UnknownKey), 1);
         let ring = svc.shared.ring.load();
-        let usage = &ring.by_id("k1").unwrap().usage;
+        let usage = ring.by_id("k1").unwrap().usage();
         assert_eq!(usage.requests.load(Ordering::Relaxed), 3);
         assert_eq!(
             usage.last_used.load(Ordering::Relaxed),

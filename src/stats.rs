@@ -75,17 +75,17 @@ impl CheckStats {
         let stripe = self.mine();
         match decision {
             Decision::Allow { key, .. } => {
-                if key.state == KeyState::Deprecated {
+                if key.state() == KeyState::Deprecated {
                     stripe.allowed_deprecated.fetch_add(1, Ordering::Relaxed);
                 } else {
                     stripe.allowed.fetch_add(1, Ordering::Relaxed);
                 }
-                key.usage.record_use(now_secs);
+                key.usage().record_use(now_secs);
             }
             Decision::Deny { reason, key, .. } => {
                 stripe.denied[reason.index()].fetch_add(1, Ordering::Relaxed);
                 if let (Some(key), Some(i)) = (key, reason.key_index()) {
-                    key.usage.denied[i].fetch_add(1, Ordering::Relaxed);
+                    key.usage().denied[i].fetch_add(1, Ordering::Relaxed);
                 }
             }
         }

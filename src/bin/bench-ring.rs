@@ -1,0 +1,155 @@
+//! `bench-ring`: memory and build time of the key ring at scale.
+//!
+//! Builds a synthetic key file of `N` keys in memory (about 1000 clients, a
+//! handful of scope sets, 20% with an expiry, 5% deprecated, 1% with a
+//! description, 1% rate-limited), builds a ring from it (timed), publishes it,
+//! drops the file and gives freed memory back to the OS, then does the same
+//! again as a reload would. After each step it prints the process's resident
+//! set (VmRSS) and its peak (VmHWM) from `/proc/self/status`.
+//!
+//! Usage: `bench-ring [N]` (default 1000000).
+
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use keyward::keyfile::{KeyFile, KeySpec, KeyState, RateLimitSpec};
+use keyward::ring::{Digest, KeyRing, RingHandle, RingSource, UsageRegistry};
+use sha2::{Digest as _, Sha256};
+
+const SCOPE_SETS: &[&[&str]] = &[
+    &["read"],
+    &["read", "trade"],
+    &["read", "write"],
+    &["read", "trade", "admin"],
+    &[],
+    &["billing:read", "billing:write"],
+];
+
+fn digest(i: usize, generation: u64) -> Digest {
+    let mut h = Sha256::new();
+    h.update(generation.to_le_bytes());
+    h.update(i.to_le_bytes());
+    h.finalize().into()
+}
+
+/// A synthetic key file; `generation` changes the secrets of a few keys, as a
+/// rotation would.
+fn key_file(n: usize, generation: u64) -> KeyFile {
+    let expiry: Timestamp = "2099-01-01T00:00:00Z".parse().unwrap_or(Timestamp::MAX);
+    let deprecated_at: Timestamp = "2026-11-01T00:00:00Z".parse().unwrap_or(Timestamp::MIN);
+    let keys = (0..n)
+        .map(|i| {
+            let client = i % 1000;
+            let rotated = i % 100 == 7;
+            let state = if i % 20 == 3 {
+                KeyState::Deprecated
+            } else {
+                KeyState::Active
+            };
+            KeySpec {
+                id: format!("client-{client}-2026-11-27-{:06x}", i & 0xff_ffff),
+                client: format!("client-{client}"),
+                digest: digest(i, if rotated { generation } else { 0 }),
+                scopes: SCOPE_SETS[i % SCOPE_SETS.len()]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                state,
+                not_before: None,
+                expires_at: (i % 5 == 1 || state == KeyState::Deprecated).then_some(expiry),
+                deprecated_at: (state == KeyState::Deprecated && i % 40 == 3)
+                    .then_some(deprecated_at),
+                description: (i % 100 == 11).then(|| format!("key number {i} for tests")),
+                rate_limit: (i % 100 == 13).then_some(RateLimitSpec {
+                    requests: 100,
+                    per: Duration::from_secs(1),
+                    burst: 100,
+                }),
+                line: i * 6 + 1,
+            }
+        })
+        .collect();
+    KeyFile {
+        keys,
+        routes: Vec::new(),
+    }
+}
+
+fn status_kib(field: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn report(step: &str) {
+    println!(
+        "{step:<34} VmRSS {:>8.1} MiB   VmHWM {:>8.1} MiB",
+        status_kib("VmRSS:") as f64 / 1024.0,
+        status_kib("VmHWM:") as f64 / 1024.0
+    );
+}
+
+fn source(generation: u64) -> RingSource {
+    RingSource {
+        generation,
+        sha256: [0; 32],
+        loaded_at: Timestamp::now(),
+    }
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
+    println!("keys: {n}");
+    report("start");
+
+    let t = Instant::now();
+    let file = key_file(n, 1);
+    println!("file generated in {:?}", t.elapsed());
+    report("file in memory");
+
+    let usage = UsageRegistry::default();
+    let t = Instant::now();
+    let ring = KeyRing::build(&file, source(1), &usage, None);
+    let built = t.elapsed();
+    println!("ring built in {built:?} ({} keys)", ring.len());
+    let handle = RingHandle::new(ring);
+    report("ring built (file alive)");
+
+    // Sanity and a rough lookup cost: every key once, by digest.
+    let t = Instant::now();
+    let ring = handle.load_full();
+    let found = file
+        .keys
+        .iter()
+        .filter(|k| ring.lookup(&k.digest).is_some())
+        .count();
+    let per = t.elapsed().as_nanos() as f64 / n.max(1) as f64;
+    assert_eq!(found, n, "every key found by digest");
+    println!("lookup by digest: {per:.1} ns/key (all keys, cold)");
+    drop(ring);
+
+    drop(file);
+    keyward::ring::release_free_memory();
+    report("file dropped, trimmed");
+
+    let file = key_file(n, 2);
+    let t = Instant::now();
+    let current = handle.load_full();
+    let ring = KeyRing::build(&file, source(2), &usage, Some(&current));
+    let built = t.elapsed();
+    println!("reload ring built in {built:?}");
+    let old = handle.publish(ring);
+    drop(current);
+    drop(old);
+    usage.retain_ring(&handle.load());
+    report("reloaded (file alive)");
+    drop(file);
+    keyward::ring::release_free_memory();
+    report("reloaded, file dropped, trimmed");
+    println!("usage entries: {}", usage.len());
+}
