@@ -30,10 +30,12 @@
 //! - comments, blank lines, LF or CRLF line ends.
 //!
 //! Large files are split at `[[keys]]` headers and the parts parsed on
-//! separate threads; ids and digests are then checked for uniqueness over the
-//! whole file.
+//! separate threads. Each part records a hash of every id and digest; the
+//! hashes, sorted, show duplicates over the whole file without a hash table
+//! or a second pass over the keys.
 
 use std::borrow::Cow;
+use std::cmp::Ordering;
 
 use jiff::Timestamp;
 
@@ -66,13 +68,13 @@ pub fn parse_fast(text: &str, opts: ParseOptions) -> Option<KeyFile> {
 /// by side. For benchmarks and tests; the result does not depend on it.
 pub fn parse_fast_threads(text: &str, opts: ParseOptions, threads: usize) -> Option<KeyFile> {
     let bounds = split_points(text.as_bytes(), threads.clamp(1, MAX_THREADS));
-    let mut parts = Vec::with_capacity(bounds.len() + 1);
+    let mut texts = Vec::with_capacity(bounds.len() + 1);
     let mut start = 0;
     for &end in bounds.iter().chain(std::iter::once(&text.len())) {
-        parts.push(text.get(start..end)?);
+        texts.push(text.get(start..end)?);
         start = end;
     }
-    let (first_text, rest_text) = parts.split_first()?;
+    let (first_text, rest_text) = texts.split_first()?;
     let (first, rest) = if rest_text.is_empty() {
         (parse_part(first_text)?, Vec::new())
     } else {
@@ -90,11 +92,14 @@ pub fn parse_fast_threads(text: &str, opts: ParseOptions, threads: usize) -> Opt
             Some((first?, rest?))
         })?
     };
-    let file = merge(first, rest)?;
+    let (file, id_tags, digest_tags) = merge(first, rest)?;
     if file.keys.is_empty() && !opts.allow_empty {
         return None;
     }
-    unique(&file.keys).then_some(file)
+    let keys = &file.keys;
+    let unique = no_duplicates(&id_tags, |a, b| keys[a].id.cmp(&keys[b].id))
+        && no_duplicates(&digest_tags, |a, b| keys[a].digest.cmp(&keys[b].digest));
+    unique.then_some(file)
 }
 
 /// Byte offsets (ascending, each just after a newline and at a `[[keys]]`
@@ -140,9 +145,15 @@ struct Part {
     keys_header: bool,
     /// Any `[[routes]]` header.
     routes_header: bool,
+    /// A 32-bit hash of each key's id in the high half and the key's index
+    /// in the low half, sorted.
+    id_tags: Vec<u64>,
+    /// The same for digests.
+    digest_tags: Vec<u64>,
 }
 
-fn merge(first: Part, rest: Vec<Part>) -> Option<KeyFile> {
+/// Joins the parts: keys, routes, line numbers, and the hash tags (sorted).
+fn merge(first: Part, rest: Vec<Part>) -> Option<(KeyFile, Vec<u64>, Vec<u64>)> {
     let Part {
         mut keys,
         mut routes,
@@ -151,19 +162,30 @@ fn merge(first: Part, rest: Vec<Part>) -> Option<KeyFile> {
         root_routes,
         mut keys_header,
         mut routes_header,
+        mut id_tags,
+        mut digest_tags,
     } = first;
-    keys.reserve(rest.iter().map(|p| p.keys.len()).sum());
+    let more: usize = rest.iter().map(|p| p.keys.len()).sum();
+    // Indices must fit the low half of a tag.
+    u32::try_from(keys.len() + more).ok()?;
+    keys.reserve_exact(more);
+    id_tags.reserve_exact(more);
+    digest_tags.reserve_exact(more);
+    let several = !rest.is_empty();
     for mut part in rest {
         // Only the first part can hold root-level fields.
         if part.root_keys || part.root_routes {
             return None;
         }
+        let offset = keys.len() as u64;
         for k in &mut part.keys {
             k.line += newlines;
         }
         for r in &mut part.routes {
             r.line += newlines;
         }
+        id_tags.extend(part.id_tags.iter().map(|t| t + offset));
+        digest_tags.extend(part.digest_tags.iter().map(|t| t + offset));
         keys.append(&mut part.keys);
         routes.append(&mut part.routes);
         newlines += part.newlines;
@@ -174,112 +196,57 @@ fn merge(first: Part, rest: Vec<Part>) -> Option<KeyFile> {
     if (root_keys && keys_header) || (root_routes && routes_header) {
         return None;
     }
-    Some(KeyFile { keys, routes })
+    if several {
+        // The stable sort finds the parts' sorted runs and merges them.
+        id_tags.sort();
+        digest_tags.sort();
+    }
+    Some((KeyFile { keys, routes }, id_tags, digest_tags))
 }
 
-/// Whether ids and digests are unique. Sorting hashes keeps this cache
-/// friendly for a million keys; values with equal hashes are then sorted and
-/// compared, so even many collisions cost only a sort.
-fn unique(keys: &[KeySpec]) -> bool {
-    fn no_duplicates<T: Ord + std::hash::Hash + ?Sized>(
-        keys: &[KeySpec],
-        value: impl Fn(&KeySpec) -> &T,
-    ) -> bool {
-        let hasher = ahash::RandomState::with_seeds(1, 2, 3, 4);
-        let mut tagged: Vec<(u64, usize)> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| (hasher.hash_one(value(k)), i))
-            .collect();
-        tagged.sort_unstable();
-        let mut run: Vec<&T> = Vec::new();
-        for group in tagged.chunk_by(|a, b| a.0 == b.0) {
-            if group.len() > 1 {
-                run.clear();
-                run.extend(group.iter().map(|&(_, i)| value(&keys[i])));
-                run.sort_unstable();
-                if run.windows(2).any(|w| w[0] == w[1]) {
-                    return false;
-                }
+/// Whether sorted `tags` (hash high, index low) name no two equal values;
+/// `cmp` compares the values at two indices, for the rare equal hashes.
+fn no_duplicates(tags: &[u64], cmp: impl Fn(usize, usize) -> Ordering) -> bool {
+    let index = |t: u64| (t & 0xffff_ffff) as usize;
+    let mut run: Vec<usize> = Vec::new();
+    for group in tags.chunk_by(|a, b| a >> 32 == b >> 32) {
+        if let [a, b] = group {
+            if cmp(index(*a), index(*b)) == Ordering::Equal {
+                return false;
+            }
+        } else if group.len() > 2 {
+            run.clear();
+            run.extend(group.iter().map(|&t| index(t)));
+            run.sort_unstable_by(|&a, &b| cmp(a, b));
+            if run.windows(2).any(|w| cmp(w[0], w[1]) == Ordering::Equal) {
+                return false;
             }
         }
-        true
     }
-    let ids = || no_duplicates(keys, |k| k.id.as_str());
-    let digests = || no_duplicates(keys, |k| &k.digest);
-    if keys.len() >= 100_000 {
-        std::thread::scope(|s| {
-            let other = s.spawn(digests);
-            let ids_ok = ids();
-            other.join().unwrap_or(false) && ids_ok
-        })
-    } else {
-        ids() && digests()
-    }
+    true
 }
 
-/// The table the lines being read belong to.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Section {
-    Root,
-    Key,
-    Route,
+fn id_hash(id: &str) -> u64 {
+    ahash::RandomState::with_seeds(
+        0x243f_6a88_85a3_08d3,
+        0x1319_8a2e_0370_7344,
+        0xa409_3822_299f_31d0,
+        0x082e_fa98_ec4e_6c89,
+    )
+    .hash_one(id)
+        >> 32
 }
 
-/// A `[[keys]]` table being read. Fields are validated as they are read.
-struct KeyDraft {
-    line: usize,
-    seen: u16,
-    id: Option<String>,
-    client: Option<String>,
-    digest: Option<[u8; 32]>,
-    scopes: Vec<String>,
-    state: KeyState,
-    not_before: Option<Timestamp>,
-    expires_at: Option<Timestamp>,
-    deprecated_at: Option<Timestamp>,
-    description: Option<String>,
-    rate_limit: Option<RateLimitSpec>,
-}
-
-impl KeyDraft {
-    fn new(line: usize) -> Self {
-        KeyDraft {
-            line,
-            seen: 0,
-            id: None,
-            client: None,
-            digest: None,
-            scopes: Vec::new(),
-            state: KeyState::Active,
-            not_before: None,
-            expires_at: None,
-            deprecated_at: None,
-            description: None,
-            rate_limit: None,
-        }
+/// Digests are SHA-256 outputs, so folding their words is hash enough (and
+/// equal hashes are compared in full anyway).
+fn digest_hash(d: &[u8; 32]) -> u64 {
+    let mut h: u64 = 0;
+    for (i, w) in d.chunks_exact(8).enumerate() {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(w);
+        h ^= u64::from_le_bytes(word).rotate_left(16 * i as u32);
     }
-
-    fn finish(self) -> Option<KeySpec> {
-        if let (Some(nb), Some(exp)) = (self.not_before, self.expires_at)
-            && exp <= nb
-        {
-            return None;
-        }
-        Some(KeySpec {
-            id: self.id?,
-            client: self.client?,
-            digest: self.digest?,
-            scopes: self.scopes,
-            state: self.state,
-            not_before: self.not_before,
-            expires_at: self.expires_at,
-            deprecated_at: self.deprecated_at,
-            description: self.description,
-            rate_limit: self.rate_limit,
-            line: self.line,
-        })
-    }
+    h.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32
 }
 
 /// A `[[routes]]` table being read.
@@ -310,6 +277,42 @@ impl RouteDraft {
     }
 }
 
+/// The table the lines being read belong to.
+enum Section {
+    Root,
+    /// The last entry of `Part::keys`, with the fields seen so far.
+    Key(u16),
+    Route(RouteDraft),
+}
+
+/// Checks a finished `[[keys]]` table (the last key) and records its tags.
+fn close_key(part: &mut Part, seen: u16) -> Option<()> {
+    const REQUIRED: u16 = F_ID | F_CLIENT | F_SHA256;
+    let index = part.keys.len().checked_sub(1)?;
+    let k = part.keys.last()?;
+    if seen & REQUIRED != REQUIRED {
+        return None;
+    }
+    if let (Some(nb), Some(exp)) = (k.not_before, k.expires_at)
+        && exp <= nb
+    {
+        return None;
+    }
+    let index = u64::from(u32::try_from(index).ok()?);
+    part.id_tags.push(id_hash(&k.id) << 32 | index);
+    part.digest_tags.push(digest_hash(&k.digest) << 32 | index);
+    Some(())
+}
+
+fn close(part: &mut Part, section: Section) -> Option<()> {
+    match section {
+        Section::Root => {}
+        Section::Key(seen) => close_key(part, seen)?,
+        Section::Route(draft) => part.routes.push(draft.finish()?),
+    }
+    Some(())
+}
+
 fn parse_part(text: &str) -> Option<Part> {
     let mut p = Parser {
         text,
@@ -320,8 +323,6 @@ fn parse_part(text: &str) -> Option<Part> {
     };
     let mut part = Part::default();
     let mut section = Section::Root;
-    let mut key = KeyDraft::new(0);
-    let mut route = RouteDraft::new(0);
     loop {
         p.skip_ws();
         let Some(&c) = p.b.get(p.i) else { break };
@@ -331,49 +332,50 @@ fn parse_part(text: &str) -> Option<Part> {
             b'[' => {
                 let line = p.line;
                 let name = p.header()?;
-                match section {
-                    Section::Root => {}
-                    Section::Key => part
-                        .keys
-                        .push(std::mem::replace(&mut key, KeyDraft::new(0)).finish()?),
-                    Section::Route => part
-                        .routes
-                        .push(std::mem::replace(&mut route, RouteDraft::new(0)).finish()?),
-                }
-                match name {
+                close(&mut part, std::mem::replace(&mut section, Section::Root))?;
+                section = match name {
                     b"keys" if !part.root_keys => {
                         part.keys_header = true;
-                        section = Section::Key;
-                        key.line = line;
+                        part.keys.push(KeySpec {
+                            id: String::new(),
+                            client: String::new(),
+                            digest: [0; 32],
+                            scopes: Vec::new(),
+                            state: KeyState::Active,
+                            not_before: None,
+                            expires_at: None,
+                            deprecated_at: None,
+                            description: None,
+                            rate_limit: None,
+                            line,
+                        });
+                        Section::Key(0)
                     }
                     b"routes" if !part.root_routes => {
                         part.routes_header = true;
-                        section = Section::Route;
-                        route.line = line;
+                        Section::Route(RouteDraft::new(line))
                     }
                     _ => return None,
-                }
+                };
             }
             _ => {
                 let name = p.bare_key()?;
                 p.skip_ws();
                 p.expect(b'=')?;
                 p.skip_ws();
-                match section {
+                match &mut section {
                     Section::Root => p.root_field(name, &mut part)?,
-                    Section::Key => p.key_field(name, &mut key)?,
-                    Section::Route => p.route_field(name, &mut route)?,
+                    Section::Key(seen) => p.key_field(name, part.keys.last_mut()?, seen)?,
+                    Section::Route(draft) => p.route_field(name, draft)?,
                 }
                 p.end_of_line()?;
             }
         }
     }
-    match section {
-        Section::Root => {}
-        Section::Key => part.keys.push(key.finish()?),
-        Section::Route => part.routes.push(route.finish()?),
-    }
+    close(&mut part, section)?;
     part.newlines = p.line - 1;
+    part.id_tags.sort_unstable();
+    part.digest_tags.sort_unstable();
     Some(part)
 }
 
@@ -387,6 +389,30 @@ const F_EXPIRES_AT: u16 = 1 << 6;
 const F_DEPRECATED_AT: u16 = 1 << 7;
 const F_DESCRIPTION: u16 = 1 << 8;
 const F_RATE_LIMIT: u16 = 1 << 9;
+
+/// The `[[keys]]` field called `name`, as a bit; 0 for none.
+#[inline]
+fn key_field_bit(name: &[u8]) -> u16 {
+    match name.len() {
+        2 if name == b"id" => F_ID,
+        5 if name == b"state" => F_STATE,
+        6 => match name {
+            b"client" => F_CLIENT,
+            b"sha256" => F_SHA256,
+            b"scopes" => F_SCOPES,
+            _ => 0,
+        },
+        10 => match name {
+            b"expires_at" => F_EXPIRES_AT,
+            b"not_before" => F_NOT_BEFORE,
+            b"rate_limit" => F_RATE_LIMIT,
+            _ => 0,
+        },
+        11 if name == b"description" => F_DESCRIPTION,
+        13 if name == b"deprecated_at" => F_DEPRECATED_AT,
+        _ => 0,
+    }
+}
 
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
@@ -404,31 +430,68 @@ fn valid_method(m: &str) -> bool {
     !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase())
 }
 
-/// Bytes allowed unescaped in a basic string, a literal string or a comment:
-/// tab, printable ASCII and anything non-ASCII (the text is valid UTF-8).
-#[inline]
-fn plain(c: u8) -> bool {
-    c == b'\t' || (0x20..0x7f).contains(&c) || c >= 0x80
-}
+/// Byte classes: control characters other than tab (not allowed raw in
+/// strings or comments; this includes the line ends), the characters that
+/// end or escape strings, and those of bare keys.
+const CONTROL: u8 = 1;
+const DQUOTE: u8 = 2;
+const BACKSLASH: u8 = 4;
+const SQUOTE: u8 = 8;
+/// Characters of bare keys: `A-Z a-z 0-9 _ -`.
+const BARE: u8 = 16;
+
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 0x20 {
+        t[c] = CONTROL;
+        c += 1;
+    }
+    t[b'\t' as usize] = 0;
+    t[0x7f] = CONTROL;
+    t[b'"' as usize] = DQUOTE;
+    t[b'\\' as usize] = BACKSLASH;
+    t[b'\'' as usize] = SQUOTE;
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            t[c] = BARE;
+        }
+        c += 1;
+    }
+    t
+};
+
+/// Hex digit values; 0x80 marks a non-digit.
+static HEX: [u8; 256] = {
+    let mut t = [0x80u8; 256];
+    let mut c = 0;
+    while c < 10 {
+        t[b'0' as usize + c] = c as u8;
+        c += 1;
+    }
+    let mut c = 0;
+    while c < 6 {
+        t[b'a' as usize + c] = 10 + c as u8;
+        t[b'A' as usize + c] = 10 + c as u8;
+        c += 1;
+    }
+    t
+};
 
 /// Exactly 64 hex digits, without `decode_digest`'s trimming.
+#[inline]
 fn hex64(s: &[u8]) -> Option<[u8; 32]> {
-    fn nibble(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            b'A'..=b'F' => Some(c - b'A' + 10),
-            _ => None,
-        }
-    }
-    if s.len() != 64 {
-        return None;
-    }
+    let s: &[u8; 64] = s.try_into().ok()?;
     let mut out = [0u8; 32];
+    let mut bad = 0u8;
     for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
-        *o = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+        let (hi, lo) = (HEX[usize::from(pair[0])], HEX[usize::from(pair[1])]);
+        bad |= hi | lo;
+        *o = (hi << 4) | lo;
     }
-    Some(out)
+    (bad & 0x80 == 0).then_some(out)
 }
 
 fn days_in_month(year: u32, month: u32) -> u32 {
@@ -490,12 +553,9 @@ impl<'a> Parser<'a> {
     /// At `#`: skips the comment, up to the line end.
     fn comment(&mut self) -> Option<()> {
         self.i += 1;
-        while let Some(c) = self.peek() {
-            if c == b'\n' || c == b'\r' {
-                break;
-            }
-            if !plain(c) {
-                return None;
+        while let Some(&c) = self.b.get(self.i) {
+            if CLASS[usize::from(c)] & CONTROL != 0 {
+                return matches!(c, b'\n' | b'\r').then_some(());
             }
             self.i += 1;
         }
@@ -507,11 +567,15 @@ impl<'a> Parser<'a> {
     #[inline]
     fn end_of_line(&mut self) -> Option<()> {
         self.skip_ws();
-        if self.peek() == Some(b'#') {
-            self.comment()?;
-        }
         match self.peek() {
             None => Some(()),
+            Some(b'#') => {
+                self.comment()?;
+                match self.peek() {
+                    None => Some(()),
+                    Some(_) => self.newline(),
+                }
+            }
             Some(_) => self.newline(),
         }
     }
@@ -533,12 +597,10 @@ impl<'a> Parser<'a> {
     fn bare_key(&mut self) -> Option<&'a [u8]> {
         let b: &'a [u8] = self.b;
         let start = self.i;
-        while let Some(&c) = b.get(self.i) {
-            if c.is_ascii_alphanumeric() || c == b'_' || c == b'-' {
-                self.i += 1;
-            } else {
-                break;
-            }
+        while let Some(&c) = b.get(self.i)
+            && CLASS[usize::from(c)] & BARE != 0
+        {
+            self.i += 1;
         }
         if self.i == start {
             return None;
@@ -574,23 +636,29 @@ impl<'a> Parser<'a> {
         }
     }
 
+    /// Index of the first byte at or after `j` whose class is in `stop`.
+    #[inline]
+    fn scan(&self, mut j: usize, stop: u8) -> Option<usize> {
+        loop {
+            let c = *self.b.get(j)?;
+            if CLASS[usize::from(c)] & stop != 0 {
+                return Some(j);
+            }
+            j += 1;
+        }
+    }
+
     fn basic_string(&mut self) -> Option<Cow<'a, str>> {
         let text: &'a str = self.text;
         let start = self.i + 1;
-        let mut j = start;
-        loop {
-            let c = *self.b.get(j)?;
-            if c == b'"' {
+        let j = self.scan(start, CONTROL | DQUOTE | BACKSLASH)?;
+        match self.b.get(j)? {
+            b'"' => {
                 self.i = j + 1;
-                return text.get(start..j).map(Cow::Borrowed);
+                text.get(start..j).map(Cow::Borrowed)
             }
-            if c == b'\\' {
-                return self.escaped_string(start, j).map(Cow::Owned);
-            }
-            if !plain(c) {
-                return None;
-            }
-            j += 1;
+            b'\\' => self.escaped_string(start, j).map(Cow::Owned),
+            _ => None,
         }
     }
 
@@ -629,15 +697,10 @@ impl<'a> Parser<'a> {
                     };
                     out.push(c);
                 }
-                c if plain(c) => {
-                    let run = j;
-                    while let Some(&c) = self.b.get(j) {
-                        if c == b'"' || c == b'\\' || !plain(c) {
-                            break;
-                        }
-                        j += 1;
-                    }
-                    out.push_str(self.text.get(run..j)?);
+                c if CLASS[usize::from(c)] & CONTROL == 0 => {
+                    let end = self.scan(j, CONTROL | DQUOTE | BACKSLASH)?;
+                    out.push_str(self.text.get(j..end)?);
+                    j = end;
                 }
                 _ => return None,
             }
@@ -647,18 +710,28 @@ impl<'a> Parser<'a> {
     fn literal_string(&mut self) -> Option<Cow<'a, str>> {
         let text: &'a str = self.text;
         let start = self.i + 1;
-        let mut j = start;
-        loop {
-            let c = *self.b.get(j)?;
-            if c == b'\'' {
-                self.i = j + 1;
-                return text.get(start..j).map(Cow::Borrowed);
-            }
-            if !plain(c) {
-                return None;
-            }
-            j += 1;
+        let j = self.scan(start, CONTROL | SQUOTE)?;
+        if self.b.get(j)? != &b'\'' {
+            return None;
         }
+        self.i = j + 1;
+        text.get(start..j).map(Cow::Borrowed)
+    }
+
+    /// A `sha256` value: a 64-digit string read directly when it is one,
+    /// otherwise any string as the full validator decodes it.
+    #[inline]
+    fn digest(&mut self) -> Option<[u8; 32]> {
+        let i = self.i;
+        if self.b.get(i) == Some(&b'"')
+            && self.b.get(i + 65) == Some(&b'"')
+            && let Some(d) = self.b.get(i + 1..i + 65).and_then(hex64)
+        {
+            self.i = i + 66;
+            return Some(d);
+        }
+        let s = self.string()?;
+        hex64(s.as_bytes()).or_else(|| decode_digest(&s))
     }
 
     /// An array of strings, possibly over several lines, into `scratch`.
@@ -849,43 +922,29 @@ impl<'a> Parser<'a> {
         self.scratch.is_empty().then_some(())
     }
 
-    fn key_field(&mut self, name: &[u8], d: &mut KeyDraft) -> Option<()> {
-        let bit = match name {
-            b"id" => F_ID,
-            b"client" => F_CLIENT,
-            b"sha256" => F_SHA256,
-            b"scopes" => F_SCOPES,
-            b"state" => F_STATE,
-            b"not_before" => F_NOT_BEFORE,
-            b"expires_at" => F_EXPIRES_AT,
-            b"deprecated_at" => F_DEPRECATED_AT,
-            b"description" => F_DESCRIPTION,
-            b"rate_limit" => F_RATE_LIMIT,
-            _ => return None,
-        };
-        if d.seen & bit != 0 {
+    /// One `name = value` of a `[[keys]]` table, validated into `k`.
+    fn key_field(&mut self, name: &[u8], k: &mut KeySpec, seen: &mut u16) -> Option<()> {
+        let bit = key_field_bit(name);
+        if bit == 0 || *seen & bit != 0 {
             return None;
         }
-        d.seen |= bit;
+        *seen |= bit;
         match bit {
             F_ID => {
                 let s = self.string()?;
                 if !valid_id(&s) {
                     return None;
                 }
-                d.id = Some(s.into_owned());
+                k.id = s.into_owned();
             }
             F_CLIENT => {
                 let s = self.string()?;
                 if !valid_client(&s) {
                     return None;
                 }
-                d.client = Some(s.into_owned());
+                k.client = s.into_owned();
             }
-            F_SHA256 => {
-                let s = self.string()?;
-                d.digest = Some(hex64(s.as_bytes()).or_else(|| decode_digest(&s))?);
-            }
+            F_SHA256 => k.digest = self.digest()?,
             F_SCOPES => {
                 self.string_array()?;
                 let mut scopes: Vec<String> = Vec::with_capacity(self.scratch.len());
@@ -897,14 +956,14 @@ impl<'a> Parser<'a> {
                         scopes.push(s.into_owned());
                     }
                 }
-                d.scopes = scopes;
+                k.scopes = scopes;
             }
-            F_STATE => d.state = KeyState::parse(&self.string()?)?,
-            F_NOT_BEFORE => d.not_before = Some(self.time()?),
-            F_EXPIRES_AT => d.expires_at = Some(self.time()?),
-            F_DEPRECATED_AT => d.deprecated_at = Some(self.time()?),
-            F_DESCRIPTION => d.description = Some(self.string()?.into_owned()),
-            _ => d.rate_limit = Some(self.rate_limit()?),
+            F_STATE => k.state = KeyState::parse(&self.string()?)?,
+            F_NOT_BEFORE => k.not_before = Some(self.time()?),
+            F_EXPIRES_AT => k.expires_at = Some(self.time()?),
+            F_DEPRECATED_AT => k.deprecated_at = Some(self.time()?),
+            F_DESCRIPTION => k.description = Some(self.string()?.into_owned()),
+            _ => k.rate_limit = Some(self.rate_limit()?),
         }
         Some(())
     }
