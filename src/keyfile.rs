@@ -18,6 +18,10 @@ use std::time::Duration;
 use jiff::Timestamp;
 use toml_edit::{Item, Table, Value};
 
+mod fast;
+
+pub use fast::{parse_fast, parse_fast_threads};
+
 /// Longest key id accepted (ids appear in logs and metric labels).
 pub const MAX_ID_LEN: usize = 128;
 
@@ -97,7 +101,7 @@ pub struct KeySpec {
 }
 
 /// A parsed and validated key file.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyFile {
     /// The keys, in file order.
     pub keys: Vec<KeySpec>,
@@ -257,7 +261,22 @@ pub fn parse_bytes(path: &Path, bytes: &[u8], opts: ParseOptions) -> Result<KeyF
 }
 
 /// Validates key file text, returning every problem found.
+///
+/// Files in the common shape (what `keyward keys` writes and what people write
+/// by hand) go through [`parse_fast`]; anything it declines, including every
+/// invalid file, goes through [`parse_str_full`], which reports the problems.
+/// Both give the same result for any file the fast path accepts.
 pub fn parse_str(text: &str, opts: ParseOptions) -> Result<KeyFile, Vec<Diagnostic>> {
+    match parse_fast(text, opts) {
+        Some(file) => Ok(file),
+        None => parse_str_full(text, opts),
+    }
+}
+
+/// Validates key file text with the complete TOML parser, returning every
+/// problem found at its line and column. [`parse_str`] uses it for the files
+/// the fast path declines; it is the reference the fast path is tested against.
+pub fn parse_str_full(text: &str, opts: ParseOptions) -> Result<KeyFile, Vec<Diagnostic>> {
     let doc = match toml_edit::Document::parse(text) {
         Ok(doc) => doc,
         Err(e) => {

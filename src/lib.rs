@@ -30,8 +30,10 @@
 //! - [`tls`]: TLS and mutual TLS on the gRPC listener, hot-reloaded.
 //! - [`cli`]: the `keyward` command line.
 //! - [`pb`]: generated protobuf code for the ext_authz API.
+//! - [`bench_support`]: synthetic key files for benchmarks and load tests.
 
 pub mod admin;
+pub mod bench_support;
 pub mod cli;
 pub mod decide;
 pub mod edit;

@@ -15,7 +15,8 @@ pub const CHECKSUM_LEN: usize = 6;
 /// Total length of a keyward secret.
 pub const SECRET_LEN: usize = PREFIX.len() + RANDOM_LEN + CHECKSUM_LEN;
 
-const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+pub(crate) const ALPHABET: &[u8; 62] =
+    b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 /// Generates a new secret from the OS CSPRNG.
 pub fn generate() -> Result<String, getrandom::Error> {
@@ -39,7 +40,7 @@ pub fn generate() -> Result<String, getrandom::Error> {
 }
 
 /// The base62 CRC-32 of `random`, fixed width.
-fn checksum(random: &str) -> String {
+pub(crate) fn checksum(random: &str) -> String {
     let mut n = crc32fast::hash(random.as_bytes());
     let mut digits = [b'0'; CHECKSUM_LEN];
     for d in digits.iter_mut().rev() {

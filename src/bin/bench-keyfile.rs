@@ -1,0 +1,142 @@
+//! `bench-keyfile`: writes large synthetic key files and times parsing them.
+//!
+//! ```text
+//! bench-keyfile --keys 1000000 --out keys.toml     # write ~150 MB
+//! bench-keyfile --parse keys.toml                  # read + parse, as the server does
+//! bench-keyfile --parse keys.toml --parser full    # the full validator only
+//! bench-keyfile --parse keys.toml --parser fast --threads 1
+//! ```
+//!
+//! Parsing prints one line of timings (milliseconds) and the process's peak
+//! resident memory so far (VmHWM), so each run should parse in a fresh process.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, ValueEnum};
+use keyward::keyfile::{self, ParseOptions};
+
+/// Writes or parses synthetic key files (see `keyward::bench_support`).
+#[derive(Debug, Parser)]
+#[command(name = "bench-keyfile")]
+struct Args {
+    /// Number of keys to write (with --out).
+    #[arg(long, default_value_t = 1_000_000)]
+    keys: usize,
+    /// Write a synthetic key file here.
+    #[arg(long, conflicts_with = "parse")]
+    out: Option<PathBuf>,
+    /// Read and parse this key file, printing timings.
+    #[arg(long)]
+    parse: Option<PathBuf>,
+    /// Which parser to time.
+    #[arg(long, value_enum, default_value_t = Which::Auto)]
+    parser: Which,
+    /// Threads for the fast path (`--parser fast`); 0 picks as `auto` does.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Which {
+    /// What the server runs: the fast path, then the full validator if declined.
+    Auto,
+    /// The fast path only (fails if it declines the file).
+    Fast,
+    /// The full validator only.
+    Full,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match (&args.out, &args.parse) {
+        (Some(out), None) => write(out, args.keys),
+        (None, Some(path)) => parse(path, args.parser, args.threads),
+        _ => Err("give --out FILE (with --keys N) or --parse FILE".to_owned()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench-keyfile: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn write(out: &std::path::Path, keys: usize) -> Result<(), String> {
+    let start = Instant::now();
+    let text = keyward::bench_support::synthetic_key_file(keys);
+    std::fs::write(out, &text).map_err(|e| format!("{}: {e}", out.display()))?;
+    eprintln!(
+        "wrote {} keys, {} bytes ({} bytes per key) to {} in {:.1}s",
+        keys,
+        text.len(),
+        text.len() / keys.max(1),
+        out.display(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn parse(path: &std::path::Path, which: Which, threads: usize) -> Result<(), String> {
+    let opts = ParseOptions::default();
+    let t0 = Instant::now();
+    let bytes = keyfile::read(path).map_err(|e| e.to_string())?;
+    let t_read = t0.elapsed();
+    let text = std::str::from_utf8(&bytes).map_err(|e| format!("not UTF-8: {e}"))?;
+    let t_utf8 = t0.elapsed();
+    let cpu_before = cpu_ms();
+    let file = match which {
+        Which::Auto => keyfile::parse_str(text, opts).map_err(|d| format!("{d:?}"))?,
+        Which::Full => keyfile::parse_str_full(text, opts).map_err(|d| format!("{d:?}"))?,
+        Which::Fast => {
+            let parsed = if threads == 0 {
+                keyfile::parse_fast(text, opts)
+            } else {
+                keyfile::parse_fast_threads(text, opts, threads)
+            };
+            parsed.ok_or("the fast path declined the file")?
+        }
+    };
+    let t_parse = t0.elapsed();
+    let parse_cpu = cpu_ms().zip(cpu_before).map(|(a, b)| a.saturating_sub(b));
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "parser={which:?} threads={threads} keys={} bytes={} read_ms={:.1} utf8_ms={:.1} parse_ms={:.1} parse_cpu_ms={} total_ms={:.1} peak_rss_mb={}",
+        file.keys.len(),
+        bytes.len(),
+        ms(t_read),
+        ms(t_utf8 - t_read),
+        ms(t_parse - t_utf8),
+        parse_cpu.map_or_else(|| "?".to_owned(), |m| m.to_string()),
+        ms(t_parse),
+        peak_rss_mb().map_or_else(|| "?".to_owned(), |m| m.to_string()),
+    );
+    // Freeing a million keys takes time too; measure it separately.
+    let t_drop = Instant::now();
+    drop(file);
+    println!("drop_ms={:.1}", ms(t_drop.elapsed()));
+    Ok(())
+}
+
+/// CPU time (user + system) used by this process so far, in milliseconds,
+/// at the kernel's clock-tick resolution (Linux; assumes 100 ticks a second).
+/// On a busy machine it says what a parse costs better than the wall clock.
+fn cpu_ms() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which is in parentheses).
+    let rest = stat.rsplit_once(')')?.1;
+    let mut fields = rest.split_whitespace();
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) * 10)
+}
+
+/// Peak resident set size of this process, in MiB (Linux).
+fn peak_rss_mb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024)
+}
