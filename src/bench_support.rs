@@ -52,9 +52,22 @@ pub fn synthetic_key_file(n: usize) -> String {
     out
 }
 
+/// The roll that picks synthetic key `i`'s optional fields.
+fn roll(i: usize) -> u64 {
+    splitmix64(i as u64) % 100
+}
+
+/// Whether synthetic key `i` is allowed on any route with no required
+/// scopes, without limit: active, unexpired, valid now and not rate-limited.
+/// Load generators present these.
+pub fn synthetic_key_is_plain(i: usize) -> bool {
+    let roll = roll(i);
+    roll > 5 && roll % 33 != 1
+}
+
 fn write_entry(out: &mut String, i: usize) {
     let client = i / 50;
-    let roll = splitmix64(i as u64) % 100;
+    let roll = roll(i);
     let digest = hex::encode(crate::decide::digest(&synthetic_secret(i)));
     if i > 0 {
         out.push('\n');

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! bench-keyfile --keys 1000000 --out keys.toml     # write ~150 MB
+//! bench-keyfile --keys 1000000 --out keys.toml --secrets s.txt --secrets-count 200
 //! bench-keyfile --parse keys.toml                  # read + parse, as the server does
 //! bench-keyfile --parse keys.toml --parser full    # the full validator only
 //! bench-keyfile --parse keys.toml --parser fast --threads 1
@@ -36,6 +37,13 @@ struct Args {
     /// Threads for the fast path (`--parser fast`); 0 picks as `auto` does.
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// With --out: also write the secrets of plain keys (active, unexpired,
+    /// no rate limit) here, one per line, for a load generator.
+    #[arg(long, requires = "out")]
+    secrets: Option<PathBuf>,
+    /// How many secrets to write with --secrets.
+    #[arg(long, default_value_t = 100)]
+    secrets_count: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -51,7 +59,10 @@ enum Which {
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = match (&args.out, &args.parse) {
-        (Some(out), None) => write(out, args.keys),
+        (Some(out), None) => write(out, args.keys).and_then(|()| match &args.secrets {
+            Some(path) => write_secrets(path, args.keys, args.secrets_count),
+            None => Ok(()),
+        }),
         (None, Some(path)) => parse(path, args.parser, args.threads),
         _ => Err("give --out FILE (with --keys N) or --parse FILE".to_owned()),
     };
@@ -62,6 +73,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn write_secrets(path: &std::path::Path, keys: usize, count: usize) -> Result<(), String> {
+    use keyward::bench_support::{synthetic_key_is_plain, synthetic_secret};
+    let mut text = String::new();
+    // Spread over the whole file, not only its first keys.
+    let stride = (keys / count.max(1)).max(1);
+    for i in (0..keys)
+        .step_by(stride)
+        .filter(|&i| synthetic_key_is_plain(i))
+        .take(count)
+    {
+        text.push_str(&synthetic_secret(i));
+        text.push('\n');
+    }
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn write(out: &std::path::Path, keys: usize) -> Result<(), String> {

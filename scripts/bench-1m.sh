@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# A million keys: time to ready, resident memory, reload time, and check
+# latency while such a ring is reloaded over and over.
+#
+#   scripts/bench-1m.sh [KEYS]          # default 1000000 (a ~150 MB key file)
+#
+# 1. Generates a realistic key file (bench-keyfile) and starts keyward on it;
+#    reports the time from exec to /readyz = 200 and VmRSS once ready and
+#    after a few seconds of light load (steady state).
+# 2. Rewrites the file (one description changed, so each write is a new
+#    ring) and reports how long until the new generation serves, and VmRSS
+#    after the swap.
+# 3. Open-loop load at $RATE req/s for $SECONDS_PER_RUN s with the file
+#    untouched, then the same while the file is rewritten back to back
+#    (every reload parses and builds the whole ring); reports both p99s and
+#    their ratio. Runs alternate $ROUNDS times; medians are printed.
+#
+# Traffic goes to 127.0.0.1 only. Knobs: RATE SECONDS_PER_RUN ROUNDS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+n="${1:-1000000}"
+rate="${RATE:-2000}"
+per_run="${SECONDS_PER_RUN:-10}"
+rounds="${ROUNDS:-3}"
+
+cargo build --release --quiet --bin keyward --bin keyward-loadgen --bin bench-keyfile
+bin="$PWD/target/release"
+source scripts/lib.sh
+rss_mib() { awk '/^VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
+now_ms() { date +%s%3N; }
+generation() { curl -sf "http://127.0.0.1:$admin/ring" | python3 -c 'import json,sys; print(json.load(sys.stdin)["generation"])'; }
+
+keys="$work/keys.toml"
+"$bin/bench-keyfile" --keys "$n" --out "$keys" --secrets "$work/secrets.txt" --secrets-count 200
+size_mb="$(du -m "$keys" | cut -f1)"
+echo "key file:            $n keys, $size_mb MB"
+
+grpc="$(free_port)"; admin="$(free_port)"
+start="$(now_ms)"
+"$bin/keyward" serve --keys "$keys" --listen "127.0.0.1:$grpc" --admin "127.0.0.1:$admin" \
+    --lockout-threshold 0 --poll-interval 0s 2> "$work/keyward.log" &
+pid=$!
+pids+=("$pid")
+until curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null; do
+    kill -0 "$pid" 2>/dev/null || { cat "$work/keyward.log" >&2; exit 1; }
+    sleep 0.01
+done
+ready="$(now_ms)"
+echo "ready after:         $((ready - start)) ms (exec to /readyz = 200)"
+echo "resident when ready: $(rss_mib "$pid") MiB"
+"$bin/keyward-loadgen" --target "http://127.0.0.1:$grpc" --keys "$work/secrets.txt" --required-scopes "" \
+    --rate 1000 --duration 3s --warmup 1s --verify > /dev/null
+echo "resident, steady:    $(rss_mib "$pid") MiB"
+
+# Two versions of the file that differ in one key's description.
+cp "$keys" "$work/a.toml"
+python3 - "$keys" "$work/b.toml" <<'EOF'
+import sys
+src, dst = sys.argv[1], sys.argv[2]
+with open(src) as f, open(dst, "w") as out:
+    done = False
+    for line in f:
+        out.write(line)
+        if not done and line.startswith("client = "):
+            out.write('description = "reloaded"\n')
+            done = True
+EOF
+write_version() { cp "$work/$1.toml" "$work/next.toml"; mv "$work/next.toml" "$keys"; }
+
+g0="$(generation)"
+t0="$(now_ms)"
+write_version b
+until [[ "$(generation)" -gt "$g0" ]]; do sleep 0.01; done
+t1="$(now_ms)"
+echo "reload serving after: $((t1 - t0)) ms (rename to new generation on /ring)"
+sleep 2
+echo "resident after swap: $(rss_mib "$pid") MiB"
+
+load() {
+    "$bin/keyward-loadgen" --target "http://127.0.0.1:$grpc" --keys "$work/secrets.txt" --required-scopes "" \
+        --rate "$rate" --duration "${per_run}s" --warmup 1s --verify --json
+}
+p99() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])["latency_us"]["p99"])' "$1"; }
+steady=(); storm=()
+for r in $(seq 1 "$rounds"); do
+    steady+=("$(p99 "$(load)")")
+    (
+        v=a
+        end=$((SECONDS + per_run + 2))
+        while (( SECONDS < end )); do
+            g="$(generation)"
+            write_version "$v"
+            # Wait for this write to be served before the next one.
+            for _ in $(seq 1 500); do [[ "$(generation)" -gt "$g" ]] && break; sleep 0.01; done
+            v=$([[ $v == a ]] && echo b || echo a)
+        done
+    ) &
+    writer=$!
+    storm+=("$(p99 "$(load)")")
+    wait "$writer" || true
+    echo "round $r: p99 steady ${steady[-1]} µs, during reloads ${storm[-1]} µs"
+done
+reloads="$(( $(generation) - g0 ))"
+python3 - "$rate" "${steady[*]}" "${storm[*]}" "$reloads" <<'EOF'
+import statistics, sys
+rate, steady, storm, reloads = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4]
+a = statistics.median(float(x) for x in steady)
+b = statistics.median(float(x) for x in storm)
+print(f"open loop {rate} req/s: p99 steady {a:.0f} µs, during back-to-back reloads {b:.0f} µs "
+      f"(ratio {b / a:.2f}x, medians of {len(steady)}; {reloads} rings published)")
+EOF
+echo "resident at the end: $(rss_mib "$pid") MiB"
