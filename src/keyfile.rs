@@ -239,6 +239,24 @@ pub fn read(path: &Path) -> Result<Vec<u8>, KeyFileError> {
     Ok(bytes)
 }
 
+/// [`parse_bytes`], with the SHA-256 of `bytes` computed on another thread
+/// meanwhile (for a large file the hash costs about as much as the parse).
+pub fn parse_bytes_hashed(
+    path: &Path,
+    bytes: &[u8],
+    opts: ParseOptions,
+) -> (Result<KeyFile, KeyFileError>, [u8; 32]) {
+    std::thread::scope(|s| {
+        let hash = s.spawn(|| crate::decide::digest_bytes(bytes));
+        let parsed = parse_bytes(path, bytes, opts);
+        // Hashing cannot panic; should the thread fail anyway, hash here.
+        let digest = hash
+            .join()
+            .unwrap_or_else(|_| crate::decide::digest_bytes(bytes));
+        (parsed, digest)
+    })
+}
+
 /// Validates key file contents; `path` is used only in messages.
 pub fn parse_bytes(path: &Path, bytes: &[u8], opts: ParseOptions) -> Result<KeyFile, KeyFileError> {
     let invalid = |diagnostics| KeyFileError::Invalid {

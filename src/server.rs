@@ -123,15 +123,23 @@ impl Server {
         } else {
             None
         };
-        let (file, bytes) = keyfile::load(&config.keys, config.parse_options())?;
+        let bytes = keyfile::read(&config.keys)?;
+        let (file, sha256) =
+            keyfile::parse_bytes_hashed(&config.keys, &bytes, config.parse_options());
+        let file = file?;
+        drop(bytes);
         let lockout = config.lockout;
         let usage = UsageRegistry::default();
         let source = RingSource {
             generation: 1,
-            sha256: crate::decide::digest_bytes(&bytes),
+            sha256,
             loaded_at: Timestamp::now(),
         };
         let ring = KeyRing::build(&file, source, &usage, None);
+        // The parsed file is garbage now: free it and give the pages back,
+        // so the resident set starts at its steady state.
+        drop(file);
+        crate::ring::release_free_memory();
         tracing::info!(
             target: "keyward::audit",
             generation = 1,
