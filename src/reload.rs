@@ -192,12 +192,22 @@ impl Reloader {
                 return self.fail(trigger, err.to_string());
             }
         };
-        // Parse while hashing: the hash decides whether the parse is needed
-        // (unchanged content is skipped), but for a large file the two take
-        // about as long, so doing both at once halves the reload time.
-        let (parsed, sha256) = keyfile::parse_bytes_hashed(&self.path, &bytes, self.options);
-        drop(bytes);
+        // Parse and build while hashing: the hash decides whether the new
+        // ring is needed (unchanged content is skipped), but for a large file
+        // the hash costs about as much as the rest, so both run at once.
         let current = self.shared.ring.load_full();
+        let source = RingSource {
+            generation: current.source().generation + 1,
+            sha256: [0; 32],
+            loaded_at: Timestamp::now(),
+        };
+        let (built, sha256) = keyfile::with_digest(&bytes, || {
+            keyfile::parse_bytes(&self.path, &bytes, self.options).map(|file| {
+                let ring = KeyRing::build(&file, source, &self.shared.usage, Some(&current));
+                (file, ring)
+            })
+        });
+        drop(bytes);
         if current.source().sha256 == sha256 {
             memory.failed_digest = None;
             if self.shared.reloads.last_error().is_some() {
@@ -209,20 +219,16 @@ impl Reloader {
         if memory.failed_digest == Some(sha256) {
             return Outcome::Unchanged;
         }
-        let file = match parsed {
-            Ok(f) => f,
+        let (file, mut ring) = match built {
+            Ok(b) => b,
             Err(e) => {
                 memory.failed_digest = Some(sha256);
                 return self.fail(trigger, e.to_string());
             }
         };
         memory.failed_digest = None;
-        let source = RingSource {
-            generation: current.source().generation + 1,
-            sha256,
-            loaded_at: Timestamp::now(),
-        };
-        let ring = KeyRing::build(&file, source, &self.shared.usage, Some(&current));
+        ring.set_file_sha256(sha256);
+        let source = *ring.source();
         let diff = Diff::between(&current, &ring);
         let routes_changed = current.routes() != ring.routes();
         let keys = ring.len();

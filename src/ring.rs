@@ -491,6 +491,12 @@ impl KeyRing {
         }
     }
 
+    /// Records the SHA-256 of the file the ring came from, when it was
+    /// computed alongside the build (before the ring is published).
+    pub fn set_file_sha256(&mut self, sha256: Digest) {
+        self.source.sha256 = sha256;
+    }
+
     /// The key whose secret hashes to `digest`.
     #[inline]
     pub fn lookup(&self, digest: &Digest) -> Option<KeyRef<'_>> {

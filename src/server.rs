@@ -124,21 +124,25 @@ impl Server {
             None
         };
         let bytes = keyfile::read(&config.keys)?;
-        let (file, sha256) =
-            keyfile::parse_bytes_hashed(&config.keys, &bytes, config.parse_options());
-        let file = file?;
-        drop(bytes);
         let lockout = config.lockout;
         let usage = UsageRegistry::default();
-        let source = RingSource {
-            generation: 1,
-            sha256,
-            loaded_at: Timestamp::now(),
-        };
-        let ring = KeyRing::build(&file, source, &usage, None);
+        let (built, sha256) = keyfile::with_digest(&bytes, || {
+            let file = keyfile::parse_bytes(&config.keys, &bytes, config.parse_options())?;
+            let source = RingSource {
+                generation: 1,
+                sha256: [0; 32],
+                loaded_at: Timestamp::now(),
+            };
+            let ring = KeyRing::build(&file, source, &usage, None);
+            Ok::<_, KeyFileError>((file, ring))
+        });
+        let (file, mut ring) = built?;
+        ring.set_file_sha256(sha256);
+        let source = *ring.source();
         // The parsed file is garbage now: free it and give the pages back,
         // so the resident set starts at its steady state.
         drop(file);
+        drop(bytes);
         crate::ring::release_free_memory();
         tracing::info!(
             target: "keyward::audit",
