@@ -324,6 +324,38 @@ struct Part<S> {
     digest_tags: Vec<u64>,
 }
 
+/// Sorts tags recorded in index order: a stable radix sort on the hash
+/// half, which leaves equal hashes in index order, so the whole tags end up
+/// in order.
+fn sort_tags(tags: &mut Vec<u64>) {
+    const BITS: u32 = 11;
+    const MASK: u64 = (1 << BITS) - 1;
+    if tags.len() < 1024 {
+        tags.sort_unstable();
+        return;
+    }
+    let mut other = vec![0u64; tags.len()];
+    for shift in [32, 32 + BITS, 32 + 2 * BITS] {
+        let digit = |t: u64| ((t >> shift) & MASK) as usize;
+        let mut starts = [0usize; 1 << BITS];
+        for &t in tags.iter() {
+            starts[digit(t)] += 1;
+        }
+        let mut sum = 0;
+        for s in starts.iter_mut() {
+            let n = *s;
+            *s = sum;
+            sum += n;
+        }
+        for &t in tags.iter() {
+            let d = digit(t);
+            other[starts[d]] = t;
+            starts[d] += 1;
+        }
+        std::mem::swap(tags, &mut other);
+    }
+}
+
 /// Whether sorted `tags` (hash high, index low) name no two equal values;
 /// `cmp` compares the values at two indices, for the rare equal hashes.
 fn no_duplicates(tags: &[u64], cmp: impl Fn(usize, usize) -> Ordering) -> bool {
@@ -520,8 +552,8 @@ fn parse_part<S: KeySink>(
         Section::Key(seen) => close_key(&mut part, key, seen, first_index)?,
         Section::Route(draft) => part.routes.push(draft.finish()?),
     }
-    part.id_tags.sort_unstable();
-    part.digest_tags.sort_unstable();
+    sort_tags(&mut part.id_tags);
+    sort_tags(&mut part.digest_tags);
     Some(part)
 }
 
@@ -569,6 +601,11 @@ fn valid_id(id: &str) -> bool {
 }
 
 fn valid_client(client: &str) -> bool {
+    // Printable ASCII holds no control characters, and only the space is
+    // white space.
+    if client.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return client.bytes().any(|b| b != b' ');
+    }
     !client.trim().is_empty() && !client.chars().any(|c| c.is_control())
 }
 
@@ -679,9 +716,11 @@ impl<'a> Parser<'a> {
 
     #[inline]
     fn skip_ws(&mut self) {
-        while let Some(b' ' | b'\t') = self.peek() {
-            self.i += 1;
+        let mut j = self.i;
+        while let Some(b' ' | b'\t') = self.b.get(j) {
+            j += 1;
         }
+        self.i = j;
     }
 
     /// At `\n` or `\r\n`: consumes it.
@@ -698,13 +737,15 @@ impl<'a> Parser<'a> {
 
     /// At `#`: skips the comment, up to the line end.
     fn comment(&mut self) -> Option<()> {
-        self.i += 1;
-        while let Some(&c) = self.b.get(self.i) {
+        let mut j = self.i + 1;
+        while let Some(&c) = self.b.get(j) {
             if CLASS[usize::from(c)] & CONTROL != 0 {
+                self.i = j;
                 return matches!(c, b'\n' | b'\r').then_some(());
             }
-            self.i += 1;
+            j += 1;
         }
+        self.i = j;
         Some(())
     }
 
@@ -743,15 +784,17 @@ impl<'a> Parser<'a> {
     fn bare_key(&mut self) -> Option<&'a [u8]> {
         let b: &'a [u8] = self.b;
         let start = self.i;
-        while let Some(&c) = b.get(self.i)
+        let mut j = start;
+        while let Some(&c) = b.get(j)
             && CLASS[usize::from(c)] & BARE != 0
         {
-            self.i += 1;
+            j += 1;
         }
-        if self.i == start {
+        if j == start {
             return None;
         }
-        b.get(start..self.i)
+        self.i = j;
+        b.get(start..j)
     }
 
     /// At `[`: an array-of-tables header and the rest of its line; returns
@@ -1382,6 +1425,36 @@ mod tests {
             accepted,
             [false, false, false, true, false, true, false, true]
         );
+    }
+
+    #[test]
+    fn tags_sort_in_order() {
+        let mut x: u64 = 7;
+        let mut tags: Vec<u64> = (0..5_000u64)
+            .map(|i| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                // Few distinct hashes, so many ties between indices.
+                ((x >> 40) % 300) << 32 | i
+            })
+            .collect();
+        let mut expected = tags.clone();
+        expected.sort_unstable();
+        sort_tags(&mut tags);
+        assert_eq!(tags, expected);
+    }
+
+    #[test]
+    fn duplicates_are_found_among_many_keys() {
+        let entry = |i: usize, d: usize| {
+            format!("[[keys]]\nid = \"k{i}\"\nclient = \"c\"\nsha256 = \"{d:064x}\"\n")
+        };
+        let many: String = (0..3_000).map(|i| entry(i, i + 1)).collect();
+        assert!(agree(&many));
+        assert!(!agree(&format!("{many}{}", entry(5, 99_999))));
+        assert!(!agree(&format!("{many}{}", entry(99_999, 2_999))));
+        assert!(!agree(&format!("{}{many}", entry(2_999, 99_999))));
     }
 
     #[test]
