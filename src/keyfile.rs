@@ -7,6 +7,13 @@
 //! file wants *all* of its problems at once; and every diagnostic must point at
 //! the exact line and column of the offending value.
 //!
+//! That walk is thorough but costs seconds and gigabytes for a million keys,
+//! so [`parse_str`] first tries [`parse_fast`], a single-pass parser for the
+//! subset of TOML that key files use in practice, which accepts only files
+//! the full validator accepts (with an equal result) and declines everything
+//! else; declined files, including every invalid one, go through the full
+//! validator, [`parse_str_full`], for their diagnostics.
+//!
 //! Nothing here touches the serving path: the output, [`KeyFile`], is handed to
 //! [`crate::ring::KeyRing::build`] off the hot path.
 

@@ -76,18 +76,24 @@ pub fn parse_fast_threads(text: &str, opts: ParseOptions, threads: usize) -> Opt
         texts.push(text.get(start..end)?);
         start = end;
     }
-    let (file, id_tags, digest_tags) = if let [text] = texts[..] {
-        let part = parse_part(text, Vec::new(), 1, 0)?;
+    let single = || {
         let Part {
             keys,
             routes,
             id_tags,
             digest_tags,
             ..
-        } = part;
-        (KeyFile { keys, routes }, id_tags, digest_tags)
+        } = parse_part(text, Vec::new(), 1, 0)?;
+        Some((KeyFile { keys, routes }, id_tags, digest_tags))
+    };
+    let (file, id_tags, digest_tags) = if texts.len() == 1 {
+        single()?
     } else {
-        parse_parts(&texts)?
+        match parse_parts(&texts) {
+            Ok(parsed) => parsed?,
+            // No threads to be had: parse on this one.
+            Err(NoThreads) => single()?,
+        }
     };
     if file.keys.is_empty() && !opts.allow_empty {
         return None;
@@ -98,53 +104,85 @@ pub fn parse_fast_threads(text: &str, opts: ParseOptions, threads: usize) -> Opt
     unique.then_some(file)
 }
 
+/// The parsed file and its sorted id and digest tags.
+type Parsed = (KeyFile, Vec<u64>, Vec<u64>);
+
+/// A thread could not be started.
+struct NoThreads;
+
+/// Runs `f` on every job side by side: the first on this thread, the others
+/// on threads of their own. Gives each job's result (`None` for a job that
+/// panicked), or `NoThreads` if a thread could not be started (then the first
+/// job does not run and the started ones are waited for).
+fn side_by_side<T: Send, R: Send>(
+    jobs: Vec<T>,
+    f: impl Fn(T) -> R + Sync,
+) -> Result<Vec<Option<R>>, NoThreads> {
+    std::thread::scope(|s| {
+        let f = &f;
+        let mut jobs = jobs.into_iter();
+        let first = jobs.next();
+        let handles: Vec<_> = jobs
+            .map(|job| std::thread::Builder::new().spawn_scoped(s, move || f(job)))
+            .collect();
+        if handles.iter().any(Result::is_err) {
+            for h in handles.into_iter().flatten() {
+                let _ = h.join();
+            }
+            return Err(NoThreads);
+        }
+        let mut out = Vec::with_capacity(handles.len() + 1);
+        out.extend(first.map(|job| Some(f(job))));
+        out.extend(handles.into_iter().flatten().map(|h| h.join().ok()));
+        Ok(out)
+    })
+}
+
 /// Parses the parts of a file side by side, each writing its keys straight
 /// into its share of one vector (so no part's keys are copied afterwards).
 /// The shares come from counting each part's `[[keys]]` header lines first;
 /// a part whose keys do not fill its share exactly is declined.
-fn parse_parts(texts: &[&str]) -> Option<(KeyFile, Vec<u64>, Vec<u64>)> {
-    let (first_text, rest_text) = texts.split_first()?;
-    let counts: Vec<(usize, usize)> = std::thread::scope(|s| {
-        let handles: Vec<_> = rest_text
-            .iter()
-            .map(|t| s.spawn(move || count_lines(t)))
-            .collect();
-        let first = count_lines(first_text);
-        std::iter::once(Some(first))
-            .chain(handles.into_iter().map(|h| h.join().ok()))
-            .collect::<Option<Vec<_>>>()
-    })?;
+fn parse_parts(texts: &[&str]) -> Result<Option<Parsed>, NoThreads> {
+    let counts = side_by_side(texts.to_vec(), count_lines)?;
+    let Some(counts) = counts.into_iter().collect::<Option<Vec<_>>>() else {
+        return Ok(None);
+    };
+    fill_parts(texts, &counts)
+}
+
+/// The second step of [`parse_parts`], given each part's key headers and
+/// newlines.
+fn fill_parts(texts: &[&str], counts: &[(usize, usize)]) -> Result<Option<Parsed>, NoThreads> {
     let total: usize = counts.iter().map(|&(keys, _)| keys).sum();
     // Indices must fit the low half of a tag.
-    u32::try_from(total).ok()?;
+    if u32::try_from(total).is_err() {
+        return Ok(None);
+    }
     let mut keys: Vec<KeySpec> = Vec::with_capacity(total);
-    let mut spare = keys.spare_capacity_mut().get_mut(..total)?;
+    let Some(mut spare) = keys.spare_capacity_mut().get_mut(..total) else {
+        return Ok(None);
+    };
     let mut jobs = Vec::with_capacity(texts.len());
     let (mut line, mut index) = (1, 0);
-    for (&text, &(n_keys, n_lines)) in texts.iter().zip(&counts) {
+    for (&text, &(n_keys, n_lines)) in texts.iter().zip(counts) {
         let (share, rest) = std::mem::take(&mut spare).split_at_mut(n_keys);
         spare = rest;
         jobs.push((text, Slots::new(share), line, index));
         line += n_lines;
         index += n_keys;
     }
-    let parts: Option<Vec<Part<Slots<'_>>>> = std::thread::scope(|s| {
-        let mut jobs = jobs.into_iter();
-        let (text, slots, line, index) = jobs.next()?;
-        let handles: Vec<_> = jobs
-            .map(|(text, slots, line, index)| s.spawn(move || parse_part(text, slots, line, index)))
-            .collect();
-        let first = parse_part(text, slots, line, index);
-        // A part that panicked is declined like any other doubt (its keys
-        // were dropped as it unwound).
-        std::iter::once(first)
-            .chain(handles.into_iter().map(|h| h.join().ok().flatten()))
-            .collect()
-    });
-    // Dropping the parts on the way out drops the keys they wrote.
-    let parts = parts?;
+    // A part that panicked is declined like any other doubt (its keys were
+    // dropped as it unwound).
+    let parts = side_by_side(jobs, |(text, slots, line, index)| {
+        parse_part(text, slots, line, index)
+    })?;
+    // Returning early drops the parts, and with them the keys they wrote.
+    let parts: Vec<Part<Slots<'_>>> = match parts.into_iter().map(Option::flatten).collect() {
+        Some(parts) => parts,
+        None => return Ok(None),
+    };
     if !parts.iter().all(|p| p.keys.is_full()) {
-        return None;
+        return Ok(None);
     }
     let several_roots = parts.iter().skip(1).any(|p| p.root_keys || p.root_routes);
     let root_keys = parts.first().is_some_and(|p| p.root_keys);
@@ -154,7 +192,7 @@ fn parse_parts(texts: &[&str]) -> Option<(KeyFile, Vec<u64>, Vec<u64>)> {
     // Only the first part can hold root-level fields, and `keys = []` with a
     // `[[keys]]` header defines `keys` twice.
     if several_roots || (root_keys && keys_header) || (root_routes && routes_header) {
-        return None;
+        return Ok(None);
     }
     let mut routes = Vec::new();
     let mut id_tags = Vec::with_capacity(total);
@@ -173,7 +211,7 @@ fn parse_parts(texts: &[&str]) -> Option<(KeyFile, Vec<u64>, Vec<u64>)> {
     // Each part's tags are sorted; the stable sort merges those runs.
     id_tags.sort();
     digest_tags.sort();
-    Some((KeyFile { keys, routes }, id_tags, digest_tags))
+    Ok(Some((KeyFile { keys, routes }, id_tags, digest_tags)))
 }
 
 /// `[[keys]]` header lines (as the parser reads them: at a line start after
@@ -322,6 +360,38 @@ struct Part<S> {
     id_tags: Vec<u64>,
     /// The same for digests.
     digest_tags: Vec<u64>,
+}
+
+/// Sorts tags recorded in index order: a stable radix sort on the hash
+/// half, which leaves equal hashes in index order, so the whole tags end up
+/// in order.
+fn sort_tags(tags: &mut Vec<u64>) {
+    const BITS: u32 = 11;
+    const MASK: u64 = (1 << BITS) - 1;
+    if tags.len() < 1024 {
+        tags.sort_unstable();
+        return;
+    }
+    let mut other = vec![0u64; tags.len()];
+    for shift in [32, 32 + BITS, 32 + 2 * BITS] {
+        let digit = |t: u64| ((t >> shift) & MASK) as usize;
+        let mut starts = [0usize; 1 << BITS];
+        for &t in tags.iter() {
+            starts[digit(t)] += 1;
+        }
+        let mut sum = 0;
+        for s in starts.iter_mut() {
+            let n = *s;
+            *s = sum;
+            sum += n;
+        }
+        for &t in tags.iter() {
+            let d = digit(t);
+            other[starts[d]] = t;
+            starts[d] += 1;
+        }
+        std::mem::swap(tags, &mut other);
+    }
 }
 
 /// Whether sorted `tags` (hash high, index low) name no two equal values;
@@ -520,8 +590,8 @@ fn parse_part<S: KeySink>(
         Section::Key(seen) => close_key(&mut part, key, seen, first_index)?,
         Section::Route(draft) => part.routes.push(draft.finish()?),
     }
-    part.id_tags.sort_unstable();
-    part.digest_tags.sort_unstable();
+    sort_tags(&mut part.id_tags);
+    sort_tags(&mut part.digest_tags);
     Some(part)
 }
 
@@ -569,6 +639,11 @@ fn valid_id(id: &str) -> bool {
 }
 
 fn valid_client(client: &str) -> bool {
+    // Printable ASCII holds no control characters, and only the space is
+    // white space.
+    if client.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return client.bytes().any(|b| b != b' ');
+    }
     !client.trim().is_empty() && !client.chars().any(|c| c.is_control())
 }
 
@@ -679,9 +754,11 @@ impl<'a> Parser<'a> {
 
     #[inline]
     fn skip_ws(&mut self) {
-        while let Some(b' ' | b'\t') = self.peek() {
-            self.i += 1;
+        let mut j = self.i;
+        while let Some(b' ' | b'\t') = self.b.get(j) {
+            j += 1;
         }
+        self.i = j;
     }
 
     /// At `\n` or `\r\n`: consumes it.
@@ -698,13 +775,15 @@ impl<'a> Parser<'a> {
 
     /// At `#`: skips the comment, up to the line end.
     fn comment(&mut self) -> Option<()> {
-        self.i += 1;
-        while let Some(&c) = self.b.get(self.i) {
+        let mut j = self.i + 1;
+        while let Some(&c) = self.b.get(j) {
             if CLASS[usize::from(c)] & CONTROL != 0 {
+                self.i = j;
                 return matches!(c, b'\n' | b'\r').then_some(());
             }
-            self.i += 1;
+            j += 1;
         }
+        self.i = j;
         Some(())
     }
 
@@ -743,15 +822,17 @@ impl<'a> Parser<'a> {
     fn bare_key(&mut self) -> Option<&'a [u8]> {
         let b: &'a [u8] = self.b;
         let start = self.i;
-        while let Some(&c) = b.get(self.i)
+        let mut j = start;
+        while let Some(&c) = b.get(j)
             && CLASS[usize::from(c)] & BARE != 0
         {
-            self.i += 1;
+            j += 1;
         }
-        if self.i == start {
+        if j == start {
             return None;
         }
-        b.get(start..self.i)
+        self.i = j;
+        b.get(start..j)
     }
 
     /// At `[`: an array-of-tables header and the rest of its line; returns
@@ -1382,6 +1463,36 @@ mod tests {
             accepted,
             [false, false, false, true, false, true, false, true]
         );
+    }
+
+    #[test]
+    fn tags_sort_in_order() {
+        let mut x: u64 = 7;
+        let mut tags: Vec<u64> = (0..5_000u64)
+            .map(|i| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                // Few distinct hashes, so many ties between indices.
+                ((x >> 40) % 300) << 32 | i
+            })
+            .collect();
+        let mut expected = tags.clone();
+        expected.sort_unstable();
+        sort_tags(&mut tags);
+        assert_eq!(tags, expected);
+    }
+
+    #[test]
+    fn duplicates_are_found_among_many_keys() {
+        let entry = |i: usize, d: usize| {
+            format!("[[keys]]\nid = \"k{i}\"\nclient = \"c\"\nsha256 = \"{d:064x}\"\n")
+        };
+        let many: String = (0..3_000).map(|i| entry(i, i + 1)).collect();
+        assert!(agree(&many));
+        assert!(!agree(&format!("{many}{}", entry(5, 99_999))));
+        assert!(!agree(&format!("{many}{}", entry(99_999, 2_999))));
+        assert!(!agree(&format!("{}{many}", entry(2_999, 99_999))));
     }
 
     #[test]
