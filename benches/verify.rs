@@ -183,17 +183,12 @@ fn check(c: &mut Criterion) {
     let n = 100_000;
     let usage = UsageRegistry::default();
     let ring = KeyRing::build(&file(n, None), source(), &usage, None);
-    let svc = AuthzService::new(Arc::new(Shared {
-        ring: RingHandle::new(ring),
-        usage,
-        stats: CheckStats::default(),
-        reloads: Default::default(),
-        // Off, so that `unknown_key` measures the lookup, not a lockout.
-        lockout: keyward::lockout::Lockout::new(keyward::lockout::LockoutConfig {
-            threshold: 0,
-            ..Default::default()
-        }),
-    }));
+    // Lockout off, so that `unknown_key` measures the lookup, not a lockout.
+    let lockout_off = keyward::lockout::LockoutConfig {
+        threshold: 0,
+        ..Default::default()
+    };
+    let svc = AuthzService::new(Arc::new(Shared::new(ring, usage, lockout_off)));
     let now = Timestamp::now();
     let allowed = envoy_request(&secret(n / 2));
     let unknown = envoy_request("bench-secret-not-in-the-ring-abcdefghijklmnopq");

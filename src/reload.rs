@@ -562,8 +562,7 @@ async fn debounce(signal: &Notify) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ring::{RingHandle, UsageRegistry};
-    use crate::stats::CheckStats;
+    use crate::ring::UsageRegistry;
 
     fn key(id: &str, secret: &str, extra: &str) -> String {
         format!(
@@ -584,13 +583,7 @@ mod tests {
             loaded_at: Timestamp::now(),
         };
         let ring = KeyRing::build(&file, source, &usage, None);
-        let shared = Arc::new(Shared {
-            ring: RingHandle::new(ring),
-            usage,
-            stats: CheckStats::default(),
-            reloads: ReloadStats::default(),
-            lockout: Default::default(),
-        });
+        let shared = Arc::new(Shared::new(ring, usage, Default::default()));
         let r = Reloader::new(path.clone(), ParseOptions::default(), Arc::clone(&shared));
         (dir, path, r, shared)
     }

@@ -19,10 +19,9 @@ use tonic_health::ServingStatus;
 
 use crate::grpc::{CHECK_SERVICE, GrpcService};
 use crate::keyfile::{self, KeyFileError, ParseOptions};
-use crate::reload::{self, ReloadSettings, ReloadStats, Reloader, Watch};
-use crate::ring::{KeyRing, RingHandle, RingSource, UsageRegistry};
+use crate::reload::{self, ReloadSettings, Reloader, Watch};
+use crate::ring::{KeyRing, RingSource, UsageRegistry};
 use crate::service::{AuthzService, Shared};
-use crate::stats::CheckStats;
 
 /// How long in-flight checks may take to drain after shutdown is requested.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -152,13 +151,7 @@ impl Server {
             path = %config.keys.display(),
             "key ring loaded"
         );
-        let shared = Arc::new(Shared {
-            ring: RingHandle::new(ring),
-            usage,
-            stats: CheckStats::default(),
-            reloads: ReloadStats::default(),
-            lockout: crate::lockout::Lockout::new(lockout),
-        });
+        let shared = Arc::new(Shared::new(ring, usage, lockout));
         let reloader = Arc::new(Reloader::new(
             config.keys.clone(),
             config.parse_options(),

@@ -46,6 +46,24 @@ pub struct Shared {
     pub lockout: crate::lockout::Lockout,
 }
 
+impl Shared {
+    /// State serving `ring` (built with `usage`), with fresh decision and
+    /// reload counters and brute-force lockout set up by `lockout`.
+    pub fn new(
+        ring: crate::ring::KeyRing,
+        usage: crate::ring::UsageRegistry,
+        lockout: crate::lockout::LockoutConfig,
+    ) -> Shared {
+        Shared {
+            ring: RingHandle::new(ring),
+            usage,
+            stats: CheckStats::default(),
+            reloads: crate::reload::ReloadStats::default(),
+            lockout: crate::lockout::Lockout::new(lockout),
+        }
+    }
+}
+
 /// The Check service.
 #[derive(Debug, Clone)]
 pub struct AuthzService {
@@ -420,13 +438,7 @@ mod tests {
             loaded_at: Timestamp::now(),
         };
         let ring = KeyRing::build(&file, source, &usage, None);
-        AuthzService::new(Arc::new(Shared {
-            ring: RingHandle::new(ring),
-            usage,
-            stats: CheckStats::default(),
-            reloads: Default::default(),
-            lockout: Default::default(),
-        }))
+        AuthzService::new(Arc::new(Shared::new(ring, usage, Default::default())))
     }
 
     fn with_http(http: HttpRequest, scopes: Option<&str>) -> CheckRequest {

@@ -141,16 +141,11 @@ fn a_whole_check_allocates_only_the_response() {
         loaded_at: Timestamp::now(),
     };
     let ring = KeyRing::build(&file, source, &usage, None);
-    let svc = AuthzService::new(std::sync::Arc::new(Shared {
-        ring: keyward::ring::RingHandle::new(ring),
-        usage,
-        stats: CheckStats::default(),
-        reloads: Default::default(),
-        lockout: keyward::lockout::Lockout::new(keyward::lockout::LockoutConfig {
-            threshold: 0,
-            ..Default::default()
-        }),
-    }));
+    let lockout_off = keyward::lockout::LockoutConfig {
+        threshold: 0,
+        ..Default::default()
+    };
+    let svc = AuthzService::new(std::sync::Arc::new(Shared::new(ring, usage, lockout_off)));
     let request = |key: Option<&str>| {
         CheckRequest {
             attributes: Some(AttributeContext {
