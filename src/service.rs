@@ -362,7 +362,7 @@ fn allowed(
             (b"scopes", key.scopes_joined().as_bytes()),
         ],
     };
-    wire::frame(ok.encoded_len(), |e| ok.encode(e))
+    ok.to_frame()
 }
 
 /// The response for a denial; `quota` and `retry_after` (seconds, 0 for none)
@@ -410,7 +410,7 @@ fn encode_denied(reason: DenyReason, quota: Option<&Quota>, retry_after: u64) ->
         headers: &headers[..n],
         body: body.bytes(),
     };
-    wire::frame(d.encoded_len(), |e| d.encode(e))
+    d.to_frame()
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! value of a scalar wins, repeated occurrences of a message merge, and the
 //! last entry of a map key wins.
 //!
-//! [`Encoder`] writes a CheckResponse straight into the gRPC frame that goes
+//! [`OkResponse::to_frame`] and [`DeniedResponse::to_frame`] write a CheckResponse straight into the gRPC frame that goes
 //! on the wire. Field sizes are computed first, so each byte is written once.
 //!
 //! The generated prost types in [`crate::pb`] stay the reference: the tests
@@ -376,7 +376,7 @@ fn struct_entry_len(key: &[u8], value: &[u8]) -> usize {
 }
 
 /// Writes protobuf into a buffer that already holds the gRPC frame prefix.
-pub struct Encoder<'b>(pub &'b mut BytesMut);
+struct Encoder<'b>(&'b mut BytesMut);
 
 impl Encoder<'_> {
     #[inline]
@@ -466,20 +466,21 @@ impl OkResponse<'_> {
             .sum()
     }
 
-    /// Bytes of the encoded CheckResponse.
-    pub fn encoded_len(&self) -> usize {
-        let mut n = field_len(0) + field_len(self.ok_len());
+    /// The CheckResponse as a gRPC frame. Nested sizes are computed once.
+    pub fn to_frame(&self) -> bytes::Bytes {
+        let ok_len = self.ok_len();
+        let metadata_len = self.metadata_len();
+        let mut len = field_len(0) + field_len(ok_len);
         if !self.metadata.is_empty() {
-            n += field_len(self.metadata_len());
+            len += field_len(metadata_len);
         }
-        n
+        frame(len, |e| self.encode(e, ok_len, metadata_len))
     }
 
-    /// Appends the CheckResponse.
-    pub fn encode(&self, e: &mut Encoder<'_>) {
+    fn encode(&self, e: &mut Encoder<'_>, ok_len: usize, metadata_len: usize) {
         // status: google.rpc.Status {} (code OK, no message)
         e.open(1, 0);
-        e.open(3, self.ok_len());
+        e.open(3, ok_len);
         for (k, v) in self.headers {
             e.header_option(2, k, v);
         }
@@ -490,7 +491,7 @@ impl OkResponse<'_> {
             e.header_option(6, k, v);
         }
         if !self.metadata.is_empty() {
-            e.open(4, self.metadata_len());
+            e.open(4, metadata_len);
             for (k, v) in self.metadata {
                 e.struct_entry(k, v);
             }
@@ -529,17 +530,19 @@ impl DeniedResponse<'_> {
             + field_len(self.body.len())
     }
 
-    /// Bytes of the encoded CheckResponse.
-    pub fn encoded_len(&self) -> usize {
-        field_len(self.status_len()) + field_len(self.denied_len())
+    /// The CheckResponse as a gRPC frame. Nested sizes are computed once.
+    pub fn to_frame(&self) -> bytes::Bytes {
+        let status_len = self.status_len();
+        let denied_len = self.denied_len();
+        let len = field_len(status_len) + field_len(denied_len);
+        frame(len, |e| self.encode(e, status_len, denied_len))
     }
 
-    /// Appends the CheckResponse.
-    pub fn encode(&self, e: &mut Encoder<'_>) {
-        e.open(1, self.status_len());
+    fn encode(&self, e: &mut Encoder<'_>, status_len: usize, denied_len: usize) {
+        e.open(1, status_len);
         e.uint(1, u64::from(self.grpc_code));
         e.bytes(2, self.message);
-        e.open(2, self.denied_len());
+        e.open(2, denied_len);
         e.open(1, 1 + varint_len(u64::from(self.http_status)));
         e.uint(1, u64::from(self.http_status));
         for (k, v) in self.headers {
@@ -554,7 +557,7 @@ pub const FRAME_PREFIX: usize = 5;
 
 /// Encodes `len` bytes of message with `write` into a new gRPC frame.
 #[inline]
-pub fn frame(len: usize, write: impl FnOnce(&mut Encoder<'_>)) -> bytes::Bytes {
+fn frame(len: usize, write: impl FnOnce(&mut Encoder<'_>)) -> bytes::Bytes {
     let mut buf = BytesMut::with_capacity(FRAME_PREFIX + len);
     buf.put_u8(0);
     buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
@@ -748,7 +751,7 @@ mod tests {
             response_headers: &[(b"deprecation", b"@1700000000")],
             metadata: &[(b"client", b"acme"), (b"key_id", b"k1")],
         };
-        let resp = decode_response(&frame(ok.encoded_len(), |e| ok.encode(e)));
+        let resp = decode_response(&ok.to_frame());
         assert_eq!(resp.status.unwrap().code, 0);
         let Some(HttpResponse::OkResponse(r)) = resp.http_response else {
             panic!("not ok")
@@ -791,7 +794,7 @@ mod tests {
             headers: &[(b"content-type", b"application/json")],
             body: br#"{"error":"unknown_key"}"#,
         };
-        let resp = decode_response(&frame(d.encoded_len(), |e| d.encode(e)));
+        let resp = decode_response(&d.to_frame());
         let status = resp.status.unwrap();
         assert_eq!((status.code, status.message.as_str()), (16, "unknown_key"));
         let Some(HttpResponse::DeniedResponse(r)) = resp.http_response else {
