@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -47,6 +47,10 @@ pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// Largest request header block accepted (Envoy's gRPC headers are small).
 pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+
+// Header names parsed once: a `&str` name is parsed and validated per use.
+static GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// gRPC status codes used here.
 mod code {
@@ -100,7 +104,7 @@ impl Reply {
     /// A successful reply: `message` (one gRPC frame), then `grpc-status: 0`.
     pub fn ok(message: Bytes) -> Reply {
         let mut trailers = HeaderMap::with_capacity(1);
-        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        trailers.insert(GRPC_STATUS.clone(), HeaderValue::from_static("0"));
         Reply {
             data: Some(message),
             trailers: Some(trailers),
@@ -125,7 +129,7 @@ fn ok(message: Bytes) -> Response<ResponseBody> {
 fn error(code: u16, message: &'static str) -> Response<ResponseBody> {
     let mut resp = grpc_response(Reply::empty());
     let headers = resp.headers_mut();
-    headers.insert("grpc-status", HeaderValue::from(code));
+    headers.insert(GRPC_STATUS.clone(), HeaderValue::from(code));
     headers.insert("grpc-message", HeaderValue::from_static(message));
     resp
 }
@@ -193,8 +197,10 @@ impl GrpcService {
     pub async fn call(&self, req: Request<Incoming>) -> Response<ResponseBody> {
         if req.uri().path() != CHECK_PATH {
             let mut other = self.other.clone();
-            // tonic's router (an axum Router) is always ready.
-            return match other.call(req.map(tonic::body::Body::new)).await {
+            // tonic's router (an axum Router) is always ready. Its future is
+            // boxed: inline, its size would be part of every Check's future,
+            // which hyper moves into a task for every stream.
+            return match Box::pin(other.call(req.map(tonic::body::Body::new))).await {
                 Ok(resp) => resp.map(http_body_util::Either::Right),
                 Err(never) => match never {},
             };
@@ -206,7 +212,7 @@ impl GrpcService {
         }
         if req
             .headers()
-            .get("grpc-encoding")
+            .get(&GRPC_ENCODING)
             .is_some_and(|e| e.as_bytes() != b"identity")
         {
             return error(code::UNIMPLEMENTED, "compressed requests are not accepted");

@@ -236,7 +236,24 @@ impl<'a> CheckView<'a> {
 }
 
 /// A `map<string, string>` entry: (key = 1, value = 2), either may be absent.
+#[inline]
 fn map_entry(buf: &[u8]) -> Result<(&[u8], &[u8]), DecodeError> {
+    // What every encoder writes for a short header: key, then value, each
+    // with a one-byte length. Anything else takes the general path.
+    if let [0x0a, key_len, rest @ ..] = buf
+        && let Some((key, rest)) = rest.split_at_checked(usize::from(*key_len))
+        && let [0x12, value_len, value @ ..] = rest
+        && *key_len < 0x80
+        && *value_len < 0x80
+        && usize::from(*value_len) == value.len()
+    {
+        return Ok((key, value));
+    }
+    map_entry_general(buf)
+}
+
+#[inline(never)]
+fn map_entry_general(buf: &[u8]) -> Result<(&[u8], &[u8]), DecodeError> {
     let (mut key, mut value): (&[u8], &[u8]) = (&[], &[]);
     let mut r = Reader(buf);
     while let Some((field, wire)) = r.tag()? {
@@ -273,8 +290,21 @@ const FIXED32: u8 = 5;
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
-    #[inline]
+    /// A varint. Almost every tag and length in a CheckRequest fits in one
+    /// byte, so that case is inline and the general loop is out of line.
+    #[inline(always)]
     fn varint(&mut self) -> Result<u64, DecodeError> {
+        match self.0 {
+            [b, rest @ ..] if *b < 0x80 => {
+                self.0 = rest;
+                Ok(u64::from(*b))
+            }
+            _ => self.varint_long(),
+        }
+    }
+
+    #[inline(never)]
+    fn varint_long(&mut self) -> Result<u64, DecodeError> {
         let mut value = 0u64;
         for (i, &b) in self.0.iter().enumerate().take(10) {
             value |= u64::from(b & 0x7f) << (7 * i);
@@ -290,12 +320,17 @@ impl<'a> Reader<'a> {
     }
 
     /// The next (field number, wire type), or `None` at the end.
-    #[inline]
+    #[inline(always)]
     fn tag(&mut self) -> Result<Option<(u32, u8)>, DecodeError> {
-        if self.0.is_empty() {
-            return Ok(None);
-        }
-        let tag = self.varint()?;
+        let tag = match self.0 {
+            [] => return Ok(None),
+            // Field numbers 1 to 15: one byte.
+            [b, rest @ ..] if *b < 0x80 => {
+                self.0 = rest;
+                u64::from(*b)
+            }
+            _ => self.varint_long()?,
+        };
         let field = u32::try_from(tag >> 3).map_err(|_| DecodeError("field number too large"))?;
         if field == 0 {
             return Err(DecodeError("field number 0"));
@@ -314,7 +349,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A length-delimited field of a known field number.
-    #[inline]
+    #[inline(always)]
     fn bytes(&mut self, wire: u8) -> Result<&'a [u8], DecodeError> {
         if wire != LEN {
             return Err(DecodeError("wrong wire type for a string or message field"));
@@ -714,6 +749,27 @@ mod tests {
         assert!(CheckView::decode(&[0x00]).is_err());
         assert!(CheckView::decode(&[0xff; 11]).is_err());
         assert!(CheckView::decode(&[0x08]).is_err());
+    }
+
+    #[test]
+    fn map_entries_with_long_or_odd_lengths_take_the_general_path() {
+        // A value length written as the two-byte varint 0x82 0x00 (= 2):
+        // the byte after the tag happens to equal the rest's length (130).
+        let mut entry = vec![0x0a, 1, b'k', 0x12, 0x82, 0x00, b'v', b'w', 0x1a, 125];
+        entry.extend_from_slice(&[b'x'; 125]);
+        assert_eq!(entry.len() - 5, 0x82);
+        assert_eq!(map_entry(&entry), Ok((&b"k"[..], &b"vw"[..])));
+        // A long value, a value before its key, and a missing key.
+        let long = [b'a'; 300];
+        let mut entry = vec![0x0a, 1, b'k', 0x12, 0xac, 0x02];
+        entry.extend_from_slice(&long);
+        assert_eq!(map_entry(&entry), Ok((&b"k"[..], &long[..])));
+        assert_eq!(
+            map_entry(&[0x12, 1, b'v', 0x0a, 1, b'k']),
+            Ok((&b"k"[..], &b"v"[..]))
+        );
+        assert_eq!(map_entry(&[0x12, 1, b'v']), Ok((&b""[..], &b"v"[..])));
+        assert!(map_entry(&[0x0a, 5, b'k']).is_err());
     }
 
     #[test]
