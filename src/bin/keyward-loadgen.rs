@@ -1,10 +1,15 @@
 //! `keyward-loadgen`: a gRPC load generator for Envoy ext_authz servers.
 //!
-//! It opens `--connections` separate HTTP/2 connections (one tonic `Channel`
-//! each, each from its own `Endpoint::connect`) and keeps up to `--streams`
-//! Check calls in flight on each, the way Envoy multiplexes many requests over
-//! few connections. Requests look like what Envoy 1.40 sends (see
-//! `tests/data/envoy-1.40-check-request.bin`).
+//! It opens `--connections` separate HTTP/2 connections and keeps up to
+//! `--streams` Check calls in flight on each, the way Envoy multiplexes many
+//! requests over few connections. Requests look like what Envoy 1.40 sends
+//! (see `tests/data/envoy-1.40-check-request.bin`).
+//!
+//! The client has to be cheaper than the servers it measures, or it measures
+//! itself: on a small machine it shares the CPUs with the server. So it
+//! speaks HTTP/2 through `h2` directly, encodes each request by patching a
+//! pre-encoded template (a fresh request id, and a fresh random key for
+//! invalid ones), and reads only the response fields it verifies.
 //!
 //! Two modes:
 //!
@@ -29,14 +34,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use clap::Parser;
 use hdrhistogram::Histogram;
+use hyper::header::{CONTENT_TYPE, HeaderValue, TE};
 use keyward::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
 use keyward::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
-use keyward::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use keyward::pb::envoy::service::auth::v3::check_response::HttpResponse;
-use keyward::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
-use tonic::transport::{Channel, Endpoint};
+use keyward::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use prost::Message as _;
 
 /// Load generator for gRPC ext_authz (envoy.service.auth.v3.Authorization/Check) servers.
 #[derive(Debug, Parser)]
@@ -152,39 +157,103 @@ impl Rng {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    /// A version-4-shaped UUID string, like Envoy's `x-request-id`.
-    fn uuid(&mut self) -> String {
-        let a = self.next();
-        let b = self.next();
-        format!(
-            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-            a >> 32,
-            (a >> 16) & 0xffff,
-            a & 0x0fff,
-            0x8000 | ((b >> 48) & 0x3fff),
-            b & 0xffff_ffff_ffff
-        )
+    /// Writes a version-4-shaped UUID, like Envoy's `x-request-id`, into
+    /// `out` (36 bytes).
+    fn uuid_into(&mut self, out: &mut [u8]) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let (a, b) = (self.next(), self.next());
+        // 32 hex digits: 4 in the version nibble, 8..b in the variant nibble.
+        let digits = (u128::from(a) << 64 | u128::from(b)) & !(0xf << 76) & !(0xc << 60)
+            | (0x4 << 76)
+            | (0x8 << 60);
+        let mut d = 0;
+        for (i, byte) in out.iter_mut().enumerate().take(UUID_LEN) {
+            *byte = if matches!(i, 8 | 13 | 18 | 23) {
+                b'-'
+            } else {
+                d += 1;
+                HEX[((digits >> (128 - 4 * d)) & 0xf) as usize]
+            };
+        }
     }
 
-    /// A random key that no ring holds: 40 alphanumerics with a prefix that
-    /// is not keyward's `kw_`, so a server has to look it up to reject it.
-    fn invalid_key(&mut self) -> String {
+    /// Writes a random key that no ring holds into `out` (44 bytes): 40
+    /// alphanumerics after a prefix that is not keyward's `kw_`, so a server
+    /// has to look it up to reject it.
+    fn invalid_key_into(&mut self, out: &mut [u8]) {
         const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-        let mut s = String::with_capacity(44);
-        s.push_str("bad_");
-        for _ in 0..40 {
-            s.push(ALPHABET[self.below(ALPHABET.len())] as char);
+        out[..4].copy_from_slice(b"bad_");
+        for byte in &mut out[4..INVALID_KEY_LEN] {
+            *byte = ALPHABET[self.below(ALPHABET.len())];
         }
-        s
+    }
+}
+
+const UUID_LEN: usize = 36;
+const INVALID_KEY_LEN: usize = 44;
+/// Stand-ins written into templates, then found and overwritten per request.
+const UUID_PLACEHOLDER: &str = "ffffffff-ffff-4fff-bfff-ffffffffffff";
+const KEY_PLACEHOLDER: &str = "bad_PLACEHOLDERPLACEHOLDERPLACEHOLDERPLACEHO";
+
+/// A pre-encoded request (a whole gRPC frame) and where to patch it.
+struct Template {
+    frame: Vec<u8>,
+    /// Offsets of the request id (the `x-request-id` header and `id`).
+    ids: Vec<usize>,
+    /// Offset of the invalid key, for the keyless template.
+    key: Option<usize>,
+}
+
+impl Template {
+    fn new(req: &CheckRequest, random_key: bool) -> anyhow::Result<Template> {
+        let message = req.encode_to_vec();
+        let mut frame = Vec::with_capacity(5 + message.len());
+        frame.push(0);
+        frame.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
+        frame.extend_from_slice(&message);
+        let find = |needle: &str| -> Vec<usize> {
+            memchr::memmem::find_iter(&frame, needle.as_bytes()).collect()
+        };
+        let ids = find(UUID_PLACEHOLDER);
+        anyhow::ensure!(
+            ids.len() == 2,
+            "the request template holds its id {} times, not twice (does --path contain it?)",
+            ids.len()
+        );
+        let key = if random_key {
+            let at = find(KEY_PLACEHOLDER);
+            anyhow::ensure!(
+                at.len() == 1,
+                "the request template's key placeholder is ambiguous"
+            );
+            Some(at[0])
+        } else {
+            None
+        };
+        Ok(Template { frame, ids, key })
+    }
+
+    /// A fresh copy with a new request id (and a new random key).
+    fn fill(&self, rng: &mut Rng) -> Bytes {
+        let mut buf = BytesMut::from(&self.frame[..]);
+        let mut id = [0u8; UUID_LEN];
+        rng.uuid_into(&mut id);
+        for &at in &self.ids {
+            buf[at..at + UUID_LEN].copy_from_slice(&id);
+        }
+        if let Some(at) = self.key {
+            rng.invalid_key_into(&mut buf[at..at + INVALID_KEY_LEN]);
+        }
+        buf.freeze()
     }
 }
 
 /// Everything the workers share: request templates and what to expect.
 struct Plan {
-    /// One CheckRequest per valid key, complete but for the request id.
-    valid: Vec<CheckRequest>,
-    /// The same request without a key, for invalid ones.
-    keyless: CheckRequest,
+    /// One request per valid key.
+    valid: Vec<Template>,
+    /// The request with a random invalid key.
+    invalid: Template,
     invalid_fraction: f64,
     verify: bool,
     timeout: Duration,
@@ -192,7 +261,7 @@ struct Plan {
 
 /// A request shaped like the one Envoy 1.40 sends for a downstream
 /// `POST /trade/orders?side=buy` over HTTP/1.1 (see the captured fixture).
-fn template(key: Option<&str>, path: &str, scopes: &str) -> CheckRequest {
+fn template(key: &str, path: &str, scopes: &str) -> CheckRequest {
     let authority = "127.0.0.1:10000";
     let mut headers = HashMap::new();
     for (k, v) in [
@@ -207,9 +276,8 @@ fn template(key: Option<&str>, path: &str, scopes: &str) -> CheckRequest {
     ] {
         headers.insert(k.to_owned(), v.to_owned());
     }
-    if let Some(key) = key {
-        headers.insert("x-api-key".to_owned(), key.to_owned());
-    }
+    headers.insert("x-api-key".to_owned(), key.to_owned());
+    headers.insert("x-request-id".to_owned(), UUID_PLACEHOLDER.to_owned());
     let peer = |port: u32| Peer {
         address: Some(Address {
             address: Some(address::Address::SocketAddress(SocketAddress {
@@ -229,6 +297,7 @@ fn template(key: Option<&str>, path: &str, scopes: &str) -> CheckRequest {
             destination: Some(peer(10_000)),
             request: Some(Request {
                 http: Some(HttpRequest {
+                    id: UUID_PLACEHOLDER.to_owned(),
                     method: "POST".to_owned(),
                     headers,
                     path: path.to_owned(),
@@ -245,29 +314,15 @@ fn template(key: Option<&str>, path: &str, scopes: &str) -> CheckRequest {
 
 impl Plan {
     /// The next request to send and whether its key is valid.
-    fn request(&self, rng: &mut Rng) -> (CheckRequest, bool) {
+    fn request(&self, rng: &mut Rng) -> (Bytes, bool) {
         let valid = !self.valid.is_empty() && rng.unit() >= self.invalid_fraction;
-        let mut req = if valid {
-            self.valid[rng.below(self.valid.len())].clone()
+        let template = if valid {
+            &self.valid[rng.below(self.valid.len())]
         } else {
-            let mut r = self.keyless.clone();
-            if let Some(http) = http_mut(&mut r) {
-                http.headers
-                    .insert("x-api-key".to_owned(), rng.invalid_key());
-            }
-            r
+            &self.invalid
         };
-        let id = rng.uuid();
-        if let Some(http) = http_mut(&mut req) {
-            http.headers.insert("x-request-id".to_owned(), id.clone());
-            http.id = id;
-        }
-        (req, valid)
+        (template.fill(rng), valid)
     }
-}
-
-fn http_mut(r: &mut CheckRequest) -> Option<&mut HttpRequest> {
-    r.attributes.as_mut()?.request.as_mut()?.http.as_mut()
 }
 
 /// What one call came back with.
@@ -277,16 +332,96 @@ enum Outcome {
     Error(String),
 }
 
-fn classify(resp: &CheckResponse) -> Outcome {
-    let code = resp.status.as_ref().map_or(0, |s| s.code);
-    match &resp.http_response {
-        Some(HttpResponse::DeniedResponse(d)) => {
-            // Envoy answers 403 when a denial names no status.
-            Outcome::Denied(d.status.as_ref().map_or(403, |s| s.code))
+/// One protobuf field: number, varint value (or 0), bytes (if length-delimited).
+type Field<'a> = (u64, u64, &'a [u8]);
+
+/// A protobuf cursor, just enough to classify a CheckResponse.
+struct Fields<'a>(&'a [u8]);
+
+impl<'a> Fields<'a> {
+    fn varint(&mut self) -> Option<u64> {
+        let mut v = 0u64;
+        for (i, &b) in self.0.iter().enumerate().take(10) {
+            v |= u64::from(b & 0x7f) << (7 * i);
+            if b < 0x80 {
+                self.0 = &self.0[i + 1..];
+                return Some(v);
+            }
         }
-        _ if code == 0 => Outcome::Allowed,
-        _ => Outcome::Denied(403),
+        None
     }
+
+    /// The next field, or `Some(Err(()))` when the bytes are not protobuf.
+    fn next(&mut self) -> Option<Result<Field<'a>, ()>> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let field = (|| {
+            let tag = self.varint()?;
+            let (mut value, mut bytes): (u64, &[u8]) = (0, &[]);
+            match tag & 7 {
+                0 => value = self.varint()?,
+                1 => self.0 = self.0.get(8..)?,
+                2 => {
+                    let n = usize::try_from(self.varint()?).ok()?;
+                    bytes = self.0.get(..n)?;
+                    self.0 = &self.0[n..];
+                }
+                5 => self.0 = self.0.get(4..)?,
+                _ => return None,
+            }
+            Some((tag >> 3, value, bytes))
+        })();
+        Some(field.ok_or(()))
+    }
+}
+
+/// Classifies a serialized CheckResponse the way Envoy acts on it: a
+/// `denied_response` denies with its HTTP status (403 when it names none);
+/// otherwise gRPC status OK allows and anything else denies with 403.
+/// Repeated fields merge as protobuf says (last value wins).
+fn classify(message: &[u8]) -> Result<Outcome, &'static str> {
+    const BAD: &str = "undecodable CheckResponse";
+    // The last varint of field 1 in a message, if any.
+    let field_one = |bytes: &[u8]| -> Result<Option<u64>, &'static str> {
+        let mut last = None;
+        let mut f = Fields(bytes);
+        while let Some(x) = f.next() {
+            if let (1, v, _) = x.map_err(|()| BAD)? {
+                last = Some(v);
+            }
+        }
+        Ok(last)
+    };
+    let mut code = 0;
+    // Some(http status, if named) while the oneof holds a denied_response.
+    let mut denied: Option<Option<u64>> = None;
+    let mut fields = Fields(message);
+    while let Some(field) = fields.next() {
+        match field.map_err(|()| BAD)? {
+            // status: google.rpc.Status { code = 1 }
+            (1, _, status) => code = field_one(status)?.unwrap_or(code),
+            // denied_response: DeniedHttpResponse { status = 1: HttpStatus { code = 1 } }
+            (2, _, d) => {
+                let mut status = denied.flatten();
+                let mut f = Fields(d);
+                while let Some(x) = f.next() {
+                    if let (1, _, http_status) = x.map_err(|()| BAD)? {
+                        status = Some(field_one(http_status)?.or(status).unwrap_or(0));
+                    }
+                }
+                denied = Some(status);
+            }
+            // ok_response: the other side of the oneof.
+            (3, _, _) => denied = None,
+            _ => {}
+        }
+    }
+    Ok(match denied {
+        Some(status) => Outcome::Denied(status.map_or(403, |s| s as i32)),
+        None if code == 0 => Outcome::Allowed,
+        None => Outcome::Denied(403),
+    })
 }
 
 /// Counters and histograms of one worker (merged at the end).
@@ -371,19 +506,162 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
 
-/// One Check call.
-async fn call(
-    client: &mut AuthorizationClient<Channel>,
-    req: CheckRequest,
-    timeout: Duration,
-) -> Outcome {
-    match tokio::time::timeout(timeout, client.check(req)).await {
-        Ok(Ok(resp)) => classify(resp.get_ref()),
-        Ok(Err(status)) => {
-            Outcome::Error(format!("gRPC {:?}: {}", status.code(), status.message()))
-        }
-        Err(_) => Outcome::Error(format!("no answer within {timeout:?}")),
+/// One HTTP/2 connection to the server.
+#[derive(Clone)]
+struct Conn {
+    send: h2::client::SendRequest<Bytes>,
+    uri: hyper::Uri,
+}
+
+/// Where the server listens.
+enum Target {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+fn parse_target(target: &str) -> anyhow::Result<Target> {
+    if let Some(path) = target.strip_prefix("unix:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        anyhow::ensure!(!path.is_empty(), "--target unix: needs a socket path");
+        return Ok(Target::Unix(PathBuf::from(path)));
     }
+    let Some(rest) = target.strip_prefix("http://") else {
+        anyhow::bail!("--target {target:?}: expected http://HOST:PORT or unix:PATH");
+    };
+    let authority = rest.trim_end_matches('/');
+    anyhow::ensure!(
+        !authority.is_empty() && !authority.contains('/'),
+        "--target {target:?}: expected http://HOST:PORT"
+    );
+    Ok(Target::Tcp(authority.to_owned()))
+}
+
+async fn connect(target: &Target) -> anyhow::Result<Conn> {
+    async fn handshake<T>(io: T, authority: &str) -> anyhow::Result<Conn>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (send, connection) = h2::client::Builder::new()
+            // Large windows: flow control must never be what limits a run.
+            .initial_window_size(1 << 20)
+            .initial_connection_window_size(1 << 24)
+            .handshake::<_, Bytes>(io)
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                eprintln!("keyward-loadgen: connection ended: {e}");
+            }
+        });
+        let uri =
+            format!("http://{authority}/envoy.service.auth.v3.Authorization/Check").parse()?;
+        Ok(Conn { send, uri })
+    }
+    match target {
+        Target::Tcp(authority) => {
+            let tcp = tokio::net::TcpStream::connect(authority.as_str()).await?;
+            tcp.set_nodelay(true)?;
+            handshake(tcp, authority).await
+        }
+        Target::Unix(path) => {
+            let unix = tokio::net::UnixStream::connect(path).await?;
+            handshake(unix, "localhost").await
+        }
+    }
+}
+
+/// One Check call. The error says whether the connection is gone.
+async fn call(conn: &Conn, body: Bytes, timeout: Duration) -> Result<Outcome, Gone> {
+    match tokio::time::timeout(timeout, exchange(conn, body)).await {
+        Ok(result) => result,
+        Err(_) => Ok(Outcome::Error(format!("no answer within {timeout:?}"))),
+    }
+}
+
+/// The connection closed: no call on it can succeed any more.
+struct Gone(String);
+
+async fn exchange(conn: &Conn, body: Bytes) -> Result<Outcome, Gone> {
+    let mut send = conn
+        .send
+        .clone()
+        .ready()
+        .await
+        .map_err(|e| Gone(format!("connection: {e}")))?;
+    let mut request = hyper::Request::post(conn.uri.clone());
+    if let Some(headers) = request.headers_mut() {
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+    let Ok(request) = request.body(()) else {
+        return Ok(Outcome::Error("cannot build the request".to_owned()));
+    };
+    let (response, mut stream) = match send.send_request(request, false) {
+        Ok(r) => r,
+        Err(e) if e.is_go_away() || e.is_io() => return Err(Gone(format!("send: {e}"))),
+        Err(e) => return Ok(Outcome::Error(format!("send: {e}"))),
+    };
+    if let Err(e) = stream.send_data(body, true) {
+        return Ok(Outcome::Error(format!("send: {e}")));
+    }
+    let response = match response.await {
+        Ok(r) => r,
+        Err(e) => return Ok(Outcome::Error(format!("response: {e}"))),
+    };
+    let (parts, mut body) = response.into_parts();
+    if parts.status != hyper::StatusCode::OK {
+        return Ok(Outcome::Error(format!("HTTP status {}", parts.status)));
+    }
+    let mut message: Option<Bytes> = None;
+    let mut joined = BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => return Ok(Outcome::Error(format!("response body: {e}"))),
+        };
+        let _ = body.flow_control().release_capacity(chunk.len());
+        match message.take() {
+            None if joined.is_empty() => message = Some(chunk),
+            first => {
+                joined.extend_from_slice(&first.unwrap_or_default());
+                joined.extend_from_slice(&chunk);
+            }
+        }
+    }
+    let trailers = match body.trailers().await {
+        Ok(t) => t,
+        Err(e) => return Ok(Outcome::Error(format!("trailers: {e}"))),
+    };
+    // grpc-status is in the trailers, or in the headers of a trailers-only reply.
+    let status = trailers
+        .as_ref()
+        .and_then(|t| t.get("grpc-status"))
+        .or_else(|| parts.headers.get("grpc-status"));
+    match status.map(HeaderValue::as_bytes) {
+        Some(b"0") => {}
+        Some(code) => {
+            let message = trailers
+                .as_ref()
+                .and_then(|t| t.get("grpc-message"))
+                .or_else(|| parts.headers.get("grpc-message"))
+                .map(|m| String::from_utf8_lossy(m.as_bytes()).into_owned())
+                .unwrap_or_default();
+            return Ok(Outcome::Error(format!(
+                "gRPC status {}: {message}",
+                String::from_utf8_lossy(code)
+            )));
+        }
+        None => return Ok(Outcome::Error("no grpc-status".to_owned())),
+    }
+    let frame = message.unwrap_or_else(|| joined.freeze());
+    let Some(message) = frame.get(5..).filter(|m| {
+        frame[0] == 0
+            && m.len() == u32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]) as usize
+    }) else {
+        return Ok(Outcome::Error(
+            "the reply is not one uncompressed gRPC message".to_owned(),
+        ));
+    };
+    Ok(classify(message).unwrap_or_else(|e| Outcome::Error(e.to_owned())))
 }
 
 /// CPU time (user + system) a process has used, from /proc/PID/stat.
@@ -431,23 +709,25 @@ async fn run(args: Args) -> anyhow::Result<u8> {
     let plan = Arc::new(Plan {
         valid: secrets
             .iter()
-            .map(|k| template(Some(k), &args.path, &args.required_scopes))
-            .collect(),
-        keyless: template(None, &args.path, &args.required_scopes),
+            .map(|k| Template::new(&template(k, &args.path, &args.required_scopes), false))
+            .collect::<anyhow::Result<_>>()?,
+        invalid: Template::new(
+            &template(KEY_PLACEHOLDER, &args.path, &args.required_scopes),
+            true,
+        )?,
         invalid_fraction: args.invalid_fraction,
         verify: args.verify,
         timeout: args.timeout,
     });
 
-    // One Endpoint::connect per connection: separate TCP (or Unix) connections.
-    let endpoint = Endpoint::from_shared(args.target.clone())?;
+    // Separate TCP (or Unix) connections, each with its own HTTP/2 session.
+    let target = parse_target(&args.target)?;
     let mut clients = Vec::with_capacity(args.connections);
     for i in 0..args.connections {
-        let channel = endpoint
-            .connect()
+        let conn = connect(&target)
             .await
-            .map_err(|e| anyhow::anyhow!("connection {i} to {}: {e:?}", args.target))?;
-        clients.push(AuthorizationClient::new(channel));
+            .map_err(|e| anyhow::anyhow!("connection {i} to {}: {e:#}", args.target))?;
+        clients.push(conn);
     }
 
     let start = Instant::now();
@@ -594,7 +874,7 @@ async fn run(args: Args) -> anyhow::Result<u8> {
 
 /// Every stream sends its next call as soon as the last one is answered.
 async fn closed_loop(
-    clients: &[AuthorizationClient<Channel>],
+    clients: &[Conn],
     streams: usize,
     plan: &Arc<Plan>,
     window: &Arc<Window>,
@@ -602,7 +882,7 @@ async fn closed_loop(
     let mut tasks = tokio::task::JoinSet::new();
     for (c, client) in clients.iter().enumerate() {
         for s in 0..streams {
-            let mut client = client.clone();
+            let client = client.clone();
             let plan = Arc::clone(plan);
             let window = Arc::clone(window);
             tasks.spawn(async move {
@@ -614,9 +894,16 @@ async fn closed_loop(
                     }
                     let (req, valid) = plan.request(&mut rng);
                     let sent = Instant::now();
-                    let outcome = call(&mut client, req, plan.timeout).await;
-                    if sent >= window.measure_from {
+                    let (outcome, gone) = match call(&client, req, plan.timeout).await {
+                        Ok(outcome) => (outcome, false),
+                        Err(Gone(e)) => (Outcome::Error(e), true),
+                    };
+                    if sent >= window.measure_from || gone {
                         stats.record(outcome, valid, plan.verify, sent.elapsed());
+                    }
+                    if gone {
+                        // Every later call on this connection would fail at once.
+                        break;
                     }
                 }
                 stats
@@ -636,7 +923,7 @@ async fn closed_loop(
 /// connection's dispatcher starts a call per tick when one of its streams is
 /// free. Latency runs from the scheduled time.
 async fn open_loop(
-    clients: &[AuthorizationClient<Channel>],
+    clients: &[Conn],
     streams: usize,
     plan: &Arc<Plan>,
     window: &Arc<Window>,
@@ -661,13 +948,15 @@ async fn open_loop(
                     break;
                 };
                 let (req, valid) = plan.request(&mut rng);
-                let mut client = client.clone();
+                let client = client.clone();
                 let plan = Arc::clone(&plan);
                 let stats = Arc::clone(&stats);
                 let measured = scheduled >= window.measure_from;
                 tokio::spawn(async move {
                     let sent = Instant::now();
-                    let outcome = call(&mut client, req, plan.timeout).await;
+                    let outcome = call(&client, req, plan.timeout)
+                        .await
+                        .unwrap_or_else(|Gone(e)| Outcome::Error(e));
                     let latency = scheduled.elapsed();
                     if measured {
                         let mut s = stats.lock().unwrap_or_else(|e| e.into_inner());
@@ -730,4 +1019,126 @@ async fn open_loop(
     done.store(true, Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || pacer.join()).await;
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keyward::pb::envoy::service::auth::v3::check_response::HttpResponse;
+    use keyward::pb::envoy::service::auth::v3::{
+        CheckResponse, DeniedHttpResponse, OkHttpResponse,
+    };
+    use keyward::pb::envoy::r#type::v3::HttpStatus;
+    use keyward::pb::google::rpc;
+
+    fn outcome(resp: &CheckResponse) -> String {
+        match classify(&resp.encode_to_vec()) {
+            Ok(Outcome::Allowed) => "allowed".to_owned(),
+            Ok(Outcome::Denied(s)) => format!("denied {s}"),
+            Ok(Outcome::Error(e)) => format!("error {e}"),
+            Err(e) => format!("error {e}"),
+        }
+    }
+
+    fn status(code: i32) -> Option<rpc::Status> {
+        Some(rpc::Status {
+            code,
+            message: String::new(),
+        })
+    }
+
+    #[test]
+    fn classifies_like_envoy() {
+        let ok = CheckResponse {
+            status: status(0),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
+            dynamic_metadata: None,
+        };
+        assert_eq!(outcome(&ok), "allowed");
+        let denied = |http: Option<i32>| CheckResponse {
+            status: status(16),
+            http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+                status: http.map(|code| HttpStatus { code }),
+                ..Default::default()
+            })),
+            dynamic_metadata: None,
+        };
+        assert_eq!(outcome(&denied(Some(401))), "denied 401");
+        assert_eq!(outcome(&denied(Some(429))), "denied 429");
+        assert_eq!(outcome(&denied(None)), "denied 403");
+        let bare = |code| CheckResponse {
+            status: status(code),
+            ..Default::default()
+        };
+        assert_eq!(outcome(&bare(0)), "allowed");
+        assert_eq!(outcome(&bare(7)), "denied 403");
+        assert!(classify(&[0x0a, 5, 1]).is_err(), "truncated");
+    }
+
+    #[test]
+    fn a_later_oneof_member_wins() {
+        let mut bytes = CheckResponse {
+            status: status(0),
+            http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+                status: Some(HttpStatus { code: 401 }),
+                ..Default::default()
+            })),
+            dynamic_metadata: None,
+        }
+        .encode_to_vec();
+        // An ok_response after the denied_response replaces it.
+        bytes.extend_from_slice(&[0x1a, 0]);
+        assert!(matches!(classify(&bytes), Ok(Outcome::Allowed)));
+        let prost = CheckResponse::decode(&bytes[..]).unwrap();
+        assert!(matches!(
+            prost.http_response,
+            Some(HttpResponse::OkResponse(_))
+        ));
+    }
+
+    #[test]
+    fn templates_get_fresh_ids_and_keys() {
+        let mut rng = Rng::seeded(1);
+        let valid = Template::new(&template("kw_secret", "/p", "read"), false).unwrap();
+        let invalid = Template::new(&template(KEY_PLACEHOLDER, "/p", ""), true).unwrap();
+        let read = |frame: &Bytes| {
+            let req = CheckRequest::decode(&frame[5..]).unwrap();
+            let http = req.attributes.unwrap().request.unwrap().http.unwrap();
+            (http.id.clone(), http.headers)
+        };
+        let (id_a, headers_a) = read(&valid.fill(&mut rng));
+        let (id_b, _) = read(&valid.fill(&mut rng));
+        assert_ne!(id_a, id_b);
+        assert_eq!(headers_a["x-request-id"], id_a);
+        assert_eq!(headers_a["x-api-key"], "kw_secret");
+        let uuid = id_a.as_bytes();
+        assert_eq!(uuid.len(), 36);
+        assert_eq!(
+            (uuid[8], uuid[13], uuid[14], uuid[18], uuid[23]),
+            (b'-', b'-', b'4', b'-', b'-')
+        );
+        assert!(matches!(uuid[19], b'8' | b'9' | b'a' | b'b'), "variant");
+        let (_, headers_1) = read(&invalid.fill(&mut rng));
+        let (_, headers_2) = read(&invalid.fill(&mut rng));
+        let (k1, k2) = (&headers_1["x-api-key"], &headers_2["x-api-key"]);
+        assert!(k1.starts_with("bad_") && k1.len() == 44);
+        assert_ne!(k1, k2);
+        assert!(Template::new(&template("k", UUID_PLACEHOLDER, ""), false).is_err());
+    }
+
+    #[test]
+    fn targets() {
+        assert!(
+            matches!(parse_target("http://127.0.0.1:50051"), Ok(Target::Tcp(a)) if a == "127.0.0.1:50051")
+        );
+        assert!(
+            matches!(parse_target("http://localhost:1/"), Ok(Target::Tcp(a)) if a == "localhost:1")
+        );
+        assert!(
+            matches!(parse_target("unix:/run/kw.sock"), Ok(Target::Unix(p)) if p == std::path::Path::new("/run/kw.sock"))
+        );
+        assert!(parse_target("127.0.0.1:1").is_err());
+        assert!(parse_target("http://a:1/x").is_err());
+        assert!(parse_target("unix:").is_err());
+    }
 }
