@@ -80,8 +80,12 @@ impl KeyUsage {
     #[inline]
     pub fn record_use(&self, now_secs: u64) {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        // A plain store: concurrent users race only to write nearly the same second.
-        self.last_used.store(now_secs, Ordering::Relaxed);
+        // A plain store, and only when the second changed: concurrent users
+        // race only to write nearly the same second, and a hot key's cache
+        // line is not dirtied on every request.
+        if self.last_used.load(Ordering::Relaxed) != now_secs {
+            self.last_used.store(now_secs, Ordering::Relaxed);
+        }
     }
 }
 
