@@ -7,6 +7,7 @@ mod envoy_e2e;
 mod grpc;
 mod hardening;
 mod keys_cli;
+mod loadgen;
 mod observability;
 mod reload;
 mod util;
