@@ -634,6 +634,13 @@ impl<'r> KeyRef<'r> {
         self.index
     }
 
+    /// The process-unique id of the ring this key belongs to: with
+    /// [`KeyRef::index`], it names this key in this ring, for caches that a
+    /// new ring must invalidate.
+    pub fn ring_uid(&self) -> u64 {
+        self.ring.uid
+    }
+
     /// Unique id.
     #[inline]
     pub fn id(&self) -> &'r str {

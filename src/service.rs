@@ -281,6 +281,11 @@ pub fn respond(
     own_headers: &[&[u8]],
 ) -> Bytes {
     match decision {
+        // The common case is the same answer for the same key every time:
+        // no quota headers, no client-sent x-keyward-* headers to remove.
+        Decision::Allow { key, quota: None } if own_headers.is_empty() => {
+            allowed_cached(*key, carrier)
+        }
         Decision::Allow { key, quota } => allowed(*key, quota.as_ref(), carrier, own_headers),
         Decision::Deny {
             reason,
@@ -289,6 +294,58 @@ pub fn respond(
             ..
         } => denied(*reason, quota.as_ref(), *retry_after),
     }
+}
+
+/// Slots of the per-thread cache of encoded OK responses (a power of two).
+const OK_SLOTS: usize = 256;
+
+/// One encoded OK response, and whose it is.
+struct OkSlot {
+    ring: u64,
+    index: u32,
+    carrier: Option<CredentialHeader>,
+    frame: Bytes,
+}
+
+thread_local! {
+    /// Recently sent OK responses, direct-mapped by key. An allowed request
+    /// without quota or client-sent `x-keyward-*` headers gets exactly the
+    /// response of the previous one with the same key and carrier, so it is
+    /// encoded once per ring and shared (a reference count, no copy). A new
+    /// ring has a new uid, so nothing of an older ring is ever reused.
+    static OK_CACHE: std::cell::RefCell<Vec<OkSlot>> = const {
+        std::cell::RefCell::new(Vec::new())
+    };
+}
+
+fn allowed_cached(key: KeyRef<'_>, carrier: Option<CredentialHeader>) -> Bytes {
+    let (ring, index) = (key.ring_uid(), key.index());
+    let at = (index as usize).wrapping_mul(2)
+        + usize::from(carrier == Some(CredentialHeader::Authorization));
+    OK_CACHE.with(|cache| {
+        let Ok(mut cache) = cache.try_borrow_mut() else {
+            // Only reachable if encoding re-entered this function.
+            return allowed(key, None, carrier, &[]);
+        };
+        if cache.is_empty() {
+            cache.resize_with(OK_SLOTS, || OkSlot {
+                ring: 0, // no ring has uid 0
+                index: 0,
+                carrier: None,
+                frame: Bytes::new(),
+            });
+        }
+        let slot = &mut cache[at & (OK_SLOTS - 1)];
+        if slot.ring != ring || slot.index != index || slot.carrier != carrier {
+            *slot = OkSlot {
+                ring,
+                index,
+                carrier,
+                frame: allowed(key, None, carrier, &[]),
+            };
+        }
+        slot.frame.clone()
+    })
 }
 
 fn allowed(
@@ -460,6 +517,53 @@ mod tests {
             Some(HttpResponse::OkResponse(_)) => (code, None),
             None => panic!("no http_response"),
         }
+    }
+
+    #[test]
+    fn cached_ok_responses_follow_the_carrier_and_the_ring() {
+        let svc = service();
+        let ok = |svc: &AuthzService, header: &str, value: &str| {
+            let http = HttpRequest {
+                headers: [(header.to_owned(), value.to_owned())].into(),
+                ..Default::default()
+            };
+            let resp = svc.check_at(&with_http(http, Some("read")), Timestamp::now());
+            let Some(HttpResponse::OkResponse(ok)) = resp.http_response else {
+                panic!("not allowed: {resp:?}")
+            };
+            let scopes = ok
+                .headers
+                .iter()
+                .filter_map(|h| h.header.as_ref())
+                .find(|h| h.key == "x-keyward-scopes")
+                .map(|h| h.value.clone());
+            (ok.headers_to_remove, scopes)
+        };
+        for _ in 0..2 {
+            assert_eq!(
+                ok(&svc, "x-api-key", "secret-1"),
+                (vec!["x-api-key".to_owned()], Some("read".to_owned()))
+            );
+            assert_eq!(
+                ok(&svc, "authorization", "Bearer secret-1"),
+                (vec!["authorization".to_owned()], Some("read".to_owned()))
+            );
+        }
+        // The same key, in the same position, with other scopes in a new ring.
+        let text = format!(
+            "[[keys]]\nid = \"k1\"\nclient = \"acme\"\nsha256 = \"{}\"\nscopes = [\"read\", \"trade\"]\n",
+            hex::encode(crate::decide::digest("secret-1"))
+        );
+        let file = parse_str(&text, ParseOptions::default()).unwrap();
+        let current = svc.shared.ring.load_full();
+        let mut source = *current.source();
+        source.generation += 1;
+        let ring = KeyRing::build(&file, source, &svc.shared.usage, Some(&current));
+        svc.shared.ring.publish(ring);
+        assert_eq!(
+            ok(&svc, "x-api-key", "secret-1"),
+            (vec!["x-api-key".to_owned()], Some("read trade".to_owned()))
+        );
     }
 
     #[test]

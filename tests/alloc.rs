@@ -1,9 +1,12 @@
 //! The verify path allocates nothing once a key has been used in the serving
 //! ring: extract → SHA-256 → lookup → decide → counters, measured with a
 //! counting global allocator. (The first use of a key links its usage
-//! counters, which may allocate; the tests warm each key up first.) The whole check,
-//! from CheckRequest bytes to the framed CheckResponse, allocates only the
-//! response buffer of an allowed request.
+//! counters, which may allocate; the tests warm each key up first.) The whole
+//! check, from CheckRequest bytes to the framed CheckResponse, allocates
+//! nothing either once a key's response is in the thread's cache of OK
+//! responses; a response that cannot be cached (here: the client sent its own
+//! `x-keyward-*` header) allocates its buffer and the lists of headers found
+//! and to remove.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -122,7 +125,7 @@ fn the_verify_path_does_not_allocate() {
 }
 
 #[test]
-fn a_whole_check_allocates_only_the_response() {
+fn a_whole_check_allocates_nothing_once_warm() {
     use keyward::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
     use keyward::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
     use keyward::service::{AuthzService, Shared};
@@ -146,7 +149,7 @@ fn a_whole_check_allocates_only_the_response() {
         ..Default::default()
     };
     let svc = AuthzService::new(std::sync::Arc::new(Shared::new(ring, usage, lockout_off)));
-    let request = |key: Option<&str>| {
+    let request = |key: Option<&str>, own: Option<&str>| {
         CheckRequest {
             attributes: Some(AttributeContext {
                 request: Some(Request {
@@ -156,6 +159,7 @@ fn a_whole_check_allocates_only_the_response() {
                         headers: key
                             .map(|k| ("x-api-key".to_owned(), k.to_owned()))
                             .into_iter()
+                            .chain(own.map(|h| (h.to_owned(), "spoofed".to_owned())))
                             .chain([
                                 ("user-agent".to_owned(), "client/1.0".to_owned()),
                                 (":path".to_owned(), "/v1/orders".to_owned()),
@@ -172,13 +176,21 @@ fn a_whole_check_allocates_only_the_response() {
     };
     let now = Timestamp::now();
     let cases = [
-        (request(Some("alloc-secret")), 1, "allowed"),
-        (request(Some("wrong-secret")), 0, "unknown_key"),
-        (request(None), 0, "missing_key"),
+        (request(Some("alloc-secret"), None), 0, "allowed"),
+        (
+            // The names found in the request, their lower-case copies, the
+            // list of headers to remove, and the response buffer.
+            request(Some("alloc-secret"), Some("x-keyward-role")),
+            5,
+            "allowed, with a client-sent x-keyward-* header",
+        ),
+        (request(Some("wrong-secret"), None), 0, "unknown_key"),
+        (request(None, None), 0, "missing_key"),
     ];
     for (bytes, _, _) in &cases {
-        // Warm up: the plain denials are encoded once per process, and a
-        // key links its usage counters on first use.
+        // Warm up: the plain denials are encoded once per process, a key
+        // links its usage counters on first use, and its OK response is
+        // cached on this thread.
         svc.check_message(bytes, now).unwrap();
     }
     for (bytes, expected, what) in &cases {
