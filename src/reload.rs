@@ -531,7 +531,7 @@ pub fn listen_sighup() -> Option<tokio::signal::unix::Signal> {
 
 /// How long a reload runs at background priority (see [`crate::priority`])
 /// before it is raised to normal priority.
-pub const RAISE_AFTER: Duration = Duration::from_secs(2);
+pub const RAISE_AFTER: Duration = Duration::from_secs(1);
 
 /// Runs the reload loop until `stop` is set: waits for a watch signal, a
 /// poll tick that saw a change, or SIGHUP, then reloads off the serving

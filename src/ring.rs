@@ -156,7 +156,7 @@ struct Slot {
 /// scopes, so there are about as many profiles as clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Profile {
-    /// Index into `clients`.
+    /// Index into `client_starts`.
     client: u32,
     /// Index into `scope_sets`.
     scopes: u32,
@@ -301,7 +301,12 @@ pub struct KeyRing {
     slots: Box<[Slot]>,
     /// Every id, concatenated in file order.
     ids: Box<str>,
-    clients: Box<[Box<str>]>,
+    /// Every distinct client name, concatenated; each ends where the next
+    /// starts. One allocation rather than one per client: small allocations
+    /// that outlive a reload would pin the pages of the parser's garbage
+    /// around them.
+    clients: Box<str>,
+    client_starts: Box<[u32]>,
     scope_sets: Box<[ScopeSet]>,
     profiles: Box<[Profile]>,
     rare: Rare,
@@ -442,7 +447,8 @@ impl KeyRing {
     ///
     /// # Panics
     ///
-    /// With more than four billion keys, or ids longer than four GiB together.
+    /// With more than four billion keys, or ids (or descriptions, or client
+    /// names) longer than four GiB together.
     pub fn build_with_digest(
         file: &KeyFile,
         generation: u64,
@@ -465,7 +471,8 @@ impl KeyRing {
         let mut ids = String::with_capacity(id_bytes);
         let mut slots = Vec::with_capacity(n);
         let mut client_index: ahash::AHashMap<&str, u32> = ahash::AHashMap::new();
-        let mut clients: Vec<Box<str>> = Vec::new();
+        let mut clients = String::new();
+        let mut client_starts: Vec<u32> = Vec::new();
         let mut scope_index: ahash::AHashMap<&[String], u32> = ahash::AHashMap::new();
         let mut scope_sets: Vec<ScopeSet> = Vec::new();
         let mut profile_index: ahash::AHashMap<Profile, u32> = ahash::AHashMap::new();
@@ -483,8 +490,10 @@ impl KeyRing {
             let id_start = ids.len() as u32;
             ids.push_str(&spec.id);
             let client = *client_index.entry(spec.client.as_str()).or_insert_with(|| {
-                clients.push(spec.client.as_str().into());
-                (clients.len() - 1) as u32
+                // Checked after the loop, like the descriptions.
+                client_starts.push(clients.len() as u32);
+                clients.push_str(&spec.client);
+                (client_starts.len() - 1) as u32
             });
             let scopes = *scope_index
                 .entry(spec.scopes.as_slice())
@@ -536,8 +545,8 @@ impl KeyRing {
         }
         drop((client_index, scope_index, profile_index));
         assert!(
-            u32::try_from(descriptions.len()).is_ok(),
-            "descriptions longer than 4 GiB together"
+            u32::try_from(descriptions.len()).is_ok() && u32::try_from(clients.len()).is_ok(),
+            "descriptions or client names longer than 4 GiB together"
         );
 
         let digest_index_bits = index_bits(n);
@@ -577,7 +586,8 @@ impl KeyRing {
         let ring = KeyRing {
             slots: slots.into_boxed_slice(),
             ids: ids.into_boxed_str(),
-            clients: clients.into_boxed_slice(),
+            clients: clients.into_boxed_str(),
+            client_starts: client_starts.into_boxed_slice(),
             scope_sets: scope_sets.into_boxed_slice(),
             profiles: profiles.into_boxed_slice(),
             rare: Rare {
@@ -841,7 +851,14 @@ impl<'r> KeyRef<'r> {
     /// The principal the key authenticates.
     #[inline]
     pub fn client(&self) -> &'r str {
-        &self.ring.clients[self.profile().client as usize]
+        let ring = self.ring;
+        let i = self.profile().client as usize;
+        let start = ring.client_starts.get(i).map_or(0, |&s| s as usize);
+        let end = ring
+            .client_starts
+            .get(i + 1)
+            .map_or(ring.clients.len(), |&next| next as usize);
+        ring.clients.get(start..end).unwrap_or("")
     }
 
     /// SHA-256 of the secret (not secret itself, but never exposed by the admin API).
@@ -1423,7 +1440,7 @@ expires_at = 2200-01-01T00:00:00Z
             assert_eq!(k.scopes_joined(), scopes);
         }
         // Clients and scope sets are interned, and so are their pairs.
-        assert_eq!(ring.clients.len(), 3);
+        assert_eq!(ring.client_starts.len(), 3);
         assert_eq!(ring.scope_sets.len(), 3);
         assert_eq!(ring.profiles.len(), 9);
     }
