@@ -33,8 +33,8 @@ async fn healthz() -> &'static str {
 /// stays 200 for the life of the process.
 async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, String) {
     let ring = shared.ring.load();
-    let source = ring.source();
-    if source.generation == 0 {
+    let generation = ring.generation();
+    if generation == 0 {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "no key ring loaded\n".into(),
@@ -44,25 +44,26 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, String) {
         StatusCode::OK,
         format!(
             "ready: generation {} with {} keys\n",
-            source.generation,
+            generation,
             ring.len()
         ),
     )
 }
 
 /// The serving ring: generation, source digest, load time, key count, and
-/// the last reload error (null once a later reload succeeds).
+/// the last reload error (null once a later reload succeeds). The digest of
+/// a large file is null for a moment after its ring is published, until the
+/// hash finishes (see [`crate::ring::FileDigest`]).
 async fn ring(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     let ring = shared.ring.load_full();
-    let source = ring.source();
     let last_error = shared
         .reloads
         .last_error()
         .map(|e| serde_json::json!({ "at": e.at.to_string(), "message": e.message }));
     Json(serde_json::json!({
-        "generation": source.generation,
-        "sha256": hex::encode(source.sha256),
-        "loaded_at": source.loaded_at.to_string(),
+        "generation": ring.generation(),
+        "sha256": ring.file_sha256().map(hex::encode),
+        "loaded_at": ring.loaded_at().to_string(),
         "keys": ring.len(),
         "reloads": {
             "success": shared.reloads.success.load(std::sync::atomic::Ordering::Relaxed),
@@ -128,7 +129,7 @@ async fn keys(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         })
         .collect();
     Json(serde_json::json!({
-        "generation": ring.source().generation,
+        "generation": ring.generation(),
         "keys": keys,
     }))
 }

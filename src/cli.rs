@@ -431,6 +431,7 @@ fn init_logging(format: LogFormat) {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    crate::ring::configure_allocator();
     let mut config = Config::new(args.keys.clone());
     config.allow_empty = args.allow_empty;
     config.watch = !args.no_watch;

@@ -22,8 +22,12 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use jiff::Timestamp;
 use toml_edit::{Item, Table, Value};
+
+use crate::ring::{Digest, FileDigest};
 
 mod fast;
 
@@ -246,20 +250,86 @@ pub fn read(path: &Path) -> Result<Vec<u8>, KeyFileError> {
     Ok(bytes)
 }
 
-/// Runs `work` (parsing the file, building its ring) while another thread
-/// computes the SHA-256 of `bytes`; returns both. For a large file the hash
-/// costs about as much as the parse and build together, so this nearly
-/// halves the time to a serving ring.
-pub fn with_digest<T: Send>(bytes: &[u8], work: impl FnOnce() -> T) -> (T, [u8; 32]) {
-    std::thread::scope(|s| {
-        let hash = s.spawn(|| crate::decide::digest_bytes(bytes));
-        let out = work();
-        // Hashing cannot panic; should the thread fail anyway, hash here.
-        let digest = hash
-            .join()
-            .unwrap_or_else(|_| crate::decide::digest_bytes(bytes));
-        (out, digest)
-    })
+/// Files at least this large are hashed after their ring is published
+/// rather than before (see [`Hashing`]); smaller ones hash in well under the
+/// time it takes to notice.
+pub const DEFER_DIGEST_MIN_BYTES: usize = 4 << 20;
+
+/// A quick fingerprint of a file's contents: its length and CRC-32.
+///
+/// Equal contents always have equal fingerprints, so a fingerprint that
+/// differs from the serving file's proves the file changed, without waiting
+/// for its SHA-256. Equal fingerprints are only a hint (CRC-32 collides), to
+/// be confirmed with the SHA-256.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint {
+    len: u64,
+    crc: u32,
+}
+
+/// The [`Fingerprint`] of `bytes` (a few tens of milliseconds for 150 MB).
+pub fn fingerprint(bytes: &[u8]) -> Fingerprint {
+    Fingerprint {
+        len: bytes.len() as u64,
+        crc: crc32fast::hash(bytes),
+    }
+}
+
+/// The SHA-256 of a file's bytes, being computed on a thread of its own (or
+/// already computed, for small files and when no thread can be started).
+///
+/// The digest goes into a [`FileDigest`] cell shared with the ring built
+/// from the same bytes, so it appears on the ring as soon as it is known.
+#[derive(Debug)]
+pub struct Hashing {
+    cell: FileDigest,
+    thread: Option<(std::thread::JoinHandle<()>, Arc<Vec<u8>>)>,
+}
+
+impl Hashing {
+    /// Starts hashing `bytes`: on the calling thread when they are fewer
+    /// than `defer_min` (normally [`DEFER_DIGEST_MIN_BYTES`]), else on a new
+    /// thread that first runs `setup` (to lower its priority, say).
+    pub fn start(bytes: &Arc<Vec<u8>>, defer_min: usize, setup: fn()) -> Hashing {
+        let cell = FileDigest::pending();
+        if bytes.len() < defer_min {
+            cell.set(crate::decide::digest_bytes(bytes));
+            return Hashing { cell, thread: None };
+        }
+        let (theirs, out) = (Arc::clone(bytes), cell.clone());
+        let spawned = std::thread::Builder::new()
+            .name("keyward-hash".into())
+            .spawn(move || {
+                setup();
+                out.set(crate::decide::digest_bytes(&theirs));
+            });
+        match spawned {
+            Ok(handle) => Hashing {
+                cell,
+                thread: Some((handle, Arc::clone(bytes))),
+            },
+            Err(_) => {
+                cell.set(crate::decide::digest_bytes(bytes));
+                Hashing { cell, thread: None }
+            }
+        }
+    }
+
+    /// The cell the digest goes into (give it to the ring).
+    pub fn cell(&self) -> &FileDigest {
+        &self.cell
+    }
+
+    /// Waits for the digest.
+    pub fn wait(&mut self) -> Digest {
+        if let Some((handle, bytes)) = self.thread.take() {
+            // Hashing cannot panic; should the thread fail anyway, hash here.
+            if handle.join().is_err() || self.cell.get().is_none() {
+                self.cell.set(crate::decide::digest_bytes(&bytes));
+            }
+        }
+        self.cell.wait()
+    }
 }
 
 /// Validates key file contents; `path` is used only in messages.

@@ -44,6 +44,7 @@ pub mod limit;
 pub mod lockout;
 pub mod metrics;
 pub mod pb;
+pub mod priority;
 pub mod reload;
 pub mod ring;
 pub mod secret;

@@ -79,7 +79,6 @@ impl Collector for SharedCollector {
             )?;
 
         let ring = shared.ring.load_full();
-        let source = ring.source();
         {
             let mut requests = encoder.encode_descriptor(
                 "keyward_key_requests",
@@ -211,24 +210,26 @@ impl Collector for SharedCollector {
             &mut encoder,
             "keyward_ring_generation",
             "Generation of the serving ring (1 for the ring loaded at startup).",
-            i64::try_from(source.generation).unwrap_or(i64::MAX),
+            i64::try_from(ring.generation()).unwrap_or(i64::MAX),
         )?;
-        let sha = hex::encode(source.sha256);
-        ConstGauge::new(1i64).encode(
-            encoder
-                .encode_descriptor(
-                    "keyward_ring_info",
-                    "SHA-256 of the key file the serving ring was built from.",
-                    None,
-                    MetricType::Gauge,
-                )?
-                .encode_family(&[("sha256", sha.as_str())])?,
-        )?;
+        {
+            let mut info = encoder.encode_descriptor(
+                "keyward_ring_info",
+                "SHA-256 of the key file the serving ring was built from (no sample \
+                 for the moment a large file's digest is still being computed).",
+                None,
+                MetricType::Gauge,
+            )?;
+            if let Some(sha) = ring.file_sha256() {
+                let sha = hex::encode(sha);
+                ConstGauge::new(1i64).encode(info.encode_family(&[("sha256", sha.as_str())])?)?;
+            }
+        }
         gauge(
             &mut encoder,
             "keyward_ring_loaded_timestamp_seconds",
             "Unix time the serving ring was built.",
-            source.loaded_at.as_second(),
+            ring.loaded_at().as_second(),
         )?;
 
         let reloads = &shared.reloads;
@@ -251,5 +252,39 @@ impl Collector for SharedCollector {
             i64::from(reloads.last_error().is_some()),
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::{FileDigest, KeyRing, UsageRegistry};
+
+    #[test]
+    fn ring_info_appears_once_the_digest_is_known() {
+        let text = format!(
+            "[[keys]]\nid = \"a\"\nclient = \"c\"\nsha256 = \"{}\"\n",
+            hex::encode(crate::decide::digest("s"))
+        );
+        let file = crate::keyfile::parse_str(&text, Default::default()).unwrap();
+        let digest = FileDigest::pending();
+        let usage = UsageRegistry::default();
+        let ring = KeyRing::build_with_digest(
+            &file,
+            1,
+            jiff::Timestamp::now(),
+            digest.clone(),
+            &usage,
+            None,
+        );
+        let shared = Arc::new(Shared::new(ring, usage, Default::default()));
+        let body = render(&shared).unwrap();
+        assert!(body.contains("# TYPE keyward_ring_info gauge"), "{body}");
+        assert!(!body.contains("keyward_ring_info{"), "{body}");
+        assert!(body.contains("keyward_ring_generation 1"), "{body}");
+        digest.set([0xab; 32]);
+        let body = render(&shared).unwrap();
+        let want = format!("keyward_ring_info{{sha256=\"{}\"}} 1", "ab".repeat(32));
+        assert!(body.contains(&want), "{body}");
     }
 }

@@ -25,8 +25,8 @@ use jiff::Timestamp;
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::Notify;
 
-use crate::keyfile::{self, ParseOptions};
-use crate::ring::{Digest, KeyRef, KeyRing, RingSource};
+use crate::keyfile::{self, Fingerprint, ParseOptions};
+use crate::ring::{Digest, KeyRef, KeyRing};
 use crate::service::Shared;
 
 /// Quiet time after the last filesystem event before reloading.
@@ -140,6 +140,9 @@ struct Memory {
     stamp: Option<Stamp>,
     /// Digest of the last file that failed validation (not re-reported).
     failed_digest: Option<Digest>,
+    /// Generation and file fingerprint of the ring this reloader (or the
+    /// startup load) last published.
+    serving: Option<(u64, Fingerprint)>,
 }
 
 /// Loads the key file into new rings and publishes them.
@@ -149,6 +152,8 @@ pub struct Reloader {
     options: ParseOptions,
     shared: Arc<Shared>,
     memory: Mutex<Memory>,
+    /// Files at least this large are hashed after their ring is published.
+    defer_digest_min: usize,
 }
 
 impl Reloader {
@@ -157,13 +162,22 @@ impl Reloader {
         let memory = Memory {
             stamp: stamp(&path),
             failed_digest: None,
+            serving: None,
         };
         Reloader {
             path,
             options,
             shared,
             memory: Mutex::new(memory),
+            defer_digest_min: keyfile::DEFER_DIGEST_MIN_BYTES,
         }
+    }
+
+    /// Hashes files of at least `bytes` after publishing their ring
+    /// (normally [`keyfile::DEFER_DIGEST_MIN_BYTES`]; tests lower it).
+    pub fn defer_digest_from(mut self, bytes: usize) -> Reloader {
+        self.defer_digest_min = bytes;
+        self
     }
 
     /// The file being followed.
@@ -180,8 +194,21 @@ impl Reloader {
         stamp(&self.path) != self.memory().stamp
     }
 
+    /// Records that the serving ring (of `generation`) came from a file
+    /// with `fingerprint`, so the next attempt can tell a changed file from
+    /// the serving one without waiting for its SHA-256.
+    pub fn note_serving(&self, generation: u64, fingerprint: Fingerprint) {
+        self.memory().serving = Some((generation, fingerprint));
+    }
+
     /// One attempt: read, parse, validate, build, publish — or keep the
     /// current ring and record why. Blocking; call it off the serving threads.
+    ///
+    /// A large file's SHA-256 is computed alongside the parse and build but
+    /// not waited for: a file whose [`Fingerprint`] differs from the serving
+    /// file's has changed, so its ring is published at once and the digest
+    /// is filled in (and logged) when the hash finishes, before this returns.
+    /// A file whose fingerprint matches is compared by SHA-256 first.
     pub fn reload(&self, trigger: Trigger) -> Outcome {
         let mut memory = self.memory();
         memory.stamp = stamp(&self.path);
@@ -192,73 +219,103 @@ impl Reloader {
                 return self.fail(trigger, err.to_string());
             }
         };
-        // Parse and build while hashing: the hash decides whether the new
-        // ring is needed (unchanged content is skipped), but for a large file
-        // the hash costs about as much as the rest, so both run at once.
+        let fingerprint = keyfile::fingerprint(&bytes);
         let current = self.shared.ring.load_full();
-        let source = RingSource {
-            generation: current.source().generation + 1,
-            sha256: [0; 32],
-            loaded_at: Timestamp::now(),
-        };
-        let (built, sha256) = keyfile::with_digest(&bytes, || {
-            keyfile::parse_bytes(&self.path, &bytes, self.options).map(|file| {
-                let ring = KeyRing::build(&file, source, &self.shared.usage, Some(&current));
-                (file, ring)
-            })
+        // The serving file's fingerprint, if this reloader knows it.
+        let serving = memory
+            .serving
+            .filter(|&(g, _)| g == current.generation())
+            .map(|(_, f)| f);
+        if serving == Some(fingerprint)
+            && current.file_digest().wait() == crate::decide::digest_bytes(&bytes)
+        {
+            return self.unchanged(&mut memory);
+        }
+        let bytes = Arc::new(bytes);
+        let mut hashing = keyfile::Hashing::start(&bytes, self.defer_digest_min, || {});
+        let generation = current.generation() + 1;
+        let built = keyfile::parse_bytes(&self.path, &bytes, self.options).map(|file| {
+            let ring = KeyRing::build_with_digest(
+                &file,
+                generation,
+                Timestamp::now(),
+                hashing.cell().clone(),
+                &self.shared.usage,
+                Some(&current),
+            );
+            (file, ring)
         });
         drop(bytes);
-        if current.source().sha256 == sha256 {
-            memory.failed_digest = None;
-            if self.shared.reloads.last_error().is_some() {
-                // The file is back to what is serving: nothing is wrong any more.
-                self.shared.reloads.set_error(None);
-            }
-            return Outcome::Unchanged;
-        }
-        if memory.failed_digest == Some(sha256) {
-            return Outcome::Unchanged;
-        }
-        let (file, mut ring) = match built {
+        let (file, ring) = match built {
             Ok(b) => b,
             Err(e) => {
+                let sha256 = hashing.wait();
+                if memory.failed_digest == Some(sha256) {
+                    return Outcome::Unchanged;
+                }
                 memory.failed_digest = Some(sha256);
                 return self.fail(trigger, e.to_string());
             }
         };
+        // Without the serving file's fingerprint to compare with, the
+        // digests decide.
+        if serving.is_none() && current.file_digest().wait() == hashing.wait() {
+            return self.unchanged(&mut memory);
+        }
         memory.failed_digest = None;
-        ring.set_file_sha256(sha256);
-        let source = *ring.source();
-        let diff = Diff::between(&current, &ring);
-        let routes_changed = current.routes() != ring.routes();
-        let keys = ring.len();
-        let old = self.shared.ring.publish(ring);
-        self.shared.usage.retain_ring(&self.shared.ring.load());
+        let ring = Arc::new(ring);
+        let old = self.shared.ring.publish_shared(Arc::clone(&ring));
+        memory.serving = Some((generation, fingerprint));
+        self.shared.usage.retain_ring(&ring);
         self.shared.reloads.success.fetch_add(1, Ordering::Relaxed);
         self.shared.reloads.set_error(None);
+        drop(current);
+        // The audit record, after the ring is serving: the diff walks every
+        // key of both rings.
+        let diff = Diff::between(&old, &ring);
+        let routes_changed = old.routes() != ring.routes();
+        let sha256 = ring.file_sha256();
         tracing::info!(
             target: "keyward::audit",
             trigger = trigger.as_str(),
-            generation = source.generation,
-            previous_generation = old.source().generation,
-            sha256 = %hex::encode(sha256),
-            keys,
+            generation,
+            previous_generation = old.generation(),
+            sha256 = %sha256.map_or_else(|| "pending".to_string(), hex::encode),
+            keys = ring.len(),
             added = ?diff.added,
             removed = ?diff.removed,
             changed = ?diff.changed,
             routes_changed,
             "key ring published"
         );
-        // Free the previous ring (unless a reader still holds it) and the
-        // parsed file, then hand the freed pages back to the OS so the
-        // resident set returns to its steady state.
-        drop(old);
-        drop(current);
+        drop(diff);
+        // Free the previous ring and the parsed file here, on this thread,
+        // not on whichever serving thread happens to drop the last reference.
+        release_here(old);
         drop(file);
-        crate::ring::release_free_memory();
-        Outcome::Published {
-            generation: source.generation,
+        let digest = hashing.wait();
+        if sha256.is_none() {
+            tracing::info!(
+                target: "keyward::audit",
+                generation,
+                sha256 = %hex::encode(digest),
+                "key ring file digest"
+            );
         }
+        drop(ring);
+        // Hand the freed pages back to the OS so the resident set returns to
+        // its steady state.
+        crate::ring::release_free_memory();
+        Outcome::Published { generation }
+    }
+
+    fn unchanged(&self, memory: &mut Memory) -> Outcome {
+        memory.failed_digest = None;
+        if self.shared.reloads.last_error().is_some() {
+            // The file is back to what is serving: nothing is wrong any more.
+            self.shared.reloads.set_error(None);
+        }
+        Outcome::Unchanged
     }
 
     fn fail(&self, trigger: Trigger, message: String) -> Outcome {
@@ -271,11 +328,33 @@ impl Reloader {
         tracing::warn!(
             target: "keyward::audit",
             trigger = trigger.as_str(),
-            serving_generation = serving.source().generation,
+            serving_generation = serving.generation(),
             error = %message,
             "key file rejected; the previous ring keeps serving"
         );
         Outcome::Failed(message)
+    }
+}
+
+/// Longest the reloader waits for readers to let go of the ring it replaced,
+/// so that the ring is freed on the reload thread.
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
+
+/// Drops `ring` on this thread once no one else holds it. A check holds the
+/// ring for microseconds, but whoever drops the last reference frees it (tens
+/// of megabytes for a large ring), and that must not be a serving thread. A
+/// holder that keeps it past [`RELEASE_WAIT`] (a long scrape) frees it.
+fn release_here(mut ring: Arc<KeyRing>) {
+    let deadline = std::time::Instant::now() + RELEASE_WAIT;
+    loop {
+        match Arc::try_unwrap(ring) {
+            Ok(last) => return drop(last),
+            Err(shared) if std::time::Instant::now() < deadline => {
+                ring = shared;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(_) => return,
+        }
     }
 }
 
@@ -450,9 +529,14 @@ pub fn listen_sighup() -> Option<tokio::signal::unix::Signal> {
     }
 }
 
+/// How long a reload runs at background priority (see [`crate::priority`])
+/// before it is raised to normal priority.
+pub const RAISE_AFTER: Duration = Duration::from_secs(1);
+
 /// Runs the reload loop until `stop` is set: waits for a watch signal, a
 /// poll tick that saw a change, or SIGHUP, then reloads off the serving
-/// threads, on a thread of its own at a lower priority.
+/// threads, on a thread of its own at background priority (raised after
+/// [`RAISE_AFTER`]).
 pub async fn run(
     reloader: Arc<Reloader>,
     signal: Arc<Notify>,
@@ -502,43 +586,33 @@ pub async fn run(
             () = hup_recv => Trigger::Signal,
         };
         let r = Arc::clone(&reloader);
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
         let spawned = std::thread::Builder::new()
             .name("keyward-reload".into())
             .spawn(move || {
-                lower_priority();
+                crate::priority::lower_current();
                 let _ = tx.send(r.reload(trigger));
             });
         match spawned {
             Ok(_) => {
-                if rx.await.is_err() {
+                let done = match tokio::time::timeout(RAISE_AFTER, &mut rx).await {
+                    Ok(done) => done,
+                    Err(_) => {
+                        // The spare CPU was not enough: finish at normal
+                        // priority, so the change lands under any load.
+                        let raised = crate::priority::raise_background();
+                        tracing::info!(
+                            raised,
+                            "reload still running after {RAISE_AFTER:?}; raised it to normal priority"
+                        );
+                        rx.await
+                    }
+                };
+                if done.is_err() {
                     tracing::error!("reload thread failed");
                 }
             }
             Err(e) => tracing::error!(error = %e, "cannot start a reload thread"),
-        }
-    }
-}
-
-/// Niceness of the reload thread: parsing and building a large ring yields
-/// the CPU to the serving threads, so checks keep their latency during a
-/// reload (it takes the spare time instead).
-pub const RELOAD_NICENESS: i32 = 10;
-
-/// Lowers the calling thread's scheduling priority to [`RELOAD_NICENESS`].
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    {
-        // On Linux the nice value is per thread, and `who = 0` names the
-        // calling thread.
-        // SAFETY: setpriority takes plain integers and touches no memory of
-        // ours; failure is reported through the return value, handled below.
-        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, RELOAD_NICENESS) };
-        if rc != 0 {
-            tracing::debug!(
-                error = %std::io::Error::last_os_error(),
-                "cannot lower the reload thread's priority"
-            );
         }
     }
 }
@@ -562,7 +636,7 @@ async fn debounce(signal: &Notify) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ring::UsageRegistry;
+    use crate::ring::{RingSource, UsageRegistry};
 
     fn key(id: &str, secret: &str, extra: &str) -> String {
         format!(
@@ -600,10 +674,67 @@ mod tests {
         let ring = shared.ring.load();
         assert_eq!(ring.len(), 2);
         assert_eq!(
-            ring.source().sha256,
+            ring.file_sha256().unwrap(),
             crate::decide::digest_bytes(&std::fs::read(&path).unwrap())
         );
         assert_eq!(shared.reloads.success.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_ring_is_published_before_its_digest_is_known() {
+        let (_d, path, r, shared) = setup(&key("a", "sa", ""));
+        let r = r.defer_digest_from(0);
+        // The reloader does not know the serving file's fingerprint: the
+        // digests decide that identical content is unchanged.
+        assert_eq!(r.reload(Trigger::Signal), Outcome::Unchanged);
+        std::fs::write(&path, key("a", "sa", "") + &key("b", "sb", "")).unwrap();
+        assert_eq!(
+            r.reload(Trigger::Watch),
+            Outcome::Published { generation: 2 }
+        );
+        // Filled in by the time the attempt returns.
+        let ring = shared.ring.load_full();
+        assert_eq!(
+            ring.file_sha256(),
+            Some(crate::decide::digest_bytes(&std::fs::read(&path).unwrap()))
+        );
+        // Now the fingerprint is known: same bytes, no new ring; a change of
+        // the same length is still seen.
+        assert_eq!(r.reload(Trigger::Poll), Outcome::Unchanged);
+        std::fs::write(&path, key("a", "sa", "") + &key("c", "sc", "")).unwrap();
+        assert_eq!(
+            r.reload(Trigger::Watch),
+            Outcome::Published { generation: 3 }
+        );
+        assert!(shared.ring.load().by_id("c").is_some());
+        assert_eq!(shared.reloads.success.load(Ordering::Relaxed), 2);
+        // A bad file is still reported once, by its digest.
+        std::fs::write(&path, key("a", "sa", "stat = 1")).unwrap();
+        assert!(matches!(r.reload(Trigger::Watch), Outcome::Failed(_)));
+        assert_eq!(r.reload(Trigger::Poll), Outcome::Unchanged);
+        assert_eq!(shared.reloads.failure.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn the_replaced_ring_is_freed_by_the_reloader_once_readers_let_go() {
+        let (_d, _path, _r, shared) = setup(&key("a", "sa", ""));
+        let reader = shared.ring.load_full();
+        let ring = shared.ring.publish(KeyRing::empty(RingSource {
+            generation: 2,
+            sha256: [0; 32],
+            loaded_at: Timestamp::now(),
+        }));
+        let weak = Arc::downgrade(&ring);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let _ = rx.recv();
+            drop(reader);
+        });
+        let release = std::thread::spawn(move || release_here(ring));
+        tx.send(()).unwrap();
+        release.join().unwrap();
+        holder.join().unwrap();
+        assert!(weak.upgrade().is_none());
     }
 
     #[test]
@@ -617,7 +748,7 @@ mod tests {
             msg.contains("keys.toml:5:1: unknown field `expire_at`"),
             "{msg}"
         );
-        assert_eq!(shared.ring.load().source().generation, 1);
+        assert_eq!(shared.ring.load().generation(), 1);
         assert_eq!(shared.reloads.last_error().unwrap().message, msg);
         // The same bad bytes are not re-reported.
         assert_eq!(r.reload(Trigger::Poll), Outcome::Unchanged);

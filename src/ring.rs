@@ -10,15 +10,16 @@
 //! A ring holds a million keys in well under a hundred bytes each, so it is
 //! laid out in columns rather than as one struct per key:
 //!
-//! - one fixed-size [`Slot`] per key (file order) with what the verify path
-//!   reads: the digest, the offset of the id in a shared string arena, the
-//!   interned client and scope set, the state, the expiry in whole seconds,
-//!   and flags saying which rare fields the key has;
+//! - one fixed-size [`Slot`] per key (file order, 48 bytes) with what the
+//!   verify path reads: the digest, the offset of the id in a shared string
+//!   arena, the interned (client, scope set) profile, the state, the expiry
+//!   in whole seconds, and flags saying which rare fields the key has;
 //! - the rare fields (not-before, sub-second or out-of-range times, rate
-//!   limit, description; the deprecation time) in side tables keyed by entry
-//!   index, looked up only when a flag says they exist;
+//!   limit, description, deprecation time) in sparse columns of entry
+//!   indices and values, searched only when a flag says they exist;
 //! - two open-addressing tables of entry indices, one by digest (the verify
-//!   path) and one by id (reload diffs, admin, tests).
+//!   path; 32-bit cells holding an index and a few digest bits) and one by
+//!   id (reload diffs, admin, tests).
 //!
 //! [`KeyRef`] is a view of one entry with accessor methods.
 //!
@@ -129,33 +130,40 @@ impl UsageRegistry {
     }
 }
 
-/// Flag: the key has a not-before time (in `rare`).
+/// Flag: the key has a not-before time (in `Rare::not_before`).
 const F_NOT_BEFORE: u8 = 1;
-/// Flag: the expiry is not a whole second in `1..=u32::MAX` (exact value in `rare`).
+/// Flag: the expiry is not a whole second in `1..=u32::MAX` (exact value in
+/// `Rare::expires_at`).
 const F_EXPIRES_EXACT: u8 = 2;
-/// Flag: the key has a rate limit (in `rare`).
+/// Flag: the key has a rate limit (in `Rare::rate_limit`).
 const F_RATE_LIMIT: u8 = 4;
-/// Flag: the key has a description (in `rare`).
+/// Flag: the key has a description (in `Rare::description`).
 const F_DESCRIPTION: u8 = 8;
-/// Flag: the key has a deprecation time (in `deprecated_at`).
+/// Flag: the key has a deprecation time (in `Rare::deprecated_at`).
 const F_DEPRECATED_AT: u8 = 16;
-/// Flags whose field lives in `rare`.
-const F_RARE: u8 = F_NOT_BEFORE | F_EXPIRES_EXACT | F_RATE_LIMIT | F_DESCRIPTION;
 
-/// What the ring keeps of every key: 52 bytes.
+/// What the ring keeps of every key: 48 bytes.
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     digest: Digest,
     /// Start of the id in the arena; it ends where the next id starts.
     id_start: u32,
-    /// Index into `clients`.
-    client: u32,
-    /// Index into `scope_sets`.
-    scopes: u32,
+    /// Index into `profiles`: the client and scope set.
+    profile: u32,
     /// Unix seconds of the expiry (0: none, or see [`F_EXPIRES_EXACT`]).
     expires_at: u32,
     state: u8,
     flags: u8,
+}
+
+/// A client and a scope set, interned: keys of one client mostly share their
+/// scopes, so there are about as many profiles as clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Profile {
+    /// Index into `client_starts`.
+    client: u32,
+    /// Index into `scope_sets`.
+    scopes: u32,
 }
 
 const STATES: [KeyState; 3] = [KeyState::Active, KeyState::Deprecated, KeyState::Revoked];
@@ -168,13 +176,63 @@ fn state_code(s: KeyState) -> u8 {
     }
 }
 
-/// Fields few keys have.
-#[derive(Debug, Default)]
+/// One field few keys have: the entries that have it, ascending, and their
+/// values. Looked up (by binary search) only when the key's flag says so.
+#[derive(Debug)]
+struct Sparse<T> {
+    entries: Box<[u32]>,
+    values: Box<[T]>,
+}
+
+impl<T> Sparse<T> {
+    fn position(&self, index: u32) -> Option<usize> {
+        self.entries.binary_search(&index).ok()
+    }
+
+    fn get(&self, index: u32) -> Option<&T> {
+        self.values.get(self.position(index)?)
+    }
+}
+
+/// Collects a [`Sparse`] column in entry order.
+#[derive(Debug)]
+struct SparseBuilder<T> {
+    entries: Vec<u32>,
+    values: Vec<T>,
+}
+
+impl<T> SparseBuilder<T> {
+    fn new() -> Self {
+        SparseBuilder {
+            entries: Vec::new(),
+            values: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, index: u32, value: T) {
+        self.entries.push(index);
+        self.values.push(value);
+    }
+
+    fn finish(self) -> Sparse<T> {
+        Sparse {
+            entries: self.entries.into_boxed_slice(),
+            values: self.values.into_boxed_slice(),
+        }
+    }
+}
+
+/// The fields few keys have, in columns. Descriptions are ranges of one
+/// shared text (each ends where the next starts), so no key costs an
+/// allocation of its own.
+#[derive(Debug)]
 struct Rare {
-    not_before: Option<Timestamp>,
-    expires_at: Option<Timestamp>,
-    rate_limit: Option<RateLimitSpec>,
-    description: Option<Box<str>>,
+    not_before: Sparse<Timestamp>,
+    expires_at: Sparse<Timestamp>,
+    rate_limit: Sparse<RateLimitSpec>,
+    deprecated_at: Sparse<Timestamp>,
+    description: Sparse<u32>,
+    descriptions: Box<str>,
 }
 
 /// An interned scope set.
@@ -186,7 +244,7 @@ struct ScopeSet {
     joined: Box<str>,
 }
 
-/// Where a ring came from.
+/// Where a ring came from, as given to [`KeyRing::build`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingSource {
     /// Publication number, starting at 1 for the first ring of the process.
@@ -195,6 +253,46 @@ pub struct RingSource {
     pub sha256: Digest,
     /// When the ring was built.
     pub loaded_at: Timestamp,
+}
+
+/// The SHA-256 of the file a ring was built from: known when the ring is
+/// built, or filled in a moment after the ring is published.
+///
+/// Hashing a large key file costs about as much as parsing it and building
+/// its ring together, so for large files the hash is finished after the ring
+/// is already serving (see [`crate::reload`]). Until then the digest is
+/// pending: the admin API shows `null` and the `keyward_ring_info` series is
+/// absent. Cloning shares the same cell, so the thread computing the hash can
+/// fill it in while readers hold the ring.
+#[derive(Debug, Clone, Default)]
+pub struct FileDigest(Arc<OnceLock<Digest>>);
+
+impl FileDigest {
+    /// A digest to be filled in later with [`FileDigest::set`].
+    pub fn pending() -> FileDigest {
+        FileDigest::default()
+    }
+
+    /// A digest known already.
+    pub fn known(digest: Digest) -> FileDigest {
+        FileDigest(Arc::new(OnceLock::from(digest)))
+    }
+
+    /// The digest, or `None` while it is being computed.
+    pub fn get(&self) -> Option<Digest> {
+        self.0.get().copied()
+    }
+
+    /// Fills in the digest; the first value set stays. Returns whether this
+    /// call set it.
+    pub fn set(&self, digest: Digest) -> bool {
+        self.0.set(digest).is_ok()
+    }
+
+    /// Blocks until the digest is known.
+    pub fn wait(&self) -> Digest {
+        *self.0.wait()
+    }
 }
 
 /// Keys per page of lazily linked usage counters.
@@ -207,14 +305,21 @@ pub struct KeyRing {
     slots: Box<[Slot]>,
     /// Every id, concatenated in file order.
     ids: Box<str>,
-    clients: Box<[Box<str>]>,
+    /// Every distinct client name, concatenated; each ends where the next
+    /// starts. One allocation rather than one per client: small allocations
+    /// that outlive a reload would pin the pages of the parser's garbage
+    /// around them.
+    clients: Box<str>,
+    client_starts: Box<[u32]>,
     scope_sets: Box<[ScopeSet]>,
-    rare: ahash::AHashMap<u32, Rare>,
-    deprecated_at: ahash::AHashMap<u32, Timestamp>,
+    profiles: Box<[Profile]>,
+    rare: Rare,
     /// Open addressing by the digest's first eight bytes: each cell holds an
-    /// entry index (low half) and bytes 8..12 of its digest (high half), so a
-    /// miss scans only this table.
-    by_digest: Box<[u64]>,
+    /// entry index plus one in its low `digest_index_bits` bits (0: empty)
+    /// and as many bits of bytes 8..12 of the digest as fit above them (12
+    /// bits for a million keys), so a miss scans only this table.
+    by_digest: Box<[u32]>,
+    digest_index_bits: u32,
     /// Open addressing by a hash of the id: entry indices.
     by_id: Box<[u32]>,
     id_hasher: ahash::RandomState,
@@ -222,7 +327,9 @@ pub struct KeyRing {
     usage: Box<[OnceLock<Box<UsagePage>>]>,
     registry: UsageRegistry,
     routes: Box<[Route]>,
+    /// As built: the digest in it is the one known at build time.
     source: RingSource,
+    file_digest: FileDigest,
     /// Process-unique id, for the per-thread lookup memo.
     uid: u64,
 }
@@ -233,7 +340,8 @@ impl fmt::Debug for KeyRing {
         f.debug_struct("KeyRing")
             .field("keys", &self.slots.len())
             .field("routes", &self.routes)
-            .field("source", &self.source)
+            .field("generation", &self.source.generation)
+            .field("file_digest", &self.file_digest.get().map(hex::encode))
             .finish_non_exhaustive()
     }
 }
@@ -250,7 +358,29 @@ pub struct Route {
 }
 
 const EMPTY: u32 = u32::MAX;
-const EMPTY_CELL: u64 = u64::MAX;
+/// An empty cell of the digest table.
+const EMPTY_CELL: u32 = 0;
+
+/// Bits of a digest-table cell that hold an entry index (plus one) for `n`
+/// entries; the others hold a tag.
+fn index_bits(n: usize) -> u32 {
+    // n < u32::MAX (checked by the caller), so n itself fits.
+    u32::BITS - (n as u32).leading_zeros()
+}
+
+/// The tag bits of a digest-table cell for `digest` (the bits above
+/// `index_bits`).
+#[inline]
+fn cell_tag(digest: &Digest, index_bits: u32) -> u32 {
+    // A shift of a u64 by at most 32, truncated: the tag's low bits, moved up.
+    (u64::from(digest_tag(digest)) << index_bits) as u32
+}
+
+/// The mask of the index bits of a digest-table cell.
+#[inline]
+fn index_mask(index_bits: u32) -> u32 {
+    ((1u64 << index_bits) - 1) as u32
+}
 
 /// Cells for `n` entries: a load of at most 0.8.
 fn table_len(n: usize) -> usize {
@@ -306,6 +436,31 @@ impl KeyRing {
         usage: &UsageRegistry,
         previous: Option<&KeyRing>,
     ) -> KeyRing {
+        KeyRing::build_with_digest(
+            file,
+            source.generation,
+            source.loaded_at,
+            FileDigest::known(source.sha256),
+            usage,
+            previous,
+        )
+    }
+
+    /// [`KeyRing::build`] for a ring whose file digest may still be being
+    /// computed: `file_digest` is shared with whoever fills it in.
+    ///
+    /// # Panics
+    ///
+    /// With more than four billion keys, or ids (or descriptions, or client
+    /// names) longer than four GiB together.
+    pub fn build_with_digest(
+        file: &KeyFile,
+        generation: u64,
+        loaded_at: Timestamp,
+        file_digest: FileDigest,
+        usage: &UsageRegistry,
+        previous: Option<&KeyRing>,
+    ) -> KeyRing {
         let n = file.keys.len();
         assert!(
             u32::try_from(n).is_ok_and(|n| n < EMPTY),
@@ -320,11 +475,18 @@ impl KeyRing {
         let mut ids = String::with_capacity(id_bytes);
         let mut slots = Vec::with_capacity(n);
         let mut client_index: ahash::AHashMap<&str, u32> = ahash::AHashMap::new();
-        let mut clients: Vec<Box<str>> = Vec::new();
+        let mut clients = String::new();
+        let mut client_starts: Vec<u32> = Vec::new();
         let mut scope_index: ahash::AHashMap<&[String], u32> = ahash::AHashMap::new();
         let mut scope_sets: Vec<ScopeSet> = Vec::new();
-        let mut rare = ahash::AHashMap::new();
-        let mut deprecated_at = ahash::AHashMap::new();
+        let mut profile_index: ahash::AHashMap<Profile, u32> = ahash::AHashMap::new();
+        let mut profiles: Vec<Profile> = Vec::new();
+        let mut not_before = SparseBuilder::new();
+        let mut expires_exact = SparseBuilder::new();
+        let mut rate_limit = SparseBuilder::new();
+        let mut deprecated_at = SparseBuilder::new();
+        let mut description = SparseBuilder::new();
+        let mut descriptions = String::new();
 
         for (i, spec) in file.keys.iter().enumerate() {
             // Both bounds checked above.
@@ -332,8 +494,10 @@ impl KeyRing {
             let id_start = ids.len() as u32;
             ids.push_str(&spec.id);
             let client = *client_index.entry(spec.client.as_str()).or_insert_with(|| {
-                clients.push(spec.client.as_str().into());
-                (clients.len() - 1) as u32
+                // Checked after the loop, like the descriptions.
+                client_starts.push(clients.len() as u32);
+                clients.push_str(&spec.client);
+                (client_starts.len() - 1) as u32
             });
             let scopes = *scope_index
                 .entry(spec.scopes.as_slice())
@@ -341,53 +505,63 @@ impl KeyRing {
                     scope_sets.push(scope_set(&spec.scopes));
                     (scope_sets.len() - 1) as u32
                 });
+            let profile = Profile { client, scopes };
+            // At most one profile per key, so the count fits like the keys'.
+            let profile = *profile_index.entry(profile).or_insert_with(|| {
+                profiles.push(profile);
+                (profiles.len() - 1) as u32
+            });
             let mut flags = 0;
-            let mut r = Rare::default();
             let expires_at = match spec.expires_at {
                 None => 0,
                 Some(t) => inline_secs(t).unwrap_or_else(|| {
                     flags |= F_EXPIRES_EXACT;
-                    r.expires_at = Some(t);
+                    expires_exact.push(index, t);
                     0
                 }),
             };
             if let Some(nb) = spec.not_before {
                 flags |= F_NOT_BEFORE;
-                r.not_before = Some(nb);
+                not_before.push(index, nb);
             }
             if let Some(limit) = spec.rate_limit {
                 flags |= F_RATE_LIMIT;
-                r.rate_limit = Some(limit);
+                rate_limit.push(index, limit);
             }
             if let Some(d) = &spec.description {
                 flags |= F_DESCRIPTION;
-                r.description = Some(d.as_str().into());
+                // Checked after the loop, like the ids.
+                description.push(index, descriptions.len() as u32);
+                descriptions.push_str(d);
             }
-            if flags & F_RARE != 0 {
-                rare.insert(index, r);
-            }
-            if let Some(at) = deprecation_time(spec, previous, source.loaded_at) {
+            if let Some(at) = deprecation_time(spec, previous, loaded_at) {
                 flags |= F_DEPRECATED_AT;
-                deprecated_at.insert(index, at);
+                deprecated_at.push(index, at);
             }
             slots.push(Slot {
                 digest: spec.digest,
                 id_start,
-                client,
-                scopes,
+                profile,
                 expires_at,
                 state: state_code(spec.state),
                 flags,
             });
         }
+        drop((client_index, scope_index, profile_index));
+        assert!(
+            u32::try_from(descriptions.len()).is_ok() && u32::try_from(clients.len()).is_ok(),
+            "descriptions or client names longer than 4 GiB together"
+        );
 
+        let digest_index_bits = index_bits(n);
         let mut by_digest = vec![EMPTY_CELL; table_len(n)].into_boxed_slice();
         for (i, slot) in slots.iter().enumerate() {
             let mut at = home(digest_hash(&slot.digest), by_digest.len());
             while by_digest[at] != EMPTY_CELL {
                 at = if at + 1 == by_digest.len() { 0 } else { at + 1 };
             }
-            by_digest[at] = u64::from(digest_tag(&slot.digest)) << 32 | i as u64;
+            // i + 1 <= n < 2^digest_index_bits.
+            by_digest[at] = cell_tag(&slot.digest, digest_index_bits) | (i as u32 + 1);
         }
 
         let id_hasher = ahash::RandomState::new();
@@ -416,11 +590,20 @@ impl KeyRing {
         let ring = KeyRing {
             slots: slots.into_boxed_slice(),
             ids: ids.into_boxed_str(),
-            clients: clients.into_boxed_slice(),
+            clients: clients.into_boxed_str(),
+            client_starts: client_starts.into_boxed_slice(),
             scope_sets: scope_sets.into_boxed_slice(),
-            rare,
-            deprecated_at,
+            profiles: profiles.into_boxed_slice(),
+            rare: Rare {
+                not_before: not_before.finish(),
+                expires_at: expires_exact.finish(),
+                rate_limit: rate_limit.finish(),
+                deprecated_at: deprecated_at.finish(),
+                description: description.finish(),
+                descriptions: descriptions.into_boxed_str(),
+            },
             by_digest,
+            digest_index_bits,
             by_id,
             id_hasher,
             usage: (0..n.div_ceil(USAGE_PAGE))
@@ -428,7 +611,12 @@ impl KeyRing {
                 .collect(),
             registry: usage.clone(),
             routes: routes.into_boxed_slice(),
-            source,
+            source: RingSource {
+                generation,
+                sha256: file_digest.get().unwrap_or([0; 32]),
+                loaded_at,
+            },
+            file_digest,
             uid: crate::verified::next_ring_id(),
         };
         // Keys used under earlier rings keep their counters (and budgets).
@@ -478,27 +666,27 @@ impl KeyRing {
         if len == 0 {
             return EMPTY;
         }
-        let tag = digest_tag(digest);
+        let mask = index_mask(self.digest_index_bits);
+        let tag = cell_tag(digest, self.digest_index_bits);
         let mut at = home(digest_hash(digest), len);
         loop {
             let cell = self.by_digest[at];
             if cell == EMPTY_CELL {
                 return EMPTY;
             }
-            if (cell >> 32) as u32 == tag {
-                let index = cell as u32;
-                if self.slots[index as usize].digest == *digest {
+            if cell & !mask == tag {
+                // Occupied cells hold an index plus one.
+                let index = (cell & mask).wrapping_sub(1);
+                if self
+                    .slots
+                    .get(index as usize)
+                    .is_some_and(|slot| slot.digest == *digest)
+                {
                     return index;
                 }
             }
             at = if at + 1 == len { 0 } else { at + 1 };
         }
-    }
-
-    /// Records the SHA-256 of the file the ring came from, when it was
-    /// computed alongside the build (before the ring is published).
-    pub fn set_file_sha256(&mut self, sha256: Digest) {
-        self.source.sha256 = sha256;
     }
 
     /// The key whose secret hashes to `digest`.
@@ -559,9 +747,35 @@ impl KeyRing {
         self.slots.is_empty()
     }
 
-    /// Generation, file digest and load time.
+    /// Publication number (1 for the first ring of the process; 0 for an
+    /// empty placeholder).
+    pub fn generation(&self) -> u64 {
+        self.source.generation
+    }
+
+    /// When the ring was built.
+    pub fn loaded_at(&self) -> Timestamp {
+        self.source.loaded_at
+    }
+
+    /// Generation, load time, and the file digest *as known when the ring
+    /// was built*: all zeros for a large file's ring, published before its
+    /// hash finished. For the digest use [`KeyRing::file_sha256`]; this is
+    /// for building a ring like this one (tests, benchmarks).
     pub fn source(&self) -> &RingSource {
         &self.source
+    }
+
+    /// SHA-256 of the file the ring was built from, or `None` while it is
+    /// still being computed (large files are hashed after the ring is
+    /// published; see [`FileDigest`]).
+    pub fn file_sha256(&self) -> Option<Digest> {
+        self.file_digest.get()
+    }
+
+    /// The cell holding the file digest.
+    pub fn file_digest(&self) -> &FileDigest {
+        &self.file_digest
     }
 }
 
@@ -622,11 +836,13 @@ impl<'r> KeyRef<'r> {
     }
 
     #[inline]
-    fn rare(&self, flag: u8) -> Option<&'r Rare> {
-        if self.slot().flags & flag == 0 {
-            return None;
-        }
-        self.ring.rare.get(&self.index)
+    fn has(&self, flag: u8) -> bool {
+        self.slot().flags & flag != 0
+    }
+
+    #[inline]
+    fn profile(&self) -> &'r Profile {
+        &self.ring.profiles[self.slot().profile as usize]
     }
 
     /// Position in the ring (file order).
@@ -657,7 +873,14 @@ impl<'r> KeyRef<'r> {
     /// The principal the key authenticates.
     #[inline]
     pub fn client(&self) -> &'r str {
-        &self.ring.clients[self.slot().client as usize]
+        let ring = self.ring;
+        let i = self.profile().client as usize;
+        let start = ring.client_starts.get(i).map_or(0, |&s| s as usize);
+        let end = ring
+            .client_starts
+            .get(i + 1)
+            .map_or(ring.clients.len(), |&next| next as usize);
+        ring.clients.get(start..end).unwrap_or("")
     }
 
     /// SHA-256 of the secret (not secret itself, but never exposed by the admin API).
@@ -667,13 +890,13 @@ impl<'r> KeyRef<'r> {
 
     /// Granted scopes (deduplicated, file order).
     pub fn scopes(&self) -> &'r [Box<str>] {
-        &self.ring.scope_sets[self.slot().scopes as usize].list
+        &self.ring.scope_sets[self.profile().scopes as usize].list
     }
 
     /// Scopes joined by single spaces, as sent in `x-keyward-scopes`.
     #[inline]
     pub fn scopes_joined(&self) -> &'r str {
-        &self.ring.scope_sets[self.slot().scopes as usize].joined
+        &self.ring.scope_sets[self.profile().scopes as usize].joined
     }
 
     /// Lifecycle state.
@@ -684,13 +907,16 @@ impl<'r> KeyRef<'r> {
 
     /// Not valid before this instant.
     pub fn not_before(&self) -> Option<Timestamp> {
-        self.rare(F_NOT_BEFORE).and_then(|r| r.not_before)
+        if !self.has(F_NOT_BEFORE) {
+            return None;
+        }
+        self.ring.rare.not_before.get(self.index).copied()
     }
 
     /// Not valid at or after this instant.
     pub fn expires_at(&self) -> Option<Timestamp> {
-        if let Some(r) = self.rare(F_EXPIRES_EXACT) {
-            return r.expires_at;
+        if self.has(F_EXPIRES_EXACT) {
+            return self.ring.rare.expires_at.get(self.index).copied();
         }
         match self.slot().expires_at {
             0 => None,
@@ -719,22 +945,35 @@ impl<'r> KeyRef<'r> {
     /// When the key was deprecated: from the file, or when this process first
     /// saw it deprecated.
     pub fn deprecated_at(&self) -> Option<Timestamp> {
-        if self.slot().flags & F_DEPRECATED_AT == 0 {
+        if !self.has(F_DEPRECATED_AT) {
             return None;
         }
-        self.ring.deprecated_at.get(&self.index).copied()
+        self.ring.rare.deprecated_at.get(self.index).copied()
     }
 
     /// Operator's description.
     pub fn description(&self) -> Option<&'r str> {
-        self.rare(F_DESCRIPTION)
-            .and_then(|r| r.description.as_deref())
+        if !self.has(F_DESCRIPTION) {
+            return None;
+        }
+        let rare = &self.ring.rare;
+        let at = rare.description.position(self.index)?;
+        let start = *rare.description.values.get(at)? as usize;
+        let end = rare
+            .description
+            .values
+            .get(at + 1)
+            .map_or(rare.descriptions.len(), |&next| next as usize);
+        rare.descriptions.get(start..end)
     }
 
     /// Optional request budget.
     #[inline]
     pub fn rate_limit(&self) -> Option<RateLimitSpec> {
-        self.rare(F_RATE_LIMIT).and_then(|r| r.rate_limit)
+        if !self.has(F_RATE_LIMIT) {
+            return None;
+        }
+        self.ring.rare.rate_limit.get(self.index).copied()
     }
 
     /// For a deprecated key, the Unix seconds of its deprecation
@@ -834,6 +1073,40 @@ pub fn http_date(t: Timestamp) -> String {
     HttpDate(t).to_string()
 }
 
+/// Allocations at least this large get pages of their own from the OS
+/// (see [`configure_allocator`]).
+pub const MMAP_THRESHOLD: usize = 1 << 20;
+
+/// Sets the allocator up for large rings that are replaced wholesale, so the
+/// resident set returns to its steady state after a reload. Call it at
+/// startup, before any thread. Two glibc settings:
+///
+/// - Every allocation of at least [`MMAP_THRESHOLD`] (a ring's columns and
+///   tables, the file's bytes, the parser's vectors) is mapped on its own
+///   and unmapped when freed, instead of coming from a heap where it would
+///   be fragmented by the small allocations made around it. glibc does this
+///   for allocations of 128 KiB and up only until the first such block is
+///   freed, after which it raises its threshold to the size freed (up to
+///   32 MiB), so without this a reload's columns land in the heap.
+/// - No fastbins (`M_MXFAST` 0). A reload frees millions of small strings
+///   the parse threads allocated in their own arenas. Freed into fastbins,
+///   they are only merged when `malloc_trim` consolidates them, into the top
+///   of the thread's heap, which `malloc_trim` does not shrink for a thread
+///   arena: a million keys left about 56 MiB resident after each swap.
+///   Without fastbins each free merges at once, and a free that reaches the
+///   top shrinks the heap. The per-thread cache (tcache) still serves the
+///   small allocations of the serving threads.
+pub fn configure_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `mallopt` sets a glibc tunable; it takes the allocator's own
+    // locks, has no preconditions on the caller, and on failure returns 0
+    // and changes nothing, which leaves the default behaviour.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int);
+        libc::mallopt(libc::M_MXFAST, 0);
+    }
+}
+
 /// Gives memory freed by the allocator back to the OS, so the resident set
 /// falls back after a reload drops the previous ring and the parsed file.
 pub fn release_free_memory() {
@@ -876,6 +1149,11 @@ impl RingHandle {
     /// Replaces the ring with one atomic store; returns the ring it replaced.
     pub fn publish(&self, ring: KeyRing) -> Arc<KeyRing> {
         self.slot.swap(Arc::new(ring))
+    }
+
+    /// [`RingHandle::publish`] for a ring the caller keeps a reference to.
+    pub fn publish_shared(&self, ring: Arc<KeyRing>) -> Arc<KeyRing> {
+        self.slot.swap(ring)
     }
 }
 
@@ -1004,10 +1282,10 @@ expires_at = 2027-02-27T00:00:00Z
         let reader = handle.clone();
         let held = reader.load();
         let old = handle.publish(KeyRing::build(&file(&two_keys()), source(1), &reg, None));
-        assert_eq!(old.source().generation, 0);
+        assert_eq!(old.generation(), 0);
         // A guard taken before the swap still sees the old ring.
-        assert_eq!(held.source().generation, 0);
-        assert_eq!(reader.load().source().generation, 1);
+        assert_eq!(held.generation(), 0);
+        assert_eq!(reader.load().generation(), 1);
         assert_eq!(reader.load().len(), 2);
     }
 
@@ -1113,6 +1391,109 @@ expires_at = 2200-01-01T00:00:00Z
         assert_eq!(far.expires_at(), Some(at("2200-01-01T00:00:00Z")));
         assert!(!far.is_expired(at("2199-12-31T23:59:59Z")));
         assert!(far.is_expired(at("2200-01-01T00:00:00Z")));
+    }
+
+    #[test]
+    fn a_pending_file_digest_appears_on_the_ring() {
+        let digest = FileDigest::pending();
+        let ring = KeyRing::build_with_digest(
+            &file(&two_keys()),
+            7,
+            "2026-11-27T12:00:00Z".parse().unwrap(),
+            digest.clone(),
+            &UsageRegistry::default(),
+            None,
+        );
+        assert_eq!(ring.generation(), 7);
+        assert_eq!(ring.file_sha256(), None);
+        // `source` is the ring as built: no digest was known then.
+        assert_eq!(ring.source().sha256, [0; 32]);
+        assert_eq!(ring.source().generation, 7);
+        let waiter = std::thread::spawn({
+            let digest = digest.clone();
+            move || digest.wait()
+        });
+        assert!(digest.set([9; 32]));
+        assert!(!digest.set([8; 32]), "set once");
+        assert_eq!(ring.file_sha256(), Some([9; 32]));
+        assert_eq!(waiter.join().unwrap(), [9; 32]);
+        let known = KeyRing::build(
+            &file(&two_keys()),
+            source(1),
+            &UsageRegistry::default(),
+            None,
+        );
+        assert_eq!(known.file_sha256(), Some([0; 32]));
+    }
+
+    #[test]
+    fn rare_fields_live_in_sparse_columns() {
+        let mut text = String::new();
+        for i in 0..50 {
+            text.push_str(&format!(
+                "[[keys]]\nid = \"k{i}\"\nclient = \"c{}\"\nsha256 = \"{}\"\n",
+                i % 3,
+                hex::encode(sha(&format!("s{i}")))
+            ));
+            if i % 2 == 0 {
+                text.push_str(&format!("scopes = [\"s{}\"]\n", i % 4));
+            }
+            if i % 7 == 0 {
+                text.push_str(&format!("description = \"key {i}\"\n"));
+            }
+            if i % 7 == 1 {
+                text.push_str("description = \"\"\n");
+            }
+            if i % 5 == 0 {
+                text.push_str(&format!(
+                    "rate_limit = {{ requests = {}, per = \"1s\" }}\n",
+                    i + 1
+                ));
+            }
+            if i % 9 == 0 {
+                text.push_str("not_before = 2026-01-01T00:00:00Z\n");
+            }
+        }
+        let ring = KeyRing::build(&file(&text), source(1), &UsageRegistry::default(), None);
+        for i in 0..50 {
+            let k = ring.by_id(&format!("k{i}")).unwrap();
+            let want = match i % 7 {
+                0 => Some(format!("key {i}")),
+                1 => Some(String::new()),
+                _ => None,
+            };
+            assert_eq!(k.description().map(str::to_string), want, "k{i}");
+            assert_eq!(
+                k.rate_limit().map(|l| l.requests),
+                (i % 5 == 0).then_some(i + 1)
+            );
+            assert_eq!(k.not_before().is_some(), i % 9 == 0);
+            assert_eq!(k.client(), format!("c{}", i % 3));
+            let scopes = if i % 2 == 0 {
+                format!("s{}", i % 4)
+            } else {
+                String::new()
+            };
+            assert_eq!(k.scopes_joined(), scopes);
+        }
+        // Clients and scope sets are interned, and so are their pairs.
+        assert_eq!(ring.client_starts.len(), 3);
+        assert_eq!(ring.scope_sets.len(), 3);
+        assert_eq!(ring.profiles.len(), 9);
+    }
+
+    #[test]
+    fn digest_cells_hold_an_index_and_what_fits_of_a_tag() {
+        assert_eq!(index_bits(1), 1);
+        assert_eq!(index_bits(1_000_000), 20);
+        assert_eq!(index_bits(u32::MAX as usize - 1), 32);
+        let d = [0xff; 32];
+        assert_eq!(cell_tag(&d, 20), 0xfff0_0000);
+        assert_eq!(index_mask(20), 0x000f_ffff);
+        // With every bit taken by the index there is no tag, and lookups
+        // compare digests.
+        assert_eq!(cell_tag(&d, 32), 0);
+        assert_eq!(index_mask(32), u32::MAX);
     }
 
     #[test]

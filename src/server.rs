@@ -20,7 +20,7 @@ use tonic_health::ServingStatus;
 use crate::grpc::{CHECK_SERVICE, GrpcService};
 use crate::keyfile::{self, KeyFileError, ParseOptions};
 use crate::reload::{self, ReloadSettings, Reloader, Watch};
-use crate::ring::{KeyRing, RingSource, UsageRegistry};
+use crate::ring::{KeyRing, UsageRegistry};
 use crate::service::{AuthzService, Shared};
 
 /// How long in-flight checks may take to drain after shutdown is requested.
@@ -123,30 +123,31 @@ impl Server {
             None
         };
         let bytes = keyfile::read(&config.keys)?;
+        let fingerprint = keyfile::fingerprint(&bytes);
         let lockout = config.lockout;
         let usage = UsageRegistry::default();
-        let (built, sha256) = keyfile::with_digest(&bytes, || {
-            let file = keyfile::parse_bytes(&config.keys, &bytes, config.parse_options())?;
-            let source = RingSource {
-                generation: 1,
-                sha256: [0; 32],
-                loaded_at: Timestamp::now(),
-            };
-            let ring = KeyRing::build(&file, source, &usage, None);
-            Ok::<_, KeyFileError>((file, ring))
+        // A large file is hashed on a thread of its own at a low priority
+        // while it is parsed; the ring serves without waiting for the hash,
+        // which is filled in (and logged) when it finishes.
+        let bytes = Arc::new(bytes);
+        let mut hashing = keyfile::Hashing::start(&bytes, keyfile::DEFER_DIGEST_MIN_BYTES, || {
+            crate::priority::lower_current();
         });
-        let (file, mut ring) = built?;
-        ring.set_file_sha256(sha256);
-        let source = *ring.source();
-        // The parsed file is garbage now: free it and give the pages back,
-        // so the resident set starts at its steady state.
-        drop(file);
+        let file = keyfile::parse_bytes(&config.keys, &bytes, config.parse_options())?;
         drop(bytes);
-        crate::ring::release_free_memory();
+        let ring = KeyRing::build_with_digest(
+            &file,
+            1,
+            Timestamp::now(),
+            hashing.cell().clone(),
+            &usage,
+            None,
+        );
+        let sha256 = ring.file_sha256();
         tracing::info!(
             target: "keyward::audit",
             generation = 1,
-            sha256 = %hex::encode(source.sha256),
+            sha256 = %sha256.map_or_else(|| "pending".to_string(), hex::encode),
             keys = ring.len(),
             path = %config.keys.display(),
             "key ring loaded"
@@ -157,6 +158,33 @@ impl Server {
             config.parse_options(),
             Arc::clone(&shared),
         ));
+        reloader.note_serving(1, fingerprint);
+        // The parsed file is garbage now: free it (off the critical path when
+        // the hash is still running) and give the pages back, so the resident
+        // set starts at its steady state.
+        let cleanup = move || {
+            drop(file);
+            let digest = hashing.wait();
+            if sha256.is_none() {
+                tracing::info!(
+                    target: "keyward::audit",
+                    generation = 1,
+                    sha256 = %hex::encode(digest),
+                    "key ring file digest"
+                );
+            }
+            crate::ring::release_free_memory();
+        };
+        if sha256.is_none() {
+            let spawned = std::thread::Builder::new()
+                .name("keyward-load".into())
+                .spawn(cleanup);
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start a thread to finish loading");
+            }
+        } else {
+            cleanup();
+        }
         Ok(Server {
             config,
             shared,

@@ -100,6 +100,7 @@ fn source(generation: u64) -> RingSource {
 }
 
 fn main() {
+    keyward::ring::configure_allocator();
     let n: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
