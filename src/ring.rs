@@ -327,8 +327,8 @@ pub struct KeyRing {
     usage: Box<[OnceLock<Box<UsagePage>>]>,
     registry: UsageRegistry,
     routes: Box<[Route]>,
-    /// As built: the digest in it is the one known at build time.
-    source: RingSource,
+    generation: u64,
+    loaded_at: Timestamp,
     file_digest: FileDigest,
     /// Process-unique id, for the per-thread lookup memo.
     uid: u64,
@@ -340,7 +340,7 @@ impl fmt::Debug for KeyRing {
         f.debug_struct("KeyRing")
             .field("keys", &self.slots.len())
             .field("routes", &self.routes)
-            .field("generation", &self.source.generation)
+            .field("generation", &self.generation)
             .field("file_digest", &self.file_digest.get().map(hex::encode))
             .finish_non_exhaustive()
     }
@@ -611,11 +611,8 @@ impl KeyRing {
                 .collect(),
             registry: usage.clone(),
             routes: routes.into_boxed_slice(),
-            source: RingSource {
-                generation,
-                sha256: file_digest.get().unwrap_or([0; 32]),
-                loaded_at,
-            },
+            generation,
+            loaded_at,
             file_digest,
             uid: crate::verified::next_ring_id(),
         };
@@ -750,20 +747,12 @@ impl KeyRing {
     /// Publication number (1 for the first ring of the process; 0 for an
     /// empty placeholder).
     pub fn generation(&self) -> u64 {
-        self.source.generation
+        self.generation
     }
 
     /// When the ring was built.
     pub fn loaded_at(&self) -> Timestamp {
-        self.source.loaded_at
-    }
-
-    /// Generation, load time, and the file digest *as known when the ring
-    /// was built*: all zeros for a large file's ring, published before its
-    /// hash finished. For the digest use [`KeyRing::file_sha256`]; this is
-    /// for building a ring like this one (tests, benchmarks).
-    pub fn source(&self) -> &RingSource {
-        &self.source
+        self.loaded_at
     }
 
     /// SHA-256 of the file the ring was built from, or `None` while it is
@@ -1406,9 +1395,6 @@ expires_at = 2200-01-01T00:00:00Z
         );
         assert_eq!(ring.generation(), 7);
         assert_eq!(ring.file_sha256(), None);
-        // `source` is the ring as built: no digest was known then.
-        assert_eq!(ring.source().sha256, [0; 32]);
-        assert_eq!(ring.source().generation, 7);
         let waiter = std::thread::spawn({
             let digest = digest.clone();
             move || digest.wait()

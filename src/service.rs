@@ -556,8 +556,11 @@ mod tests {
         );
         let file = parse_str(&text, ParseOptions::default()).unwrap();
         let current = svc.shared.ring.load_full();
-        let mut source = *current.source();
-        source.generation += 1;
+        let source = RingSource {
+            generation: current.generation() + 1,
+            sha256: [0; 32],
+            loaded_at: Timestamp::now(),
+        };
         let ring = KeyRing::build(&file, source, &svc.shared.usage, Some(&current));
         svc.shared.ring.publish(ring);
         assert_eq!(
