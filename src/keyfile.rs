@@ -330,6 +330,21 @@ impl Hashing {
         }
         self.cell.wait()
     }
+
+    /// Waits for the digest of the file behind ring `generation` and, when
+    /// that ring was published before the digest was known (its audit record
+    /// said `sha256="pending"`), logs the audit record that carries it.
+    pub fn finish(&mut self, generation: u64, pending_at_publish: bool) {
+        let digest = self.wait();
+        if pending_at_publish {
+            tracing::info!(
+                target: "keyward::audit",
+                generation,
+                sha256 = %hex::encode(digest),
+                "key ring file digest"
+            );
+        }
+    }
 }
 
 /// Validates key file contents; `path` is used only in messages.

@@ -293,15 +293,7 @@ impl Reloader {
         // not on whichever serving thread happens to drop the last reference.
         release_here(old);
         drop(file);
-        let digest = hashing.wait();
-        if sha256.is_none() {
-            tracing::info!(
-                target: "keyward::audit",
-                generation,
-                sha256 = %hex::encode(digest),
-                "key ring file digest"
-            );
-        }
+        hashing.finish(generation, sha256.is_none());
         drop(ring);
         // Hand the freed pages back to the OS so the resident set returns to
         // its steady state.

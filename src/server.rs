@@ -164,15 +164,7 @@ impl Server {
         // set starts at its steady state.
         let cleanup = move || {
             drop(file);
-            let digest = hashing.wait();
-            if sha256.is_none() {
-                tracing::info!(
-                    target: "keyward::audit",
-                    generation = 1,
-                    sha256 = %hex::encode(digest),
-                    "key ring file digest"
-                );
-            }
+            hashing.finish(1, sha256.is_none());
             crate::ring::release_free_memory();
         };
         if sha256.is_none() {
