@@ -313,8 +313,17 @@ thread_local! {
     /// response of the previous one with the same key and carrier, so it is
     /// encoded once per ring and shared (a reference count, no copy). A new
     /// ring has a new uid, so nothing of an older ring is ever reused.
-    static OK_CACHE: std::cell::RefCell<Vec<OkSlot>> = const {
-        std::cell::RefCell::new(Vec::new())
+    static OK_CACHE: std::cell::RefCell<[OkSlot; OK_SLOTS]> = const {
+        std::cell::RefCell::new([const { OkSlot::VACANT }; OK_SLOTS])
+    };
+}
+
+impl OkSlot {
+    const VACANT: OkSlot = OkSlot {
+        ring: 0, // no ring has uid 0
+        index: 0,
+        carrier: None,
+        frame: Bytes::new(),
     };
 }
 
@@ -327,14 +336,6 @@ fn allowed_cached(key: KeyRef<'_>, carrier: Option<CredentialHeader>) -> Bytes {
             // Only reachable if encoding re-entered this function.
             return allowed(key, None, carrier, &[]);
         };
-        if cache.is_empty() {
-            cache.resize_with(OK_SLOTS, || OkSlot {
-                ring: 0, // no ring has uid 0
-                index: 0,
-                carrier: None,
-                frame: Bytes::new(),
-            });
-        }
         let slot = &mut cache[at & (OK_SLOTS - 1)];
         if slot.ring != ring || slot.index != index || slot.carrier != carrier {
             *slot = OkSlot {
