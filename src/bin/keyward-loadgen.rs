@@ -160,21 +160,19 @@ impl Rng {
     /// Writes a version-4-shaped UUID, like Envoy's `x-request-id`, into
     /// `out` (36 bytes).
     fn uuid_into(&mut self, out: &mut [u8]) {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
+        use std::io::Write as _;
         let (a, b) = (self.next(), self.next());
-        // 32 hex digits: 4 in the version nibble, 8..b in the variant nibble.
-        let digits = (u128::from(a) << 64 | u128::from(b)) & !(0xf << 76) & !(0xc << 60)
-            | (0x4 << 76)
-            | (0x8 << 60);
-        let mut d = 0;
-        for (i, byte) in out.iter_mut().enumerate().take(UUID_LEN) {
-            *byte = if matches!(i, 8 | 13 | 18 | 23) {
-                b'-'
-            } else {
-                d += 1;
-                HEX[((digits >> (128 - 4 * d)) & 0xf) as usize]
-            };
-        }
+        let mut out = &mut out[..UUID_LEN];
+        // Exactly 36 bytes, written into a 36-byte slice: it cannot fail.
+        let _ = write!(
+            out,
+            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+            a >> 32,
+            (a >> 16) & 0xffff,
+            a & 0x0fff,
+            0x8000 | ((b >> 48) & 0x3fff),
+            b & 0xffff_ffff_ffff
+        );
     }
 
     /// Writes a random key that no ring holds into `out` (44 bytes): 40
