@@ -111,6 +111,10 @@ pub struct KeySpec {
     pub line: usize,
 }
 
+/// Most keys one file may hold: 16,777,215 (a key file of about 2.5 GB). The
+/// ring packs a key's client-and-scopes index into 24 bits.
+pub const MAX_KEYS: usize = (1 << 24) - 1;
+
 /// A parsed and validated key file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyFile {
@@ -900,6 +904,7 @@ impl Validator<'_> {
     }
 
     fn cross_checks(&mut self, keys: &[KeySpec]) {
+        self.diags.extend(too_many_keys(keys, MAX_KEYS));
         let mut ids: ahash::AHashMap<&str, usize> = ahash::AHashMap::new();
         let mut digests: ahash::AHashMap<[u8; 32], &str> = ahash::AHashMap::new();
         let mut found = Vec::new();
@@ -924,6 +929,18 @@ impl Validator<'_> {
         }
         self.diags.extend(found);
     }
+}
+
+/// The complaint about a file with more than `max` keys, at the first key
+/// past the limit.
+fn too_many_keys(keys: &[KeySpec], max: usize) -> Option<Diagnostic> {
+    keys.get(max).map(|k| Diagnostic {
+        line: k.line,
+        column: 1,
+        message: format!(
+            "more than {max} keys in one file (split the clients across several keyward instances)"
+        ),
+    })
 }
 
 /// Whether `s` is a valid scope name.
@@ -1109,6 +1126,21 @@ deprecated_at = 2026-01-01
             );
         }
         assert_eq!(e.len(), expected.len(), "{e:#?}");
+    }
+
+    #[test]
+    fn files_past_the_key_limit_are_refused_at_the_first_key_too_many() {
+        let text = (0..3)
+            .map(|i| {
+                let digest = hex::encode(crate::decide::digest(&format!("secret-{i}")));
+                format!("[[keys]]\nid = \"k{i}\"\nclient = \"c\"\nsha256 = \"{digest}\"\n")
+            })
+            .collect::<String>();
+        let file = parse_str_full(&text, ParseOptions::default()).unwrap();
+        assert_eq!(too_many_keys(&file.keys, 3), None);
+        let d = too_many_keys(&file.keys, 2).expect("over the limit");
+        assert_eq!((d.line, d.column), (file.keys[2].line, 1));
+        assert!(d.message.starts_with("more than 2 keys"), "{}", d.message);
     }
 
     #[test]

@@ -79,6 +79,8 @@ impl Collector for SharedCollector {
             )?;
 
         let ring = shared.ring.load_full();
+        // Each key's id, joined (see `KeyId`).
+        let mut id_buf = String::new();
         {
             let mut requests = encoder.encode_descriptor(
                 "keyward_key_requests",
@@ -87,7 +89,10 @@ impl Collector for SharedCollector {
                 MetricType::Counter,
             )?;
             for k in ring.keys() {
-                let labels = [("key_id", k.id()), ("client", k.client())];
+                let labels = [
+                    ("key_id", k.id().joined(&mut id_buf)),
+                    ("client", k.client()),
+                ];
                 ConstCounter::new(
                     k.usage_if_used()
                         .map_or(0, |u| u.requests.load(Ordering::Relaxed)),
@@ -107,7 +112,10 @@ impl Collector for SharedCollector {
                     .usage_if_used()
                     .map_or(0, |u| u.last_used.load(Ordering::Relaxed));
                 if t > 0 {
-                    let labels = [("key_id", k.id()), ("client", k.client())];
+                    let labels = [
+                        ("key_id", k.id().joined(&mut id_buf)),
+                        ("client", k.client()),
+                    ];
                     ConstGauge::new(i64::try_from(t).unwrap_or(i64::MAX))
                         .encode(last.encode_family(&labels)?)?;
                 }
@@ -128,7 +136,7 @@ impl Collector for SharedCollector {
                             .map_or(0, |u| u.denied[i].load(Ordering::Relaxed));
                         if v > 0 {
                             let labels = [
-                                ("key_id", k.id()),
+                                ("key_id", k.id().joined(&mut id_buf)),
                                 ("client", k.client()),
                                 ("reason", reason.code()),
                             ];
@@ -147,7 +155,7 @@ impl Collector for SharedCollector {
             )?;
             for k in ring.keys() {
                 let labels = [
-                    ("key_id", k.id()),
+                    ("key_id", k.id().joined(&mut id_buf)),
                     ("client", k.client()),
                     ("state", k.state().as_str()),
                 ];
@@ -163,7 +171,10 @@ impl Collector for SharedCollector {
             )?;
             for k in ring.keys() {
                 if let Some(e) = k.expires_at() {
-                    let labels = [("key_id", k.id()), ("client", k.client())];
+                    let labels = [
+                        ("key_id", k.id().joined(&mut id_buf)),
+                        ("client", k.client()),
+                    ];
                     ConstGauge::new(e.as_second()).encode(expires.encode_family(&labels)?)?;
                 }
             }
@@ -178,7 +189,10 @@ impl Collector for SharedCollector {
             )?;
             let i = DenyReason::RateLimited.key_index().unwrap_or_default();
             for k in ring.keys().filter(|k| k.rate_limit().is_some()) {
-                let labels = [("key_id", k.id()), ("client", k.client())];
+                let labels = [
+                    ("key_id", k.id().joined(&mut id_buf)),
+                    ("client", k.client()),
+                ];
                 ConstCounter::new(
                     k.usage_if_used()
                         .map_or(0, |u| u.denied[i].load(Ordering::Relaxed)),

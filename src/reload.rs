@@ -366,7 +366,7 @@ impl Diff {
     pub fn between(old: &KeyRing, new: &KeyRing) -> Diff {
         let mut d = Diff::default();
         for k in new.keys() {
-            match old.by_id(k.id()) {
+            match k.id().with_str(|id| old.by_id(id)) {
                 None => d.added.push(k.id().to_string()),
                 Some(o) => {
                     let what = changes(o, k);
@@ -377,7 +377,7 @@ impl Diff {
             }
         }
         for k in old.keys() {
-            if new.by_id(k.id()).is_none() {
+            if k.id().with_str(|id| new.by_id(id)).is_none() {
                 d.removed.push(k.id().to_string());
             }
         }

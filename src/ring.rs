@@ -141,19 +141,45 @@ const F_RATE_LIMIT: u8 = 4;
 const F_DESCRIPTION: u8 = 8;
 /// Flag: the key has a deprecation time (in `Rare::deprecated_at`).
 const F_DEPRECATED_AT: u8 = 16;
+/// Flag: the id starts with the client's name, which the arena leaves out
+/// (see [`KeyId`]).
+const F_ID_AFTER_CLIENT: u8 = 32;
+/// Bits of [`Slot::meta`] that hold the flags; the state sits above them and
+/// the profile index above that.
+const FLAG_BITS: u32 = 6;
+const STATE_BITS: u32 = 2;
+const PROFILE_SHIFT: u32 = FLAG_BITS + STATE_BITS;
+/// Profiles a ring can index: 2^24, more than [`crate::keyfile::MAX_KEYS`].
+const MAX_PROFILES: usize = 1 << (u32::BITS - PROFILE_SHIFT);
 
-/// What the ring keeps of every key: 48 bytes.
+/// What the ring keeps of every key: 44 bytes.
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     digest: Digest,
     /// Start of the id in the arena; it ends where the next id starts.
     id_start: u32,
-    /// Index into `profiles`: the client and scope set.
-    profile: u32,
     /// Unix seconds of the expiry (0: none, or see [`F_EXPIRES_EXACT`]).
     expires_at: u32,
-    state: u8,
-    flags: u8,
+    /// The index into `profiles` (the client and scope set), the state and
+    /// the flags, packed: `profile << 8 | state << 6 | flags`.
+    meta: u32,
+}
+
+impl Slot {
+    #[inline]
+    fn flags(&self) -> u8 {
+        (self.meta & ((1 << FLAG_BITS) - 1)) as u8
+    }
+
+    #[inline]
+    fn state(&self) -> usize {
+        ((self.meta >> FLAG_BITS) & ((1 << STATE_BITS) - 1)) as usize
+    }
+
+    #[inline]
+    fn profile(&self) -> usize {
+        (self.meta >> PROFILE_SHIFT) as usize
+    }
 }
 
 /// A client and a scope set, interned: keys of one client mostly share their
@@ -451,8 +477,9 @@ impl KeyRing {
     ///
     /// # Panics
     ///
-    /// With more than four billion keys, or ids (or descriptions, or client
-    /// names) longer than four GiB together.
+    /// With more than 2^24 distinct pairs of client and scopes (a file
+    /// within [`crate::keyfile::MAX_KEYS`] has fewer), or ids (or
+    /// descriptions, or client names) longer than four GiB together.
     pub fn build_with_digest(
         file: &KeyFile,
         generation: u64,
@@ -466,6 +493,8 @@ impl KeyRing {
             u32::try_from(n).is_ok_and(|n| n < EMPTY),
             "more than 4 billion keys"
         );
+        // At most this much: ids that start with their client's name are
+        // stored without it.
         let id_bytes: usize = file.keys.iter().map(|k| k.id.len()).sum();
         assert!(
             u32::try_from(id_bytes).is_ok(),
@@ -492,7 +521,16 @@ impl KeyRing {
             // Both bounds checked above.
             let index = i as u32;
             let id_start = ids.len() as u32;
-            ids.push_str(&spec.id);
+            let mut flags = 0;
+            // Most ids begin with their client's name (`keyward keys new`
+            // makes them so); the client is stored once, not once per key.
+            match spec.id.strip_prefix(spec.client.as_str()) {
+                Some(rest) if !spec.client.is_empty() => {
+                    flags |= F_ID_AFTER_CLIENT;
+                    ids.push_str(rest);
+                }
+                _ => ids.push_str(&spec.id),
+            }
             let client = *client_index.entry(spec.client.as_str()).or_insert_with(|| {
                 // Checked after the loop, like the descriptions.
                 client_starts.push(clients.len() as u32);
@@ -511,7 +549,10 @@ impl KeyRing {
                 profiles.push(profile);
                 (profiles.len() - 1) as u32
             });
-            let mut flags = 0;
+            assert!(
+                profiles.len() <= MAX_PROFILES,
+                "more than 2^24 distinct pairs of client and scopes"
+            );
             let expires_at = match spec.expires_at {
                 None => 0,
                 Some(t) => inline_secs(t).unwrap_or_else(|| {
@@ -541,10 +582,10 @@ impl KeyRing {
             slots.push(Slot {
                 digest: spec.digest,
                 id_start,
-                profile,
                 expires_at,
-                state: state_code(spec.state),
-                flags,
+                meta: profile << PROFILE_SHIFT
+                    | u32::from(state_code(spec.state)) << FLAG_BITS
+                    | u32::from(flags),
             });
         }
         drop((client_index, scope_index, profile_index));
@@ -722,7 +763,7 @@ impl KeyRing {
                 return None;
             }
             let key = KeyRef { ring: self, index };
-            if key.id() == id {
+            if key.id() == *id {
                 return Some(key);
             }
             at = if at + 1 == len { 0 } else { at + 1 };
@@ -801,6 +842,116 @@ fn deprecation_time(
     })
 }
 
+/// A key's id, as the ring stores it: most ids start with their client's name
+/// (`acme-20261127-3f9a0c`), and the ring keeps that name once per client
+/// rather than once per key, so an id is the client's name (`head`, possibly
+/// empty) followed by the rest (`tail`). Compares equal to the `&str` it
+/// spells and displays as it.
+#[derive(Clone, Copy)]
+pub struct KeyId<'r> {
+    head: &'r str,
+    tail: &'r str,
+}
+
+/// Ids up to this long are joined on the stack by [`KeyId::with_str`]; valid
+/// ids have at most 128 bytes.
+const ID_STACK: usize = 256;
+
+impl<'r> KeyId<'r> {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.tail.len()
+    }
+
+    /// Whether the id is empty (never, for a validated file).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The id as one `&str`, written into `buf` (cleared first): no
+    /// allocation once `buf` has grown, for loops over many keys.
+    pub fn joined<'b>(&self, buf: &'b mut String) -> &'b str {
+        buf.clear();
+        buf.push_str(self.head);
+        buf.push_str(self.tail);
+        buf
+    }
+
+    /// Calls `f` with the id as one `&str`: joined in a stack buffer when it
+    /// has two parts, so valid ids never allocate.
+    #[inline]
+    pub fn with_str<T>(&self, f: impl FnOnce(&str) -> T) -> T {
+        if self.head.is_empty() {
+            return f(self.tail);
+        }
+        let len = self.len();
+        if len > ID_STACK {
+            return f(&self.to_string());
+        }
+        let mut buf = [0u8; ID_STACK];
+        buf[..self.head.len()].copy_from_slice(self.head.as_bytes());
+        buf[self.head.len()..len].copy_from_slice(self.tail.as_bytes());
+        // Two whole strings, one after the other, are UTF-8.
+        match std::str::from_utf8(&buf[..len]) {
+            Ok(id) => f(id),
+            Err(_) => f(&self.to_string()),
+        }
+    }
+}
+
+impl PartialEq<str> for KeyId<'_> {
+    fn eq(&self, other: &str) -> bool {
+        let other = other.as_bytes();
+        other.len() == self.len()
+            && other.starts_with(self.head.as_bytes())
+            && other[self.head.len()..] == *self.tail.as_bytes()
+    }
+}
+
+impl PartialEq<&str> for KeyId<'_> {
+    fn eq(&self, other: &&str) -> bool {
+        *self == **other
+    }
+}
+
+impl PartialEq<String> for KeyId<'_> {
+    fn eq(&self, other: &String) -> bool {
+        *self == **other
+    }
+}
+
+impl PartialEq for KeyId<'_> {
+    fn eq(&self, other: &KeyId<'_>) -> bool {
+        fn bytes<'a>(id: &KeyId<'a>) -> impl Iterator<Item = u8> + 'a {
+            id.head.bytes().chain(id.tail.bytes())
+        }
+        self.len() == other.len() && bytes(self).eq(bytes(other))
+    }
+}
+
+impl fmt::Display for KeyId<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.head.is_empty() {
+            // Honours width and alignment.
+            return f.pad(self.tail);
+        }
+        f.write_str(self.head)?;
+        f.write_str(self.tail)
+    }
+}
+
+impl fmt::Debug for KeyId<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.to_string(), f)
+    }
+}
+
+impl serde::Serialize for KeyId<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// One key of a ring.
 #[derive(Clone, Copy)]
 pub struct KeyRef<'r> {
@@ -826,12 +977,12 @@ impl<'r> KeyRef<'r> {
 
     #[inline]
     fn has(&self, flag: u8) -> bool {
-        self.slot().flags & flag != 0
+        self.slot().flags() & flag != 0
     }
 
     #[inline]
     fn profile(&self) -> &'r Profile {
-        &self.ring.profiles[self.slot().profile as usize]
+        &self.ring.profiles[self.slot().profile()]
     }
 
     /// Position in the ring (file order).
@@ -848,7 +999,7 @@ impl<'r> KeyRef<'r> {
 
     /// Unique id.
     #[inline]
-    pub fn id(&self) -> &'r str {
+    pub fn id(&self) -> KeyId<'r> {
         let start = self.slot().id_start as usize;
         let end = self
             .ring
@@ -856,7 +1007,13 @@ impl<'r> KeyRef<'r> {
             .get(self.index as usize + 1)
             .map_or(self.ring.ids.len(), |next| next.id_start as usize);
         // Ids are ASCII, so every offset is a character boundary.
-        self.ring.ids.get(start..end).unwrap_or("")
+        let tail = self.ring.ids.get(start..end).unwrap_or("");
+        let head = if self.has(F_ID_AFTER_CLIENT) {
+            self.client()
+        } else {
+            ""
+        };
+        KeyId { head, tail }
     }
 
     /// The principal the key authenticates.
@@ -891,7 +1048,7 @@ impl<'r> KeyRef<'r> {
     /// Lifecycle state.
     #[inline]
     pub fn state(&self) -> KeyState {
-        STATES[usize::from(self.slot().state)]
+        STATES[self.slot().state()]
     }
 
     /// Not valid before this instant.
@@ -917,7 +1074,7 @@ impl<'r> KeyRef<'r> {
     #[inline]
     pub fn is_expired(&self, now: Timestamp) -> bool {
         let slot = self.slot();
-        if slot.flags & F_EXPIRES_EXACT != 0 {
+        if slot.flags() & F_EXPIRES_EXACT != 0 {
             return self.expires_at().is_some_and(|exp| now >= exp);
         }
         // A whole-second expiry E: now >= E exactly when now's whole seconds
@@ -928,7 +1085,7 @@ impl<'r> KeyRef<'r> {
     /// Whether the key is not valid yet at `now` (`now < not_before`).
     #[inline]
     pub fn is_not_yet_valid(&self, now: Timestamp) -> bool {
-        self.slot().flags & F_NOT_BEFORE != 0 && self.not_before().is_some_and(|nb| now < nb)
+        self.slot().flags() & F_NOT_BEFORE != 0 && self.not_before().is_some_and(|nb| now < nb)
     }
 
     /// When the key was deprecated: from the file, or when this process first
@@ -997,7 +1154,7 @@ impl<'r> KeyRef<'r> {
         let page = self.ring.usage[i / USAGE_PAGE]
             .get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
         page[i % USAGE_PAGE].get_or_init(|| {
-            let usage = self.ring.registry.usage(self.id());
+            let usage = self.id().with_str(|id| self.ring.registry.usage(id));
             usage.sync_limit(self.rate_limit());
             usage
         })
@@ -1201,6 +1358,50 @@ expires_at = 2027-02-27T00:00:00Z
         let keys: Vec<_> = ring.keys().collect();
         assert!(std::ptr::eq(keys[0].client(), keys[1].client()));
         assert_eq!(keys[1].id(), "b");
+    }
+
+    #[test]
+    fn ids_that_start_with_their_client_are_stored_without_it() {
+        let key = |id: &str, client: &str| {
+            format!(
+                "[[keys]]\nid = \"{id}\"\nclient = \"{client}\"\nsha256 = \"{}\"\n",
+                hex::encode(sha(id))
+            )
+        };
+        // After the client, equal to it, not after it, and after a client
+        // that merely shares a prefix with another.
+        let cases = [
+            ("acme-20261127-3f9a0c", "acme"),
+            ("acme", "acme"),
+            ("legacy-1", "acme"),
+            ("acme2-x", "acme2"),
+            ("ac", "acme"),
+        ];
+        let text: String = cases.iter().map(|(id, c)| key(id, c)).collect();
+        let ring = KeyRing::build(&file(&text), source(1), &UsageRegistry::default(), None);
+        // The arena holds what the client names do not.
+        assert_eq!(&*ring.ids, "-20261127-3f9a0clegacy-1-xac");
+        let mut buf = String::new();
+        for (id, client) in cases {
+            let k = ring.by_id(id).unwrap_or_else(|| panic!("{id} by id"));
+            assert_eq!(k.client(), client);
+            assert_eq!(k.id(), id);
+            assert_eq!(k.id().len(), id.len());
+            assert_eq!(k.id().to_string(), id);
+            assert_eq!(format!("{:?}", k.id()), format!("{id:?}"));
+            assert_eq!(k.id().joined(&mut buf), id);
+            assert!(k.id().with_str(|s| s == id));
+            assert_eq!(ring.lookup(&sha(id)).map(|k| k.index()), Some(k.index()));
+            assert_eq!(serde_json::to_string(&k.id()).unwrap(), format!("\"{id}\""));
+        }
+        assert_ne!(ring.by_id("acme2-x").unwrap().id(), "acme-x");
+        assert!(ring.by_id("acme-").is_none());
+        assert!(ring.by_id("-20261127-3f9a0c").is_none());
+    }
+
+    #[test]
+    fn a_slot_is_44_bytes() {
+        assert_eq!(std::mem::size_of::<Slot>(), 44);
     }
 
     #[test]

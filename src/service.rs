@@ -140,7 +140,7 @@ impl AuthzService {
             Decision::Allow { key: k, .. } => tracing::info!(
                 target: "keyward::decision",
                 decision = "allowed",
-                key_id = k.id(),
+                key_id = %k.id(),
                 client = k.client(),
                 state = k.state().as_str(),
                 source,
@@ -149,7 +149,7 @@ impl AuthzService {
                 target: "keyward::decision",
                 decision = "denied",
                 reason = reason.code(),
-                key_id = key.map(|k| k.id()),
+                key_id = key.map(|k| tracing::field::display(k.id())),
                 client = key.map(|k| k.client()),
                 source,
             ),
@@ -406,21 +406,23 @@ fn allowed(
             n += 1;
         }
     }
-    let ok = OkResponse {
-        headers: &[
-            (CLIENT_HEADER.as_bytes(), key.client().as_bytes()),
-            (KEY_ID_HEADER.as_bytes(), key.id().as_bytes()),
-            (SCOPES_HEADER.as_bytes(), key.scopes_joined().as_bytes()),
-        ],
-        remove,
-        response_headers: &response_headers[..n],
-        metadata: &[
-            (b"client", key.client().as_bytes()),
-            (b"key_id", key.id().as_bytes()),
-            (b"scopes", key.scopes_joined().as_bytes()),
-        ],
-    };
-    ok.to_frame()
+    key.id().with_str(|id| {
+        OkResponse {
+            headers: &[
+                (CLIENT_HEADER.as_bytes(), key.client().as_bytes()),
+                (KEY_ID_HEADER.as_bytes(), id.as_bytes()),
+                (SCOPES_HEADER.as_bytes(), key.scopes_joined().as_bytes()),
+            ],
+            remove,
+            response_headers: &response_headers[..n],
+            metadata: &[
+                (b"client", key.client().as_bytes()),
+                (b"key_id", id.as_bytes()),
+                (b"scopes", key.scopes_joined().as_bytes()),
+            ],
+        }
+        .to_frame()
+    })
 }
 
 /// The response for a denial; `quota` and `retry_after` (seconds, 0 for none)

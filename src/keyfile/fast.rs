@@ -95,7 +95,7 @@ pub fn parse_fast_threads(text: &str, opts: ParseOptions, threads: usize) -> Opt
             Err(NoThreads) => single()?,
         }
     };
-    if file.keys.is_empty() && !opts.allow_empty {
+    if (file.keys.is_empty() && !opts.allow_empty) || file.keys.len() > super::MAX_KEYS {
         return None;
     }
     let keys = &file.keys;
