@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use jiff::Timestamp;
 use keyward::keyfile::{KeyFile, KeySpec, KeyState, RateLimitSpec};
 use keyward::ring::{Digest, KeyRing, RingHandle, RingSource, UsageRegistry};
-use sha2::{Digest as _, Sha256};
 
 const SCOPE_SETS: &[&[&str]] = &[
     &["read"],
@@ -26,10 +25,10 @@ const SCOPE_SETS: &[&[&str]] = &[
 ];
 
 fn digest(i: usize, generation: u64) -> Digest {
-    let mut h = Sha256::new();
-    h.update(generation.to_le_bytes());
-    h.update(i.to_le_bytes());
-    h.finalize().into()
+    let mut seed = [0u8; 16];
+    seed[..8].copy_from_slice(&generation.to_le_bytes());
+    seed[8..].copy_from_slice(&(i as u64).to_le_bytes());
+    keyward::decide::digest_bytes(&seed)
 }
 
 /// A synthetic key file; `generation` changes the secrets of a few keys, as a
