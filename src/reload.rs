@@ -364,9 +364,15 @@ pub struct Diff {
 impl Diff {
     /// Compares `old` with `new`.
     pub fn between(old: &KeyRing, new: &KeyRing) -> Diff {
+        // Successive versions of a file mostly hold the same ids at the same
+        // positions: such pairs need no lookup by id.
+        fn in_place<'o>(k: KeyRef<'_>, other: &'o KeyRing) -> Option<KeyRef<'o>> {
+            other.key_at(k.index()).filter(|o| o.id() == k.id())
+        }
         let mut d = Diff::default();
         for k in new.keys() {
-            match k.id().with_str(|id| old.by_id(id)) {
+            let o = in_place(k, old).or_else(|| k.id().with_str(|id| old.by_id(id)));
+            match o {
                 None => d.added.push(k.id().to_string()),
                 Some(o) => {
                     let what = changes(o, k);
@@ -377,7 +383,7 @@ impl Diff {
             }
         }
         for k in old.keys() {
-            if k.id().with_str(|id| new.by_id(id)).is_none() {
+            if in_place(k, new).is_none() && k.id().with_str(|id| new.by_id(id)).is_none() {
                 d.removed.push(k.id().to_string());
             }
         }
@@ -777,6 +783,19 @@ mod tests {
         assert!(r.changed_on_disk());
         r.reload(Trigger::Poll);
         assert!(!r.changed_on_disk());
+    }
+
+    #[test]
+    fn diffs_follow_keys_that_moved() {
+        let (_d, path, r, shared) =
+            setup(&(key("a", "sa", "") + &key("b", "sb", "") + &key("c", "sc", "")));
+        let old = shared.ring.load_full();
+        std::fs::write(&path, key("c", "sc", "") + &key("a", "sa2", "")).unwrap();
+        r.reload(Trigger::Watch);
+        let d = Diff::between(&old, &shared.ring.load());
+        assert!(d.added.is_empty(), "{d:?}");
+        assert_eq!(d.removed, vec!["b"]);
+        assert_eq!(d.changed, vec!["a: secret replaced"]);
     }
 
     #[test]

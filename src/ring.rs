@@ -727,6 +727,11 @@ impl KeyRing {
         }
     }
 
+    /// The key at `index` (file order).
+    pub fn key_at(&self, index: u32) -> Option<KeyRef<'_>> {
+        self.key(index)
+    }
+
     /// The key whose secret hashes to `digest`.
     #[inline]
     pub fn lookup(&self, digest: &Digest) -> Option<KeyRef<'_>> {
@@ -922,6 +927,10 @@ impl PartialEq<String> for KeyId<'_> {
 
 impl PartialEq for KeyId<'_> {
     fn eq(&self, other: &KeyId<'_>) -> bool {
+        if self.head.len() == other.head.len() {
+            // Then the tails are as long as each other too, if the ids are.
+            return self.head == other.head && self.tail == other.tail;
+        }
         fn bytes<'a>(id: &KeyId<'a>) -> impl Iterator<Item = u8> + 'a {
             id.head.bytes().chain(id.tail.bytes())
         }
@@ -1395,6 +1404,16 @@ expires_at = 2027-02-27T00:00:00Z
             assert_eq!(serde_json::to_string(&k.id()).unwrap(), format!("\"{id}\""));
         }
         assert_ne!(ring.by_id("acme2-x").unwrap().id(), "acme-x");
+        // The same id split differently (another client) is still the same id.
+        let other = KeyRing::build(
+            &file(&key("acme-20261127-3f9a0c", "zzz")),
+            source(2),
+            &UsageRegistry::default(),
+            None,
+        );
+        let (a, b) = (cases[0].0, other.by_id(cases[0].0).unwrap().id());
+        assert_eq!(ring.by_id(a).unwrap().id(), b);
+        assert_ne!(ring.by_id("acme2-x").unwrap().id(), b);
         assert!(ring.by_id("acme-").is_none());
         assert!(ring.by_id("-20261127-3f9a0c").is_none());
     }
