@@ -516,6 +516,7 @@ impl KeyRing {
         let mut deprecated_at = SparseBuilder::new();
         let mut description = SparseBuilder::new();
         let mut descriptions = String::new();
+        let mut last_profile: Option<(&KeySpec, u32)> = None;
 
         for (i, spec) in file.keys.iter().enumerate() {
             // Both bounds checked above.
@@ -531,28 +532,41 @@ impl KeyRing {
                 }
                 _ => ids.push_str(&spec.id),
             }
-            let client = *client_index.entry(spec.client.as_str()).or_insert_with(|| {
-                // Checked after the loop, like the descriptions.
-                client_starts.push(clients.len() as u32);
-                clients.push_str(&spec.client);
-                (client_starts.len() - 1) as u32
-            });
-            let scopes = *scope_index
-                .entry(spec.scopes.as_slice())
-                .or_insert_with(|| {
-                    scope_sets.push(scope_set(&spec.scopes));
-                    (scope_sets.len() - 1) as u32
-                });
-            let profile = Profile { client, scopes };
-            // At most one profile per key, so the count fits like the keys'.
-            let profile = *profile_index.entry(profile).or_insert_with(|| {
-                profiles.push(profile);
-                (profiles.len() - 1) as u32
-            });
-            assert!(
-                profiles.len() <= MAX_PROFILES,
-                "more than 2^24 distinct pairs of client and scopes"
-            );
+            // A client's keys mostly follow one another with the same
+            // scopes: then the previous key's profile is this one's.
+            let profile = match last_profile {
+                Some((prev, profile))
+                    if prev.client == spec.client && prev.scopes == spec.scopes =>
+                {
+                    profile
+                }
+                _ => {
+                    let client = *client_index.entry(spec.client.as_str()).or_insert_with(|| {
+                        // Checked after the loop, like the descriptions.
+                        client_starts.push(clients.len() as u32);
+                        clients.push_str(&spec.client);
+                        (client_starts.len() - 1) as u32
+                    });
+                    let scopes = *scope_index
+                        .entry(spec.scopes.as_slice())
+                        .or_insert_with(|| {
+                            scope_sets.push(scope_set(&spec.scopes));
+                            (scope_sets.len() - 1) as u32
+                        });
+                    let profile = Profile { client, scopes };
+                    // At most one profile per key, so the count fits like the keys'.
+                    let profile = *profile_index.entry(profile).or_insert_with(|| {
+                        profiles.push(profile);
+                        (profiles.len() - 1) as u32
+                    });
+                    assert!(
+                        profiles.len() <= MAX_PROFILES,
+                        "more than 2^24 distinct pairs of client and scopes"
+                    );
+                    profile
+                }
+            };
+            last_profile = Some((spec, profile));
             let expires_at = match spec.expires_at {
                 None => 0,
                 Some(t) => inline_secs(t).unwrap_or_else(|| {
@@ -595,25 +609,27 @@ impl KeyRing {
         );
 
         let digest_index_bits = index_bits(n);
-        let mut by_digest = vec![EMPTY_CELL; table_len(n)].into_boxed_slice();
-        for (i, slot) in slots.iter().enumerate() {
-            let mut at = home(digest_hash(&slot.digest), by_digest.len());
-            while by_digest[at] != EMPTY_CELL {
-                at = if at + 1 == by_digest.len() { 0 } else { at + 1 };
-            }
-            // i + 1 <= n < 2^digest_index_bits.
-            by_digest[at] = cell_tag(&slot.digest, digest_index_bits) | (i as u32 + 1);
-        }
-
         let id_hasher = ahash::RandomState::new();
-        let mut by_id = vec![EMPTY; table_len(n)].into_boxed_slice();
-        for (i, spec) in file.keys.iter().enumerate() {
-            let mut at = home(id_hasher.hash_one(spec.id.as_str()), by_id.len());
-            while by_id[at] != EMPTY {
-                at = if at + 1 == by_id.len() { 0 } else { at + 1 };
-            }
-            by_id[at] = i as u32;
-        }
+        // The two indexes are independent: a large ring builds them side by
+        // side (on a thread that inherits this one's priority).
+        let (by_digest, by_id) = if n >= PARALLEL_INDEX_MIN {
+            std::thread::scope(|s| {
+                let by_id = std::thread::Builder::new()
+                    .name("keyward-index".into())
+                    .spawn_scoped(s, || id_table(file, &id_hasher));
+                let by_digest = digest_table(&slots, digest_index_bits);
+                let by_id = match by_id {
+                    Ok(t) => t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                    Err(_) => id_table(file, &id_hasher),
+                };
+                (by_digest, by_id)
+            })
+        } else {
+            (
+                digest_table(&slots, digest_index_bits),
+                id_table(file, &id_hasher),
+            )
+        };
 
         // Longest prefix first, so the most specific rule wins; file order
         // breaks ties (the sort is stable).
@@ -812,6 +828,36 @@ impl KeyRing {
     pub fn file_digest(&self) -> &FileDigest {
         &self.file_digest
     }
+}
+
+/// Rings of at least this many keys build their two indexes in parallel.
+const PARALLEL_INDEX_MIN: usize = 1 << 16;
+
+/// The digest table for `slots` (see `KeyRing::by_digest`).
+fn digest_table(slots: &[Slot], index_bits: u32) -> Box<[u32]> {
+    let mut table = vec![EMPTY_CELL; table_len(slots.len())].into_boxed_slice();
+    for (i, slot) in slots.iter().enumerate() {
+        let mut at = home(digest_hash(&slot.digest), table.len());
+        while table[at] != EMPTY_CELL {
+            at = if at + 1 == table.len() { 0 } else { at + 1 };
+        }
+        // i + 1 <= n < 2^index_bits.
+        table[at] = cell_tag(&slot.digest, index_bits) | (i as u32 + 1);
+    }
+    table
+}
+
+/// The id table for the keys of `file` (see `KeyRing::by_id`).
+fn id_table(file: &KeyFile, hasher: &ahash::RandomState) -> Box<[u32]> {
+    let mut table = vec![EMPTY; table_len(file.keys.len())].into_boxed_slice();
+    for (i, spec) in file.keys.iter().enumerate() {
+        let mut at = home(hasher.hash_one(spec.id.as_str()), table.len());
+        while table[at] != EMPTY {
+            at = if at + 1 == table.len() { 0 } else { at + 1 };
+        }
+        table[at] = i as u32;
+    }
+    table
 }
 
 fn scope_set(scopes: &[String]) -> ScopeSet {
@@ -1457,6 +1503,40 @@ expires_at = 2027-02-27T00:00:00Z
             ring2.by_id("b").unwrap().deprecation().map(|d| d.0),
             Some(1795780800)
         );
+    }
+
+    #[test]
+    fn a_large_ring_finds_every_key_by_digest_and_by_id() {
+        // Large enough for the indexes to be built in parallel.
+        let n = PARALLEL_INDEX_MIN + 3;
+        let keys = (0..n)
+            .map(|i| KeySpec {
+                id: format!("c{}-{i}", i % 7),
+                client: format!("c{}", i % 7),
+                digest: sha(&i.to_string()),
+                scopes: vec![],
+                state: KeyState::Active,
+                not_before: None,
+                expires_at: None,
+                deprecated_at: None,
+                description: None,
+                rate_limit: None,
+                line: 1,
+            })
+            .collect();
+        let file = KeyFile {
+            keys,
+            routes: vec![],
+        };
+        let ring = KeyRing::build(&file, source(1), &UsageRegistry::default(), None);
+        for (i, spec) in file.keys.iter().enumerate() {
+            let k = ring.lookup(&spec.digest).expect("found by digest");
+            assert_eq!(k.index() as usize, i);
+            assert_eq!(k.id(), spec.id);
+            assert_eq!(ring.by_id(&spec.id).map(|k| k.index()), Some(i as u32));
+        }
+        assert!(ring.lookup(&sha("absent")).is_none());
+        assert!(ring.by_id("c0-absent").is_none());
     }
 
     #[test]
