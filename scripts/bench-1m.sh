@@ -86,17 +86,30 @@ p99() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])["latency_us"]
 steady=(); storm=()
 for r in $(seq 1 "$rounds"); do
     steady+=("$(p99 "$(load)")")
-    (
-        v=a
-        end=$((SECONDS + per_run + 2))
-        while (( SECONDS < end )); do
-            g="$(generation)"
-            write_version "$v"
-            # Wait for this write to be served before the next one.
-            for _ in $(seq 1 500); do [[ "$(generation)" -gt "$g" ]] && break; sleep 0.01; done
-            v=$([[ $v == a ]] && echo b || echo a)
-        done
-    ) &
+    # One process rewrites the file back and forth, waiting for each version
+    # to serve (polling /ring over one kept-alive connection): no fork per
+    # ring, whose cost would land on the CPUs being measured.
+    python3 - "$admin" "$keys" "$work/a.toml" "$work/b.toml" "$((per_run + 2))" <<'EOF' &
+import http.client, json, os, sys, time
+admin, path, a, b, seconds = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
+versions = [open(a, "rb").read(), open(b, "rb").read()]
+conn = http.client.HTTPConnection("127.0.0.1", admin)
+def generation():
+    conn.request("GET", "/ring")
+    return json.loads(conn.getresponse().read())["generation"]
+n = 1 if open(path, "rb").read() == versions[0] else 0
+tmp = path + ".next"
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    g = generation()
+    with open(tmp, "wb") as f:
+        f.write(versions[n % 2])
+    os.rename(tmp, path)
+    deadline = time.monotonic() + 5
+    while generation() <= g and time.monotonic() < deadline:
+        time.sleep(0.01)
+    n += 1
+EOF
     writer=$!
     storm+=("$(p99 "$(load)")")
     wait "$writer" || true

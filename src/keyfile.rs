@@ -284,23 +284,55 @@ pub fn fingerprint(bytes: &[u8]) -> Fingerprint {
 ///
 /// The digest goes into a [`FileDigest`] cell shared with the ring built
 /// from the same bytes, so it appears on the ring as soon as it is known.
+///
+/// With CPUs to spare beside the parse (more than the two threads a large
+/// file is parsed on), the hash
+/// runs while the file is parsed. With fewer it is held back until
+/// [`Hashing::resume`] (called once the ring serves): even at idle priority
+/// it would otherwise take a CPU from the parse, because the scheduler is
+/// slow to move one of two parse threads off a CPU that runs only an idle
+/// thread.
 #[derive(Debug)]
 pub struct Hashing {
     cell: FileDigest,
     thread: Option<(std::thread::JoinHandle<()>, Arc<Vec<u8>>)>,
+    held: Option<(Arc<Vec<u8>>, fn())>,
 }
 
 impl Hashing {
     /// Starts hashing `bytes`: on the calling thread when they are fewer
     /// than `defer_min` (normally [`DEFER_DIGEST_MIN_BYTES`]), else on a new
-    /// thread that first runs `setup` (to lower its priority, say).
+    /// thread that first runs `setup` (to lower its priority, say), now or
+    /// at [`Hashing::resume`] (see the type's documentation).
     pub fn start(bytes: &Arc<Vec<u8>>, defer_min: usize, setup: fn()) -> Hashing {
         let cell = FileDigest::pending();
         if bytes.len() < defer_min {
             cell.set(crate::decide::digest_bytes(bytes));
-            return Hashing { cell, thread: None };
+            return Hashing {
+                cell,
+                thread: None,
+                held: None,
+            };
         }
-        let (theirs, out) = (Arc::clone(bytes), cell.clone());
+        let mut hashing = Hashing {
+            cell,
+            thread: None,
+            held: Some((Arc::clone(bytes), setup)),
+        };
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cpus > fast::PARSE_THREADS {
+            hashing.resume();
+        }
+        hashing
+    }
+
+    /// Starts a hash that [`Hashing::start`] held back; does nothing
+    /// otherwise.
+    pub fn resume(&mut self) {
+        let Some((bytes, setup)) = self.held.take() else {
+            return;
+        };
+        let (theirs, out) = (Arc::clone(&bytes), self.cell.clone());
         let spawned = std::thread::Builder::new()
             .name("keyward-hash".into())
             .spawn(move || {
@@ -308,13 +340,9 @@ impl Hashing {
                 out.set(crate::decide::digest_bytes(&theirs));
             });
         match spawned {
-            Ok(handle) => Hashing {
-                cell,
-                thread: Some((handle, Arc::clone(bytes))),
-            },
+            Ok(handle) => self.thread = Some((handle, bytes)),
             Err(_) => {
-                cell.set(crate::decide::digest_bytes(bytes));
-                Hashing { cell, thread: None }
+                self.cell.set(crate::decide::digest_bytes(&bytes));
             }
         }
     }
@@ -326,6 +354,9 @@ impl Hashing {
 
     /// Waits for the digest.
     pub fn wait(&mut self) -> Digest {
+        if let Some((bytes, _)) = self.held.take() {
+            self.cell.set(crate::decide::digest_bytes(&bytes));
+        }
         if let Some((handle, bytes)) = self.thread.take() {
             // Hashing cannot panic; should the thread fail anyway, hash here.
             if handle.join().is_err() || self.cell.get().is_none() {

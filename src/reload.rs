@@ -210,6 +210,7 @@ impl Reloader {
     /// is filled in (and logged) when the hash finishes, before this returns.
     /// A file whose fingerprint matches is compared by SHA-256 first.
     pub fn reload(&self, trigger: Trigger) -> Outcome {
+        let started = std::time::Instant::now();
         let mut memory = self.memory();
         memory.stamp = stamp(&self.path);
         let bytes = match keyfile::read(&self.path) {
@@ -265,6 +266,8 @@ impl Reloader {
         memory.failed_digest = None;
         let ring = Arc::new(ring);
         let old = self.shared.ring.publish_shared(Arc::clone(&ring));
+        let took = started.elapsed();
+        hashing.resume();
         memory.serving = Some((generation, fingerprint));
         self.shared.usage.retain_ring(&ring);
         self.shared.reloads.success.fetch_add(1, Ordering::Relaxed);
@@ -286,6 +289,7 @@ impl Reloader {
             removed = ?diff.removed,
             changed = ?diff.changed,
             routes_changed,
+            took_ms = took.as_millis(),
             "key ring published"
         );
         drop(diff);

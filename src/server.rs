@@ -122,7 +122,9 @@ impl Server {
         } else {
             None
         };
+        let started = std::time::Instant::now();
         let bytes = keyfile::read(&config.keys)?;
+        let read = started.elapsed();
         let fingerprint = keyfile::fingerprint(&bytes);
         let lockout = config.lockout;
         let usage = UsageRegistry::default();
@@ -135,6 +137,7 @@ impl Server {
         });
         let file = keyfile::parse_bytes(&config.keys, &bytes, config.parse_options())?;
         drop(bytes);
+        let parsed = started.elapsed();
         let ring = KeyRing::build_with_digest(
             &file,
             1,
@@ -143,6 +146,7 @@ impl Server {
             &usage,
             None,
         );
+        hashing.resume();
         let sha256 = ring.file_sha256();
         tracing::info!(
             target: "keyward::audit",
@@ -150,6 +154,9 @@ impl Server {
             sha256 = %sha256.map_or_else(|| "pending".to_string(), hex::encode),
             keys = ring.len(),
             path = %config.keys.display(),
+            read_ms = read.as_millis(),
+            parse_ms = (parsed - read).as_millis(),
+            build_ms = (started.elapsed() - parsed).as_millis(),
             "key ring loaded"
         );
         let shared = Arc::new(Shared::new(ring, usage, lockout));

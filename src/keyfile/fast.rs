@@ -52,13 +52,16 @@ const PARALLEL_MIN_BYTES: usize = 4 << 20;
 /// Most threads used for one file.
 const MAX_THREADS: usize = 8;
 
+/// Most threads a large file is parsed on.
+pub const PARSE_THREADS: usize = 2;
+
 /// Parses a key file in the common subset of TOML, or returns `None` when the
 /// file is outside that subset or invalid (see the module documentation).
 /// Large files are parsed on up to two threads (more only if asked through
 /// [`parse_fast_threads`]).
 pub fn parse_fast(text: &str, opts: ParseOptions) -> Option<KeyFile> {
     let threads = if text.len() >= PARALLEL_MIN_BYTES {
-        std::thread::available_parallelism().map_or(1, |n| n.get().min(2))
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(PARSE_THREADS))
     } else {
         1
     };
