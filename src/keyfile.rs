@@ -296,8 +296,12 @@ pub fn fingerprint(bytes: &[u8]) -> Fingerprint {
 pub struct Hashing {
     cell: FileDigest,
     thread: Option<(std::thread::JoinHandle<()>, Arc<Vec<u8>>)>,
-    held: Option<(Arc<Vec<u8>>, fn())>,
+    held: Option<Held>,
 }
+
+/// Bytes whose hash is held back, and the setup for the thread that will
+/// hash them.
+type Held = (Arc<Vec<u8>>, fn());
 
 impl Hashing {
     /// Starts hashing `bytes`: on the calling thread when they are fewer
