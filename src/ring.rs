@@ -501,135 +501,164 @@ impl KeyRing {
             "ids longer than 4 GiB together"
         );
 
-        let mut ids = String::with_capacity(id_bytes);
-        let mut slots = Vec::with_capacity(n);
-        let mut client_index: ahash::AHashMap<&str, u32> = ahash::AHashMap::new();
-        let mut clients = String::new();
-        let mut client_starts: Vec<u32> = Vec::new();
-        let mut scope_index: ahash::AHashMap<&[String], u32> = ahash::AHashMap::new();
-        let mut scope_sets: Vec<ScopeSet> = Vec::new();
-        let mut profile_index: ahash::AHashMap<Profile, u32> = ahash::AHashMap::new();
-        let mut profiles: Vec<Profile> = Vec::new();
-        let mut not_before = SparseBuilder::new();
-        let mut expires_exact = SparseBuilder::new();
-        let mut rate_limit = SparseBuilder::new();
-        let mut deprecated_at = SparseBuilder::new();
-        let mut description = SparseBuilder::new();
-        let mut descriptions = String::new();
-        let mut last_profile: Option<(&KeySpec, u32)> = None;
-
-        for (i, spec) in file.keys.iter().enumerate() {
-            // Both bounds checked above.
-            let index = i as u32;
-            let id_start = ids.len() as u32;
-            let mut flags = 0;
-            // Most ids begin with their client's name (`keyward keys new`
-            // makes them so); the client is stored once, not once per key.
-            match spec.id.strip_prefix(spec.client.as_str()) {
-                Some(rest) if !spec.client.is_empty() => {
-                    flags |= F_ID_AFTER_CLIENT;
-                    ids.push_str(rest);
-                }
-                _ => ids.push_str(&spec.id),
-            }
-            // A client's keys mostly follow one another with the same
-            // scopes: then the previous key's profile is this one's.
-            let profile = match last_profile {
-                Some((prev, profile))
-                    if prev.client == spec.client && prev.scopes == spec.scopes =>
-                {
-                    profile
-                }
-                _ => {
-                    let client = *client_index.entry(spec.client.as_str()).or_insert_with(|| {
-                        // Checked after the loop, like the descriptions.
-                        client_starts.push(clients.len() as u32);
-                        clients.push_str(&spec.client);
-                        (client_starts.len() - 1) as u32
-                    });
-                    let scopes = *scope_index
-                        .entry(spec.scopes.as_slice())
-                        .or_insert_with(|| {
-                            scope_sets.push(scope_set(&spec.scopes));
-                            (scope_sets.len() - 1) as u32
-                        });
-                    let profile = Profile { client, scopes };
-                    // At most one profile per key, so the count fits like the keys'.
-                    let profile = *profile_index.entry(profile).or_insert_with(|| {
-                        profiles.push(profile);
-                        (profiles.len() - 1) as u32
-                    });
-                    assert!(
-                        profiles.len() <= MAX_PROFILES,
-                        "more than 2^24 distinct pairs of client and scopes"
-                    );
-                    profile
-                }
-            };
-            last_profile = Some((spec, profile));
-            let expires_at = match spec.expires_at {
-                None => 0,
-                Some(t) => inline_secs(t).unwrap_or_else(|| {
-                    flags |= F_EXPIRES_EXACT;
-                    expires_exact.push(index, t);
-                    0
-                }),
-            };
-            if let Some(nb) = spec.not_before {
-                flags |= F_NOT_BEFORE;
-                not_before.push(index, nb);
-            }
-            if let Some(limit) = spec.rate_limit {
-                flags |= F_RATE_LIMIT;
-                rate_limit.push(index, limit);
-            }
-            if let Some(d) = &spec.description {
-                flags |= F_DESCRIPTION;
-                // Checked after the loop, like the ids.
-                description.push(index, descriptions.len() as u32);
-                descriptions.push_str(d);
-            }
-            if let Some(at) = deprecation_time(spec, previous, loaded_at) {
-                flags |= F_DEPRECATED_AT;
-                deprecated_at.push(index, at);
-            }
-            slots.push(Slot {
-                digest: spec.digest,
-                id_start,
-                expires_at,
-                meta: profile << PROFILE_SHIFT
-                    | u32::from(state_code(spec.state)) << FLAG_BITS
-                    | u32::from(flags),
-            });
-        }
-        drop((client_index, scope_index, profile_index));
-        assert!(
-            u32::try_from(descriptions.len()).is_ok() && u32::try_from(clients.len()).is_ok(),
-            "descriptions or client names longer than 4 GiB together"
-        );
-
         let digest_index_bits = index_bits(n);
         let id_hasher = ahash::RandomState::new();
-        // The two indexes are independent: a large ring builds them side by
-        // side (on a thread that inherits this one's priority).
-        let (by_digest, by_id) = if n >= PARALLEL_INDEX_MIN {
-            std::thread::scope(|s| {
-                let by_id = std::thread::Builder::new()
+        // The id index needs only the file: a large ring builds it on a
+        // second thread (which inherits this one's priority) while this one
+        // lays out the keys and builds the digest index.
+        let (columns, by_digest, by_id) = std::thread::scope(|s| {
+            let id_job = (n >= PARALLEL_INDEX_MIN).then(|| {
+                std::thread::Builder::new()
                     .name("keyward-index".into())
-                    .spawn_scoped(s, || id_table(file, &id_hasher));
-                let by_digest = digest_table(&slots, digest_index_bits);
-                let by_id = match by_id {
-                    Ok(t) => t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
-                    Err(_) => id_table(file, &id_hasher),
+                    .spawn_scoped(s, || id_table(file, &id_hasher))
+            });
+            let mut ids = String::with_capacity(id_bytes);
+            let mut slots = Vec::with_capacity(n);
+            let mut client_index: ahash::AHashMap<&str, u32> = ahash::AHashMap::new();
+            let mut clients = String::new();
+            let mut client_starts: Vec<u32> = Vec::new();
+            let mut scope_index: ahash::AHashMap<&[String], u32> = ahash::AHashMap::new();
+            let mut scope_sets: Vec<ScopeSet> = Vec::new();
+            let mut profile_index: ahash::AHashMap<Profile, u32> = ahash::AHashMap::new();
+            let mut profiles: Vec<Profile> = Vec::new();
+            let mut not_before = SparseBuilder::new();
+            let mut expires_exact = SparseBuilder::new();
+            let mut rate_limit = SparseBuilder::new();
+            let mut deprecated_at = SparseBuilder::new();
+            let mut description = SparseBuilder::new();
+            let mut descriptions = String::new();
+            let mut last_profile: Option<(&KeySpec, u32)> = None;
+
+            for (i, spec) in file.keys.iter().enumerate() {
+                // Both bounds checked above.
+                let index = i as u32;
+                let id_start = ids.len() as u32;
+                let mut flags = 0;
+                // Most ids begin with their client's name (`keyward keys new`
+                // makes them so); the client is stored once, not once per key.
+                match spec.id.strip_prefix(spec.client.as_str()) {
+                    Some(rest) if !spec.client.is_empty() => {
+                        flags |= F_ID_AFTER_CLIENT;
+                        ids.push_str(rest);
+                    }
+                    _ => ids.push_str(&spec.id),
+                }
+                // A client's keys mostly follow one another with the same
+                // scopes: then the previous key's profile is this one's.
+                let profile = match last_profile {
+                    Some((prev, profile))
+                        if prev.client == spec.client && prev.scopes == spec.scopes =>
+                    {
+                        profile
+                    }
+                    _ => {
+                        let client =
+                            *client_index.entry(spec.client.as_str()).or_insert_with(|| {
+                                // Checked after the loop, like the descriptions.
+                                client_starts.push(clients.len() as u32);
+                                clients.push_str(&spec.client);
+                                (client_starts.len() - 1) as u32
+                            });
+                        let scopes =
+                            *scope_index
+                                .entry(spec.scopes.as_slice())
+                                .or_insert_with(|| {
+                                    scope_sets.push(scope_set(&spec.scopes));
+                                    (scope_sets.len() - 1) as u32
+                                });
+                        let profile = Profile { client, scopes };
+                        // At most one profile per key, so the count fits like the keys'.
+                        let profile = *profile_index.entry(profile).or_insert_with(|| {
+                            profiles.push(profile);
+                            (profiles.len() - 1) as u32
+                        });
+                        assert!(
+                            profiles.len() <= MAX_PROFILES,
+                            "more than 2^24 distinct pairs of client and scopes"
+                        );
+                        profile
+                    }
                 };
-                (by_digest, by_id)
-            })
-        } else {
+                last_profile = Some((spec, profile));
+                let expires_at = match spec.expires_at {
+                    None => 0,
+                    Some(t) => inline_secs(t).unwrap_or_else(|| {
+                        flags |= F_EXPIRES_EXACT;
+                        expires_exact.push(index, t);
+                        0
+                    }),
+                };
+                if let Some(nb) = spec.not_before {
+                    flags |= F_NOT_BEFORE;
+                    not_before.push(index, nb);
+                }
+                if let Some(limit) = spec.rate_limit {
+                    flags |= F_RATE_LIMIT;
+                    rate_limit.push(index, limit);
+                }
+                if let Some(d) = &spec.description {
+                    flags |= F_DESCRIPTION;
+                    // Checked after the loop, like the ids.
+                    description.push(index, descriptions.len() as u32);
+                    descriptions.push_str(d);
+                }
+                if let Some(at) = deprecation_time(spec, previous, loaded_at) {
+                    flags |= F_DEPRECATED_AT;
+                    deprecated_at.push(index, at);
+                }
+                slots.push(Slot {
+                    digest: spec.digest,
+                    id_start,
+                    expires_at,
+                    meta: profile << PROFILE_SHIFT
+                        | u32::from(state_code(spec.state)) << FLAG_BITS
+                        | u32::from(flags),
+                });
+            }
+            drop((client_index, scope_index, profile_index));
+            assert!(
+                u32::try_from(descriptions.len()).is_ok() && u32::try_from(clients.len()).is_ok(),
+                "descriptions or client names longer than 4 GiB together"
+            );
+
+            let by_digest = digest_table(&slots, digest_index_bits);
+            let by_id = match id_job {
+                Some(Ok(t)) => t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                _ => id_table(file, &id_hasher),
+            };
             (
-                digest_table(&slots, digest_index_bits),
-                id_table(file, &id_hasher),
+                (
+                    ids,
+                    slots,
+                    clients,
+                    client_starts,
+                    scope_sets,
+                    profiles,
+                    not_before,
+                    expires_exact,
+                    rate_limit,
+                    deprecated_at,
+                    description,
+                    descriptions,
+                ),
+                by_digest,
+                by_id,
             )
-        };
+        });
+        let (
+            ids,
+            slots,
+            clients,
+            client_starts,
+            scope_sets,
+            profiles,
+            not_before,
+            expires_exact,
+            rate_limit,
+            deprecated_at,
+            description,
+            descriptions,
+        ) = columns;
 
         // Longest prefix first, so the most specific rule wins; file order
         // breaks ties (the sort is stable).
