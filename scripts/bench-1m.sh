@@ -15,7 +15,9 @@
 #    (every reload parses and builds the whole ring); reports both p99s and
 #    their ratio. Runs alternate $ROUNDS times; medians are printed.
 #
-# Traffic goes to 127.0.0.1 only. Knobs: RATE SECONDS_PER_RUN ROUNDS.
+# Traffic goes to 127.0.0.1 only. Knobs: RATE SECONDS_PER_RUN ROUNDS, and
+# KEYWARD (the server binary, default target/release/keyward) to measure
+# another build, such as an older commit's, with the same load generator.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +28,7 @@ rounds="${ROUNDS:-3}"
 
 cargo build --release --quiet --bin keyward --bin keyward-loadgen --bin bench-keyfile
 bin="$PWD/target/release"
+server="${KEYWARD:-$bin/keyward}"
 source scripts/lib.sh
 rss_mib() { awk '/^VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 now_ms() { date +%s%3N; }
@@ -39,7 +42,7 @@ echo "key file:            $n keys, $size_mb MB"
 
 grpc="$(free_port)"; admin="$(free_port)"
 start="$(now_ms)"
-"$bin/keyward" serve --keys "$keys" --listen "127.0.0.1:$grpc" --admin "127.0.0.1:$admin" \
+"$server" serve --keys "$keys" --listen "127.0.0.1:$grpc" --admin "127.0.0.1:$admin" \
     --lockout-threshold 0 --poll-interval 0s 2> "$work/keyward.log" &
 pid=$!
 pids+=("$pid")
