@@ -7,7 +7,7 @@
 //! `SCHED_IDLE` thread can starve under full load, so it is used only where
 //! the process may undo it (`CAP_SYS_NICE`, or an `RLIMIT_NICE` allowing
 //! nice 0); the reloader raises every idle thread back to normal priority
-//! ([`raise_background`]) when a reload is starved of CPU, so that a
+//! ([`raise_background`]) when a reload runs past a deadline, so that a
 //! revocation always lands. Where that is not allowed, background threads
 //! get nice [`BACKGROUND_NICENESS`] instead, which they keep.
 

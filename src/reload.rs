@@ -531,15 +531,14 @@ pub fn listen_sighup() -> Option<tokio::signal::unix::Signal> {
     }
 }
 
-/// How often a reload running at background priority (see
-/// [`crate::priority`]) is checked for starvation; one that got less than a
-/// quarter of a CPU over that time is raised to normal priority.
+/// How long a reload runs at background priority (see [`crate::priority`])
+/// before it is raised to normal priority.
 pub const RAISE_AFTER: Duration = Duration::from_secs(1);
 
 /// Runs the reload loop until `stop` is set: waits for a watch signal, a
 /// poll tick that saw a change, or SIGHUP, then reloads off the serving
-/// threads, on a thread of its own at background priority (raised if it
-/// starves; see [`RAISE_AFTER`]).
+/// threads, on a thread of its own at background priority (raised after
+/// [`RAISE_AFTER`]).
 pub async fn run(
     reloader: Arc<Reloader>,
     signal: Arc<Notify>,
@@ -597,24 +596,18 @@ pub async fn run(
                 let _ = tx.send(r.reload(trigger));
             });
         match spawned {
-            Ok(handle) => {
-                let mut cpu = ThreadCpu::of(&handle);
-                let done = loop {
-                    match tokio::time::timeout(RAISE_AFTER, &mut rx).await {
-                        Ok(done) => break done,
-                        // It got a fair share of the spare CPU: keep it in
-                        // the background.
-                        Err(_) if cpu.as_mut().is_some_and(|c| !c.starved()) => {}
-                        Err(_) => {
-                            // Starved: finish at normal priority, so the
-                            // change lands under any load.
-                            let raised = crate::priority::raise_background();
-                            tracing::info!(
-                                raised,
-                                "reload starved of CPU for {RAISE_AFTER:?}; raised it to normal priority"
-                            );
-                            break rx.await;
-                        }
+            Ok(_) => {
+                let done = match tokio::time::timeout(RAISE_AFTER, &mut rx).await {
+                    Ok(done) => done,
+                    Err(_) => {
+                        // The spare CPU was not enough: finish at normal
+                        // priority, so the change lands under any load.
+                        let raised = crate::priority::raise_background();
+                        tracing::info!(
+                            raised,
+                            "reload still running after {RAISE_AFTER:?}; raised it to normal priority"
+                        );
+                        rx.await
                     }
                 };
                 if done.is_err() {
@@ -623,80 +616,6 @@ pub async fn run(
             }
             Err(e) => tracing::error!(error = %e, "cannot start a reload thread"),
         }
-    }
-}
-
-/// Below this share of one CPU over [`RAISE_AFTER`], a background reload
-/// counts as starved and is raised to normal priority.
-const STARVED_SHARE: f64 = 0.25;
-
-/// The CPU time of a reload thread, read from the serving side to tell a
-/// reload that runs long (a big file on spare CPU: left in the background)
-/// from one that gets no CPU (raised).
-struct ThreadCpu {
-    #[cfg(target_os = "linux")]
-    clock: libc::clockid_t,
-    last: Duration,
-}
-
-impl ThreadCpu {
-    /// `None` where a thread's CPU clock cannot be read: every reload that
-    /// runs past [`RAISE_AFTER`] is then raised.
-    #[cfg(target_os = "linux")]
-    fn of<T>(handle: &std::thread::JoinHandle<T>) -> Option<ThreadCpu> {
-        use std::os::unix::thread::JoinHandleExt as _;
-        let mut clock: libc::clockid_t = 0;
-        // SAFETY: the pthread_t comes from a JoinHandle still held (so the
-        // thread is not yet joined or detached) and `clock` is a valid place
-        // for the result.
-        let rc = unsafe { libc::pthread_getcpuclockid(handle.as_pthread_t(), &mut clock) };
-        if rc != 0 {
-            return None;
-        }
-        let mut cpu = ThreadCpu {
-            clock,
-            last: Duration::ZERO,
-        };
-        cpu.last = cpu.now()?;
-        Some(cpu)
-    }
-
-    #[cfg(not(target_os = "linux"))]
-    fn of<T>(_: &std::thread::JoinHandle<T>) -> Option<ThreadCpu> {
-        None
-    }
-
-    #[cfg(target_os = "linux")]
-    fn now(&self) -> Option<Duration> {
-        let mut t = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `t` is a valid timespec to write; a clock of a thread that
-        // has exited gives an error, not undefined behaviour.
-        let rc = unsafe { libc::clock_gettime(self.clock, &mut t) };
-        (rc == 0).then(|| {
-            Duration::new(
-                u64::try_from(t.tv_sec).unwrap_or(0),
-                u32::try_from(t.tv_nsec).unwrap_or(0),
-            )
-        })
-    }
-
-    #[cfg(not(target_os = "linux"))]
-    fn now(&self) -> Option<Duration> {
-        None
-    }
-
-    /// Whether the thread ran for less than [`STARVED_SHARE`] of the last
-    /// [`RAISE_AFTER`] (also when its clock cannot be read any more).
-    fn starved(&mut self) -> bool {
-        let Some(now) = self.now() else {
-            return true;
-        };
-        let ran = now.saturating_sub(self.last);
-        self.last = now;
-        ran < RAISE_AFTER.mul_f64(STARVED_SHARE)
     }
 }
 
@@ -868,52 +787,6 @@ mod tests {
         assert!(r.changed_on_disk());
         r.reload(Trigger::Poll);
         assert!(!r.changed_on_disk());
-    }
-
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn a_reload_thread_is_starved_when_it_got_little_cpu() {
-        use std::sync::mpsc::channel;
-        // A thread that waits gets no CPU: starved.
-        let (go, wait) = channel::<()>();
-        let waiting = std::thread::spawn(move || wait.recv().is_ok());
-        let mut cpu = ThreadCpu::of(&waiting).expect("thread CPU clock");
-        assert!(cpu.starved());
-        go.send(()).unwrap();
-        assert!(waiting.join().unwrap());
-
-        // A thread that ran for more than a quarter of RAISE_AFTER since the
-        // last look is not (it spins until its own CPU clock says so).
-        let (done, finished) = channel::<()>();
-        let (start, started) = channel::<()>();
-        let (go, wait) = channel::<()>();
-        let busy = std::thread::spawn(move || {
-            // Spin only once the clock is being watched.
-            started.recv().unwrap();
-            let own = || {
-                let mut t = libc::timespec {
-                    tv_sec: 0,
-                    tv_nsec: 0,
-                };
-                // SAFETY: `t` is a valid timespec to write.
-                unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
-                Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
-            };
-            let start = own();
-            while own() - start < RAISE_AFTER.mul_f64(STARVED_SHARE) * 2 {
-                std::hint::spin_loop();
-            }
-            done.send(()).unwrap();
-            wait.recv().is_ok()
-        });
-        let mut cpu = ThreadCpu::of(&busy).expect("thread CPU clock");
-        start.send(()).unwrap();
-        finished.recv().unwrap();
-        assert!(!cpu.starved());
-        // And nothing since.
-        assert!(cpu.starved());
-        go.send(()).unwrap();
-        assert!(busy.join().unwrap());
     }
 
     #[test]
