@@ -111,8 +111,10 @@ pub struct KeySpec {
     pub line: usize,
 }
 
-/// Most keys one file may hold: 16,777,215 (a key file of about 2.5 GB). The
-/// ring packs a key's client-and-scopes index into 24 bits.
+/// Most keys one file may hold: 16,777,215. The ring packs a key's
+/// client-and-scopes index into 24 bits. A file within [`MAX_FILE_BYTES`]
+/// holds fewer (about 3.5 million keys of 150 bytes), so this bounds key
+/// files built other ways than by reading one.
 pub const MAX_KEYS: usize = (1 << 24) - 1;
 
 /// A parsed and validated key file.

@@ -204,10 +204,12 @@ impl Reloader {
     /// One attempt: read, parse, validate, build, publish — or keep the
     /// current ring and record why. Blocking; call it off the serving threads.
     ///
-    /// A large file's SHA-256 is computed alongside the parse and build but
-    /// not waited for: a file whose [`Fingerprint`] differs from the serving
-    /// file's has changed, so its ring is published at once and the digest
-    /// is filled in (and logged) when the hash finishes, before this returns.
+    /// A large file's SHA-256 is computed on a thread of its own (beside the
+    /// parse and build, or after publication when they take every CPU; see
+    /// [`keyfile::Hashing`]) and not waited for: a file whose
+    /// [`Fingerprint`] differs from the serving file's has changed, so its
+    /// ring is published at once and the digest is filled in (and logged)
+    /// when the hash finishes, before this returns.
     /// A file whose fingerprint matches is compared by SHA-256 first.
     pub fn reload(&self, trigger: Trigger) -> Outcome {
         let started = std::time::Instant::now();

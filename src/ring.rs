@@ -10,10 +10,11 @@
 //! A ring holds a million keys in well under a hundred bytes each, so it is
 //! laid out in columns rather than as one struct per key:
 //!
-//! - one fixed-size [`Slot`] per key (file order, 48 bytes) with what the
+//! - one fixed-size slot per key (file order, 44 bytes) with what the
 //!   verify path reads: the digest, the offset of the id in a shared string
-//!   arena, the interned (client, scope set) profile, the state, the expiry
-//!   in whole seconds, and flags saying which rare fields the key has;
+//!   arena (without the client's name when the id starts with it; see
+//!   [`KeyId`]), the interned (client, scope set) profile, the state, the
+//!   expiry in whole seconds, and flags saying which rare fields the key has;
 //! - the rare fields (not-before, sub-second or out-of-range times, rate
 //!   limit, description, deprecation time) in sparse columns of entry
 //!   indices and values, searched only when a flag says they exist;
@@ -1015,12 +1016,11 @@ impl PartialEq for KeyId<'_> {
 
 impl fmt::Display for KeyId<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `pad` honours width, alignment and precision, as for a `str`.
         if self.head.is_empty() {
-            // Honours width and alignment.
             return f.pad(self.tail);
         }
-        f.write_str(self.head)?;
-        f.write_str(self.tail)
+        self.with_str(|id| f.pad(id))
     }
 }
 
@@ -1473,6 +1473,7 @@ expires_at = 2027-02-27T00:00:00Z
             assert_eq!(k.id().len(), id.len());
             assert_eq!(k.id().to_string(), id);
             assert_eq!(format!("{:?}", k.id()), format!("{id:?}"));
+            assert_eq!(format!("{:>30.6}|", k.id()), format!("{id:>30.6}|"));
             assert_eq!(k.id().joined(&mut buf), id);
             assert!(k.id().with_str(|s| s == id));
             assert_eq!(ring.lookup(&sha(id)).map(|k| k.index()), Some(k.index()));

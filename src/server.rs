@@ -128,9 +128,10 @@ impl Server {
         let fingerprint = keyfile::fingerprint(&bytes);
         let lockout = config.lockout;
         let usage = UsageRegistry::default();
-        // A large file is hashed on a thread of its own at a low priority
-        // while it is parsed; the ring serves without waiting for the hash,
-        // which is filled in (and logged) when it finishes.
+        // A large file is hashed on a thread of its own at a low priority,
+        // beside the parse where CPUs are to spare, else once the ring
+        // serves; the ring never waits for the hash, which is filled in (and
+        // logged) when it finishes.
         let bytes = Arc::new(bytes);
         let mut hashing = keyfile::Hashing::start(&bytes, keyfile::DEFER_DIGEST_MIN_BYTES, || {
             crate::priority::lower_current();
