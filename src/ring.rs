@@ -504,31 +504,31 @@ impl KeyRing {
 
         let digest_index_bits = index_bits(n);
         let id_hasher = ahash::RandomState::new();
+        let mut ids = String::with_capacity(id_bytes);
+        let mut slots = Vec::with_capacity(n);
+        let mut client_index: ahash::AHashMap<&str, u32> = ahash::AHashMap::new();
+        let mut clients = String::new();
+        let mut client_starts: Vec<u32> = Vec::new();
+        let mut scope_index: ahash::AHashMap<&[String], u32> = ahash::AHashMap::new();
+        let mut scope_sets: Vec<ScopeSet> = Vec::new();
+        let mut profile_index: ahash::AHashMap<Profile, u32> = ahash::AHashMap::new();
+        let mut profiles: Vec<Profile> = Vec::new();
+        let mut not_before = SparseBuilder::new();
+        let mut expires_exact = SparseBuilder::new();
+        let mut rate_limit = SparseBuilder::new();
+        let mut deprecated_at = SparseBuilder::new();
+        let mut description = SparseBuilder::new();
+        let mut descriptions = String::new();
+        let mut last_profile: Option<(&KeySpec, u32)> = None;
         // The id index needs only the file: a large ring builds it on a
         // second thread (which inherits this one's priority) while this one
         // lays out the keys and builds the digest index.
-        let (columns, by_digest, by_id) = std::thread::scope(|s| {
+        let (by_digest, by_id) = std::thread::scope(|s| {
             let id_job = (n >= PARALLEL_INDEX_MIN).then(|| {
                 std::thread::Builder::new()
                     .name("keyward-index".into())
                     .spawn_scoped(s, || id_table(file, &id_hasher))
             });
-            let mut ids = String::with_capacity(id_bytes);
-            let mut slots = Vec::with_capacity(n);
-            let mut client_index: ahash::AHashMap<&str, u32> = ahash::AHashMap::new();
-            let mut clients = String::new();
-            let mut client_starts: Vec<u32> = Vec::new();
-            let mut scope_index: ahash::AHashMap<&[String], u32> = ahash::AHashMap::new();
-            let mut scope_sets: Vec<ScopeSet> = Vec::new();
-            let mut profile_index: ahash::AHashMap<Profile, u32> = ahash::AHashMap::new();
-            let mut profiles: Vec<Profile> = Vec::new();
-            let mut not_before = SparseBuilder::new();
-            let mut expires_exact = SparseBuilder::new();
-            let mut rate_limit = SparseBuilder::new();
-            let mut deprecated_at = SparseBuilder::new();
-            let mut description = SparseBuilder::new();
-            let mut descriptions = String::new();
-            let mut last_profile: Option<(&KeySpec, u32)> = None;
 
             for (i, spec) in file.keys.iter().enumerate() {
                 // Both bounds checked above.
@@ -627,39 +627,8 @@ impl KeyRing {
                 Some(Ok(t)) => t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
                 _ => id_table(file, &id_hasher),
             };
-            (
-                (
-                    ids,
-                    slots,
-                    clients,
-                    client_starts,
-                    scope_sets,
-                    profiles,
-                    not_before,
-                    expires_exact,
-                    rate_limit,
-                    deprecated_at,
-                    description,
-                    descriptions,
-                ),
-                by_digest,
-                by_id,
-            )
+            (by_digest, by_id)
         });
-        let (
-            ids,
-            slots,
-            clients,
-            client_starts,
-            scope_sets,
-            profiles,
-            not_before,
-            expires_exact,
-            rate_limit,
-            deprecated_at,
-            description,
-            descriptions,
-        ) = columns;
 
         // Longest prefix first, so the most specific rule wins; file order
         // breaks ties (the sort is stable).
