@@ -111,6 +111,26 @@ pub struct KeySpec {
     pub line: usize,
 }
 
+impl KeySpec {
+    /// A key defined on `line` with an empty id, client and digest, active,
+    /// and every optional field unset: the start of one being parsed.
+    pub fn blank(line: usize) -> KeySpec {
+        KeySpec {
+            id: String::new(),
+            client: String::new(),
+            digest: [0; 32],
+            scopes: Vec::new(),
+            state: KeyState::Active,
+            not_before: None,
+            expires_at: None,
+            deprecated_at: None,
+            description: None,
+            rate_limit: None,
+            line,
+        }
+    }
+}
+
 /// Most keys one file may hold: 16,777,215. The ring packs a key's
 /// client-and-scopes index into 24 bits. A file within [`MAX_FILE_BYTES`]
 /// holds fewer (about 3.5 million keys of 150 bytes), so this bounds key

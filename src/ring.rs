@@ -1513,14 +1513,7 @@ expires_at = 2027-02-27T00:00:00Z
                 id: format!("c{}-{i}", i % 7),
                 client: format!("c{}", i % 7),
                 digest: sha(&i.to_string()),
-                scopes: vec![],
-                state: KeyState::Active,
-                not_before: None,
-                expires_at: None,
-                deprecated_at: None,
-                description: None,
-                rate_limit: None,
-                line: 1,
+                ..KeySpec::blank(1)
             })
             .collect();
         let file = KeyFile {

@@ -478,22 +478,6 @@ enum Section {
     Route(RouteDraft),
 }
 
-fn blank_key(line: usize) -> KeySpec {
-    KeySpec {
-        id: String::new(),
-        client: String::new(),
-        digest: [0; 32],
-        scopes: Vec::new(),
-        state: KeyState::Active,
-        not_before: None,
-        expires_at: None,
-        deprecated_at: None,
-        description: None,
-        rate_limit: None,
-        line,
-    }
-}
-
 /// Checks a finished `[[keys]]` table, records its tags and stores it.
 fn close_key<S: KeySink>(
     part: &mut Part<S>,
@@ -543,7 +527,7 @@ fn parse_part<S: KeySink>(
         digest_tags: Vec::new(),
     };
     let mut section = Section::Root;
-    let mut key = blank_key(0);
+    let mut key = KeySpec::blank(0);
     loop {
         p.skip_ws();
         let Some(&c) = p.b.get(p.i) else { break };
@@ -556,7 +540,7 @@ fn parse_part<S: KeySink>(
                 match std::mem::replace(&mut section, Section::Root) {
                     Section::Root => {}
                     Section::Key(seen) => {
-                        let done = std::mem::replace(&mut key, blank_key(0));
+                        let done = std::mem::replace(&mut key, KeySpec::blank(0));
                         close_key(&mut part, done, seen, first_index)?;
                     }
                     Section::Route(draft) => part.routes.push(draft.finish()?),
