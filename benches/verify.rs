@@ -12,6 +12,9 @@
 //! * `check/*`: the whole check in-process, from the bytes of a CheckRequest
 //!   as Envoy 1.40 sends it (482 bytes, captured) to the framed CheckResponse.
 //! * `ring_build/*`: building a ring from a parsed file.
+//! * `load/*`: what a reload does before it publishes: parsing a synthetic
+//!   key file's text (about 155 bytes a key, like `bench-keyfile` writes)
+//!   into its compact form and building the ring from that.
 //!
 //! Compare figures within one run: the machine's speed drifts between runs.
 
@@ -22,7 +25,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use jiff::Timestamp;
 use keyward::decide::{decide, digest, extract};
-use keyward::keyfile::{KeyFile, KeySpec, KeyState, RateLimitSpec};
+use keyward::keyfile::{
+    KeyFile, KeySpec, KeyState, ParseOptions, RateLimitSpec, parse_fast_compact,
+};
 use keyward::ring::{KeyRing, RingHandle, RingSource, UsageRegistry};
 use keyward::service::{AuthzService, Shared};
 use keyward::stats::CheckStats;
@@ -213,5 +218,25 @@ fn build(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, verify, verify_publishing, check, build);
+fn load(c: &mut Criterion) {
+    let mut g = c.benchmark_group("load");
+    g.sample_size(10);
+    for n in [100_000usize, 1_000_000] {
+        let text = keyward::bench_support::synthetic_key_file(n);
+        let usage = UsageRegistry::default();
+        g.throughput(Throughput::Bytes(text.len() as u64));
+        g.bench_with_input(BenchmarkId::new("parse", n), &text, |b, text| {
+            b.iter(|| parse_fast_compact(text, ParseOptions::default()).unwrap())
+        });
+        g.bench_with_input(BenchmarkId::new("parse_and_build", n), &text, |b, text| {
+            b.iter(|| {
+                let file = parse_fast_compact(text, ParseOptions::default()).unwrap();
+                KeyRing::build(&file, source(), &usage, None)
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, verify, verify_publishing, check, build, load);
 criterion_main!(benches);

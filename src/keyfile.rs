@@ -14,7 +14,8 @@
 //! else; declined files, including every invalid one, go through the full
 //! validator, [`parse_str_full`], for their diagnostics.
 //!
-//! Nothing here touches the serving path: the output, [`KeyFile`], is handed to
+//! Nothing here touches the serving path: the output, a [`KeySource`] (the
+//! fast path's compact [`FastFile`], or a [`KeyFile`]), is handed to
 //! [`crate::ring::KeyRing::build`] off the hot path.
 
 use std::fmt;
@@ -31,7 +32,9 @@ use crate::ring::{Digest, FileDigest};
 
 mod fast;
 
-pub use fast::{parse_fast, parse_fast_threads};
+pub use fast::{
+    FastFile, parse_fast, parse_fast_compact, parse_fast_compact_threads, parse_fast_threads,
+};
 
 /// Longest key id accepted (ids appear in logs and metric labels).
 pub const MAX_ID_LEN: usize = 128;
@@ -144,6 +147,91 @@ pub struct KeyFile {
     pub keys: Vec<KeySpec>,
     /// Route rules, in file order (used when Envoy sends no `required_scopes`).
     pub routes: Vec<RouteSpec>,
+}
+
+/// What a ring is built from: the keys of a validated file, read one at a
+/// time. [`KeyFile`] is one; the fast parser's [`FastFile`], which keeps
+/// each key in a compact record that borrows its strings from the file text,
+/// is the other, and spares a large file a few allocations per key.
+pub trait KeySource: Sync {
+    /// How many keys.
+    fn key_count(&self) -> usize;
+    /// The key at `index` (below [`KeySource::key_count`]), in file order.
+    fn key(&self, index: usize) -> KeyView<'_>;
+    /// The id of the key at `index`.
+    fn key_id(&self, index: usize) -> &str {
+        self.key(index).id
+    }
+    /// The route rules, in file order.
+    fn route_specs(&self) -> &[RouteSpec];
+}
+
+/// One key of a [`KeySource`], borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyView<'a> {
+    /// Unique id.
+    pub id: &'a str,
+    /// The principal the key authenticates.
+    pub client: &'a str,
+    /// SHA-256 of the secret.
+    pub digest: &'a Digest,
+    /// Scopes, deduplicated, in file order.
+    pub scopes: &'a [String],
+    /// The source's number for this scope set, when it numbers them: keys
+    /// with equal numbers have equal scopes. Lets the ring intern a set
+    /// once per number instead of hashing it for every key.
+    pub scope_set: Option<u32>,
+    /// Lifecycle state.
+    pub state: KeyState,
+    /// Not valid before this instant.
+    pub not_before: Option<Timestamp>,
+    /// Not valid at or after this instant.
+    pub expires_at: Option<Timestamp>,
+    /// When the key was deprecated.
+    pub deprecated_at: Option<Timestamp>,
+    /// Free text for operators.
+    pub description: Option<&'a str>,
+    /// Optional request budget.
+    pub rate_limit: Option<RateLimitSpec>,
+}
+
+impl KeySource for KeyFile {
+    fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    fn key(&self, index: usize) -> KeyView<'_> {
+        let k = &self.keys[index];
+        KeyView {
+            id: &k.id,
+            client: &k.client,
+            digest: &k.digest,
+            scopes: &k.scopes,
+            scope_set: None,
+            state: k.state,
+            not_before: k.not_before,
+            expires_at: k.expires_at,
+            deprecated_at: k.deprecated_at,
+            description: k.description.as_deref(),
+            rate_limit: k.rate_limit,
+        }
+    }
+
+    fn route_specs(&self) -> &[RouteSpec] {
+        &self.routes
+    }
+}
+
+/// A validated file as the ring build takes it: the fast parser's compact
+/// form, or the full validator's [`KeyFile`] for files outside its subset.
+/// [`crate::ring::KeyRing::build_parsed`] builds each with a copy of the
+/// build made for it.
+#[derive(Debug)]
+pub enum Parsed<'t> {
+    /// From [`parse_fast_compact`].
+    Fast(FastFile<'t>),
+    /// From [`parse_str_full`].
+    Full(KeyFile),
 }
 
 /// One validated `[[routes]]` entry: the scopes a request needs when Envoy
@@ -452,23 +540,45 @@ impl Hashing {
 
 /// Validates key file contents; `path` is used only in messages.
 pub fn parse_bytes(path: &Path, bytes: &[u8], opts: ParseOptions) -> Result<KeyFile, KeyFileError> {
-    let invalid = |diagnostics| KeyFileError::Invalid {
+    parse_str(utf8(path, bytes)?, opts).map_err(|diagnostics| KeyFileError::Invalid {
         path: path.to_owned(),
         diagnostics,
-    };
-    let text = match std::str::from_utf8(bytes) {
-        Ok(t) => t,
-        Err(e) => {
-            let at = e.valid_up_to();
-            let (line, column) = position(&String::from_utf8_lossy(&bytes[..at]), at);
-            return Err(invalid(vec![Diagnostic {
+    })
+}
+
+/// The file's text, or the error naming where it stops being UTF-8.
+fn utf8<'t>(path: &Path, bytes: &'t [u8]) -> Result<&'t str, KeyFileError> {
+    std::str::from_utf8(bytes).map_err(|e| {
+        let at = e.valid_up_to();
+        let (line, column) = position(&String::from_utf8_lossy(&bytes[..at]), at);
+        KeyFileError::Invalid {
+            path: path.to_owned(),
+            diagnostics: vec![Diagnostic {
                 line,
                 column,
                 message: "key file is not valid UTF-8".into(),
-            }]));
+            }],
         }
-    };
-    parse_str(text, opts).map_err(invalid)
+    })
+}
+
+/// [`parse_bytes`] for building a ring: a file the fast path accepts stays
+/// in its compact form, borrowing from `bytes`.
+pub fn parse_bytes_for_ring<'t>(
+    path: &Path,
+    bytes: &'t [u8],
+    opts: ParseOptions,
+) -> Result<Parsed<'t>, KeyFileError> {
+    let text = utf8(path, bytes)?;
+    match parse_fast_compact(text, opts) {
+        Some(file) => Ok(Parsed::Fast(file)),
+        None => parse_str_full(text, opts)
+            .map(Parsed::Full)
+            .map_err(|diagnostics| KeyFileError::Invalid {
+                path: path.to_owned(),
+                diagnostics,
+            }),
+    }
 }
 
 /// Validates key file text, returning every problem found.

@@ -237,8 +237,8 @@ impl Reloader {
         let bytes = Arc::new(bytes);
         let mut hashing = keyfile::Hashing::start(&bytes, self.defer_digest_min, || {});
         let generation = current.generation() + 1;
-        let built = keyfile::parse_bytes(&self.path, &bytes, self.options).map(|file| {
-            let ring = KeyRing::build_with_digest(
+        let built = keyfile::parse_bytes_for_ring(&self.path, &bytes, self.options).map(|file| {
+            let ring = KeyRing::build_parsed(
                 &file,
                 generation,
                 Timestamp::now(),
@@ -248,7 +248,6 @@ impl Reloader {
             );
             (file, ring)
         });
-        drop(bytes);
         let (file, ring) = match built {
             Ok(b) => b,
             Err(e) => {
@@ -299,6 +298,7 @@ impl Reloader {
         // not on whichever serving thread happens to drop the last reference.
         release_here(old);
         drop(file);
+        drop(bytes);
         hashing.finish(generation, sha256.is_none());
         drop(ring);
         // Hand the freed pages back to the OS so the resident set returns to

@@ -1,8 +1,9 @@
 //! The key ring: an immutable index from SHA-256 digest to key, and the single
 //! point where a new ring is published.
 //!
-//! A [`KeyRing`] is built completely off the hot path from a validated
-//! [`KeyFile`], then published with one atomic store through a [`RingHandle`].
+//! A [`KeyRing`] is built completely off the hot path from a validated file
+//! (any [`KeySource`]: a [`KeyFile`], or the fast parser's compact form),
+//! then published with one atomic store through a [`RingHandle`].
 //! Readers do one `ArcSwap::load` per request and never see a half-built ring.
 //!
 //! # Layout
@@ -43,7 +44,7 @@ use arc_swap::{ArcSwap, Guard};
 use dashmap::DashMap;
 use jiff::Timestamp;
 
-use crate::keyfile::{KeyFile, KeySpec, KeyState, RateLimitSpec};
+use crate::keyfile::{KeyFile, KeySource, KeyState, KeyView, Parsed, RateLimitSpec};
 
 /// A SHA-256 digest.
 pub type Digest = [u8; 32];
@@ -458,7 +459,7 @@ impl KeyRing {
     ///
     /// With more than four billion keys, or ids longer than four GiB together.
     pub fn build(
-        file: &KeyFile,
+        file: &(impl KeySource + ?Sized),
         source: RingSource,
         usage: &UsageRegistry,
         previous: Option<&KeyRing>,
@@ -482,21 +483,21 @@ impl KeyRing {
     /// within [`crate::keyfile::MAX_KEYS`] has fewer), or ids (or
     /// descriptions, or client names) longer than four GiB together.
     pub fn build_with_digest(
-        file: &KeyFile,
+        file: &(impl KeySource + ?Sized),
         generation: u64,
         loaded_at: Timestamp,
         file_digest: FileDigest,
         usage: &UsageRegistry,
         previous: Option<&KeyRing>,
     ) -> KeyRing {
-        let n = file.keys.len();
+        let n = file.key_count();
         assert!(
             u32::try_from(n).is_ok_and(|n| n < EMPTY),
             "more than 4 billion keys"
         );
         // At most this much: ids that start with their client's name are
         // stored without it.
-        let id_bytes: usize = file.keys.iter().map(|k| k.id.len()).sum();
+        let id_bytes: usize = (0..n).map(|i| file.key_id(i).len()).sum();
         assert!(
             u32::try_from(id_bytes).is_ok(),
             "ids longer than 4 GiB together"
@@ -507,9 +508,13 @@ impl KeyRing {
         let mut ids = String::with_capacity(id_bytes);
         let mut slots = Vec::with_capacity(n);
         let mut client_index: ahash::AHashMap<&str, u32> = ahash::AHashMap::new();
+        let mut last_client: Option<(&str, u32)> = None;
         let mut clients = String::new();
         let mut client_starts: Vec<u32> = Vec::new();
         let mut scope_index: ahash::AHashMap<&[String], u32> = ahash::AHashMap::new();
+        // The ring's scope set for each of the source's numbered sets.
+        let mut numbered_scopes: Vec<u32> = Vec::new();
+        let mut last_scopes: Option<(&[String], u32)> = None;
         let mut scope_sets: Vec<ScopeSet> = Vec::new();
         let mut profile_index: ahash::AHashMap<Profile, u32> = ahash::AHashMap::new();
         let mut profiles: Vec<Profile> = Vec::new();
@@ -519,7 +524,7 @@ impl KeyRing {
         let mut deprecated_at = SparseBuilder::new();
         let mut description = SparseBuilder::new();
         let mut descriptions = String::new();
-        let mut last_profile: Option<(&KeySpec, u32)> = None;
+        let mut last_profile: Option<(Profile, u32)> = None;
         // The id index needs only the file: a large ring builds it on a
         // second thread (which inherits this one's priority) while this one
         // lays out the keys and builds the digest index.
@@ -530,57 +535,75 @@ impl KeyRing {
                     .spawn_scoped(s, || id_table(file, &id_hasher))
             });
 
-            for (i, spec) in file.keys.iter().enumerate() {
+            for i in 0..n {
+                let spec = file.key(i);
                 // Both bounds checked above.
                 let index = i as u32;
                 let id_start = ids.len() as u32;
                 let mut flags = 0;
                 // Most ids begin with their client's name (`keyward keys new`
                 // makes them so); the client is stored once, not once per key.
-                match spec.id.strip_prefix(spec.client.as_str()) {
+                match spec.id.strip_prefix(spec.client) {
                     Some(rest) if !spec.client.is_empty() => {
                         flags |= F_ID_AFTER_CLIENT;
                         ids.push_str(rest);
                     }
-                    _ => ids.push_str(&spec.id),
+                    _ => ids.push_str(spec.id),
                 }
-                // A client's keys mostly follow one another with the same
-                // scopes: then the previous key's profile is this one's.
-                let profile = match last_profile {
-                    Some((prev, profile))
-                        if prev.client == spec.client && prev.scopes == spec.scopes =>
-                    {
-                        profile
-                    }
+                // A client's keys mostly follow one another.
+                let client = match last_client {
+                    Some((name, client)) if name == spec.client => client,
                     _ => {
-                        let client =
-                            *client_index.entry(spec.client.as_str()).or_insert_with(|| {
-                                // Checked after the loop, like the descriptions.
-                                client_starts.push(clients.len() as u32);
-                                clients.push_str(&spec.client);
-                                (client_starts.len() - 1) as u32
-                            });
-                        let scopes =
-                            *scope_index
-                                .entry(spec.scopes.as_slice())
-                                .or_insert_with(|| {
-                                    scope_sets.push(scope_set(&spec.scopes));
-                                    (scope_sets.len() - 1) as u32
-                                });
-                        let profile = Profile { client, scopes };
+                        let client = *client_index.entry(spec.client).or_insert_with(|| {
+                            // Checked after the loop, like the descriptions.
+                            client_starts.push(clients.len() as u32);
+                            clients.push_str(spec.client);
+                            (client_starts.len() - 1) as u32
+                        });
+                        last_client = Some((spec.client, client));
+                        client
+                    }
+                };
+                let scopes = match spec.scope_set {
+                    // Numbered sets are interned once per number.
+                    Some(number) => {
+                        let number = number as usize;
+                        if number >= numbered_scopes.len() {
+                            numbered_scopes.resize(number + 1, EMPTY);
+                        }
+                        if numbered_scopes[number] == EMPTY {
+                            numbered_scopes[number] =
+                                intern_scopes(&mut scope_index, &mut scope_sets, spec.scopes);
+                        }
+                        numbered_scopes[number]
+                    }
+                    None => match last_scopes {
+                        Some((list, scopes)) if list == spec.scopes => scopes,
+                        _ => {
+                            let scopes =
+                                intern_scopes(&mut scope_index, &mut scope_sets, spec.scopes);
+                            last_scopes = Some((spec.scopes, scopes));
+                            scopes
+                        }
+                    },
+                };
+                let pair = Profile { client, scopes };
+                let profile = match last_profile {
+                    Some((last, profile)) if last == pair => profile,
+                    _ => {
                         // At most one profile per key, so the count fits like the keys'.
-                        let profile = *profile_index.entry(profile).or_insert_with(|| {
-                            profiles.push(profile);
+                        let profile = *profile_index.entry(pair).or_insert_with(|| {
+                            profiles.push(pair);
                             (profiles.len() - 1) as u32
                         });
                         assert!(
                             profiles.len() <= MAX_PROFILES,
                             "more than 2^24 distinct pairs of client and scopes"
                         );
+                        last_profile = Some((pair, profile));
                         profile
                     }
                 };
-                last_profile = Some((spec, profile));
                 let expires_at = match spec.expires_at {
                     None => 0,
                     Some(t) => inline_secs(t).unwrap_or_else(|| {
@@ -597,18 +620,18 @@ impl KeyRing {
                     flags |= F_RATE_LIMIT;
                     rate_limit.push(index, limit);
                 }
-                if let Some(d) = &spec.description {
+                if let Some(d) = spec.description {
                     flags |= F_DESCRIPTION;
                     // Checked after the loop, like the ids.
                     description.push(index, descriptions.len() as u32);
                     descriptions.push_str(d);
                 }
-                if let Some(at) = deprecation_time(spec, previous, loaded_at) {
+                if let Some(at) = deprecation_time(&spec, previous, loaded_at) {
                     flags |= F_DEPRECATED_AT;
                     deprecated_at.push(index, at);
                 }
                 slots.push(Slot {
-                    digest: spec.digest,
+                    digest: *spec.digest,
                     id_start,
                     expires_at,
                     meta: profile << PROFILE_SHIFT
@@ -616,7 +639,7 @@ impl KeyRing {
                         | u32::from(flags),
                 });
             }
-            drop((client_index, scope_index, profile_index));
+            drop((client_index, scope_index, profile_index, numbered_scopes));
             assert!(
                 u32::try_from(descriptions.len()).is_ok() && u32::try_from(clients.len()).is_ok(),
                 "descriptions or client names longer than 4 GiB together"
@@ -633,7 +656,7 @@ impl KeyRing {
         // Longest prefix first, so the most specific rule wins; file order
         // breaks ties (the sort is stable).
         let mut routes: Vec<Route> = file
-            .routes
+            .route_specs()
             .iter()
             .map(|r| Route {
                 prefix: r.path_prefix.as_str().into(),
@@ -679,6 +702,25 @@ impl KeyRing {
             }
         }
         ring
+    }
+
+    /// [`KeyRing::build_with_digest`] from a file as the parser gives it.
+    pub fn build_parsed(
+        file: &Parsed<'_>,
+        generation: u64,
+        loaded_at: Timestamp,
+        file_digest: FileDigest,
+        usage: &UsageRegistry,
+        previous: Option<&KeyRing>,
+    ) -> KeyRing {
+        match file {
+            Parsed::Fast(f) => {
+                KeyRing::build_with_digest(f, generation, loaded_at, file_digest, usage, previous)
+            }
+            Parsed::Full(f) => {
+                KeyRing::build_with_digest(f, generation, loaded_at, file_digest, usage, previous)
+            }
+        }
     }
 
     /// The scopes the route rules require for `method` and `path` (the query
@@ -832,31 +874,96 @@ impl KeyRing {
 /// Rings of at least this many keys build their two indexes in parallel.
 const PARALLEL_INDEX_MIN: usize = 1 << 16;
 
+/// How many keys ahead the table builds fetch the cells they will fill.
+const FETCH_AHEAD: usize = 16;
+
+/// Fills a linear-probing table with `n` entries: entry `i` goes at the
+/// first free cell from `home(i)`, holding `cell(i)`. A large table is far
+/// bigger than the caches and the homes are random, so the cell of the
+/// entry [`FETCH_AHEAD`] places ahead is fetched while this one is placed:
+/// the misses overlap instead of following one another.
+fn fill_table(
+    table: &mut [u32],
+    empty: u32,
+    n: usize,
+    home: impl Fn(usize) -> usize,
+    cell: impl Fn(usize) -> u32,
+) {
+    let mut homes = [0usize; FETCH_AHEAD];
+    for i in 0..n + FETCH_AHEAD {
+        // Entry j's home sits where entry i's goes next.
+        let slot = i % FETCH_AHEAD;
+        if let Some(j) = i.checked_sub(FETCH_AHEAD) {
+            let mut at = homes[slot];
+            while table[at] != empty {
+                at = if at + 1 == table.len() { 0 } else { at + 1 };
+            }
+            table[at] = cell(j);
+        }
+        if i < n {
+            let h = home(i);
+            prefetch(&table[h]);
+            homes[slot] = h;
+        }
+    }
+}
+
+/// Asks the CPU to bring the cache line holding `value` closer.
+#[inline(always)]
+fn prefetch<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is only a hint to the cache: it changes no memory,
+    // cannot fault, and the address comes from a live reference.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(value).cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}
+
 /// The digest table for `slots` (see `KeyRing::by_digest`).
 fn digest_table(slots: &[Slot], index_bits: u32) -> Box<[u32]> {
     let mut table = vec![EMPTY_CELL; table_len(slots.len())].into_boxed_slice();
-    for (i, slot) in slots.iter().enumerate() {
-        let mut at = home(digest_hash(&slot.digest), table.len());
-        while table[at] != EMPTY_CELL {
-            at = if at + 1 == table.len() { 0 } else { at + 1 };
-        }
+    let len = table.len();
+    fill_table(
+        &mut table,
+        EMPTY_CELL,
+        slots.len(),
+        |i| home(digest_hash(&slots[i].digest), len),
         // i + 1 <= n < 2^index_bits.
-        table[at] = cell_tag(&slot.digest, index_bits) | (i as u32 + 1);
-    }
+        |i| cell_tag(&slots[i].digest, index_bits) | (i as u32 + 1),
+    );
     table
 }
 
 /// The id table for the keys of `file` (see `KeyRing::by_id`).
-fn id_table(file: &KeyFile, hasher: &ahash::RandomState) -> Box<[u32]> {
-    let mut table = vec![EMPTY; table_len(file.keys.len())].into_boxed_slice();
-    for (i, spec) in file.keys.iter().enumerate() {
-        let mut at = home(hasher.hash_one(spec.id.as_str()), table.len());
-        while table[at] != EMPTY {
-            at = if at + 1 == table.len() { 0 } else { at + 1 };
-        }
-        table[at] = i as u32;
-    }
+fn id_table(file: &(impl KeySource + ?Sized), hasher: &ahash::RandomState) -> Box<[u32]> {
+    let n = file.key_count();
+    let mut table = vec![EMPTY; table_len(n)].into_boxed_slice();
+    let len = table.len();
+    // n < 2^32 (checked by the build).
+    fill_table(
+        &mut table,
+        EMPTY,
+        n,
+        |i| home(hasher.hash_one(file.key_id(i)), len),
+        |i| i as u32,
+    );
     table
+}
+
+/// The ring's number for the scope set `scopes`, added if new.
+fn intern_scopes<'f>(
+    index: &mut ahash::AHashMap<&'f [String], u32>,
+    sets: &mut Vec<ScopeSet>,
+    scopes: &'f [String],
+) -> u32 {
+    // At most one set per key, so the count fits like the keys'.
+    *index.entry(scopes).or_insert_with(|| {
+        sets.push(scope_set(scopes));
+        (sets.len() - 1) as u32
+    })
 }
 
 fn scope_set(scopes: &[String]) -> ScopeSet {
@@ -876,7 +983,7 @@ fn scope_set(scopes: &[String]) -> ScopeSet {
 /// When the key was deprecated: from the file, else (for deprecated keys) when
 /// this process first saw it deprecated.
 fn deprecation_time(
-    spec: &KeySpec,
+    spec: &KeyView<'_>,
     previous: Option<&KeyRing>,
     loaded_at: Timestamp,
 ) -> Option<Timestamp> {
@@ -885,7 +992,7 @@ fn deprecation_time(
     }
     spec.deprecated_at.or_else(|| {
         let prev = previous
-            .and_then(|p| p.by_id(&spec.id))
+            .and_then(|p| p.by_id(spec.id))
             .filter(|k| k.state() == KeyState::Deprecated)
             .and_then(|k| k.deprecated_at());
         Some(prev.unwrap_or(loaded_at))
@@ -1359,7 +1466,7 @@ impl RingHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keyfile::{ParseOptions, parse_str};
+    use crate::keyfile::{KeySpec, ParseOptions, parse_str};
     use sha2::{Digest as _, Sha256};
 
     fn source(generation: u64) -> RingSource {

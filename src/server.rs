@@ -136,10 +136,9 @@ impl Server {
         let mut hashing = keyfile::Hashing::start(&bytes, keyfile::DEFER_DIGEST_MIN_BYTES, || {
             crate::priority::lower_current();
         });
-        let file = keyfile::parse_bytes(&config.keys, &bytes, config.parse_options())?;
-        drop(bytes);
+        let file = keyfile::parse_bytes_for_ring(&config.keys, &bytes, config.parse_options())?;
         let parsed = started.elapsed();
-        let ring = KeyRing::build_with_digest(
+        let ring = KeyRing::build_parsed(
             &file,
             1,
             Timestamp::now(),
@@ -167,11 +166,13 @@ impl Server {
             Arc::clone(&shared),
         ));
         reloader.note_serving(1, fingerprint);
-        // The parsed file is garbage now: free it (off the critical path when
-        // the hash is still running) and give the pages back, so the resident
-        // set starts at its steady state.
-        let cleanup = move || {
-            drop(file);
+        // The parsed file is garbage now (its compact form is a few large
+        // allocations, quickly freed); the pages go back to the OS off the
+        // critical path when the hash is still running, so the resident set
+        // starts at its steady state.
+        drop(file);
+        drop(bytes);
+        let mut cleanup = move || {
             hashing.finish(1, sha256.is_none());
             crate::ring::release_free_memory();
         };

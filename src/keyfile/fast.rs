@@ -2,12 +2,15 @@
 //!
 //! The full validator ([`super::parse_str_full`]) builds a span-preserving
 //! TOML document first, which costs seconds and gigabytes for a million keys.
-//! This parser reads the text once, straight into [`KeySpec`]s, borrowing
-//! from the text wherever a value is not kept.
+//! This parser reads the text once into a [`FastFile`]: one compact record
+//! per key whose strings are ranges of the text (unescaped copies only for
+//! strings written with escapes), with scope sets interned as they are read.
+//! The ring is built straight from it; [`FastFile::to_key_file`] gives the
+//! [`KeyFile`] the full validator would.
 //!
 //! The contract is one-sided: [`parse_fast`] returns `Some` only for a file
 //! that lies entirely inside the subset below *and* that the full validator
-//! accepts, with an equal [`KeyFile`]. Anything else (an error, a construct
+//! accepts, with an equal [`KeyFile`] (through [`FastFile::to_key_file`]). Anything else (an error, a construct
 //! outside the subset, a case it does not want to reason about) gives `None`,
 //! and the caller runs the full validator, which produces the diagnostics. So
 //! declining is always safe; accepting must be exact.
@@ -42,9 +45,10 @@ use std::mem::MaybeUninit;
 use jiff::Timestamp;
 
 use super::{
-    KeyFile, KeySpec, KeyState, MAX_ID_LEN, ParseOptions, RateLimitSpec, RouteSpec, decode_digest,
-    is_scope, parse_duration, parse_time,
+    KeyFile, KeySource, KeySpec, KeyState, KeyView, MAX_ID_LEN, ParseOptions, RateLimitSpec,
+    RouteSpec, decode_digest, is_scope, parse_duration, parse_time,
 };
+use crate::ring::Digest;
 
 /// Files smaller than this are parsed on one thread.
 const PARALLEL_MIN_BYTES: usize = 4 << 20;
@@ -60,39 +64,60 @@ pub const PARSE_THREADS: usize = 2;
 /// Large files are parsed on up to two threads (more only if asked through
 /// [`parse_fast_threads`]).
 pub fn parse_fast(text: &str, opts: ParseOptions) -> Option<KeyFile> {
+    parse_fast_compact(text, opts).map(|f| f.to_key_file())
+}
+
+/// [`parse_fast`], keeping the file in its compact form for the ring build.
+pub fn parse_fast_compact(text: &str, opts: ParseOptions) -> Option<FastFile<'_>> {
     let threads = if text.len() >= PARALLEL_MIN_BYTES {
         std::thread::available_parallelism().map_or(1, |n| n.get().min(PARSE_THREADS))
     } else {
         1
     };
-    parse_fast_threads(text, opts, threads)
+    parse_fast_compact_threads(text, opts, threads)
 }
 
 /// [`parse_fast`] on a given number of threads (at most 8; 0 counts as 1):
 /// the text is split at `[[keys]]` headers into that many parts, parsed side
 /// by side. For benchmarks and tests; the result does not depend on it.
 pub fn parse_fast_threads(text: &str, opts: ParseOptions, threads: usize) -> Option<KeyFile> {
+    parse_fast_compact_threads(text, opts, threads).map(|f| f.to_key_file())
+}
+
+/// [`parse_fast_compact`] on a given number of threads (see
+/// [`parse_fast_threads`]).
+pub fn parse_fast_compact_threads(
+    text: &str,
+    opts: ParseOptions,
+    threads: usize,
+) -> Option<FastFile<'_>> {
+    // Spans are 32-bit offsets into the text and, past its end, into the
+    // unescaped strings (which are shorter than their escaped forms).
+    if text.len() > MAX_TEXT {
+        return None;
+    }
     let bounds = split_points(text.as_bytes(), threads.clamp(1, MAX_THREADS));
     let mut texts = Vec::with_capacity(bounds.len() + 1);
     let mut start = 0;
     for &end in bounds.iter().chain(std::iter::once(&text.len())) {
-        texts.push(text.get(start..end)?);
+        texts.push((text.get(start..end)?, start));
         start = end;
     }
     let single = || {
-        let Part {
-            keys,
-            routes,
-            id_tags,
-            digest_tags,
-            ..
-        } = parse_part(text, Vec::new(), 1, 0)?;
-        Some((KeyFile { keys, routes }, id_tags, digest_tags))
+        let part = parse_part(text, 0, text.len(), Vec::new(), 1, 0)?;
+        let file = FastFile {
+            text,
+            arena: part.arena,
+            keys: part.keys,
+            scope_sets: part.scopes.sets,
+            routes: part.routes,
+        };
+        Some((file, part.id_tags, part.digest_tags))
     };
     let (file, id_tags, digest_tags) = if texts.len() == 1 {
         single()?
     } else {
-        match parse_parts(&texts) {
+        match parse_parts(text, &texts) {
             Ok(parsed) => parsed?,
             // No threads to be had: parse on this one.
             Err(NoThreads) => single()?,
@@ -101,14 +126,253 @@ pub fn parse_fast_threads(text: &str, opts: ParseOptions, threads: usize) -> Opt
     if (file.keys.is_empty() && !opts.allow_empty) || file.keys.len() > super::MAX_KEYS {
         return None;
     }
-    let keys = &file.keys;
-    let unique = no_duplicates(&id_tags, |a, b| keys[a].id.cmp(&keys[b].id))
-        && no_duplicates(&digest_tags, |a, b| keys[a].digest.cmp(&keys[b].digest));
+    let unique = no_duplicates(&id_tags, |a, b| file.id(a).cmp(file.id(b)))
+        && no_duplicates(&digest_tags, |a, b| {
+            file.keys[a].digest.cmp(&file.keys[b].digest)
+        });
     unique.then_some(file)
 }
 
+/// Longest text the fast path takes (files are at most 512 MiB anyway).
+const MAX_TEXT: usize = (u32::MAX / 2) as usize;
+
+/// A key file as the fast path reads it: compact records, their strings
+/// left in the text. Build a ring from it ([`KeySource`]) or expand it into
+/// the [`KeyFile`] the full validator gives.
+pub struct FastFile<'t> {
+    text: &'t str,
+    /// Strings that were written with escapes, unescaped; spans past the
+    /// text's end point here.
+    arena: String,
+    keys: Vec<FastKey>,
+    /// Scope sets, deduplicated within each key; a key holds an index.
+    scope_sets: Vec<Vec<String>>,
+    routes: Vec<RouteSpec>,
+}
+
+/// A string of a [`FastFile`]: a range of the text, or one of the arena
+/// when `start` is at or past the text's end.
+#[derive(Debug, Clone, Copy, Default)]
+struct Span {
+    start: u32,
+    len: u32,
+}
+
+/// One key of a [`FastFile`].
+#[derive(Debug)]
+struct FastKey {
+    digest: Digest,
+    id: Span,
+    client: Span,
+    /// Index into `scope_sets`.
+    scopes: u32,
+    /// 1-based line of the key's header.
+    line: u32,
+    state: KeyState,
+    expires_at: Option<Timestamp>,
+    /// The fields few keys have, for the keys that have any.
+    extra: Option<Box<Extra>>,
+}
+
+/// The fields few keys have.
+#[derive(Debug, Clone, Default)]
+struct Extra {
+    not_before: Option<Timestamp>,
+    deprecated_at: Option<Timestamp>,
+    description: Option<Span>,
+    rate_limit: Option<RateLimitSpec>,
+}
+
+impl Extra {
+    fn is_empty(&self) -> bool {
+        self.not_before.is_none()
+            && self.deprecated_at.is_none()
+            && self.description.is_none()
+            && self.rate_limit.is_none()
+    }
+}
+
+impl FastKey {
+    fn blank(line: u32) -> FastKey {
+        FastKey {
+            digest: [0; 32],
+            id: Span::default(),
+            client: Span::default(),
+            scopes: 0,
+            line,
+            state: KeyState::Active,
+            expires_at: None,
+            extra: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for FastFile<'_> {
+    /// The counts, not the text (which can be hundreds of megabytes).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FastFile")
+            .field("text_bytes", &self.text.len())
+            .field("keys", &self.keys.len())
+            .field("scope_sets", &self.scope_sets.len())
+            .field("routes", &self.routes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FastFile<'_> {
+    #[inline]
+    fn str(&self, span: Span) -> &str {
+        let (start, len) = (span.start as usize, span.len as usize);
+        let s = match start.checked_sub(self.text.len()) {
+            None => self.text.get(start..start + len),
+            Some(at) => self.arena.get(at..at + len),
+        };
+        // Every span was cut from one of the two at character boundaries.
+        debug_assert!(s.is_some(), "span {span:?} outside the text and arena");
+        s.unwrap_or_default()
+    }
+
+    #[inline]
+    fn id(&self, index: usize) -> &str {
+        self.str(self.keys[index].id)
+    }
+
+    /// The file as the full validator gives it.
+    pub fn to_key_file(&self) -> KeyFile {
+        let keys = self
+            .keys
+            .iter()
+            .map(|k| {
+                let extra = k.extra.as_deref().cloned().unwrap_or_default();
+                KeySpec {
+                    id: self.str(k.id).to_owned(),
+                    client: self.str(k.client).to_owned(),
+                    digest: k.digest,
+                    scopes: self.scope_sets[k.scopes as usize].clone(),
+                    state: k.state,
+                    not_before: extra.not_before,
+                    expires_at: k.expires_at,
+                    deprecated_at: extra.deprecated_at,
+                    description: extra.description.map(|d| self.str(d).to_owned()),
+                    rate_limit: extra.rate_limit,
+                    line: k.line as usize,
+                }
+            })
+            .collect();
+        KeyFile {
+            keys,
+            routes: self.routes.clone(),
+        }
+    }
+}
+
+impl KeySource for FastFile<'_> {
+    fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    #[inline]
+    fn key(&self, index: usize) -> KeyView<'_> {
+        let k = &self.keys[index];
+        let extra = k.extra.as_deref();
+        KeyView {
+            id: self.str(k.id),
+            client: self.str(k.client),
+            digest: &k.digest,
+            scopes: &self.scope_sets[k.scopes as usize],
+            scope_set: Some(k.scopes),
+            state: k.state,
+            not_before: extra.and_then(|e| e.not_before),
+            expires_at: k.expires_at,
+            deprecated_at: extra.and_then(|e| e.deprecated_at),
+            description: extra.and_then(|e| e.description).map(|d| self.str(d)),
+            rate_limit: extra.and_then(|e| e.rate_limit),
+        }
+    }
+
+    #[inline]
+    fn key_id(&self, index: usize) -> &str {
+        self.id(index)
+    }
+
+    fn route_specs(&self) -> &[RouteSpec] {
+        &self.routes
+    }
+}
+
+/// A part's scope sets, interned as keys are read: keys mostly repeat a
+/// few sets, so a key costs an index rather than a vector of strings.
+struct ScopeSets {
+    /// The sets; the first is the empty set (keys without `scopes`).
+    sets: Vec<Vec<String>>,
+    /// Hash of a set's scopes to the last set added with that hash.
+    by_hash: ahash::AHashMap<u64, u32>,
+    /// For each set, the set added before it with the same hash
+    /// (`u32::MAX`: none).
+    same_hash: Vec<u32>,
+    hasher: ahash::RandomState,
+    /// The set found last (keys often repeat the previous key's).
+    last: u32,
+}
+
+impl ScopeSets {
+    fn new() -> Self {
+        let hasher = ahash::RandomState::new();
+        let mut by_hash = ahash::AHashMap::new();
+        by_hash.insert(Self::hash(&hasher, &[]), 0);
+        ScopeSets {
+            sets: vec![Vec::new()],
+            by_hash,
+            same_hash: vec![u32::MAX],
+            hasher,
+            last: 0,
+        }
+    }
+
+    fn hash(hasher: &ahash::RandomState, scopes: &[Cow<'_, str>]) -> u64 {
+        use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
+        let mut h = hasher.build_hasher();
+        scopes.len().hash(&mut h);
+        for s in scopes {
+            s.as_ref().hash(&mut h);
+        }
+        h.finish()
+    }
+
+    fn equal(set: &[String], scopes: &[Cow<'_, str>]) -> bool {
+        set.len() == scopes.len() && set.iter().zip(scopes).all(|(a, b)| **a == **b)
+    }
+
+    /// The index of the set `scopes` (deduplicated), added if new; `None`
+    /// past 2^32 - 1 sets.
+    fn intern(&mut self, scopes: &[Cow<'_, str>]) -> Option<u32> {
+        if Self::equal(&self.sets[self.last as usize], scopes) {
+            return Some(self.last);
+        }
+        let hash = Self::hash(&self.hasher, scopes);
+        let head = self.by_hash.get(&hash).copied().unwrap_or(u32::MAX);
+        let mut at = head;
+        while at != u32::MAX {
+            if Self::equal(&self.sets[at as usize], scopes) {
+                self.last = at;
+                return Some(at);
+            }
+            at = self.same_hash[at as usize];
+        }
+        let index = u32::try_from(self.sets.len())
+            .ok()
+            .filter(|&i| i != u32::MAX)?;
+        self.sets
+            .push(scopes.iter().map(|s| s.as_ref().to_owned()).collect());
+        self.same_hash.push(head);
+        self.by_hash.insert(hash, index);
+        self.last = index;
+        Some(index)
+    }
+}
+
 /// The parsed file and its sorted id and digest tags.
-type Parsed = (KeyFile, Vec<u64>, Vec<u64>);
+type Parsed<'t> = (FastFile<'t>, Vec<u64>, Vec<u64>);
 
 /// A thread could not be started.
 struct NoThreads;
@@ -144,46 +408,55 @@ fn side_by_side<T: Send, R: Send>(
 /// Parses the parts of a file side by side, each writing its keys straight
 /// into its share of one vector (so no part's keys are copied afterwards).
 /// The shares come from counting each part's `[[keys]]` header lines first;
-/// a part whose keys do not fill its share exactly is declined.
-fn parse_parts(texts: &[&str]) -> Result<Option<Parsed>, NoThreads> {
-    let counts = side_by_side(texts.to_vec(), count_lines)?;
+/// a part whose keys do not fill its share exactly is declined. `texts` are
+/// the parts with their offsets in `text`.
+fn parse_parts<'t>(
+    text: &'t str,
+    texts: &[(&'t str, usize)],
+) -> Result<Option<Parsed<'t>>, NoThreads> {
+    let counts = side_by_side(texts.iter().map(|&(t, _)| t).collect(), count_lines)?;
     let Some(counts) = counts.into_iter().collect::<Option<Vec<_>>>() else {
         return Ok(None);
     };
-    fill_parts(texts, &counts)
+    fill_parts(text, texts, &counts)
 }
 
 /// The second step of [`parse_parts`], given each part's key headers and
 /// newlines.
-fn fill_parts(texts: &[&str], counts: &[(usize, usize)]) -> Result<Option<Parsed>, NoThreads> {
+fn fill_parts<'t>(
+    text: &'t str,
+    texts: &[(&'t str, usize)],
+    counts: &[(usize, usize)],
+) -> Result<Option<Parsed<'t>>, NoThreads> {
     let total: usize = counts.iter().map(|&(keys, _)| keys).sum();
     // Indices must fit the low half of a tag.
     if u32::try_from(total).is_err() {
         return Ok(None);
     }
-    let mut keys: Vec<KeySpec> = Vec::with_capacity(total);
+    let mut keys: Vec<FastKey> = Vec::with_capacity(total);
     let Some(mut spare) = keys.spare_capacity_mut().get_mut(..total) else {
         return Ok(None);
     };
     let mut jobs = Vec::with_capacity(texts.len());
     let (mut line, mut index) = (1, 0);
-    for (&text, &(n_keys, n_lines)) in texts.iter().zip(counts) {
+    for (&(part, offset), &(n_keys, n_lines)) in texts.iter().zip(counts) {
         let (share, rest) = std::mem::take(&mut spare).split_at_mut(n_keys);
         spare = rest;
-        jobs.push((text, Slots::new(share), line, index));
+        jobs.push((part, offset, Slots::new(share), line, index));
         line += n_lines;
         index += n_keys;
     }
     // A part that panicked is declined like any other doubt (its keys were
     // dropped as it unwound).
-    let parts = side_by_side(jobs, |(text, slots, line, index)| {
-        parse_part(text, slots, line, index)
+    let parts = side_by_side(jobs, |(part, offset, slots, line, index)| {
+        parse_part(part, offset, text.len(), slots, line, index)
     })?;
     // Returning early drops the parts, and with them the keys they wrote.
-    let parts: Vec<Part<Slots<'_>>> = match parts.into_iter().map(Option::flatten).collect() {
-        Some(parts) => parts,
-        None => return Ok(None),
-    };
+    let parts: Vec<Part<Slots<'_, FastKey>>> =
+        match parts.into_iter().map(Option::flatten).collect() {
+            Some(parts) => parts,
+            None => return Ok(None),
+        };
     if !parts.iter().all(|p| p.keys.is_full()) {
         return Ok(None);
     }
@@ -200,10 +473,24 @@ fn fill_parts(texts: &[&str], counts: &[(usize, usize)]) -> Result<Option<Parsed
     let mut routes = Vec::new();
     let mut id_tags = Vec::with_capacity(total);
     let mut digest_tags = Vec::with_capacity(total);
+    let mut arena = String::new();
+    let mut scope_sets = Vec::new();
+    // Each part numbered its scope sets and unescaped strings from zero:
+    // what to add to its keys' numbers and arena offsets.
+    let mut shifts = Vec::with_capacity(parts.len());
     for part in parts {
+        let filled = part.keys.len();
+        let arena_shift = u32::try_from(arena.len()).ok();
+        let sets_shift = u32::try_from(scope_sets.len()).ok();
+        let (Some(arena_shift), Some(sets_shift)) = (arena_shift, sets_shift) else {
+            return Ok(None);
+        };
+        shifts.push((filled, sets_shift, arena_shift, !part.arena.is_empty()));
         routes.extend(part.routes);
         id_tags.extend(part.id_tags);
         digest_tags.extend(part.digest_tags);
+        arena.push_str(&part.arena);
+        scope_sets.extend(part.scopes.sets);
         part.keys.release();
     }
     // SAFETY: the shares tile the first `total` slots of the spare capacity
@@ -211,10 +498,37 @@ fn fill_parts(texts: &[&str], counts: &[(usize, usize)]) -> Result<Option<Parsed
     // `release` handed ownership of its keys over without dropping them, so
     // slots 0..total hold initialised keys owned by nothing else.
     unsafe { keys.set_len(total) };
+    let mut rest = keys.as_mut_slice();
+    for (filled, sets_shift, arena_shift, has_arena) in shifts {
+        let (share, after) = std::mem::take(&mut rest).split_at_mut(filled);
+        rest = after;
+        if sets_shift != 0 || (arena_shift != 0 && has_arena) {
+            let shift_span = |s: &mut Span| {
+                if s.start as usize >= text.len() {
+                    s.start += arena_shift;
+                }
+            };
+            for k in share {
+                k.scopes += sets_shift;
+                shift_span(&mut k.id);
+                shift_span(&mut k.client);
+                if let Some(d) = k.extra.as_mut().and_then(|e| e.description.as_mut()) {
+                    shift_span(d);
+                }
+            }
+        }
+    }
     // Each part's tags are sorted; the stable sort merges those runs.
     id_tags.sort();
     digest_tags.sort();
-    Ok(Some((KeyFile { keys, routes }, id_tags, digest_tags)))
+    let file = FastFile {
+        text,
+        arena,
+        keys,
+        scope_sets,
+        routes,
+    };
+    Ok(Some((file, id_tags, digest_tags)))
 }
 
 /// `[[keys]]` header lines (as the parser reads them: at a line start after
@@ -280,19 +594,19 @@ fn split_points(b: &[u8], threads: usize) -> Vec<usize> {
 
 /// Where a part's keys go: a vector of its own, or its share of the
 /// file's vector.
-trait KeySink {
+trait KeySink<T> {
     /// Keys stored so far.
     fn len(&self) -> usize;
     /// Stores a key; `None` when there is no room for it.
-    fn push(&mut self, key: KeySpec) -> Option<()>;
+    fn push(&mut self, key: T) -> Option<()>;
 }
 
-impl KeySink for Vec<KeySpec> {
+impl<T> KeySink<T> for Vec<T> {
     fn len(&self) -> usize {
         Vec::len(self)
     }
 
-    fn push(&mut self, key: KeySpec) -> Option<()> {
+    fn push(&mut self, key: T) -> Option<()> {
         Vec::push(self, key);
         Some(())
     }
@@ -302,13 +616,13 @@ impl KeySink for Vec<KeySpec> {
 /// for each key header counted in the part, filled in order. Until
 /// [`Slots::release`], the keys written belong to the share (and are dropped
 /// with it).
-struct Slots<'v> {
-    slots: &'v mut [MaybeUninit<KeySpec>],
+struct Slots<'v, T> {
+    slots: &'v mut [MaybeUninit<T>],
     filled: usize,
 }
 
-impl<'v> Slots<'v> {
-    fn new(slots: &'v mut [MaybeUninit<KeySpec>]) -> Self {
+impl<'v, T> Slots<'v, T> {
+    fn new(slots: &'v mut [MaybeUninit<T>]) -> Self {
         Slots { slots, filled: 0 }
     }
 
@@ -323,19 +637,19 @@ impl<'v> Slots<'v> {
     }
 }
 
-impl KeySink for Slots<'_> {
+impl<T> KeySink<T> for Slots<'_, T> {
     fn len(&self) -> usize {
         self.filled
     }
 
-    fn push(&mut self, key: KeySpec) -> Option<()> {
+    fn push(&mut self, key: T) -> Option<()> {
         self.slots.get_mut(self.filled)?.write(key);
         self.filled += 1;
         Some(())
     }
 }
 
-impl Drop for Slots<'_> {
+impl<T> Drop for Slots<'_, T> {
     fn drop(&mut self) {
         for slot in self.slots.iter_mut().take(self.filled) {
             // SAFETY: `push` initialised the first `filled` slots, and they
@@ -350,6 +664,10 @@ impl Drop for Slots<'_> {
 struct Part<S> {
     keys: S,
     routes: Vec<RouteSpec>,
+    /// Unescaped strings; spans at or past the file text's length point
+    /// here (before the parts' arenas are joined).
+    arena: String,
+    scopes: ScopeSets,
     /// `keys = []` at the root.
     root_keys: bool,
     /// `routes = []` at the root.
@@ -478,10 +796,28 @@ enum Section {
     Route(RouteDraft),
 }
 
+/// A `[[keys]]` table being read: the key, its id's hash, and the fields
+/// few keys have (boxed into the key only if any is set).
+struct KeyDraft {
+    key: FastKey,
+    id_hash: u64,
+    extra: Extra,
+}
+
+impl KeyDraft {
+    fn new(line: u32) -> Self {
+        KeyDraft {
+            key: FastKey::blank(line),
+            id_hash: 0,
+            extra: Extra::default(),
+        }
+    }
+}
+
 /// Checks a finished `[[keys]]` table, records its tags and stores it.
-fn close_key<S: KeySink>(
+fn close_key<S: KeySink<FastKey>>(
     part: &mut Part<S>,
-    k: KeySpec,
+    draft: KeyDraft,
     seen: u16,
     first_index: usize,
 ) -> Option<()> {
@@ -489,22 +825,34 @@ fn close_key<S: KeySink>(
     if seen & REQUIRED != REQUIRED {
         return None;
     }
-    if let (Some(nb), Some(exp)) = (k.not_before, k.expires_at)
+    let KeyDraft {
+        mut key,
+        id_hash,
+        extra,
+    } = draft;
+    if let (Some(nb), Some(exp)) = (extra.not_before, key.expires_at)
         && exp <= nb
     {
         return None;
     }
+    if !extra.is_empty() {
+        key.extra = Some(Box::new(extra));
+    }
     let index = u64::from(u32::try_from(first_index + part.keys.len()).ok()?);
-    part.id_tags.push(id_hash(&k.id) << 32 | index);
-    part.digest_tags.push(digest_hash(&k.digest) << 32 | index);
-    part.keys.push(k)
+    part.id_tags.push(id_hash << 32 | index);
+    part.digest_tags
+        .push(digest_hash(&key.digest) << 32 | index);
+    part.keys.push(key)
 }
 
 /// Parses one part of a file (all of it, or a piece starting at a
-/// `[[keys]]` header), whose first line is `first_line` of the file and
-/// whose first key is `first_index` of the file.
-fn parse_part<S: KeySink>(
+/// `[[keys]]` header at byte `offset` of a file text of `file_len` bytes),
+/// whose first line is `first_line` of the file and whose first key is
+/// `first_index` of the file.
+fn parse_part<S: KeySink<FastKey>>(
     text: &str,
+    offset: usize,
+    file_len: usize,
     keys: S,
     first_line: usize,
     first_index: usize,
@@ -515,10 +863,15 @@ fn parse_part<S: KeySink>(
         i: 0,
         line: first_line,
         scratch: Vec::new(),
+        offset,
+        file_len,
+        arena: String::new(),
     };
     let mut part = Part {
         keys,
         routes: Vec::new(),
+        arena: String::new(),
+        scopes: ScopeSets::new(),
         root_keys: false,
         root_routes: false,
         keys_header: false,
@@ -527,7 +880,7 @@ fn parse_part<S: KeySink>(
         digest_tags: Vec::new(),
     };
     let mut section = Section::Root;
-    let mut key = KeySpec::blank(0);
+    let mut key = KeyDraft::new(0);
     loop {
         p.skip_ws();
         let Some(&c) = p.b.get(p.i) else { break };
@@ -540,7 +893,7 @@ fn parse_part<S: KeySink>(
                 match std::mem::replace(&mut section, Section::Root) {
                     Section::Root => {}
                     Section::Key(seen) => {
-                        let done = std::mem::replace(&mut key, KeySpec::blank(0));
+                        let done = std::mem::replace(&mut key, KeyDraft::new(0));
                         close_key(&mut part, done, seen, first_index)?;
                     }
                     Section::Route(draft) => part.routes.push(draft.finish()?),
@@ -548,7 +901,7 @@ fn parse_part<S: KeySink>(
                 section = match name {
                     b"keys" if !part.root_keys => {
                         part.keys_header = true;
-                        key.line = line;
+                        key.key.line = u32::try_from(line).ok()?;
                         Section::Key(0)
                     }
                     b"routes" if !part.root_routes => {
@@ -565,7 +918,9 @@ fn parse_part<S: KeySink>(
                 p.skip_ws();
                 match &mut section {
                     Section::Root => p.root_field(name, &mut part)?,
-                    Section::Key(seen) => p.key_field(name, &mut key, seen)?,
+                    Section::Key(seen) => {
+                        p.key_field(name, &mut key, seen, &mut part.scopes)?;
+                    }
                     Section::Route(draft) => p.route_field(name, draft)?,
                 }
                 p.end_of_line()?;
@@ -577,6 +932,7 @@ fn parse_part<S: KeySink>(
         Section::Key(seen) => close_key(&mut part, key, seen, first_index)?,
         Section::Route(draft) => part.routes.push(draft.finish()?),
     }
+    part.arena = p.arena;
     sort_tags(&mut part.id_tags);
     sort_tags(&mut part.digest_tags);
     Some(part)
@@ -721,6 +1077,12 @@ struct Parser<'a> {
     line: usize,
     /// Strings of the array being read, reused from array to array.
     scratch: Vec<Cow<'a, str>>,
+    /// Where `text` starts in the file text.
+    offset: usize,
+    /// Length of the file text.
+    file_len: usize,
+    /// Strings kept that were written with escapes, unescaped.
+    arena: String,
 }
 
 impl<'a> Parser<'a> {
@@ -1136,48 +1498,83 @@ impl<'a> Parser<'a> {
         self.scratch.is_empty().then_some(())
     }
 
-    /// One `name = value` of a `[[keys]]` table, validated into `k`.
-    fn key_field(&mut self, name: &[u8], k: &mut KeySpec, seen: &mut u16) -> Option<()> {
+    /// Where a string read from the text is kept: its range in the file
+    /// text, or (when it was unescaped) its range in the arena, numbered
+    /// from the file text's end.
+    fn span(&mut self, s: Cow<'a, str>) -> Option<Span> {
+        let len = u32::try_from(s.len()).ok()?;
+        let start = match s {
+            // Borrowed strings are slices of `text`.
+            Cow::Borrowed(b) => {
+                self.offset + (b.as_ptr() as usize).checked_sub(self.text.as_ptr() as usize)?
+            }
+            Cow::Owned(o) => {
+                let at = self.file_len + self.arena.len();
+                self.arena.push_str(&o);
+                at
+            }
+        };
+        Some(Span {
+            start: u32::try_from(start).ok()?,
+            len,
+        })
+    }
+
+    /// One `name = value` of a `[[keys]]` table, validated into `d`.
+    fn key_field(
+        &mut self,
+        name: &[u8],
+        d: &mut KeyDraft,
+        seen: &mut u16,
+        sets: &mut ScopeSets,
+    ) -> Option<()> {
         let bit = key_field_bit(name);
         if bit == 0 || *seen & bit != 0 {
             return None;
         }
         *seen |= bit;
+        let k = &mut d.key;
         match bit {
             F_ID => {
                 let s = self.string()?;
                 if !valid_id(&s) {
                     return None;
                 }
-                k.id = s.into_owned();
+                d.id_hash = id_hash(&s);
+                k.id = self.span(s)?;
             }
             F_CLIENT => {
                 let s = self.string()?;
                 if !valid_client(&s) {
                     return None;
                 }
-                k.client = s.into_owned();
+                k.client = self.span(s)?;
             }
             F_SHA256 => k.digest = self.digest()?,
             F_SCOPES => {
                 self.string_array()?;
-                let mut scopes: Vec<String> = Vec::with_capacity(self.scratch.len());
-                for s in self.scratch.drain(..) {
-                    if !is_scope(&s) {
-                        return None;
-                    }
-                    if !scopes.iter().any(|o| *o == *s) {
-                        scopes.push(s.into_owned());
+                if !self.scratch.iter().all(|s| is_scope(s)) {
+                    return None;
+                }
+                // Duplicates are dropped, keeping the first of each.
+                let mut unique = 0;
+                for i in 0..self.scratch.len() {
+                    if !self.scratch[..unique].contains(&self.scratch[i]) {
+                        self.scratch.swap(unique, i);
+                        unique += 1;
                     }
                 }
-                k.scopes = scopes;
+                k.scopes = sets.intern(&self.scratch[..unique])?;
             }
             F_STATE => k.state = KeyState::parse(&self.string()?)?,
-            F_NOT_BEFORE => k.not_before = Some(self.time()?),
+            F_NOT_BEFORE => d.extra.not_before = Some(self.time()?),
             F_EXPIRES_AT => k.expires_at = Some(self.time()?),
-            F_DEPRECATED_AT => k.deprecated_at = Some(self.time()?),
-            F_DESCRIPTION => k.description = Some(self.string()?.into_owned()),
-            _ => k.rate_limit = Some(self.rate_limit()?),
+            F_DEPRECATED_AT => d.extra.deprecated_at = Some(self.time()?),
+            F_DESCRIPTION => {
+                let s = self.string()?;
+                d.extra.description = Some(self.span(s)?);
+            }
+            _ => d.extra.rate_limit = Some(self.rate_limit()?),
         }
         Some(())
     }
@@ -1543,6 +1940,89 @@ mod tests {
         assert!(seen >= 3);
         let example = std::fs::read_to_string(root.join("examples/keys.toml")).unwrap();
         assert!(parse_fast(&example, ParseOptions::default()).is_some());
+    }
+
+    /// A ring built from the compact form equals one built from the
+    /// expanded file, for keys spread over several parts, with strings
+    /// written with escapes (kept in the arena) and scope sets numbered by
+    /// each part (renumbered when the parts are joined).
+    #[test]
+    fn rings_from_the_compact_form_match_rings_from_the_key_file() {
+        use crate::ring::{KeyRing, RingSource, UsageRegistry};
+        let scopes = [
+            "",
+            "scopes = [\"read\"]",
+            "scopes = [\"read\", \"trade\"]",
+            "scopes = [\"trade\", \"read\", \"trade\"]",
+            "scopes = [\"r\\u0065ad\"]",
+        ];
+        let mut text = String::new();
+        for i in 0..120 {
+            let id = if i % 7 == 3 {
+                format!("\"c{}\\u002dk{i}\"", i % 4)
+            } else {
+                format!("\"c{}-k{i}\"", i % 4)
+            };
+            let client = if i % 11 == 5 {
+                format!("\"\\u0063{}\"", i % 4)
+            } else {
+                format!("'c{}'", i % 4)
+            };
+            text.push_str(&format!(
+                "[[keys]]\nid = {id}\nclient = {client}\nsha256 = \"{:064x}\"\n{}\n",
+                i + 1,
+                scopes[i % scopes.len()]
+            ));
+            if i % 9 == 2 {
+                text.push_str(
+                    "description = \"tab\\there\"\nexpires_at = 2027-01-01T00:00:00.5Z\n",
+                );
+            }
+            if i % 13 == 4 {
+                text.push_str(
+                    "state = \"deprecated\"\nrate_limit = { requests = 5, per = \"1s\" }\n",
+                );
+            }
+        }
+        assert!(agree(&text));
+        let source = RingSource {
+            generation: 1,
+            sha256: [0; 32],
+            loaded_at: "2026-11-27T12:00:00Z".parse().unwrap(),
+        };
+        for threads in [1, 2, 3, 5] {
+            let compact =
+                parse_fast_compact_threads(&text, ParseOptions::default(), threads).unwrap();
+            assert!(!compact.arena.is_empty());
+            let expanded = compact.to_key_file();
+            let usage = UsageRegistry::default();
+            let a = KeyRing::build(&compact, source, &usage, None);
+            let b = KeyRing::build(&expanded, source, &usage, None);
+            assert_eq!(a.len(), 120);
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.keys().zip(b.keys()) {
+                assert_eq!(x.id(), y.id());
+                assert_eq!(x.client(), y.client());
+                assert_eq!(x.digest(), y.digest());
+                assert_eq!(x.scopes(), y.scopes());
+                assert_eq!(x.scopes_joined(), y.scopes_joined());
+                assert_eq!(x.state(), y.state());
+                assert_eq!(x.not_before(), y.not_before());
+                assert_eq!(x.expires_at(), y.expires_at());
+                assert_eq!(x.deprecated_at(), y.deprecated_at());
+                assert_eq!(x.description(), y.description());
+                assert_eq!(x.rate_limit(), y.rate_limit());
+            }
+            for (i, spec) in expanded.keys.iter().enumerate() {
+                assert_eq!(a.by_id(&spec.id).map(|k| k.index()), Some(i as u32));
+                assert_eq!(a.lookup(&spec.digest).map(|k| k.index()), Some(i as u32));
+            }
+            assert_eq!(a.key_at(3).unwrap().id(), "c3-k3");
+            assert_eq!(a.key_at(5).unwrap().client(), "c1");
+            assert_eq!(a.key_at(2).unwrap().description(), Some("tab\there"));
+            assert_eq!(a.key_at(1).unwrap().scopes_joined(), "read");
+            assert_eq!(a.key_at(3).unwrap().scopes_joined(), "trade read");
+        }
     }
 
     #[test]
