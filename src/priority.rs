@@ -75,6 +75,61 @@ pub fn raise_background() -> usize {
     raised
 }
 
+/// Watches how much CPU the process's `SCHED_IDLE` threads get, so that a
+/// long reload is raised to normal priority only when it is starved, not
+/// merely because it is large: a million-key reload beside busy serving
+/// threads takes over a second while progressing well on the spare CPU,
+/// and raising it then only makes it compete with the checks.
+#[derive(Debug, Default)]
+pub struct BackgroundProgress {
+    /// CPU nanoseconds of each background thread at the last look.
+    seen: std::collections::HashMap<i64, u64>,
+}
+
+impl BackgroundProgress {
+    /// Starts watching from now.
+    pub fn start() -> BackgroundProgress {
+        let mut p = BackgroundProgress::default();
+        let _ = p.advance();
+        p
+    }
+
+    /// CPU time the background threads used since the last call (a thread
+    /// started meanwhile counts with all of its time). `None` where the
+    /// kernel does not say (not Linux, or no per-thread `schedstat`).
+    pub fn advance(&mut self) -> Option<std::time::Duration> {
+        #[cfg(target_os = "linux")]
+        {
+            let mut used = 0u64;
+            let mut now = std::collections::HashMap::with_capacity(self.seen.len());
+            for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+                let Some(tid) = task
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.parse::<libc::pid_t>().ok())
+                else {
+                    continue;
+                };
+                // SAFETY: as in `raise_background`.
+                if unsafe { libc::sched_getscheduler(tid) } != libc::SCHED_IDLE {
+                    continue;
+                }
+                // A thread that exited meanwhile has no file: skip it.
+                let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
+                    continue;
+                };
+                let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+                used += ns.saturating_sub(self.seen.get(&i64::from(tid)).copied().unwrap_or(0));
+                now.insert(i64::from(tid), ns);
+            }
+            self.seen = now;
+            Some(std::time::Duration::from_nanos(used))
+        }
+        #[cfg(not(target_os = "linux"))]
+        None
+    }
+}
+
 /// Sets the scheduling policy of thread `tid` (0: the calling thread), at
 /// static priority 0 (the only one these policies have).
 #[cfg(target_os = "linux")]
@@ -109,8 +164,46 @@ mod tests {
         unsafe { libc::sched_getscheduler(0) }
     }
 
+    /// `raise_background` raises every idle thread of the process, so the
+    /// tests that lower threads run one at a time.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn background_progress_counts_idle_threads_only() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let burn = |for_ms: u64| {
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(for_ms);
+            let mut x = 0u64;
+            while std::time::Instant::now() < until {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        };
+        std::thread::spawn(move || {
+            if lower_current() != Lowered::Idle {
+                return;
+            }
+            let mut progress = BackgroundProgress::start();
+            // This thread is idle-class: its own work is progress.
+            burn(100);
+            let used = progress.advance().expect("schedstat on Linux");
+            assert!(used >= std::time::Duration::from_millis(20), "{used:?}");
+            // Work of a normal thread is not.
+            std::thread::spawn(move || {
+                set_policy(0, libc::SCHED_OTHER);
+                burn(100);
+            })
+            .join()
+            .unwrap();
+            let used = progress.advance().expect("schedstat on Linux");
+            assert!(used < std::time::Duration::from_millis(50), "{used:?}");
+        })
+        .join()
+        .unwrap();
+    }
+
     #[test]
     fn background_threads_are_lowered_and_raised_back() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         std::thread::spawn(|| {
             let how = lower_current();
             match how {

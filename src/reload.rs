@@ -534,13 +534,26 @@ pub fn listen_sighup() -> Option<tokio::signal::unix::Signal> {
 }
 
 /// How long a reload runs at background priority (see [`crate::priority`])
-/// before it is raised to normal priority.
+/// before it may be raised to normal priority: from then on it is raised as
+/// soon as its threads are starved (see [`STARVED_BELOW`]).
 pub const RAISE_AFTER: Duration = Duration::from_secs(1);
+
+/// How often a long reload's progress is looked at.
+const PROGRESS_WINDOW: Duration = Duration::from_millis(500);
+
+/// A reload whose background threads got less CPU than this over the last
+/// [`PROGRESS_WINDOW`] (a quarter of one CPU) is starved: the checks leave
+/// it too little spare CPU to finish soon, so it is raised.
+const STARVED_BELOW: Duration = Duration::from_millis(125);
+
+/// However well it progresses, a reload still running after this long is
+/// raised, so that a revocation lands within a bound.
+pub const RAISE_ANYWAY_AFTER: Duration = Duration::from_secs(10);
 
 /// Runs the reload loop until `stop` is set: waits for a watch signal, a
 /// poll tick that saw a change, or SIGHUP, then reloads off the serving
-/// threads, on a thread of its own at background priority (raised after
-/// [`RAISE_AFTER`]).
+/// threads, on a thread of its own at background priority (raised when it
+/// starves; see [`wait_for_reload`]).
 pub async fn run(
     reloader: Arc<Reloader>,
     signal: Arc<Notify>,
@@ -599,24 +612,51 @@ pub async fn run(
             });
         match spawned {
             Ok(_) => {
-                let done = match tokio::time::timeout(RAISE_AFTER, &mut rx).await {
-                    Ok(done) => done,
-                    Err(_) => {
-                        // The spare CPU was not enough: finish at normal
-                        // priority, so the change lands under any load.
-                        let raised = crate::priority::raise_background();
-                        tracing::info!(
-                            raised,
-                            "reload still running after {RAISE_AFTER:?}; raised it to normal priority"
-                        );
-                        rx.await
-                    }
-                };
-                if done.is_err() {
+                if wait_for_reload(&mut rx).await.is_err() {
                     tracing::error!("reload thread failed");
                 }
             }
             Err(e) => tracing::error!(error = %e, "cannot start a reload thread"),
+        }
+    }
+}
+
+/// Waits for the reload running on its own thread. It stays at background
+/// priority while its threads progress on the spare CPU; once it has run
+/// for [`RAISE_AFTER`], it is raised to normal priority when they are
+/// starved (or when the kernel cannot say), and in any case after
+/// [`RAISE_ANYWAY_AFTER`], so that the change lands under any load.
+async fn wait_for_reload(
+    rx: &mut tokio::sync::oneshot::Receiver<Outcome>,
+) -> Result<Outcome, tokio::sync::oneshot::error::RecvError> {
+    let started = tokio::time::Instant::now();
+    let mut progress = crate::priority::BackgroundProgress::start();
+    loop {
+        match tokio::time::timeout(PROGRESS_WINDOW, &mut *rx).await {
+            Ok(done) => return done,
+            Err(_) => {
+                let used = progress.advance();
+                let running = started.elapsed();
+                if running < RAISE_AFTER {
+                    continue;
+                }
+                let starved = used.is_none_or(|u| u < STARVED_BELOW);
+                if starved || running >= RAISE_ANYWAY_AFTER {
+                    let raised = crate::priority::raise_background();
+                    tracing::info!(
+                        raised,
+                        running_ms = running.as_millis(),
+                        background_cpu_ms = used.map(|u| u.as_millis()),
+                        "reload {} raised to normal priority",
+                        if starved {
+                            "starved of CPU;"
+                        } else {
+                            "still running;"
+                        }
+                    );
+                    return rx.await;
+                }
+            }
         }
     }
 }
