@@ -53,26 +53,28 @@ pub fn lower_current() -> Lowered {
 /// normal priority; returns how many were raised. Called when a reload runs
 /// too long, so that it finishes even when checks keep both cores busy.
 pub fn raise_background() -> usize {
-    let mut raised = 0;
     #[cfg(target_os = "linux")]
-    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-        for task in tasks.flatten() {
-            let Some(tid) = task
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<libc::pid_t>().ok())
-            else {
-                continue;
-            };
-            // SAFETY: sched_getscheduler takes a thread id and returns an
-            // integer; a thread that exited meanwhile gives an error.
-            let policy = unsafe { libc::sched_getscheduler(tid) };
-            if policy == libc::SCHED_IDLE && set_policy(tid, libc::SCHED_OTHER) {
-                raised += 1;
-            }
-        }
+    {
+        idle_threads()
+            .filter(|&(tid, _)| set_policy(tid, libc::SCHED_OTHER))
+            .count()
     }
-    raised
+    #[cfg(not(target_os = "linux"))]
+    0
+}
+
+/// The threads of this process now under `SCHED_IDLE`: their ids and their
+/// `/proc` directories. An empty list if `/proc` cannot be read.
+#[cfg(target_os = "linux")]
+fn idle_threads() -> impl Iterator<Item = (libc::pid_t, std::path::PathBuf)> {
+    let tasks = std::fs::read_dir("/proc/self/task").into_iter().flatten();
+    tasks.flatten().filter_map(|task| {
+        let tid = task.file_name().to_str()?.parse::<libc::pid_t>().ok()?;
+        // SAFETY: sched_getscheduler takes a thread id and returns an
+        // integer; a thread that exited meanwhile gives an error.
+        let policy = unsafe { libc::sched_getscheduler(tid) };
+        (policy == libc::SCHED_IDLE).then(|| (tid, task.path()))
+    })
 }
 
 /// Watches how much CPU the process's `SCHED_IDLE` threads get, so that a
@@ -102,20 +104,9 @@ impl BackgroundProgress {
         {
             let mut used = 0u64;
             let mut now = std::collections::HashMap::with_capacity(self.seen.len());
-            for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
-                let Some(tid) = task
-                    .file_name()
-                    .to_str()
-                    .and_then(|s| s.parse::<libc::pid_t>().ok())
-                else {
-                    continue;
-                };
-                // SAFETY: as in `raise_background`.
-                if unsafe { libc::sched_getscheduler(tid) } != libc::SCHED_IDLE {
-                    continue;
-                }
+            for (tid, dir) in idle_threads() {
                 // A thread that exited meanwhile has no file: skip it.
-                let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
+                let Ok(text) = std::fs::read_to_string(dir.join("schedstat")) else {
                     continue;
                 };
                 let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
