@@ -97,8 +97,10 @@ impl BackgroundProgress {
     }
 
     /// CPU time the background threads used since the last call (a thread
-    /// started meanwhile counts with all of its time). `None` where the
-    /// kernel does not say (not Linux, or no per-thread `schedstat`).
+    /// started meanwhile counts with all of its time; one that exited
+    /// meanwhile, with nothing since the last call, so look often). `None`
+    /// where the kernel does not say: not Linux, `/proc` unreadable, or no
+    /// `schedstat` for any background thread (or no background thread).
     pub fn advance(&mut self) -> Option<std::time::Duration> {
         #[cfg(target_os = "linux")]
         {
@@ -109,12 +111,19 @@ impl BackgroundProgress {
                 let Ok(text) = std::fs::read_to_string(dir.join("schedstat")) else {
                     continue;
                 };
-                let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+                let Some(ns) = text
+                    .split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                else {
+                    continue;
+                };
                 used += ns.saturating_sub(self.seen.get(&i64::from(tid)).copied().unwrap_or(0));
                 now.insert(i64::from(tid), ns);
             }
+            let known = !now.is_empty();
             self.seen = now;
-            Some(std::time::Duration::from_nanos(used))
+            known.then(|| std::time::Duration::from_nanos(used))
         }
         #[cfg(not(target_os = "linux"))]
         None
@@ -162,11 +171,21 @@ mod tests {
     #[test]
     fn background_progress_counts_idle_threads_only() {
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let burn = |for_ms: u64| {
-            let until = std::time::Instant::now() + std::time::Duration::from_millis(for_ms);
+        // Burns CPU until this thread has used `ms` of it (an idle-class
+        // thread may wait long for a CPU on a loaded machine).
+        let burn = |ms: u64| {
+            let own = || {
+                std::fs::read_to_string("/proc/thread-self/schedstat")
+                    .ok()
+                    .and_then(|t| t.split_whitespace().next()?.parse::<u64>().ok())
+                    .expect("schedstat on Linux")
+            };
+            let until = own() + ms * 1_000_000;
             let mut x = 0u64;
-            while std::time::Instant::now() < until {
-                x = std::hint::black_box(x.wrapping_add(1));
+            while own() < until {
+                for _ in 0..10_000 {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
             }
         };
         std::thread::spawn(move || {
@@ -175,18 +194,18 @@ mod tests {
             }
             let mut progress = BackgroundProgress::start();
             // This thread is idle-class: its own work is progress.
-            burn(100);
+            burn(60);
             let used = progress.advance().expect("schedstat on Linux");
-            assert!(used >= std::time::Duration::from_millis(20), "{used:?}");
+            assert!(used >= std::time::Duration::from_millis(50), "{used:?}");
             // Work of a normal thread is not.
             std::thread::spawn(move || {
                 set_policy(0, libc::SCHED_OTHER);
-                burn(100);
+                burn(60);
             })
             .join()
             .unwrap();
             let used = progress.advance().expect("schedstat on Linux");
-            assert!(used < std::time::Duration::from_millis(50), "{used:?}");
+            assert!(used < std::time::Duration::from_millis(30), "{used:?}");
         })
         .join()
         .unwrap();

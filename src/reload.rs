@@ -538,13 +538,17 @@ pub fn listen_sighup() -> Option<tokio::signal::unix::Signal> {
 /// soon as its threads are starved (see [`STARVED_BELOW`]).
 pub const RAISE_AFTER: Duration = Duration::from_secs(1);
 
-/// How often a long reload's progress is looked at.
+/// How often a long reload's progress is sampled: often enough that few of
+/// its short-lived threads start and end between two looks unseen.
+const PROGRESS_SAMPLE: Duration = Duration::from_millis(100);
+
+/// The span over which a reload's progress is judged.
 const PROGRESS_WINDOW: Duration = Duration::from_millis(500);
 
-/// A reload whose background threads got less CPU than this over the last
-/// [`PROGRESS_WINDOW`] (a quarter of one CPU) is starved: the checks leave
-/// it too little spare CPU to finish soon, so it is raised.
-const STARVED_BELOW: Duration = Duration::from_millis(125);
+/// A reload whose background threads got less than this share of one CPU
+/// over the last [`PROGRESS_WINDOW`] is starved: the checks leave it too
+/// little spare CPU to finish soon, so it is raised.
+const STARVED_BELOW_CPU_SHARE: f64 = 0.25;
 
 /// However well it progresses, a reload still running after this long is
 /// raised, so that a revocation lands within a bound.
@@ -631,29 +635,52 @@ async fn wait_for_reload(
 ) -> Result<Outcome, tokio::sync::oneshot::error::RecvError> {
     let started = tokio::time::Instant::now();
     let mut progress = crate::priority::BackgroundProgress::start();
+    // Samples of the last window: when each was taken and the CPU the
+    // background threads used since the one before (`None`: unknown).
+    let mut samples: std::collections::VecDeque<(tokio::time::Instant, Option<Duration>)> =
+        std::collections::VecDeque::new();
     loop {
-        match tokio::time::timeout(PROGRESS_WINDOW, &mut *rx).await {
+        match tokio::time::timeout(PROGRESS_SAMPLE, &mut *rx).await {
             Ok(done) => return done,
             Err(_) => {
-                let used = progress.advance();
+                let now = tokio::time::Instant::now();
+                samples.push_back((now, progress.advance()));
+                // Keep the samples that cover the last window (the oldest
+                // kept marks where it starts).
+                while samples
+                    .get(1)
+                    .is_some_and(|&(at, _)| now.duration_since(at) >= PROGRESS_WINDOW)
+                {
+                    samples.pop_front();
+                }
                 let running = started.elapsed();
                 if running < RAISE_AFTER {
                     continue;
                 }
-                let starved = used.is_none_or(|u| u < STARVED_BELOW);
+                let (since, _) = samples[0];
+                let span = now.duration_since(since);
+                // The first sample's CPU came before `since`.
+                let used: Option<Duration> = samples.iter().skip(1).map(|&(_, u)| u).sum();
+                let starved = span.is_zero()
+                    || used.is_none_or(|u| {
+                        u.as_secs_f64() < span.as_secs_f64() * STARVED_BELOW_CPU_SHARE
+                    });
                 if starved || running >= RAISE_ANYWAY_AFTER {
                     let raised = crate::priority::raise_background();
-                    tracing::info!(
-                        raised,
-                        running_ms = running.as_millis(),
-                        background_cpu_ms = used.map(|u| u.as_millis()),
-                        "reload {} raised to normal priority",
-                        if starved {
-                            "starved of CPU;"
-                        } else {
-                            "still running;"
-                        }
-                    );
+                    if raised > 0 {
+                        tracing::info!(
+                            raised,
+                            running_ms = running.as_millis(),
+                            background_cpu_ms = used.map(|u| u.as_millis()),
+                            window_ms = span.as_millis(),
+                            "reload {} raised to normal priority",
+                            if starved {
+                                "starved of CPU;"
+                            } else {
+                                "still running;"
+                            }
+                        );
+                    }
                     return rx.await;
                 }
             }

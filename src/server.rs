@@ -166,10 +166,12 @@ impl Server {
             Arc::clone(&shared),
         ));
         reloader.note_serving(1, fingerprint);
-        // The parsed file is garbage now (its compact form is a few large
-        // allocations, quickly freed); the pages go back to the OS off the
-        // critical path when the hash is still running, so the resident set
-        // starts at its steady state.
+        // The parsed file is garbage now. It borrows the file's bytes, so it
+        // is freed here: quickly for the fast path's compact form (a few
+        // large allocations); a file the full validator read costs a free
+        // per key. The pages go back to the OS off the critical path when
+        // the hash is still running, so the resident set starts at its
+        // steady state.
         drop(file);
         drop(bytes);
         let mut cleanup = move || {
