@@ -234,6 +234,16 @@ pub enum Parsed<'t> {
     Full(KeyFile),
 }
 
+impl Parsed<'_> {
+    /// The file as the full validator gives it (the compact form expanded).
+    pub fn into_key_file(self) -> KeyFile {
+        match self {
+            Parsed::Fast(f) => f.to_key_file(),
+            Parsed::Full(f) => f,
+        }
+    }
+}
+
 /// One validated `[[routes]]` entry: the scopes a request needs when Envoy
 /// passes no per-route `required_scopes` (as under Istio, which cannot).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -578,10 +588,7 @@ impl Hashing {
 
 /// Validates key file contents; `path` is used only in messages.
 pub fn parse_bytes(path: &Path, bytes: &[u8], opts: ParseOptions) -> Result<KeyFile, KeyFileError> {
-    parse_str(utf8(path, bytes)?, opts).map_err(|diagnostics| KeyFileError::Invalid {
-        path: path.to_owned(),
-        diagnostics,
-    })
+    parse_bytes_for_ring(path, bytes, opts).map(Parsed::into_key_file)
 }
 
 /// The file's text, or the error naming where it stops being UTF-8.
@@ -607,16 +614,10 @@ pub fn parse_bytes_for_ring<'t>(
     bytes: &'t [u8],
     opts: ParseOptions,
 ) -> Result<Parsed<'t>, KeyFileError> {
-    let text = utf8(path, bytes)?;
-    match parse_fast_compact(text, opts) {
-        Some(file) => Ok(Parsed::Fast(file)),
-        None => parse_str_full(text, opts)
-            .map(Parsed::Full)
-            .map_err(|diagnostics| KeyFileError::Invalid {
-                path: path.to_owned(),
-                diagnostics,
-            }),
-    }
+    parse_str_for_ring(utf8(path, bytes)?, opts).map_err(|diagnostics| KeyFileError::Invalid {
+        path: path.to_owned(),
+        diagnostics,
+    })
 }
 
 /// Validates key file text, returning every problem found.
@@ -626,9 +627,15 @@ pub fn parse_bytes_for_ring<'t>(
 /// invalid file, goes through [`parse_str_full`], which reports the problems.
 /// Both give the same result for any file the fast path accepts.
 pub fn parse_str(text: &str, opts: ParseOptions) -> Result<KeyFile, Vec<Diagnostic>> {
-    match parse_fast(text, opts) {
-        Some(file) => Ok(file),
-        None => parse_str_full(text, opts),
+    parse_str_for_ring(text, opts).map(Parsed::into_key_file)
+}
+
+/// [`parse_str`] for building a ring: a file the fast path accepts stays in
+/// its compact form ([`parse_fast_compact`]), borrowing from `text`.
+pub fn parse_str_for_ring(text: &str, opts: ParseOptions) -> Result<Parsed<'_>, Vec<Diagnostic>> {
+    match parse_fast_compact(text, opts) {
+        Some(file) => Ok(Parsed::Fast(file)),
+        None => parse_str_full(text, opts).map(Parsed::Full),
     }
 }
 

@@ -118,12 +118,7 @@ fn parse(path: &std::path::Path, which: Which, threads: usize) -> Result<(), Str
     let t_utf8 = t0.elapsed();
     let cpu_before = cpu_ms();
     let file = match which {
-        Which::Auto => match keyfile::parse_fast_compact(text, opts) {
-            Some(f) => Parsed::Fast(f),
-            None => {
-                Parsed::Full(keyfile::parse_str_full(text, opts).map_err(|d| format!("{d:?}"))?)
-            }
-        },
+        Which::Auto => keyfile::parse_str_for_ring(text, opts).map_err(|d| format!("{d:?}"))?,
         Which::Full => {
             Parsed::Full(keyfile::parse_str_full(text, opts).map_err(|d| format!("{d:?}"))?)
         }

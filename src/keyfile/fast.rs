@@ -10,10 +10,11 @@
 //!
 //! The contract is one-sided: [`parse_fast`] returns `Some` only for a file
 //! that lies entirely inside the subset below *and* that the full validator
-//! accepts, with an equal [`KeyFile`] (through [`FastFile::to_key_file`]). Anything else (an error, a construct
-//! outside the subset, a case it does not want to reason about) gives `None`,
-//! and the caller runs the full validator, which produces the diagnostics. So
-//! declining is always safe; accepting must be exact.
+//! accepts, with an equal [`KeyFile`] (through [`FastFile::to_key_file`]).
+//! Anything else (an error, a construct outside the subset, a case it does
+//! not want to reason about) gives `None`, and the caller runs the full
+//! validator, which produces the diagnostics. So declining is always safe;
+//! accepting must be exact.
 //!
 //! The subset:
 //!
@@ -175,7 +176,7 @@ struct FastKey {
 }
 
 /// The fields few keys have.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 struct Extra {
     not_before: Option<Timestamp>,
     deprecated_at: Option<Timestamp>,
@@ -237,25 +238,24 @@ impl FastFile<'_> {
         self.str(self.keys[index].id)
     }
 
-    /// The file as the full validator gives it.
+    /// The file as the full validator gives it: every key as the ring
+    /// build sees it ([`KeySource::key`]), owned.
     pub fn to_key_file(&self) -> KeyFile {
-        let keys = self
-            .keys
-            .iter()
-            .map(|k| {
-                let extra = k.extra.as_deref().cloned().unwrap_or_default();
+        let keys = (0..self.keys.len())
+            .map(|i| {
+                let k = self.key(i);
                 KeySpec {
-                    id: self.str(k.id).to_owned(),
-                    client: self.str(k.client).to_owned(),
-                    digest: k.digest,
-                    scopes: self.scope_sets[k.scopes as usize].clone(),
+                    id: k.id.to_owned(),
+                    client: k.client.to_owned(),
+                    digest: *k.digest,
+                    scopes: k.scopes.to_vec(),
                     state: k.state,
-                    not_before: extra.not_before,
+                    not_before: k.not_before,
                     expires_at: k.expires_at,
-                    deprecated_at: extra.deprecated_at,
-                    description: extra.description.map(|d| self.str(d).to_owned()),
-                    rate_limit: extra.rate_limit,
-                    line: k.line as usize,
+                    deprecated_at: k.deprecated_at,
+                    description: k.description.map(str::to_owned),
+                    rate_limit: k.rate_limit,
+                    line: self.keys[i].line as usize,
                 }
             })
             .collect();
