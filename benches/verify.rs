@@ -33,6 +33,10 @@ use keyward::service::{AuthzService, Shared};
 use keyward::stats::CheckStats;
 use prost::Message as _;
 
+/// The server's allocator: a large ring's tables sit in huge pages there.
+#[global_allocator]
+static ALLOC: keyward::pages::LargePages = keyward::pages::LargePages;
+
 fn secret(i: usize) -> String {
     format!("bench-secret-{i:012}-abcdefghijklmnopqrstuvwxyz")
 }
@@ -79,6 +83,8 @@ fn verify_one(ring: &KeyRing, stats: &CheckStats, key: &str, now: Timestamp) -> 
 }
 
 fn verify(c: &mut Criterion) {
+    // `BENCH_SMALL_PAGES=1` measures the rings without huge pages.
+    keyward::pages::set_advising(std::env::var_os("BENCH_SMALL_PAGES").is_none());
     let mut g = c.benchmark_group("verify");
     g.throughput(Throughput::Elements(1));
     let present = secret(7);

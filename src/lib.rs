@@ -43,6 +43,7 @@ pub mod keys;
 pub mod limit;
 pub mod lockout;
 pub mod metrics;
+pub mod pages;
 pub mod pb;
 pub mod priority;
 pub mod reload;

@@ -47,6 +47,10 @@ struct Args {
     /// How many secrets to write with --secrets.
     #[arg(long, default_value_t = 100)]
     secrets_count: usize,
+    /// Do not ask for transparent huge pages for large blocks (the server
+    /// does), to measure what they are worth.
+    #[arg(long)]
+    small_pages: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -59,8 +63,15 @@ enum Which {
     Full,
 }
 
+/// The server's allocator, so the timings are the server's.
+#[global_allocator]
+static ALLOC: keyward::pages::LargePages = keyward::pages::LargePages;
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    // The server's allocator settings too.
+    keyward::ring::configure_allocator();
+    keyward::pages::set_advising(!args.small_pages);
     let result = match (&args.out, &args.parse) {
         (Some(out), None) => write(out, args.keys).and_then(|()| match &args.secrets {
             Some(path) => write_secrets(path, args.keys, args.secrets_count),

@@ -98,6 +98,10 @@ fn source(generation: u64) -> RingSource {
     }
 }
 
+/// The server's allocator, so the figures are the server's.
+#[global_allocator]
+static ALLOC: keyward::pages::LargePages = keyward::pages::LargePages;
+
 fn main() {
     keyward::ring::configure_allocator();
     let n: usize = std::env::args()
