@@ -1160,7 +1160,9 @@ impl Validator<'_> {
     fn cross_checks(&mut self, keys: &[KeySpec]) {
         self.diags.extend(too_many_keys(keys, MAX_KEYS));
         let mut ids: ahash::AHashMap<&str, usize> = ahash::AHashMap::new();
-        let mut digests: ahash::AHashMap<[u8; 32], &str> = ahash::AHashMap::new();
+        // Keyed by what a ring keeps of a digest (see `DigestPrefix`).
+        let mut digests: ahash::AHashMap<crate::ring::DigestPrefix, (&str, &[u8; 32])> =
+            ahash::AHashMap::new();
         let mut found = Vec::new();
         for k in keys {
             if let Some(first) = ids.insert(&k.id, k.line) {
@@ -1170,14 +1172,25 @@ impl Validator<'_> {
                     message: format!("duplicate id {:?} (first defined on line {first})", k.id),
                 });
             }
-            if let Some(other) = digests.insert(k.digest, &k.id) {
+            let prefix = crate::ring::digest_prefix(&k.digest);
+            if let Some((other, digest)) = digests.insert(prefix, (&k.id, &k.digest)) {
+                let message = if *digest == k.digest {
+                    format!(
+                        "key {:?} has the same sha256 as key {other:?}: digests must be unique",
+                        k.id
+                    )
+                } else {
+                    format!(
+                        "key {:?} has a sha256 whose first 32 hex digits are those of key \
+                         {other:?}'s: keys are told apart by them, so they must be unique \
+                         (two real SHA-256 digests never share them)",
+                        k.id
+                    )
+                };
                 found.push(Diagnostic {
                     line: k.line,
                     column: 1,
-                    message: format!(
-                        "key {:?} has the same sha256 as key {other:?}: digests must be unique",
-                        k.id
-                    ),
+                    message,
                 });
             }
         }
@@ -1449,6 +1462,29 @@ deprecated_at = 2026-01-01
             errors(&text),
             vec!["5:1: key \"b\" has the same sha256 as key \"a\": digests must be unique"]
         );
+        // Digests that differ only past their first 128 bits are one key to
+        // a ring, so they are refused too; one bit earlier, they are not.
+        let with = |d2: &str| {
+            format!(
+                "[[keys]]\nid = \"a\"\nclient = \"c\"\nsha256 = \"{D1}\"\n[[keys]]\nid = \"b\"\nclient = \"c\"\nsha256 = \"{d2}\"\n"
+            )
+        };
+        let late = format!("{}{}", &D1[..32], "0".repeat(32));
+        let e = errors(&with(&late));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with(
+                "5:1: key \"b\" has a sha256 whose first 32 hex digits are those of key \"a\"'s"
+            ),
+            "{e:?}"
+        );
+        let early = format!(
+            "{}{}{}",
+            &D1[..31],
+            if &D1[31..32] == "0" { "1" } else { "0" },
+            &D1[32..]
+        );
+        assert!(parse_str(&with(&early), ParseOptions::default()).is_ok());
     }
 
     #[test]

@@ -429,7 +429,7 @@ fn changes(old: KeyRef<'_>, new: KeyRef<'_>) -> Vec<String> {
     if old.client() != new.client() {
         what.push(format!("client {} -> {}", old.client(), new.client()));
     }
-    if old.digest() != new.digest() {
+    if old.digest_prefix() != new.digest_prefix() {
         what.push("secret replaced".into());
     }
     if old.rate_limit() != new.rate_limit() {

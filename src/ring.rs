@@ -11,8 +11,9 @@
 //! A ring holds a million keys in well under a hundred bytes each, so it is
 //! laid out in columns rather than as one struct per key:
 //!
-//! - one fixed-size slot per key (file order, 44 bytes) with what the
-//!   verify path reads: the digest, the offset of the id in a shared string
+//! - one fixed-size slot per key (file order, 28 bytes) with what the
+//!   verify path reads: the first 128 bits of the digest (see
+//!   [`DigestPrefix`]), the offset of the id in a shared string
 //!   arena (without the client's name when the id starts with it; see
 //!   [`KeyId`]), the interned (client, scope set) profile, the state, the
 //!   expiry in whole seconds, and flags saying which rare fields the key has;
@@ -48,6 +49,26 @@ use crate::keyfile::{KeyFile, KeySource, KeyState, KeyView, Parsed, RateLimitSpe
 
 /// A SHA-256 digest.
 pub type Digest = [u8; 32];
+
+/// What a ring keeps of a key's digest: its first 128 bits.
+///
+/// A ring is looked up by the SHA-256 of the presented secret, and a key
+/// matches when the first 128 bits agree. To be let in with a secret that is
+/// not the key's, an attacker must find a second preimage for those 128 bits
+/// (2^128 SHA-256 computations, the strength of a 128-bit key), and the
+/// chance that a random guess matches any of a million keys is 2^-108. The
+/// other 128 bits would add strength nobody can use while costing 16 bytes
+/// per key: 16 MB of a million-key ring. The key file keeps the whole
+/// digest, and the validator refuses duplicates by it.
+pub type DigestPrefix = [u8; 16];
+
+/// The part of `digest` a ring keeps.
+#[inline]
+pub fn digest_prefix(digest: &Digest) -> DigestPrefix {
+    let mut prefix = [0u8; 16];
+    prefix.copy_from_slice(&digest[..16]);
+    prefix
+}
 
 /// Denial reasons counted per key in [`KeyUsage::denied`].
 pub const KEY_DENIAL_REASONS: usize = 6;
@@ -154,10 +175,10 @@ const PROFILE_SHIFT: u32 = FLAG_BITS + STATE_BITS;
 /// Profiles a ring can index: 2^24, more than [`crate::keyfile::MAX_KEYS`].
 const MAX_PROFILES: usize = 1 << (u32::BITS - PROFILE_SHIFT);
 
-/// What the ring keeps of every key: 44 bytes.
+/// What the ring keeps of every key: 28 bytes.
 #[derive(Debug, Clone, Copy)]
 struct Slot {
-    digest: Digest,
+    digest: DigestPrefix,
     /// Start of the id in the arena; it ends where the next id starts.
     id_start: u32,
     /// Unix seconds of the expiry (0: none, or see [`F_EXPIRES_EXACT`]).
@@ -399,7 +420,7 @@ fn index_bits(n: usize) -> u32 {
 /// The tag bits of a digest-table cell for `digest` (the bits above
 /// `index_bits`).
 #[inline]
-fn cell_tag(digest: &Digest, index_bits: u32) -> u32 {
+fn cell_tag(digest: &DigestPrefix, index_bits: u32) -> u32 {
     // A shift of a u64 by at most 32, truncated: the tag's low bits, moved up.
     (u64::from(digest_tag(digest)) << index_bits) as u32
 }
@@ -423,7 +444,7 @@ fn home(hash: u64, len: usize) -> usize {
 }
 
 #[inline]
-fn digest_hash(d: &Digest) -> u64 {
+fn digest_hash(d: &DigestPrefix) -> u64 {
     // SHA-256 output is already uniformly distributed, so hashing it again is
     // wasted work. Flooding is not a concern: an attacker chooses only the
     // digests that are *looked up*, never the ones stored, so crafted digests
@@ -434,7 +455,7 @@ fn digest_hash(d: &Digest) -> u64 {
 }
 
 #[inline]
-fn digest_tag(d: &Digest) -> u32 {
+fn digest_tag(d: &DigestPrefix) -> u32 {
     let mut t = [0u8; 4];
     t.copy_from_slice(&d[8..12]);
     u32::from_le_bytes(t)
@@ -631,7 +652,7 @@ impl KeyRing {
                     deprecated_at.push(index, at);
                 }
                 slots.push(Slot {
-                    digest: *spec.digest,
+                    digest: digest_prefix(spec.digest),
                     id_start,
                     expires_at,
                     meta: profile << PROFILE_SHIFT
@@ -761,6 +782,7 @@ impl KeyRing {
         if len == 0 {
             return EMPTY;
         }
+        let digest = &digest_prefix(digest);
         let mask = index_mask(self.digest_index_bits);
         let tag = cell_tag(digest, self.digest_index_bits);
         let mut at = home(digest_hash(digest), len);
@@ -1189,8 +1211,10 @@ impl<'r> KeyRef<'r> {
         ring.clients.get(start..end).unwrap_or("")
     }
 
-    /// SHA-256 of the secret (not secret itself, but never exposed by the admin API).
-    pub fn digest(&self) -> &'r Digest {
+    /// The first 128 bits of the SHA-256 of the secret, all the ring keeps
+    /// (see [`DigestPrefix`]); not secret itself, but never exposed by the
+    /// admin API.
+    pub fn digest_prefix(&self) -> &'r DigestPrefix {
         &self.slot().digest
     }
 
@@ -1571,8 +1595,8 @@ expires_at = 2027-02-27T00:00:00Z
     }
 
     #[test]
-    fn a_slot_is_44_bytes() {
-        assert_eq!(std::mem::size_of::<Slot>(), 44);
+    fn a_slot_is_28_bytes() {
+        assert_eq!(std::mem::size_of::<Slot>(), 28);
     }
 
     #[test]
@@ -1636,6 +1660,44 @@ expires_at = 2027-02-27T00:00:00Z
         }
         assert!(ring.lookup(&sha("absent")).is_none());
         assert!(ring.by_id("c0-absent").is_none());
+    }
+
+    #[test]
+    fn a_key_is_found_by_the_first_128_bits_of_its_digest() {
+        let digest = sha("the secret");
+        let ring = KeyRing::build(
+            &KeyFile {
+                keys: vec![KeySpec {
+                    id: "a".into(),
+                    client: "c".into(),
+                    digest,
+                    ..KeySpec::blank(1)
+                }],
+                routes: vec![],
+            },
+            source(1),
+            &UsageRegistry::default(),
+            None,
+        );
+        assert_eq!(
+            ring.lookup(&digest).map(|k| k.id().to_string()),
+            Some("a".into())
+        );
+        assert_eq!(
+            ring.by_id("a").map(|k| *k.digest_prefix()),
+            Some(digest_prefix(&digest))
+        );
+        // What the ring does not keep does not take part in the match...
+        let mut tail = digest;
+        tail[31] ^= 1;
+        assert!(ring.lookup(&tail).is_some());
+        // ...and every bit it keeps does: one past the hash and the tag bits,
+        // and each of the others.
+        for byte in 0..16 {
+            let mut other = digest;
+            other[byte] ^= 0x80;
+            assert!(ring.lookup(&other).is_none(), "byte {byte}");
+        }
     }
 
     #[test]
@@ -1872,7 +1934,7 @@ expires_at = 2200-01-01T00:00:00Z
         assert_eq!(index_bits(1), 1);
         assert_eq!(index_bits(1_000_000), 20);
         assert_eq!(index_bits(u32::MAX as usize - 1), 32);
-        let d = [0xff; 32];
+        let d = [0xff; 16];
         assert_eq!(cell_tag(&d, 20), 0xfff0_0000);
         assert_eq!(index_mask(20), 0x000f_ffff);
         // With every bit taken by the index there is no tag, and lookups

@@ -129,7 +129,8 @@ pub fn parse_fast_compact_threads(
     }
     let unique = no_duplicates(&id_tags, |a, b| file.id(a).cmp(file.id(b)))
         && no_duplicates(&digest_tags, |a, b| {
-            file.keys[a].digest.cmp(&file.keys[b].digest)
+            // What a ring keeps of a digest must be unique (see `DigestPrefix`).
+            file.keys[a].digest[..16].cmp(&file.keys[b].digest[..16])
         });
     unique.then_some(file)
 }
@@ -749,10 +750,11 @@ fn id_hash(id: &str) -> u64 {
 }
 
 /// Digests are SHA-256 outputs, so folding their words is hash enough (and
-/// equal hashes are compared in full anyway).
+/// equal hashes are compared in full anyway). Only the first 128 bits count:
+/// they are what must be unique (see `DigestPrefix`).
 fn digest_hash(d: &[u8; 32]) -> u64 {
     let mut h: u64 = 0;
-    for (i, w) in d.chunks_exact(8).enumerate() {
+    for (i, w) in d[..16].chunks_exact(8).enumerate() {
         let mut word = [0u8; 8];
         word.copy_from_slice(w);
         h ^= u64::from_le_bytes(word).rotate_left(16 * i as u32);
@@ -1801,7 +1803,7 @@ mod tests {
         let mut text = String::from("# a ring\n\n");
         for i in 0..50 {
             text.push_str(&format!(
-                "[[keys]]\r\nid = \"k{i}\"\r\nclient = \"c\"\r\n# note\r\nsha256 = \"{:064x}\"\r\n\r\n",
+                "[[keys]]\r\nid = \"k{i}\"\r\nclient = \"c\"\r\n# note\r\nsha256 = \"{:032x}00000000000000000000000000000000\"\r\n\r\n",
                 i + 1
             ));
             if i % 7 == 0 {
@@ -1820,7 +1822,7 @@ mod tests {
     fn parts_fail_cleanly() {
         let entry = |i: usize| {
             format!(
-                "[[keys]]\nid = \"k{i}\"\nclient = \"c\"\nsha256 = \"{:064x}\"\n",
+                "[[keys]]\nid = \"k{i}\"\nclient = \"c\"\nsha256 = \"{:032x}00000000000000000000000000000000\"\n",
                 i + 1
             )
         };
@@ -1830,11 +1832,11 @@ mod tests {
             format!("{many}bogus = 1\n"),
             format!("[[keys]]\nbogus = 1\n{many}"),
             format!(
-                "{many}[[keys]]\nid = \"k0\"\nclient = \"c\"\nsha256 = \"{:064x}\"\n",
+                "{many}[[keys]]\nid = \"k0\"\nclient = \"c\"\nsha256 = \"{:032x}00000000000000000000000000000000\"\n",
                 99
             ),
             format!(
-                "{many}  [[ keys ]]\nid = \"x\"\nclient = \"c\"\nsha256 = \"{:064x}\"\n",
+                "{many}  [[ keys ]]\nid = \"x\"\nclient = \"c\"\nsha256 = \"{:032x}00000000000000000000000000000000\"\n",
                 99
             ),
             format!("{many}description = \"\n[[keys]]\"\n"),
@@ -1870,12 +1872,21 @@ mod tests {
     #[test]
     fn duplicates_are_found_among_many_keys() {
         let entry = |i: usize, d: usize| {
-            format!("[[keys]]\nid = \"k{i}\"\nclient = \"c\"\nsha256 = \"{d:064x}\"\n")
+            format!(
+                "[[keys]]\nid = \"k{i}\"\nclient = \"c\"\nsha256 = \"{d:032x}00000000000000000000000000000000\"\n"
+            )
         };
         let many: String = (0..3_000).map(|i| entry(i, i + 1)).collect();
         assert!(agree(&many));
         assert!(!agree(&format!("{many}{}", entry(5, 99_999))));
         assert!(!agree(&format!("{many}{}", entry(99_999, 2_999))));
+        // A digest that repeats another's first 128 bits is a duplicate.
+        let late = format!(
+            "[[keys]]\nid = \"late\"\nclient = \"c\"\nsha256 = \"{:032x}{}\"\n",
+            17,
+            "f".repeat(32)
+        );
+        assert!(!agree(&format!("{many}{late}")));
         assert!(!agree(&format!("{}{many}", entry(2_999, 99_999))));
     }
 
@@ -1969,7 +1980,7 @@ mod tests {
                 format!("'c{}'", i % 4)
             };
             text.push_str(&format!(
-                "[[keys]]\nid = {id}\nclient = {client}\nsha256 = \"{:064x}\"\n{}\n",
+                "[[keys]]\nid = {id}\nclient = {client}\nsha256 = \"{:032x}00000000000000000000000000000000\"\n{}\n",
                 i + 1,
                 scopes[i % scopes.len()]
             ));
@@ -2003,7 +2014,7 @@ mod tests {
             for (x, y) in a.keys().zip(b.keys()) {
                 assert_eq!(x.id(), y.id());
                 assert_eq!(x.client(), y.client());
-                assert_eq!(x.digest(), y.digest());
+                assert_eq!(x.digest_prefix(), y.digest_prefix());
                 assert_eq!(x.scopes(), y.scopes());
                 assert_eq!(x.scopes_joined(), y.scopes_joined());
                 assert_eq!(x.state(), y.state());

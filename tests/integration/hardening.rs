@@ -321,7 +321,7 @@ fn a_million_tiny_keys_load() {
     let mut text = String::with_capacity(1_000_000 * 110);
     for i in 0..1_000_000u32 {
         text.push_str(&format!(
-            "[[keys]]\nid = \"k{i}\"\nclient = \"c\"\nsha256 = \"{:064x}\"\n",
+            "[[keys]]\nid = \"k{i}\"\nclient = \"c\"\nsha256 = \"{:032x}00000000000000000000000000000000\"\n",
             u128::from(i) * 0x9e37_79b9_7f4a_7c15 + 1
         ));
     }
