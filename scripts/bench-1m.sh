@@ -33,9 +33,9 @@ source scripts/lib.sh
 rss_mib() { awk '/^VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 now_ms() { date +%s%3N; }
 # Polls the admin port from one process over one kept-alive connection every
-# 5 ms, and prints the wall clock (ms) when the condition held: `ready` waits
-# for /readyz = 200; `renamed FROM TO` renames FROM over TO and waits for a
-# new generation on /ring. A process per poll (curl, ~200 a second) would
+# 5 ms: `ready PID` waits for /readyz = 200 and prints the wall clock (ms)
+# then; `renamed FROM TO` renames FROM over TO, waits for a new generation
+# on /ring and prints the milliseconds between the two. A process per poll (curl, ~200 a second) would
 # take CPU from the reload's background threads and lengthen what is measured.
 poll_admin() {
     python3 - "$admin" "$@" <<'EOF'
@@ -50,24 +50,40 @@ def get(path):
         conn.request("GET", path)
         r = conn.getresponse()
         return r.status, r.read()
-    except OSError:
+    except (OSError, http.client.HTTPException):
         conn = None
         return None, b""
 def generation():
     status, body = get("/ring")
-    return json.loads(body)["generation"] if status == 200 else -1
+    if status != 200:
+        return None
+    try:
+        return json.loads(body)["generation"]
+    except (ValueError, KeyError):
+        return None
 deadline = time.monotonic() + 120
+def waiting():
+    if time.monotonic() >= deadline:
+        sys.exit("timed out")
+    time.sleep(0.005)
+    return True
 if what == "ready":
-    while get("/readyz")[0] != 200 and time.monotonic() < deadline:
-        time.sleep(0.005)
+    pid = int(sys.argv[3])
+    while get("/readyz")[0] != 200:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            sys.exit("the server exited")
+        waiting()
+    print(time.time_ns() // 1_000_000)
 else:
-    g = generation()
+    while (g := generation()) is None:
+        waiting()
+    start = time.monotonic()
     os.rename(sys.argv[3], sys.argv[4])
-    while generation() <= g and time.monotonic() < deadline:
-        time.sleep(0.005)
-if time.monotonic() >= deadline:
-    sys.exit("timed out")
-print(time.time_ns() // 1_000_000)
+    while (now := generation()) is None or now <= g:
+        waiting()
+    print(round((time.monotonic() - start) * 1000))
 EOF
 }
 generation() { curl -sf "http://127.0.0.1:$admin/ring" | grep -o '"generation":[0-9]*' | cut -d: -f2; }
@@ -83,7 +99,7 @@ start="$(now_ms)"
     --lockout-threshold 0 --poll-interval 0s 2> "$work/keyward.log" &
 pid=$!
 pids+=("$pid")
-ready="$(poll_admin ready)" || { cat "$work/keyward.log" >&2; exit 1; }
+ready="$(poll_admin ready "$pid")" || { cat "$work/keyward.log" >&2; exit 1; }
 echo "ready after:         $((ready - start)) ms (exec to /readyz = 200)"
 echo "resident when ready: $(rss_mib "$pid") MiB"
 "$bin/keyward-loadgen" --target "http://127.0.0.1:$grpc" --keys "$work/secrets.txt" --required-scopes "" \
@@ -107,10 +123,9 @@ EOF
 # and most configuration tools do: the reload does not share the machine
 # with the write-back of 150 MB.
 cp "$work/b.toml" "$work/next.toml"
-sync "$work/next.toml"
-t0="$(now_ms)"
-t1="$(poll_admin renamed "$work/next.toml" "$keys")"
-echo "reload serving after: $((t1 - t0)) ms (rename to new generation on /ring)"
+sync
+took="$(poll_admin renamed "$work/next.toml" "$keys")"
+echo "reload serving after: $took ms (rename to new generation on /ring)"
 g0="$(generation)"
 sleep 2
 echo "resident after swap: $(rss_mib "$pid") MiB"

@@ -7,110 +7,231 @@
 //! Most Linux distributions ship transparent huge pages in `madvise` mode:
 //! a mapping gets 2 MiB pages only when the program asks for them.
 //!
-//! [`LargePages`] is the system allocator plus that request: every block of
-//! at least [`ADVISE_FROM`] bytes is advised `MADV_HUGEPAGE` as soon as it is
-//! allocated, before anything touches it. The allocator maps such blocks on
-//! their own (see [`crate::ring::configure_allocator`]) and unmaps them when
-//! they are freed, so huge pages go back to the system with the ring or
-//! buffer that held them, and the resident set still falls back to its
-//! steady state after a swap. Small allocations, including everything on the
-//! verify path, take the system allocator's path unchanged, behind one
-//! comparison.
+//! [`LargePages`] gives every block of at least [`LARGE`] bytes a mapping of
+//! its own (`mmap`; `mremap` to grow or shrink it; `munmap` when it is
+//! freed) and advises it `MADV_HUGEPAGE` before anything touches it. Huge
+//! pages therefore go back to the system with the ring or buffer that held
+//! them, never mix with a heap's small allocations, and the resident set
+//! falls back to its steady state after a swap. Smaller blocks, including
+//! everything on the verify path, go to the system allocator unchanged,
+//! behind one comparison.
 //!
-//! Where transparent huge pages are off (`never`) the advice is ignored, and
-//! with `always` it changes nothing. On other systems [`LargePages`] is the
-//! system allocator.
+//! Where transparent huge pages are off (`never`) the advice is ignored. The
+//! advice also opts the block into the kernel's `defrag` policy for advised
+//! memory (`madvise` by default): when free 2 MiB pages are scarce, the
+//! faulting thread (a reload's, not a serving one) compacts memory first.
+//! On other systems [`LargePages`] is the system allocator.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Size of a transparent huge page on x86-64 and most arm64 kernels.
-pub const HUGE_PAGE: usize = 2 << 20;
+/// Blocks at least this large get a mapping of their own, advised to use
+/// huge pages (2 MiB on x86-64 and on most arm64 kernels); smaller ones
+/// could not hold a whole huge page.
+pub const LARGE: usize = 2 << 20;
 
-/// Blocks at least this large are advised to use huge pages: smaller ones
-/// cannot hold a whole aligned huge page.
-pub const ADVISE_FROM: usize = HUGE_PAGE;
-
-/// The system allocator, asking for transparent huge pages for every block
-/// of at least [`ADVISE_FROM`] bytes. Install it in a binary with
-/// `#[global_allocator] static ALLOC: LargePages = LargePages;`.
+/// The system allocator, except that blocks of at least [`LARGE`] bytes are
+/// mappings of their own with transparent huge pages. Install it in a binary
+/// with `#[global_allocator] static ALLOC: LargePages = LargePages;`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LargePages;
 
 static ADVISING: AtomicBool = AtomicBool::new(true);
 
-/// Turns the advice on or off for blocks allocated from now on (on by
+/// Turns the advice on or off for blocks mapped from now on (on by
 /// default); for measuring what it is worth.
 pub fn set_advising(on: bool) {
     ADVISING.store(on, Ordering::Relaxed);
 }
 
-// SAFETY: every method forwards to `System` with the caller's arguments and
-// returns its result unchanged; `advise` only sets advice on memory the
-// block owns and moves nothing.
+/// Whether a block of `layout` is mapped here. The same layout always gives
+/// the same answer, so a block is freed the way it was allocated.
+#[inline]
+fn mapped(layout: Layout) -> bool {
+    cfg!(target_os = "linux") && layout.size() >= LARGE && layout.align() <= os::page()
+}
+
+// SAFETY: blocks below `LARGE` (or aligned beyond a page) are `System`'s,
+// with the caller's arguments and `System`'s results unchanged. Larger ones
+// are whole anonymous mappings of at least `size` bytes, page-aligned (so
+// aligned to any `align` up to a page), zeroed by the kernel, unmapped only
+// by `dealloc`, and resized by `mremap`, which keeps their contents; a
+// failure returns null and leaves the caller's block as it was.
 unsafe impl GlobalAlloc for LargePages {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract is `System`'s.
-        let block = unsafe { System.alloc(layout) };
-        if layout.size() >= ADVISE_FROM {
-            advise(block, layout.size());
+        if mapped(layout) {
+            return os::map(layout.size());
         }
-        block
+        // SAFETY: the caller's contract is `System`'s.
+        unsafe { System.alloc(layout) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as above. A large zeroed block comes straight from the
-        // kernel, untouched, so the advice still applies to every page.
-        let block = unsafe { System.alloc_zeroed(layout) };
-        if layout.size() >= ADVISE_FROM {
-            advise(block, layout.size());
+        if mapped(layout) {
+            // Fresh anonymous memory is zeroed, untouched until written.
+            return os::map(layout.size());
         }
-        block
+        // SAFETY: as above.
+        unsafe { System.alloc_zeroed(layout) }
     }
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if mapped(layout) {
+            // SAFETY: `ptr` was mapped by `os::map` or `os::remap` with this
+            // size (the caller's contract), and nothing uses it any more.
+            unsafe { os::unmap(ptr, layout.size()) };
+            return;
+        }
         // SAFETY: as above.
         unsafe { System.dealloc(ptr, layout) }
     }
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: as above.
-        let block = unsafe { System.realloc(ptr, layout, new_size) };
-        // A block that grows past the threshold, or moves, is advised again;
-        // advising a range twice is harmless.
-        if new_size >= ADVISE_FROM {
-            advise(block, new_size);
+        // SAFETY: the caller guarantees `new_size`, rounded up to `align`,
+        // does not overflow `isize`.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        match (mapped(layout), mapped(new_layout)) {
+            // SAFETY: `ptr` is a mapping of `layout.size()` bytes from here.
+            (true, true) => unsafe { os::remap(ptr, layout.size(), new_size) },
+            // SAFETY: as in `alloc`.
+            (false, false) => unsafe { System.realloc(ptr, layout, new_size) },
+            // Across the threshold: a new block, the contents, the old block
+            // freed (kept if the new one cannot be had).
+            _ => {
+                // SAFETY: `new_layout` is non-zero (the caller's contract).
+                let block = unsafe { self.alloc(new_layout) };
+                if !block.is_null() {
+                    // SAFETY: both blocks hold at least this many bytes and
+                    // are distinct allocations.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(ptr, block, layout.size().min(new_size));
+                        self.dealloc(ptr, layout);
+                    }
+                }
+                block
+            }
         }
-        block
     }
 }
 
-/// Advises `MADV_HUGEPAGE` for the whole pages spanned by `len` bytes at
-/// `block`. Failure (no THP support, an old kernel) leaves ordinary pages.
-#[cold]
-#[inline(never)]
-fn advise(block: *mut u8, len: usize) {
-    #[cfg(target_os = "linux")]
-    if !block.is_null() && ADVISING.load(Ordering::Relaxed) {
-        const PAGE: usize = 4096;
-        let start = block as usize & !(PAGE - 1);
-        let end = (block as usize).saturating_add(len).next_multiple_of(PAGE);
-        // SAFETY: `[start, end)` is made of the pages holding the block just
-        // returned by the allocator, which the block owns or shares only
-        // with its own allocator header (a large block is a mapping of its
-        // own). MADV_HUGEPAGE changes how future faults in that range are
-        // served; it does not change contents or validity of any memory,
-        // and on error it changes nothing.
-        unsafe {
-            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+#[cfg(target_os = "linux")]
+mod os {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static PAGE: AtomicUsize = AtomicUsize::new(0);
+
+    /// The system's page size.
+    #[inline]
+    pub fn page() -> usize {
+        match PAGE.load(Ordering::Relaxed) {
+            0 => {
+                // SAFETY: `sysconf` reads a constant the kernel passed at
+                // exec; it allocates nothing and has no preconditions.
+                let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+                let page = usize::try_from(page)
+                    .ok()
+                    .filter(|p| p.is_power_of_two())
+                    .unwrap_or(4096);
+                PAGE.store(page, Ordering::Relaxed);
+                page
+            }
+            page => page,
         }
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (block, len);
+
+    /// `size` rounded up to whole pages.
+    fn span(size: usize) -> usize {
+        size.next_multiple_of(page())
+    }
+
+    /// A new anonymous mapping of at least `size` bytes, advised; null if
+    /// the system has no memory for it.
+    #[cold]
+    pub fn map(size: usize) -> *mut u8 {
+        let len = span(size);
+        // SAFETY: a new private anonymous mapping at an address the kernel
+        // picks; it overlaps nothing that exists.
+        let block = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if block == libc::MAP_FAILED {
+            return std::ptr::null_mut();
+        }
+        advise(block, len);
+        block.cast()
+    }
+
+    /// Resizes the mapping at `block` from `old` to `new` bytes, moving it
+    /// if need be; null (and the mapping untouched) on failure.
+    ///
+    /// # Safety
+    /// `block` must be a mapping of `old` bytes made by [`map`] or [`remap`].
+    #[cold]
+    pub unsafe fn remap(block: *mut u8, old: usize, new: usize) -> *mut u8 {
+        // SAFETY: the caller's contract: the whole range is one mapping we
+        // own (advised whole, so the kernel never split it).
+        let moved =
+            unsafe { libc::mremap(block.cast(), span(old), span(new), libc::MREMAP_MAYMOVE) };
+        if moved == libc::MAP_FAILED {
+            return std::ptr::null_mut();
+        }
+        // A grown mapping keeps its advice, which covers the new pages too.
+        moved.cast()
+    }
+
+    /// Unmaps `size` bytes at `block`.
+    ///
+    /// # Safety
+    /// `block` must be a mapping of `size` bytes made by [`map`] or
+    /// [`remap`] that nothing uses any more.
+    #[cold]
+    pub unsafe fn unmap(block: *mut u8, size: usize) {
+        // SAFETY: the caller's contract. A failure (impossible for a valid
+        // mapping) would leak the pages, never free them twice.
+        unsafe {
+            libc::munmap(block.cast(), span(size));
+        }
+    }
+
+    /// Advises `MADV_HUGEPAGE` for the whole mapping (a part would split it
+    /// in two, and `mremap` cannot move a split one). Failure (no THP in
+    /// this kernel) leaves ordinary pages.
+    fn advise(block: *mut libc::c_void, len: usize) {
+        if super::ADVISING.load(Ordering::Relaxed) {
+            // SAFETY: `block..block + len` is the mapping just made; the
+            // advice changes how its future faults are served, nothing else.
+            unsafe {
+                libc::madvise(block, len, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod os {
+    pub fn page() -> usize {
+        4096
+    }
+    pub fn map(_: usize) -> *mut u8 {
+        unreachable!("only Linux maps blocks itself")
+    }
+    pub unsafe fn remap(_: *mut u8, _: usize, _: usize) -> *mut u8 {
+        unreachable!("only Linux maps blocks itself")
+    }
+    pub unsafe fn unmap(_: *mut u8, _: usize) {
+        unreachable!("only Linux maps blocks itself")
+    }
 }
 
 #[cfg(test)]
@@ -140,45 +261,94 @@ mod tests {
         None
     }
 
+    /// The mapping holding `addr`: its start and end.
+    #[cfg(target_os = "linux")]
+    fn mapping(addr: usize) -> Option<(usize, usize)> {
+        let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+        maps.lines().find_map(|line| {
+            let (lo, hi) = line.split_whitespace().next()?.split_once('-')?;
+            let (lo, hi) = (
+                usize::from_str_radix(lo, 16).ok()?,
+                usize::from_str_radix(hi, 16).ok()?,
+            );
+            (lo..hi).contains(&addr).then_some((lo, hi))
+        })
+    }
+
     #[test]
     #[cfg(target_os = "linux")]
-    fn large_blocks_are_advised_even_when_they_grow() {
-        let large = Layout::from_size_align(8 << 20, 8).unwrap();
-        // SAFETY: a non-zero layout; the block is freed with the same one.
-        let block = unsafe { LargePages.alloc(large) };
-        assert!(!block.is_null());
+    fn large_blocks_are_advised_mappings_of_their_own() {
         // A kernel built without transparent huge pages refuses the advice.
         let thp = std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists();
+        let large = Layout::from_size_align(8 << 20, 8).unwrap();
+        // SAFETY: a non-zero layout; the block is freed with the layout it
+        // has at that point.
+        let block = unsafe { LargePages.alloc_zeroed(large) };
+        assert!(!block.is_null());
+        assert_eq!(block as usize % os::page(), 0);
+        // Its own mapping (the kernel may merge it with a neighbour that has
+        // the same flags, but never cuts it).
+        assert!(
+            mapping(block as usize)
+                .is_some_and(|(lo, hi)| lo <= block as usize && hi >= block as usize + (8 << 20))
+        );
         assert_eq!(advised(block as usize + (4 << 20)), Some(thp));
-        // The block is usable memory, and growing it keeps the advice.
+        // SAFETY: the block is 8 MiB, zeroed.
+        assert!(
+            unsafe { std::slice::from_raw_parts(block, 8 << 20) }
+                .iter()
+                .all(|&b| b == 0)
+        );
         // SAFETY: writes stay inside the block.
         unsafe { std::ptr::write_bytes(block, 7, large.size()) };
+
+        // Growing it keeps its contents and its advice over the whole
+        // (still single) mapping.
         // SAFETY: `block` came from `LargePages` with `large`.
         let grown = unsafe { LargePages.realloc(block, large, 24 << 20) };
         assert!(!grown.is_null());
         // SAFETY: the first 8 MiB were kept by the realloc.
         assert_eq!(unsafe { *grown.add((8 << 20) - 1) }, 7);
-        assert_eq!(advised(grown as usize + (20 << 20)), Some(thp));
-        // SAFETY: as above, with the grown layout.
-        unsafe {
-            LargePages.dealloc(grown, Layout::from_size_align(24 << 20, 8).unwrap());
-        }
-
-        // A small block takes the system allocator's path. (Whether its
-        // mapping is advised says nothing here: small blocks share heaps,
-        // which may hold large blocks in a process that did not raise the
-        // allocator's mapping threshold, as this test binary does not.)
-        let small = Layout::from_size_align(64 << 10, 8).unwrap();
-        // SAFETY: as above.
-        let block = unsafe { LargePages.alloc_zeroed(small) };
-        assert!(!block.is_null());
-        // SAFETY: the block is `small.size()` bytes, zeroed.
         assert!(
-            unsafe { std::slice::from_raw_parts(block, small.size()) }
-                .iter()
-                .all(|&b| b == 0)
+            mapping(grown as usize)
+                .is_some_and(|(lo, hi)| lo <= grown as usize && hi >= grown as usize + (24 << 20))
         );
-        // SAFETY: as above.
-        unsafe { LargePages.dealloc(block, small) };
+        assert_eq!(advised(grown as usize + (20 << 20)), Some(thp));
+
+        // Shrinking below the threshold hands it to the system allocator,
+        // contents first; growing back maps it again.
+        let big = Layout::from_size_align(24 << 20, 8).unwrap();
+        // SAFETY: `grown` came from `LargePages` with `big`.
+        let small = unsafe { LargePages.realloc(grown, big, 64 << 10) };
+        assert!(!small.is_null());
+        // SAFETY: 64 KiB were kept.
+        assert!(
+            unsafe { std::slice::from_raw_parts(small, 64 << 10) }
+                .iter()
+                .all(|&b| b == 7)
+        );
+        let small_layout = Layout::from_size_align(64 << 10, 8).unwrap();
+        // SAFETY: `small` came from `LargePages` with `small_layout`.
+        let again = unsafe { LargePages.realloc(small, small_layout, 4 << 20) };
+        assert!(!again.is_null());
+        assert_eq!(again as usize % os::page(), 0);
+        // SAFETY: 64 KiB were kept.
+        assert!(
+            unsafe { std::slice::from_raw_parts(again, 64 << 10) }
+                .iter()
+                .all(|&b| b == 7)
+        );
+        // SAFETY: `again` came from `LargePages` with this layout.
+        unsafe { LargePages.dealloc(again, Layout::from_size_align(4 << 20, 8).unwrap()) };
+    }
+
+    #[test]
+    fn small_or_overaligned_blocks_are_the_system_allocators() {
+        assert!(!mapped(Layout::from_size_align(LARGE - 1, 8).unwrap()));
+        assert!(!mapped(Layout::from_size_align(LARGE, 1 << 20).unwrap()));
+        assert_eq!(
+            mapped(Layout::from_size_align(LARGE, 64).unwrap()),
+            cfg!(target_os = "linux")
+        );
     }
 }

@@ -55,11 +55,12 @@ pub type Digest = [u8; 32];
 /// A ring is looked up by the SHA-256 of the presented secret, and a key
 /// matches when the first 128 bits agree. To be let in with a secret that is
 /// not the key's, an attacker must find a second preimage for those 128 bits
-/// (2^128 SHA-256 computations, the strength of a 128-bit key), and the
-/// chance that a random guess matches any of a million keys is 2^-108. The
-/// other 128 bits would add strength nobody can use while costing 16 bytes
-/// per key: 16 MB of a million-key ring. The key file keeps the whole
-/// digest, and the validator refuses duplicates by it.
+/// (2^128 SHA-256 computations for one chosen key, 2^108 for any one of a
+/// million), and the chance that a random guess matches any of a million
+/// keys is 2^-108. The other 128 bits would add strength nobody can use
+/// while costing 16 bytes per key: 16 MB of a million-key ring. The key
+/// file keeps the whole digest; the validator refuses two keys whose
+/// digests share their first 128 bits.
 pub type DigestPrefix = [u8; 16];
 
 /// The part of `digest` a ring keeps.

@@ -749,8 +749,8 @@ fn id_hash(id: &str) -> u64 {
         >> 32
 }
 
-/// Digests are SHA-256 outputs, so folding their words is hash enough (and
-/// equal hashes are compared in full anyway). Only the first 128 bits count:
+/// Digests are SHA-256 outputs, so folding their words is hash enough.
+/// Only the first 128 bits are hashed, and equal hashes compare those bits:
 /// they are what must be unique (see `DigestPrefix`).
 fn digest_hash(d: &[u8; 32]) -> u64 {
     let mut h: u64 = 0;
