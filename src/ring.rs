@@ -272,16 +272,22 @@ impl<T> SparseBuilder<T> {
     }
 }
 
-/// The fields few keys have, in columns. Descriptions are ranges of one
-/// shared text (each ends where the next starts), so no key costs an
-/// allocation of its own.
+/// The fields few keys have, in columns. Deprecation times and descriptions
+/// are interned: keys deprecated together share a time, and descriptions
+/// are mostly written from a few templates. Each distinct description is a
+/// range of one shared text (each ends where the next starts), so no key
+/// costs an allocation of its own.
 #[derive(Debug)]
 struct Rare {
     not_before: Sparse<Timestamp>,
     expires_at: Sparse<Timestamp>,
     rate_limit: Sparse<RateLimitSpec>,
-    deprecated_at: Sparse<Timestamp>,
+    /// Indices into `deprecation_times`.
+    deprecated_at: Sparse<u32>,
+    deprecation_times: Box<[Timestamp]>,
+    /// Indices into `description_starts`.
     description: Sparse<u32>,
+    description_starts: Box<[u32]>,
     descriptions: Box<str>,
 }
 
@@ -544,7 +550,11 @@ impl KeyRing {
         let mut expires_exact = SparseBuilder::new();
         let mut rate_limit = SparseBuilder::new();
         let mut deprecated_at = SparseBuilder::new();
+        let mut deprecation_index: ahash::AHashMap<Timestamp, u32> = ahash::AHashMap::new();
+        let mut deprecation_times: Vec<Timestamp> = Vec::new();
         let mut description = SparseBuilder::new();
+        let mut description_index: ahash::AHashMap<&str, u32> = ahash::AHashMap::new();
+        let mut description_starts: Vec<u32> = Vec::new();
         let mut descriptions = String::new();
         let mut last_profile: Option<(Profile, u32)> = None;
         // The id index needs only the file: a large ring builds it on a
@@ -644,13 +654,22 @@ impl KeyRing {
                 }
                 if let Some(d) = spec.description {
                     flags |= F_DESCRIPTION;
-                    // Checked after the loop, like the ids.
-                    description.push(index, descriptions.len() as u32);
-                    descriptions.push_str(d);
+                    let distinct = *description_index.entry(d).or_insert_with(|| {
+                        // Checked after the loop, like the ids.
+                        description_starts.push(descriptions.len() as u32);
+                        descriptions.push_str(d);
+                        // At most one per key, so fewer than 2^32.
+                        (description_starts.len() - 1) as u32
+                    });
+                    description.push(index, distinct);
                 }
                 if let Some(at) = deprecation_time(&spec, previous, loaded_at) {
                     flags |= F_DEPRECATED_AT;
-                    deprecated_at.push(index, at);
+                    let distinct = *deprecation_index.entry(at).or_insert_with(|| {
+                        deprecation_times.push(at);
+                        (deprecation_times.len() - 1) as u32
+                    });
+                    deprecated_at.push(index, distinct);
                 }
                 slots.push(Slot {
                     digest: digest_prefix(spec.digest),
@@ -662,6 +681,7 @@ impl KeyRing {
                 });
             }
             drop((client_index, scope_index, profile_index, numbered_scopes));
+            drop((description_index, deprecation_index));
             assert!(
                 u32::try_from(descriptions.len()).is_ok() && u32::try_from(clients.len()).is_ok(),
                 "descriptions or client names longer than 4 GiB together"
@@ -700,7 +720,9 @@ impl KeyRing {
                 expires_at: expires_exact.finish(),
                 rate_limit: rate_limit.finish(),
                 deprecated_at: deprecated_at.finish(),
+                deprecation_times: deprecation_times.into_boxed_slice(),
                 description: description.finish(),
+                description_starts: description_starts.into_boxed_slice(),
                 descriptions: descriptions.into_boxed_str(),
             },
             by_digest,
@@ -1279,7 +1301,9 @@ impl<'r> KeyRef<'r> {
         if !self.has(F_DEPRECATED_AT) {
             return None;
         }
-        self.ring.rare.deprecated_at.get(self.index).copied()
+        let rare = &self.ring.rare;
+        let distinct = *rare.deprecated_at.get(self.index)? as usize;
+        rare.deprecation_times.get(distinct).copied()
     }
 
     /// Operator's description.
@@ -1288,12 +1312,11 @@ impl<'r> KeyRef<'r> {
             return None;
         }
         let rare = &self.ring.rare;
-        let at = rare.description.position(self.index)?;
-        let start = *rare.description.values.get(at)? as usize;
+        let distinct = *rare.description.get(self.index)? as usize;
+        let start = *rare.description_starts.get(distinct)? as usize;
         let end = rare
-            .description
-            .values
-            .get(at + 1)
+            .description_starts
+            .get(distinct + 1)
             .map_or(rare.descriptions.len(), |&next| next as usize);
         rare.descriptions.get(start..end)
     }
@@ -1892,6 +1915,20 @@ expires_at = 2200-01-01T00:00:00Z
             if i % 7 == 1 {
                 text.push_str("description = \"\"\n");
             }
+            if i % 7 == 2 {
+                text.push_str("description = \"shared\"\n");
+            }
+            match i % 11 {
+                3 => {
+                    text.push_str("state = \"deprecated\"\ndeprecated_at = 2026-11-20T09:30:00Z\n")
+                }
+                4 => text.push_str(&format!(
+                    "state = \"deprecated\"\ndeprecated_at = 2026-11-{:02}T00:00:00Z\n",
+                    i / 11 + 1
+                )),
+                5 => text.push_str("state = \"deprecated\"\n"),
+                _ => {}
+            }
             if i % 5 == 0 {
                 text.push_str(&format!(
                     "rate_limit = {{ requests = {}, per = \"1s\" }}\n",
@@ -1908,9 +1945,21 @@ expires_at = 2200-01-01T00:00:00Z
             let want = match i % 7 {
                 0 => Some(format!("key {i}")),
                 1 => Some(String::new()),
+                2 => Some("shared".to_string()),
                 _ => None,
             };
             assert_eq!(k.description().map(str::to_string), want, "k{i}");
+            let deprecated: Option<Timestamp> = match i % 11 {
+                3 => Some("2026-11-20T09:30:00Z".parse().unwrap()),
+                4 => Some(
+                    format!("2026-11-{:02}T00:00:00Z", i / 11 + 1)
+                        .parse()
+                        .unwrap(),
+                ),
+                5 => Some(source(1).loaded_at),
+                _ => None,
+            };
+            assert_eq!(k.deprecated_at(), deprecated, "k{i}");
             assert_eq!(
                 k.rate_limit().map(|l| l.requests),
                 (i % 5 == 0).then_some(i + 1)
@@ -1928,6 +1977,10 @@ expires_at = 2200-01-01T00:00:00Z
         assert_eq!(ring.client_starts.len(), 3);
         assert_eq!(ring.scope_sets.len(), 3);
         assert_eq!(ring.profiles.len(), 9);
+        // So are descriptions (eight "key {i}", "" and "shared") and
+        // deprecation times (one shared, five of their own, the load time).
+        assert_eq!(ring.rare.description_starts.len(), 10);
+        assert_eq!(ring.rare.deprecation_times.len(), 7);
     }
 
     #[test]
