@@ -1161,7 +1161,7 @@ impl Validator<'_> {
         self.diags.extend(too_many_keys(keys, MAX_KEYS));
         let mut ids: ahash::AHashMap<&str, usize> = ahash::AHashMap::new();
         // Keyed by what a ring keeps of a digest (see `DigestPrefix`).
-        let mut digests: ahash::AHashMap<crate::ring::DigestPrefix, (&str, &[u8; 32])> =
+        let mut digests: ahash::AHashMap<crate::ring::DigestPrefix, &KeySpec> =
             ahash::AHashMap::new();
         let mut found = Vec::new();
         for k in keys {
@@ -1172,9 +1172,13 @@ impl Validator<'_> {
                     message: format!("duplicate id {:?} (first defined on line {first})", k.id),
                 });
             }
+            // Each key is compared with the first key of its prefix, so a
+            // repeated digest is named as such even after a near miss.
             let prefix = crate::ring::digest_prefix(&k.digest);
-            if let Some((other, digest)) = digests.insert(prefix, (&k.id, &k.digest)) {
-                let message = if *digest == k.digest {
+            let first = *digests.entry(prefix).or_insert(k);
+            if !std::ptr::eq(first, k) {
+                let other = &first.id;
+                let message = if first.digest == k.digest {
                     format!(
                         "key {:?} has the same sha256 as key {other:?}: digests must be unique",
                         k.id
@@ -1477,6 +1481,18 @@ deprecated_at = 2026-01-01
                 "5:1: key \"b\" has a sha256 whose first 32 hex digits are those of key \"a\"'s"
             ),
             "{e:?}"
+        );
+        // A key repeating the first digest after a near miss is named as a
+        // repeat of the first key.
+        let third = format!(
+            "{}[[keys]]\nid = \"c\"\nclient = \"c\"\nsha256 = \"{D1}\"\n",
+            with(&late)
+        );
+        let e = errors(&third);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert_eq!(
+            e[1],
+            "9:1: key \"c\" has the same sha256 as key \"a\": digests must be unique"
         );
         let early = format!(
             "{}{}{}",
