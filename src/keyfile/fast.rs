@@ -49,7 +49,7 @@ use super::{
     KeyFile, KeySource, KeySpec, KeyState, KeyView, MAX_ID_LEN, ParseOptions, RateLimitSpec,
     RouteSpec, decode_digest, is_scope, parse_duration, parse_time,
 };
-use crate::ring::Digest;
+use crate::ring::{Digest, digest_prefix};
 
 /// Files smaller than this are parsed on one thread.
 const PARALLEL_MIN_BYTES: usize = 4 << 20;
@@ -130,7 +130,7 @@ pub fn parse_fast_compact_threads(
     let unique = no_duplicates(&id_tags, |a, b| file.id(a).cmp(file.id(b)))
         && no_duplicates(&digest_tags, |a, b| {
             // What a ring keeps of a digest must be unique (see `DigestPrefix`).
-            file.keys[a].digest[..16].cmp(&file.keys[b].digest[..16])
+            digest_prefix(&file.keys[a].digest).cmp(&digest_prefix(&file.keys[b].digest))
         });
     unique.then_some(file)
 }
@@ -754,7 +754,7 @@ fn id_hash(id: &str) -> u64 {
 /// they are what must be unique (see `DigestPrefix`).
 fn digest_hash(d: &[u8; 32]) -> u64 {
     let mut h: u64 = 0;
-    for (i, w) in d[..16].chunks_exact(8).enumerate() {
+    for (i, w) in digest_prefix(d).chunks_exact(8).enumerate() {
         let mut word = [0u8; 8];
         word.copy_from_slice(w);
         h ^= u64::from_le_bytes(word).rotate_left(16 * i as u32);
