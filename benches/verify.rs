@@ -15,6 +15,9 @@
 //! * `load/*`: what a reload does before it publishes: parsing a synthetic
 //!   key file's text (about 155 bytes a key, like `bench-keyfile` writes)
 //!   into its compact form and building the ring from that.
+//! * `audit_diff/*`: what a reload does after it publishes: the audit
+//!   record's diff of the old and new rings, for an unchanged file and for
+//!   one whose first tenth of keys were renamed.
 //!
 //! Compare figures within one run: the machine's speed drifts between runs.
 
@@ -28,6 +31,7 @@ use keyward::decide::{decide, digest, extract};
 use keyward::keyfile::{
     KeyFile, KeySpec, KeyState, ParseOptions, RateLimitSpec, parse_fast_compact,
 };
+use keyward::reload::Diff;
 use keyward::ring::{KeyRing, RingHandle, RingSource, UsageRegistry};
 use keyward::service::{AuthzService, Shared};
 use keyward::stats::CheckStats;
@@ -244,5 +248,40 @@ fn load(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, verify, verify_publishing, check, build, load);
+fn audit_diff(c: &mut Criterion) {
+    let mut g = c.benchmark_group("audit_diff");
+    g.sample_size(10);
+    for n in [100_000usize, 1_000_000] {
+        let text = keyward::bench_support::synthetic_key_file(n);
+        // The first tenth of the keys get new ids: added and removed keys.
+        let cut = text
+            .match_indices("[[keys]]")
+            .nth(n / 10)
+            .map_or(text.len(), |(at, _)| at);
+        let renamed = text[..cut].replace("-20261127-", "-20261128-") + &text[cut..];
+        let usage = UsageRegistry::default();
+        let ring = |t: &str| {
+            let file = parse_fast_compact(t, ParseOptions::default()).unwrap();
+            KeyRing::build(&file, source(), &usage, None)
+        };
+        let (old, same, new) = (ring(&text), ring(&text), ring(&renamed));
+        g.bench_function(BenchmarkId::new("unchanged", n), |b| {
+            b.iter(|| Diff::between(&old, &same))
+        });
+        g.bench_function(BenchmarkId::new("tenth_renamed", n), |b| {
+            b.iter(|| Diff::between(&old, &new))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    verify,
+    verify_publishing,
+    check,
+    build,
+    load,
+    audit_diff
+);
 criterion_main!(benches);

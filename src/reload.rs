@@ -26,7 +26,7 @@ use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::Notify;
 
 use crate::keyfile::{self, Fingerprint, ParseOptions};
-use crate::ring::{Digest, KeyRef, KeyRing};
+use crate::ring::{Digest, InPlace, KeyRef, KeyRing};
 use crate::service::Shared;
 
 /// Quiet time after the last filesystem event before reloading.
@@ -370,29 +370,40 @@ pub struct Diff {
 impl Diff {
     /// Compares `old` with `new`.
     pub fn between(old: &KeyRing, new: &KeyRing) -> Diff {
-        // Successive versions of a file mostly hold the same ids at the same
-        // positions: such pairs need no lookup by id.
-        fn in_place<'o>(k: KeyRef<'_>, other: &'o KeyRing) -> Option<KeyRef<'o>> {
-            other.key_at(k.index()).filter(|o| o.id() == k.id())
-        }
+        // Successive versions of a file mostly hold the same keys at the
+        // same positions: such pairs are compared slot to slot, with no
+        // lookup by id and no field built.
+        let mut in_place = InPlace::new(old, new);
+        // Keys of `old` that some key of `new` has the id of. Ids are unique
+        // in each ring, so the others were removed.
+        let mut kept = vec![false; old.len()];
         let mut d = Diff::default();
         for k in new.keys() {
-            let o = in_place(k, old).or_else(|| k.id().with_str(|id| old.by_id(id)));
-            match o {
-                None => d.added.push(k.id().to_string()),
-                Some(o) => {
-                    let what = changes(o, k);
-                    if !what.is_empty() {
-                        d.changed.push(format!("{}: {}", k.id(), what.join(", ")));
-                    }
+            let i = k.index();
+            let o = if in_place.same_id(i) {
+                if in_place.same_fields(i) {
+                    kept[i as usize] = true;
+                    continue;
                 }
+                old.key_at(i)
+            } else {
+                k.id().with_str(|id| old.by_id(id))
+            };
+            let Some(o) = o else {
+                d.added.push(k.id().to_string());
+                continue;
+            };
+            kept[o.index() as usize] = true;
+            let what = changes(o, k);
+            if !what.is_empty() {
+                d.changed.push(format!("{}: {}", k.id(), what.join(", ")));
             }
         }
-        for k in old.keys() {
-            if in_place(k, new).is_none() && k.id().with_str(|id| new.by_id(id)).is_none() {
-                d.removed.push(k.id().to_string());
-            }
-        }
+        d.removed = old
+            .keys()
+            .filter(|k| !kept[k.index() as usize])
+            .map(|k| k.id().to_string())
+            .collect();
         d
     }
 }
@@ -897,5 +908,150 @@ mod tests {
                 "b: scopes [] -> [read], secret replaced",
             ]
         );
+    }
+
+    /// The diff as plainly as it can be written: every key of each ring
+    /// looked up by id in the other, every field compared.
+    fn reference_diff(old: &KeyRing, new: &KeyRing) -> Diff {
+        let mut d = Diff::default();
+        for k in new.keys() {
+            match k.id().with_str(|id| old.by_id(id)) {
+                None => d.added.push(k.id().to_string()),
+                Some(o) => {
+                    let what = changes(o, k);
+                    if !what.is_empty() {
+                        d.changed.push(format!("{}: {}", k.id(), what.join(", ")));
+                    }
+                }
+            }
+        }
+        for k in old.keys() {
+            if k.id().with_str(|id| new.by_id(id)).is_none() {
+                d.removed.push(k.id().to_string());
+            }
+        }
+        d
+    }
+
+    #[test]
+    fn diffs_match_a_plain_comparison_of_every_key() {
+        use crate::keyfile::{KeyFile, KeySpec, KeyState, RateLimitSpec};
+        let mut seed = 0x5eed_u64;
+        let mut next = move |n: u64| {
+            seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut x = seed;
+            x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            (x ^ (x >> 31)) % n
+        };
+        let times: Vec<Option<Timestamp>> = vec![
+            None,
+            Some("2030-01-01T00:00:00Z".parse().unwrap()),
+            Some("2031-01-01T00:00:00Z".parse().unwrap()),
+            // Not a whole second: kept outside the slot.
+            Some("2030-01-01T00:00:00.5Z".parse().unwrap()),
+            Some("2030-01-01T00:00:00.25Z".parse().unwrap()),
+        ];
+        let scopes: [&[&str]; 4] = [&[], &["read"], &["read", "trade"], &["trade"]];
+        let clients = ["acme", "acme-eu", "bank", "c"];
+        let limits = [
+            None,
+            Some(RateLimitSpec {
+                requests: 10,
+                per: std::time::Duration::from_secs(1),
+                burst: 10,
+            }),
+            Some(RateLimitSpec {
+                requests: 20,
+                per: std::time::Duration::from_secs(1),
+                burst: 40,
+            }),
+        ];
+        let random_key = |n: u64, next: &mut dyn FnMut(u64) -> u64| {
+            let client = clients[next(4) as usize];
+            // Most ids start with their client's name, as the ring stores
+            // them specially; a few other keys have ids that do too.
+            let id = match next(3) {
+                0 => format!("k{n}"),
+                _ => format!("{}-{n}", clients[next(4) as usize]),
+            };
+            KeySpec {
+                digest: crate::decide::digest(&format!("{id}-{}", next(2))),
+                id,
+                client: client.to_string(),
+                scopes: scopes[next(4) as usize]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                state: [KeyState::Active, KeyState::Deprecated, KeyState::Revoked]
+                    [next(3) as usize],
+                not_before: times[next(5) as usize],
+                expires_at: times[next(5) as usize]
+                    .map(|t| t + jiff::SignedDuration::from_hours(24 * 366 * 5)),
+                deprecated_at: None,
+                description: None,
+                rate_limit: limits[next(3) as usize],
+                line: 1,
+            }
+        };
+        let usage = UsageRegistry::default();
+        let ring = |keys: &[KeySpec]| {
+            let file = KeyFile {
+                keys: keys.to_vec(),
+                routes: Vec::new(),
+            };
+            let source = RingSource {
+                generation: 1,
+                sha256: [0; 32],
+                loaded_at: Timestamp::now(),
+            };
+            KeyRing::build(&file, source, &usage, None)
+        };
+        for _ in 0..300 {
+            let old: Vec<KeySpec> = (0..next(40)).map(|n| random_key(n, &mut next)).collect();
+            // The next version: mostly the same keys in the same places.
+            let mut new = Vec::new();
+            for (i, k) in old.iter().enumerate() {
+                match next(12) {
+                    0 => {}
+                    // Another key; with the same number, its id may differ
+                    // from this one's only in the client's name.
+                    1 => new.push(random_key(i as u64 + 100 * next(2), &mut next)),
+                    2 | 3 => {
+                        // One field changed (or set to what it was).
+                        let other = random_key(0, &mut next);
+                        let mut changed = k.clone();
+                        match next(7) {
+                            0 => changed.digest = other.digest,
+                            1 => changed.client = other.client,
+                            2 => changed.scopes = other.scopes,
+                            3 => changed.state = other.state,
+                            4 => changed.not_before = other.not_before,
+                            5 => changed.expires_at = other.expires_at,
+                            _ => changed.rate_limit = other.rate_limit,
+                        }
+                        new.push(changed);
+                    }
+                    _ => new.push(k.clone()),
+                }
+            }
+            if next(4) == 0 && !new.is_empty() {
+                let at = next(new.len() as u64) as usize;
+                let k = new.remove(at);
+                new.push(k);
+            }
+            // Ids stay unique within each version.
+            let mut seen = std::collections::HashSet::new();
+            new.retain(|k| seen.insert(k.id.clone()));
+            let (old, new) = (ring(&old), ring(&new));
+            let (got, want) = (Diff::between(&old, &new), reference_diff(&old, &new));
+            let sorted = |mut v: Vec<String>| {
+                v.sort();
+                v
+            };
+            assert_eq!(got.added, want.added);
+            assert_eq!(got.changed, want.changed);
+            assert_eq!(sorted(got.removed), sorted(want.removed));
+        }
     }
 }
