@@ -160,6 +160,11 @@ pub struct ServeArgs {
     /// Do not watch the key file's directory with inotify (poll only).
     #[arg(long)]
     pub no_watch: bool,
+    /// Threads a reload of a large key file may keep busy at once (reading,
+    /// parsing, hashing, indexing). 0: one per CPU but one, at least one,
+    /// so that checks always find a CPU free. Start-up uses every CPU.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub reload_threads: usize,
     /// Log this fraction of decisions (0 to 1) with key id, client, decision
     /// and reason, never the secret.
     #[arg(long, value_name = "FRACTION", default_value_t = 0.0, value_parser = parse_fraction)]
@@ -388,7 +393,13 @@ fn keys_command(cmd: KeysCommand) -> ExitCode {
             Err(e) => fail(&e),
         },
         KeysCommand::Check { file, allow_empty } => {
-            match crate::keyfile::load(&file, crate::keyfile::ParseOptions { allow_empty }) {
+            match crate::keyfile::load(
+                &file,
+                crate::keyfile::ParseOptions {
+                    allow_empty,
+                    ..Default::default()
+                },
+            ) {
                 Ok((f, _)) => {
                     let count = |s| f.keys.iter().filter(|k| k.state == s).count();
                     println!(
@@ -434,6 +445,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     crate::ring::configure_allocator();
     let mut config = Config::new(args.keys.clone());
     config.allow_empty = args.allow_empty;
+    config.reload_threads = match args.reload_threads {
+        0 => crate::keyfile::Threads::spare_one(),
+        n => crate::keyfile::Threads::new(n),
+    };
     config.watch = !args.no_watch;
     config.decision_log_every = crate::service::sample_every(args.decision_log_sample);
     config.lockout = crate::lockout::LockoutConfig {

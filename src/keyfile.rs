@@ -317,11 +317,77 @@ fn render(path: &Path, diagnostics: &[Diagnostic]) -> String {
     out
 }
 
-/// Options that change what a valid file is.
+/// How to load a key file: what counts as valid, and how many threads a
+/// large one may keep busy.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ParseOptions {
     /// Accept a file with no keys (normally refused as a likely truncated write).
     pub allow_empty: bool,
+    /// Threads a large file may keep busy at once.
+    pub threads: Threads,
+}
+
+/// How many threads loading a large file may keep busy at once, counting
+/// the calling one: reading it, parsing it, hashing it and indexing its
+/// ring. A file of a few megabytes or less always loads on the calling
+/// thread alone.
+///
+/// On a machine with few CPUs a reload that takes every CPU delays the
+/// checks, even at idle priority (the kernel or the hypervisor cannot always
+/// give a waking serving thread a CPU at once), so reloads leave one CPU
+/// free by default ([`Threads::spare_one`]). Start-up, with nothing to
+/// serve yet, uses them all ([`Threads::all`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Threads(std::num::NonZeroUsize);
+
+impl Threads {
+    /// `n` threads (0 counts as 1).
+    pub fn new(n: usize) -> Threads {
+        Threads(std::num::NonZeroUsize::new(n).unwrap_or(std::num::NonZeroUsize::MIN))
+    }
+
+    /// One for each CPU.
+    pub fn all() -> Threads {
+        Threads::new(cpus())
+    }
+
+    /// One for each CPU but one, and at least one.
+    pub fn spare_one() -> Threads {
+        Threads::new(cpus().saturating_sub(1))
+    }
+
+    /// The number of threads.
+    pub fn get(self) -> usize {
+        self.0.get()
+    }
+
+    /// Threads a large file is parsed on: at most [`fast::PARSE_THREADS`].
+    pub fn parse(self) -> usize {
+        self.get().min(fast::PARSE_THREADS)
+    }
+
+    /// Whether a thread is left for the file's SHA-256 beside the parse
+    /// (else it is computed once the ring serves; see [`Hashing`]).
+    pub fn hash_beside_parse(self) -> bool {
+        self.get() > self.parse()
+    }
+
+    /// Whether a second thread may share the work of one step (reading the
+    /// file, indexing the ring).
+    pub fn two(self) -> bool {
+        self.get() >= 2
+    }
+}
+
+impl Default for Threads {
+    fn default() -> Threads {
+        Threads::all()
+    }
+}
+
+/// CPUs this process may run on.
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Reads and validates the key file at `path`.
@@ -338,6 +404,11 @@ pub const MAX_FILE_BYTES: u64 = 512 * 1024 * 1024;
 /// [`MAX_FILE_BYTES`], so a FIFO, a device or a runaway file can neither
 /// block the reloader nor exhaust memory.
 pub fn read(path: &Path) -> Result<Vec<u8>, KeyFileError> {
+    read_on(path, Threads::all())
+}
+
+/// [`read`], sharing a large file's reading between at most `threads`.
+pub fn read_on(path: &Path, threads: Threads) -> Result<Vec<u8>, KeyFileError> {
     use std::io::Read as _;
     let io = |source| KeyFileError::Io {
         path: path.to_owned(),
@@ -361,7 +432,9 @@ pub fn read(path: &Path) -> Result<Vec<u8>, KeyFileError> {
             ),
         )));
     }
-    if let Some(bytes) = read_halves(&file, meta.len()) {
+    if threads.two()
+        && let Some(bytes) = read_halves(&file, meta.len())
+    {
         return Ok(bytes);
     }
     // Room for the file as its metadata says, and one byte more to see its
@@ -485,13 +558,12 @@ pub fn fingerprint(bytes: &[u8]) -> Fingerprint {
 /// The digest goes into a [`FileDigest`] cell shared with the ring built
 /// from the same bytes, so it appears on the ring as soon as it is known.
 ///
-/// With CPUs to spare beside the parse (more than the two threads a large
-/// file is parsed on), the hash
-/// runs while the file is parsed. With fewer it is held back until
-/// [`Hashing::resume`] (called once the ring serves): even at idle priority
-/// it would otherwise take a CPU from the parse, because the scheduler is
-/// slow to move one of two parse threads off a CPU that runs only an idle
-/// thread.
+/// With a thread to spare beside the parse (see
+/// [`Threads::hash_beside_parse`]), the hash runs while the file is parsed.
+/// Without, it is held back until [`Hashing::resume`] (called once the ring
+/// serves): even at idle priority it would otherwise take a CPU from the
+/// parse, because the scheduler is slow to move one of two parse threads off
+/// a CPU that runs only an idle thread.
 #[derive(Debug)]
 pub struct Hashing {
     cell: FileDigest,
@@ -507,8 +579,9 @@ impl Hashing {
     /// Starts hashing `bytes`: on the calling thread when they are fewer
     /// than `defer_min` (normally [`DEFER_DIGEST_MIN_BYTES`]), else on a new
     /// thread that first runs `setup` (to lower its priority, say), now or
-    /// at [`Hashing::resume`] (see the type's documentation).
-    pub fn start(bytes: &Arc<Vec<u8>>, defer_min: usize, setup: fn()) -> Hashing {
+    /// at [`Hashing::resume`] (see the type's documentation), for a parse
+    /// that may keep `threads` busy.
+    pub fn start(bytes: &Arc<Vec<u8>>, defer_min: usize, threads: Threads, setup: fn()) -> Hashing {
         let cell = FileDigest::pending();
         if bytes.len() < defer_min {
             cell.set(crate::decide::digest_bytes(bytes));
@@ -523,8 +596,7 @@ impl Hashing {
             thread: None,
             held: Some((Arc::clone(bytes), setup)),
         };
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if cpus > fast::PARSE_THREADS {
+        if threads.hash_beside_parse() {
             hashing.resume();
         }
         hashing
@@ -1414,6 +1486,45 @@ deprecated_at = 2026-01-01
         assert!(read_halves(&file, len as u64 + 1).is_none());
         assert!(read_halves(&file, 1000).is_none());
         assert!(read(&path).unwrap() == content);
+        // On one thread's budget it is read the plain way, to the same bytes.
+        assert!(read_on(&path, Threads::new(1)).unwrap() == content);
+    }
+
+    #[test]
+    fn thread_budgets_share_out_the_steps_of_a_load() {
+        let one = Threads::new(1);
+        assert_eq!(Threads::new(0), one);
+        assert_eq!(
+            (one.parse(), one.hash_beside_parse(), one.two()),
+            (1, false, false)
+        );
+        let two = Threads::new(2);
+        assert_eq!(
+            (two.parse(), two.hash_beside_parse(), two.two()),
+            (2, false, true)
+        );
+        // A third thread hashes beside the two that parse.
+        let three = Threads::new(3);
+        assert_eq!((three.parse(), three.hash_beside_parse()), (2, true));
+        assert_eq!(Threads::new(16).parse(), fast::PARSE_THREADS);
+        let (all, spare) = (Threads::all().get(), Threads::spare_one().get());
+        assert!(spare >= 1 && spare <= all && (all == 1 || spare == all - 1));
+    }
+
+    #[test]
+    fn a_large_file_parses_alike_on_any_thread_budget() {
+        let text = crate::bench_support::synthetic_key_file(40_000);
+        assert!(text.len() > 4 << 20, "large enough to be split");
+        let on = |n| {
+            let opts = ParseOptions {
+                threads: Threads::new(n),
+                ..ParseOptions::default()
+            };
+            parse_str_for_ring(&text, opts).unwrap().into_key_file()
+        };
+        let one = on(1);
+        assert_eq!(one.keys.len(), 40_000);
+        assert!(on(2) == one);
     }
 
     #[test]
@@ -1509,7 +1620,14 @@ deprecated_at = 2026-01-01
             let e = errors(text);
             assert_eq!(e.len(), 1, "{text:?}");
             assert!(e[0].contains("--allow-empty"));
-            let ok = parse_str(text, ParseOptions { allow_empty: true }).unwrap();
+            let ok = parse_str(
+                text,
+                ParseOptions {
+                    allow_empty: true,
+                    ..ParseOptions::default()
+                },
+            )
+            .unwrap();
             assert!(ok.keys.is_empty());
         }
     }

@@ -326,12 +326,21 @@ pub fn edit<T>(
 
 /// `keys rollback`: restores the version before the last edit.
 pub fn rollback(path: &Path) -> Result<String, EditError> {
-    Editor::open(path)?.rollback(ParseOptions { allow_empty: true })
+    Editor::open(path)?.rollback(ParseOptions {
+        allow_empty: true,
+        ..ParseOptions::default()
+    })
 }
 
 /// `keys list`: a table of the keys (no digests).
 pub fn list(path: &Path, now: Timestamp) -> Result<String, keyfile::KeyFileError> {
-    let (file, _) = keyfile::load(path, ParseOptions { allow_empty: true })?;
+    let (file, _) = keyfile::load(
+        path,
+        ParseOptions {
+            allow_empty: true,
+            ..ParseOptions::default()
+        },
+    )?;
     let fmt_time = |t: Option<Timestamp>| t.map_or_else(|| "-".to_owned(), |t| t.to_string());
     let mut rows = vec![[
         "ID".to_owned(),

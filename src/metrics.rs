@@ -290,6 +290,7 @@ mod tests {
             digest.clone(),
             &usage,
             None,
+            crate::keyfile::Threads::all(),
         );
         let shared = Arc::new(Shared::new(ring, usage, Default::default()));
         let body = render(&shared).unwrap();

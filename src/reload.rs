@@ -215,7 +215,8 @@ impl Reloader {
         let started = std::time::Instant::now();
         let mut memory = self.memory();
         memory.stamp = stamp(&self.path);
-        let bytes = match keyfile::read(&self.path) {
+        let threads = self.options.threads;
+        let bytes = match keyfile::read_on(&self.path, threads) {
             Ok(b) => b,
             Err(err) => {
                 memory.failed_digest = None;
@@ -235,7 +236,7 @@ impl Reloader {
             return self.unchanged(&mut memory);
         }
         let bytes = Arc::new(bytes);
-        let mut hashing = keyfile::Hashing::start(&bytes, self.defer_digest_min, || {});
+        let mut hashing = keyfile::Hashing::start(&bytes, self.defer_digest_min, threads, || {});
         let generation = current.generation() + 1;
         let built = keyfile::parse_bytes_for_ring(&self.path, &bytes, self.options).map(|file| {
             let ring = KeyRing::build_parsed(
@@ -245,6 +246,7 @@ impl Reloader {
                 hashing.cell().clone(),
                 &self.shared.usage,
                 Some(&current),
+                threads,
             );
             (file, ring)
         });
@@ -269,6 +271,10 @@ impl Reloader {
         let old = self.shared.ring.publish_shared(Arc::clone(&ring));
         let took = started.elapsed();
         hashing.resume();
+        if !threads.two() {
+            // One thread's worth: the hash runs alone, then the audit diff.
+            hashing.wait();
+        }
         memory.serving = Some((generation, fingerprint));
         self.shared.usage.retain_ring(&ring);
         self.shared.reloads.success.fetch_add(1, Ordering::Relaxed);
@@ -760,6 +766,28 @@ mod tests {
             crate::decide::digest_bytes(&std::fs::read(&path).unwrap())
         );
         assert_eq!(shared.reloads.success.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_reload_on_one_thread_publishes_with_its_digest() {
+        let (_d, path, r, shared) = setup(&key("a", "sa", ""));
+        let options = ParseOptions {
+            threads: keyfile::Threads::new(1),
+            ..ParseOptions::default()
+        };
+        let r =
+            Reloader::new(r.path().to_owned(), options, Arc::clone(&shared)).defer_digest_from(0);
+        std::fs::write(&path, key("a", "sa", "") + &key("b", "sb", "")).unwrap();
+        assert_eq!(
+            r.reload(Trigger::Watch),
+            Outcome::Published { generation: 2 }
+        );
+        let ring = shared.ring.load_full();
+        assert!(ring.by_id("b").is_some());
+        assert_eq!(
+            ring.file_sha256(),
+            Some(crate::decide::digest_bytes(&std::fs::read(&path).unwrap()))
+        );
     }
 
     #[test]

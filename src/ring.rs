@@ -45,7 +45,7 @@ use arc_swap::{ArcSwap, Guard};
 use dashmap::DashMap;
 use jiff::Timestamp;
 
-use crate::keyfile::{KeyFile, KeySource, KeyState, KeyView, Parsed, RateLimitSpec};
+use crate::keyfile::{KeyFile, KeySource, KeyState, KeyView, Parsed, RateLimitSpec, Threads};
 
 /// A SHA-256 digest.
 pub type Digest = [u8; 32];
@@ -499,11 +499,13 @@ impl KeyRing {
             FileDigest::known(source.sha256),
             usage,
             previous,
+            Threads::all(),
         )
     }
 
     /// [`KeyRing::build`] for a ring whose file digest may still be being
-    /// computed: `file_digest` is shared with whoever fills it in.
+    /// computed: `file_digest` is shared with whoever fills it in. A large
+    /// ring's id index is built on a second thread if `threads` allows.
     ///
     /// # Panics
     ///
@@ -517,6 +519,7 @@ impl KeyRing {
         file_digest: FileDigest,
         usage: &UsageRegistry,
         previous: Option<&KeyRing>,
+        threads: Threads,
     ) -> KeyRing {
         let n = file.key_count();
         assert!(
@@ -561,7 +564,7 @@ impl KeyRing {
         // second thread (which inherits this one's priority) while this one
         // lays out the keys and builds the digest index.
         let (by_digest, by_id) = std::thread::scope(|s| {
-            let id_job = (n >= PARALLEL_INDEX_MIN).then(|| {
+            let id_job = (n >= PARALLEL_INDEX_MIN && threads.two()).then(|| {
                 std::thread::Builder::new()
                     .name("keyward-index".into())
                     .spawn_scoped(s, || id_table(file, &id_hasher))
@@ -756,14 +759,25 @@ impl KeyRing {
         file_digest: FileDigest,
         usage: &UsageRegistry,
         previous: Option<&KeyRing>,
+        threads: Threads,
     ) -> KeyRing {
+        // One build for each kind of source, each compiled for it.
+        macro_rules! build {
+            ($source:expr) => {
+                KeyRing::build_with_digest(
+                    $source,
+                    generation,
+                    loaded_at,
+                    file_digest,
+                    usage,
+                    previous,
+                    threads,
+                )
+            };
+        }
         match file {
-            Parsed::Fast(f) => {
-                KeyRing::build_with_digest(f, generation, loaded_at, file_digest, usage, previous)
-            }
-            Parsed::Full(f) => {
-                KeyRing::build_with_digest(f, generation, loaded_at, file_digest, usage, previous)
-            }
+            Parsed::Fast(f) => build!(f),
+            Parsed::Full(f) => build!(f),
         }
     }
 
@@ -1988,6 +2002,7 @@ expires_at = 2200-01-01T00:00:00Z
             digest.clone(),
             &UsageRegistry::default(),
             None,
+            crate::keyfile::Threads::all(),
         );
         assert_eq!(ring.generation(), 7);
         assert_eq!(ring.file_sha256(), None);

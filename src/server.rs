@@ -46,6 +46,9 @@ pub struct Config {
     pub lockout: crate::lockout::LockoutConfig,
     /// Trusted `x-forwarded-for` hops for the client address (0: peer address).
     pub xff_trusted_hops: usize,
+    /// Threads a reload of a large file may keep busy (start-up uses every
+    /// CPU); see [`keyfile::Threads`].
+    pub reload_threads: keyfile::Threads,
 }
 
 impl Config {
@@ -60,6 +63,7 @@ impl Config {
             decision_log_every: 0,
             lockout: crate::lockout::LockoutConfig::default(),
             xff_trusted_hops: 0,
+            reload_threads: keyfile::Threads::spare_one(),
         }
     }
 }
@@ -70,10 +74,20 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
 pub const FALLBACK_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Config {
-    /// Parse options implied by this config.
+    /// Parse options implied by this config, for the first load: with
+    /// nothing to serve yet, it uses every CPU.
     pub fn parse_options(&self) -> ParseOptions {
         ParseOptions {
             allow_empty: self.allow_empty,
+            threads: keyfile::Threads::all(),
+        }
+    }
+
+    /// Parse options for reloads, which share the CPUs with the checks.
+    pub fn reload_options(&self) -> ParseOptions {
+        ParseOptions {
+            threads: self.reload_threads,
+            ..self.parse_options()
         }
     }
 }
@@ -123,7 +137,8 @@ impl Server {
             None
         };
         let started = std::time::Instant::now();
-        let bytes = keyfile::read(&config.keys)?;
+        let options = config.parse_options();
+        let bytes = keyfile::read_on(&config.keys, options.threads)?;
         let read = started.elapsed();
         let fingerprint = keyfile::fingerprint(&bytes);
         let lockout = config.lockout;
@@ -133,10 +148,15 @@ impl Server {
         // serves; the ring never waits for the hash, which is filled in (and
         // logged) when it finishes.
         let bytes = Arc::new(bytes);
-        let mut hashing = keyfile::Hashing::start(&bytes, keyfile::DEFER_DIGEST_MIN_BYTES, || {
-            crate::priority::lower_current();
-        });
-        let file = keyfile::parse_bytes_for_ring(&config.keys, &bytes, config.parse_options())?;
+        let mut hashing = keyfile::Hashing::start(
+            &bytes,
+            keyfile::DEFER_DIGEST_MIN_BYTES,
+            options.threads,
+            || {
+                crate::priority::lower_current();
+            },
+        );
+        let file = keyfile::parse_bytes_for_ring(&config.keys, &bytes, options)?;
         let parsed = started.elapsed();
         let ring = KeyRing::build_parsed(
             &file,
@@ -145,6 +165,7 @@ impl Server {
             hashing.cell().clone(),
             &usage,
             None,
+            options.threads,
         );
         hashing.resume();
         let sha256 = ring.file_sha256();
@@ -162,7 +183,7 @@ impl Server {
         let shared = Arc::new(Shared::new(ring, usage, lockout));
         let reloader = Arc::new(Reloader::new(
             config.keys.clone(),
-            config.parse_options(),
+            config.reload_options(),
             Arc::clone(&shared),
         ));
         reloader.note_serving(1, fingerprint);

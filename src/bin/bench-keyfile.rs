@@ -6,7 +6,7 @@
 //! bench-keyfile --keys 1000000 --out keys.toml --secrets s.txt --secrets-count 200
 //! bench-keyfile --parse keys.toml                  # read + parse, as the server does
 //! bench-keyfile --parse keys.toml --parser full    # the full validator only
-//! bench-keyfile --parse keys.toml --parser fast --threads 1
+//! bench-keyfile --parse keys.toml --threads 1      # as a reload on 2 CPUs
 //! ```
 //!
 //! Parsing prints one line of timings (milliseconds: read, UTF-8 check,
@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
-use keyward::keyfile::{self, ParseOptions, Parsed};
+use keyward::keyfile::{self, ParseOptions, Parsed, Threads};
 use keyward::ring::{FileDigest, KeyRing, UsageRegistry};
 
 /// Writes or parses synthetic key files (see `keyward::bench_support`).
@@ -37,7 +37,9 @@ struct Args {
     /// Which parser to time.
     #[arg(long, value_enum, default_value_t = Which::Auto)]
     parser: Which,
-    /// Threads for the fast path (`--parser fast`); 0 picks as `auto` does.
+    /// Threads the load may keep busy, as `keyward serve --reload-threads`
+    /// gives a reload (with `--parser fast`, up to 8 parse threads); 0: one
+    /// per CPU, as at start-up.
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// With --out: also write the secrets of plain keys (active, unexpired,
@@ -121,9 +123,15 @@ fn write(out: &std::path::Path, keys: usize) -> Result<(), String> {
 }
 
 fn parse(path: &std::path::Path, which: Which, threads: usize) -> Result<(), String> {
-    let opts = ParseOptions::default();
+    let opts = ParseOptions {
+        threads: match threads {
+            0 => Threads::all(),
+            n => Threads::new(n),
+        },
+        ..ParseOptions::default()
+    };
     let t0 = Instant::now();
-    let bytes = keyfile::read(path).map_err(|e| e.to_string())?;
+    let bytes = keyfile::read_on(path, opts.threads).map_err(|e| e.to_string())?;
     let t_read = t0.elapsed();
     let text = std::str::from_utf8(&bytes).map_err(|e| format!("not UTF-8: {e}"))?;
     let t_utf8 = t0.elapsed();
@@ -152,6 +160,7 @@ fn parse(path: &std::path::Path, which: Which, threads: usize) -> Result<(), Str
         FileDigest::known([0; 32]),
         &usage,
         None,
+        opts.threads,
     );
     let t_build = t0.elapsed();
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;

@@ -62,8 +62,8 @@ pub const PARSE_THREADS: usize = 2;
 
 /// Parses a key file in the common subset of TOML, or returns `None` when the
 /// file is outside that subset or invalid (see the module documentation).
-/// Large files are parsed on up to two threads (more only if asked through
-/// [`parse_fast_threads`]).
+/// Large files are parsed on up to two threads, as `opts.threads` allows
+/// (more only if asked through [`parse_fast_threads`]).
 pub fn parse_fast(text: &str, opts: ParseOptions) -> Option<KeyFile> {
     parse_fast_compact(text, opts).map(|f| f.to_key_file())
 }
@@ -71,7 +71,7 @@ pub fn parse_fast(text: &str, opts: ParseOptions) -> Option<KeyFile> {
 /// [`parse_fast`], keeping the file in its compact form for the ring build.
 pub fn parse_fast_compact(text: &str, opts: ParseOptions) -> Option<FastFile<'_>> {
     let threads = if text.len() >= PARALLEL_MIN_BYTES {
-        std::thread::available_parallelism().map_or(1, |n| n.get().min(PARSE_THREADS))
+        opts.threads.parse()
     } else {
         1
     };
@@ -1630,7 +1630,10 @@ mod tests {
     pub(crate) fn agree(text: &str) -> bool {
         let mut accepted = false;
         for allow_empty in [false, true] {
-            let opts = ParseOptions { allow_empty };
+            let opts = ParseOptions {
+                allow_empty,
+                ..ParseOptions::default()
+            };
             let fast = parse_fast_threads(text, opts, 1);
             let full = parse_str_full(text, opts);
             match (&fast, &full) {
@@ -1696,7 +1699,10 @@ mod tests {
             let expect_some = !text.starts_with("keys = []");
             assert_eq!(agree(text), expect_some, "{text}");
         }
-        let empty = ParseOptions { allow_empty: true };
+        let empty = ParseOptions {
+            allow_empty: true,
+            ..ParseOptions::default()
+        };
         assert!(parse_fast("", empty).is_some());
         assert!(parse_fast("# nothing\n", empty).is_some());
         assert!(parse_fast("keys = []\n", empty).is_some());
