@@ -7,9 +7,9 @@
 # 1. Generates a realistic key file (bench-keyfile) and starts keyward on it;
 #    reports the time from exec to /readyz = 200 and VmRSS once ready and
 #    after a few seconds of light load (steady state).
-# 2. Rewrites the file (one description changed, so each write is a new
-#    ring) and reports how long until the new generation serves, and VmRSS
-#    after the swap.
+# 2. Renames a second version of the file (one description added, so it is
+#    a new ring) into place and reports how long until the new generation
+#    serves, and VmRSS after the swap.
 # 3. Open-loop load at $RATE req/s for $SECONDS_PER_RUN s with the file
 #    untouched, then the same while the two versions are renamed into place
 #    back to back (every reload reads, parses and builds the whole ring);
@@ -159,6 +159,10 @@ tmp = path + ".next"
 end = time.monotonic() + seconds
 while time.monotonic() < end:
     g = generation()
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
     os.link((a, b)[n % 2], tmp)
     os.rename(tmp, path)
     deadline = time.monotonic() + 5
@@ -168,7 +172,7 @@ while time.monotonic() < end:
 EOF
     writer=$!
     storm+=("$(p99 "$(load)")")
-    wait "$writer" || true
+    wait "$writer" || echo "warning: the storm's writer failed in round $r" >&2
     echo "round $r: p99 steady ${steady[-1]} µs, during reloads ${storm[-1]} µs"
 done
 reloads="$(( $(generation) - g0 ))"

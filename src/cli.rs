@@ -162,7 +162,8 @@ pub struct ServeArgs {
     pub no_watch: bool,
     /// Threads a reload of a large key file may keep busy at once (reading,
     /// parsing, hashing, indexing). 0: one per CPU but one, at least one,
-    /// so that checks always find a CPU free. Start-up uses every CPU.
+    /// so that with two CPUs or more checks always find one free. Start-up
+    /// uses every CPU.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub reload_threads: usize,
     /// Log this fraction of decisions (0 to 1) with key id, client, decision

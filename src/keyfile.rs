@@ -335,7 +335,7 @@ pub struct ParseOptions {
 /// On a machine with few CPUs a reload that takes every CPU delays the
 /// checks, even at idle priority (the kernel or the hypervisor cannot always
 /// give a waking serving thread a CPU at once), so reloads leave one CPU
-/// free by default ([`Threads::spare_one`]). Start-up, with nothing to
+/// free by default where there are two or more ([`Threads::spare_one`]). Start-up, with nothing to
 /// serve yet, uses them all ([`Threads::all`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Threads(std::num::NonZeroUsize);
@@ -486,7 +486,8 @@ fn read_exact_at_chunked(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::
     Ok(())
 }
 
-/// Files at least this large are read by two threads, a half each.
+/// Files at least this large are read by two threads, a half each, when
+/// the thread budget allows (see [`Threads::two`]).
 const PARALLEL_READ_MIN_BYTES: u64 = 16 << 20;
 
 /// Reads a large file of `len` bytes (as its metadata says) in two halves

@@ -205,11 +205,13 @@ impl Reloader {
     /// current ring and record why. Blocking; call it off the serving threads.
     ///
     /// A large file's SHA-256 is computed on a thread of its own (beside the
-    /// parse and build, or after publication when they take every CPU; see
-    /// [`keyfile::Hashing`]) and not waited for: a file whose
-    /// [`Fingerprint`] differs from the serving file's has changed, so its
-    /// ring is published at once and the digest is filled in (and logged)
-    /// when the hash finishes, before this returns.
+    /// parse and build when the reload's [`keyfile::Threads`] leave one for
+    /// it, else after publication; see [`keyfile::Hashing`]) and not waited
+    /// for: a file whose [`Fingerprint`] differs from the serving file's has
+    /// changed, so its ring is published at once. The digest is filled in
+    /// when the hash finishes, before this returns: on one thread, before
+    /// the audit record, which carries it; on more, beside the audit diff,
+    /// logged in a record of its own if it comes after.
     /// A file whose fingerprint matches is compared by SHA-256 first.
     pub fn reload(&self, trigger: Trigger) -> Outcome {
         let started = std::time::Instant::now();
@@ -770,6 +772,25 @@ mod tests {
 
     #[test]
     fn a_reload_on_one_thread_publishes_with_its_digest() {
+        // The audit records, as the log would show them.
+        #[derive(Clone, Default)]
+        struct Records(Arc<Mutex<Vec<u8>>>);
+        impl Write for Records {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        use std::io::Write;
+        let records = Records::default();
+        let writer = records.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
         let (_d, path, r, shared) = setup(&key("a", "sa", ""));
         let options = ParseOptions {
             threads: keyfile::Threads::new(1),
@@ -777,17 +798,33 @@ mod tests {
         };
         let r =
             Reloader::new(r.path().to_owned(), options, Arc::clone(&shared)).defer_digest_from(0);
-        std::fs::write(&path, key("a", "sa", "") + &key("b", "sb", "")).unwrap();
+        // The first reload does not know the serving file's fingerprint, so
+        // it waits for the digest before it publishes; the second does not.
+        std::fs::write(&path, key("a", "sa", "") + &key("c", "sc", "")).unwrap();
         assert_eq!(
             r.reload(Trigger::Watch),
             Outcome::Published { generation: 2 }
         );
+        // Long enough to hash that the audit diff of two keys, were it not
+        // waiting, would be written first.
+        let padding = format!("# {}\n", "x".repeat(8 << 20));
+        std::fs::write(&path, key("a", "sa", "") + &key("b", "sb", "") + &padding).unwrap();
+        let outcome = tracing::subscriber::with_default(subscriber, || r.reload(Trigger::Watch));
+        assert_eq!(outcome, Outcome::Published { generation: 3 });
         let ring = shared.ring.load_full();
         assert!(ring.by_id("b").is_some());
-        assert_eq!(
-            ring.file_sha256(),
-            Some(crate::decide::digest_bytes(&std::fs::read(&path).unwrap()))
-        );
+        let sha256 = hex::encode(crate::decide::digest_bytes(&std::fs::read(&path).unwrap()));
+        assert_eq!(ring.file_sha256().map(hex::encode), Some(sha256.clone()));
+        // The hash ran before the audit record, which carries it: no
+        // "pending", and no second record for the digest.
+        let log = String::from_utf8(records.0.lock().unwrap().clone()).unwrap();
+        let published: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("key ring published"))
+            .collect();
+        assert_eq!(published.len(), 1, "{log}");
+        assert!(published[0].contains(&format!("sha256={sha256}")), "{log}");
+        assert!(!log.contains("key ring file digest"), "{log}");
     }
 
     #[test]
