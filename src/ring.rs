@@ -376,7 +376,10 @@ pub struct KeyRing {
     /// bits for a million keys), so a miss scans only this table.
     by_digest: Box<[u32]>,
     digest_index_bits: u32,
-    /// Open addressing by a hash of the id: entry indices.
+    /// Open addressing by a hash of the id, in cells laid out as
+    /// `by_digest`'s: an entry index plus one in the low `digest_index_bits`
+    /// bits (0: empty) and low bits of the id's hash above them, so a probe
+    /// builds and compares an id only when those bits agree.
     by_id: Box<[u32]>,
     id_hasher: ahash::RandomState,
     /// Usage counters, linked on first use; pages are allocated on first use too.
@@ -567,7 +570,7 @@ impl KeyRing {
             let id_job = (n >= PARALLEL_INDEX_MIN && threads.two()).then(|| {
                 std::thread::Builder::new()
                     .name("keyward-index".into())
-                    .spawn_scoped(s, || id_table(file, &id_hasher))
+                    .spawn_scoped(s, || id_table(file, &id_hasher, digest_index_bits))
             });
 
             for i in 0..n {
@@ -693,7 +696,7 @@ impl KeyRing {
             let by_digest = digest_table(&slots, digest_index_bits);
             let by_id = match id_job {
                 Some(Ok(t)) => t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
-                _ => id_table(file, &id_hasher),
+                _ => id_table(file, &id_hasher, digest_index_bits),
             };
             (by_digest, by_id)
         });
@@ -877,15 +880,24 @@ impl KeyRing {
         if len == 0 {
             return None;
         }
-        let mut at = home(self.id_hasher.hash_one(id), len);
+        let hash = self.id_hasher.hash_one(id);
+        let bits = self.digest_index_bits;
+        let (tag, mask) = (id_tag(hash, bits), index_mask(bits));
+        let mut at = home(hash, len);
         loop {
-            let index = self.by_id[at];
-            if index == EMPTY {
+            let cell = self.by_id[at];
+            if cell == EMPTY_CELL {
                 return None;
             }
-            let key = KeyRef { ring: self, index };
-            if key.id() == *id {
-                return Some(key);
+            if cell & !mask == tag {
+                // A tag that matches holds an index plus one.
+                let key = KeyRef {
+                    ring: self,
+                    index: (cell & mask) - 1,
+                };
+                if key.id() == *id {
+                    return Some(key);
+                }
             }
             at = if at + 1 == len { 0 } else { at + 1 };
         }
@@ -936,33 +948,27 @@ const PARALLEL_INDEX_MIN: usize = 1 << 16;
 /// How many keys ahead the table builds fetch the cells they will fill.
 const FETCH_AHEAD: usize = 16;
 
-/// Fills a linear-probing table with `n` entries: entry `i` goes at the
-/// first free cell from `home(i)`, holding `cell(i)`. A large table is far
+/// Fills a linear-probing table with `n` entries: entry `i`, whose home and
+/// cell are `entry(i)`, goes at the first free cell from its home. A large table is far
 /// bigger than the caches and the homes are random, so the cell of the
 /// entry [`FETCH_AHEAD`] places ahead is fetched while this one is placed:
 /// the misses overlap instead of following one another.
-fn fill_table(
-    table: &mut [u32],
-    empty: u32,
-    n: usize,
-    home: impl Fn(usize) -> usize,
-    cell: impl Fn(usize) -> u32,
-) {
-    let mut homes = [0usize; FETCH_AHEAD];
+fn fill_table(table: &mut [u32], empty: u32, n: usize, entry: impl Fn(usize) -> (usize, u32)) {
+    let mut pending = [(0usize, 0u32); FETCH_AHEAD];
     for i in 0..n + FETCH_AHEAD {
-        // Entry j's home sits where entry i's goes next.
+        // Entry i - FETCH_AHEAD's home and cell sit where entry i's go next.
         let slot = i % FETCH_AHEAD;
-        if let Some(j) = i.checked_sub(FETCH_AHEAD) {
-            let mut at = homes[slot];
+        if i >= FETCH_AHEAD {
+            let (mut at, cell) = pending[slot];
             while table[at] != empty {
                 at = if at + 1 == table.len() { 0 } else { at + 1 };
             }
-            table[at] = cell(j);
+            table[at] = cell;
         }
         if i < n {
-            let h = home(i);
-            prefetch(&table[h]);
-            homes[slot] = h;
+            let (home, cell) = entry(i);
+            prefetch(&table[home]);
+            pending[slot] = (home, cell);
         }
     }
 }
@@ -985,31 +991,38 @@ fn prefetch<T>(value: &T) {
 fn digest_table(slots: &[Slot], index_bits: u32) -> Box<[u32]> {
     let mut table = vec![EMPTY_CELL; table_len(slots.len())].into_boxed_slice();
     let len = table.len();
-    fill_table(
-        &mut table,
-        EMPTY_CELL,
-        slots.len(),
-        |i| home(digest_hash(&slots[i].digest), len),
+    fill_table(&mut table, EMPTY_CELL, slots.len(), |i| {
+        let digest = &slots[i].digest;
         // i + 1 <= n < 2^index_bits.
-        |i| cell_tag(&slots[i].digest, index_bits) | (i as u32 + 1),
-    );
+        let cell = cell_tag(digest, index_bits) | (i as u32 + 1);
+        (home(digest_hash(digest), len), cell)
+    });
     table
 }
 
 /// The id table for the keys of `file` (see `KeyRing::by_id`).
-fn id_table(file: &(impl KeySource + ?Sized), hasher: &ahash::RandomState) -> Box<[u32]> {
+fn id_table(
+    file: &(impl KeySource + ?Sized),
+    hasher: &ahash::RandomState,
+    index_bits: u32,
+) -> Box<[u32]> {
     let n = file.key_count();
-    let mut table = vec![EMPTY; table_len(n)].into_boxed_slice();
+    let mut table = vec![EMPTY_CELL; table_len(n)].into_boxed_slice();
     let len = table.len();
-    // n < 2^32 (checked by the build).
-    fill_table(
-        &mut table,
-        EMPTY,
-        n,
-        |i| home(hasher.hash_one(file.key_id(i)), len),
-        |i| i as u32,
-    );
+    fill_table(&mut table, EMPTY_CELL, n, |i| {
+        let hash = hasher.hash_one(file.key_id(i));
+        // i + 1 <= n < 2^index_bits.
+        (home(hash, len), id_tag(hash, index_bits) | (i as u32 + 1))
+    });
     table
+}
+
+/// The tag bits of an id-table cell for an id whose hash is `hash`: its low
+/// bits, above `index_bits` (the table's slot comes from its high bits).
+#[inline]
+fn id_tag(hash: u64, index_bits: u32) -> u32 {
+    // A shift of a u64 by at most 32, truncated.
+    (u64::from(hash as u32) << index_bits) as u32
 }
 
 /// The ring's number for the scope set `scopes`, added if new.
@@ -1066,7 +1079,7 @@ fn deprecation_time(
 ///
 /// Clients and profiles are numbered per ring; which numbers of the old ring
 /// stand for the same client (or client and scope set) in the new one is
-/// learnt as positions pair them up, so each distinct pair's names are
+/// learnt as positions pair them up, so each matching pair's names are
 /// compared once.
 pub struct InPlace<'a> {
     old: &'a KeyRing,
@@ -1809,6 +1822,24 @@ expires_at = 2027-02-27T00:00:00Z
         }
         assert!(ring.lookup(&sha("absent")).is_none());
         assert!(ring.by_id("c0-absent").is_none());
+        // Ids like the ones present, each probing past cells of other ids.
+        assert!((n..n + 5000).all(|i| ring.by_id(&format!("c{}-{i}", i % 7)).is_none()));
+        // Built on one thread, the indexes find the same keys (the id
+        // table's layout depends on the ring's own hash seed).
+        let inline = KeyRing::build_with_digest(
+            &file,
+            1,
+            Timestamp::now(),
+            FileDigest::known([0; 32]),
+            &UsageRegistry::default(),
+            None,
+            Threads::new(1),
+        );
+        assert_eq!(inline.by_digest, ring.by_digest);
+        for (i, spec) in file.keys.iter().enumerate() {
+            assert_eq!(inline.by_id(&spec.id).map(|k| k.index()), Some(i as u32));
+        }
+        assert!(inline.by_id("c0-absent").is_none());
     }
 
     #[test]
