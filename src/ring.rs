@@ -431,8 +431,14 @@ fn index_bits(n: usize) -> u32 {
 /// `index_bits`).
 #[inline]
 fn cell_tag(digest: &DigestPrefix, index_bits: u32) -> u32 {
-    // A shift of a u64 by at most 32, truncated: the tag's low bits, moved up.
-    (u64::from(digest_tag(digest)) << index_bits) as u32
+    above_index(digest_tag(digest), index_bits)
+}
+
+/// As many low bits of `tag` as fit above `index_bits`, moved up there.
+#[inline]
+fn above_index(tag: u32, index_bits: u32) -> u32 {
+    // A shift of a u64 by at most 32, truncated.
+    (u64::from(tag) << index_bits) as u32
 }
 
 /// The mask of the index bits of a digest-table cell.
@@ -818,32 +824,19 @@ impl KeyRing {
 
     #[inline]
     fn index_of(&self, digest: &Digest) -> u32 {
-        let len = self.by_digest.len();
-        if len == 0 {
-            return EMPTY;
-        }
         let digest = &digest_prefix(digest);
-        let mask = index_mask(self.digest_index_bits);
-        let tag = cell_tag(digest, self.digest_index_bits);
-        let mut at = home(digest_hash(digest), len);
-        loop {
-            let cell = self.by_digest[at];
-            if cell == EMPTY_CELL {
-                return EMPTY;
-            }
-            if cell & !mask == tag {
-                // Occupied cells hold an index plus one.
-                let index = (cell & mask).wrapping_sub(1);
-                if self
-                    .slots
+        let bits = self.digest_index_bits;
+        probe(
+            &self.by_digest,
+            home(digest_hash(digest), self.by_digest.len()),
+            cell_tag(digest, bits),
+            bits,
+            |index| {
+                self.slots
                     .get(index as usize)
                     .is_some_and(|slot| slot.digest == *digest)
-                {
-                    return index;
-                }
-            }
-            at = if at + 1 == len { 0 } else { at + 1 };
-        }
+            },
+        )
     }
 
     /// The key at `index` (file order).
@@ -876,31 +869,16 @@ impl KeyRing {
 
     /// The key with id `id`.
     pub fn by_id(&self, id: &str) -> Option<KeyRef<'_>> {
-        let len = self.by_id.len();
-        if len == 0 {
-            return None;
-        }
         let hash = self.id_hasher.hash_one(id);
         let bits = self.digest_index_bits;
-        let (tag, mask) = (id_tag(hash, bits), index_mask(bits));
-        let mut at = home(hash, len);
-        loop {
-            let cell = self.by_id[at];
-            if cell == EMPTY_CELL {
-                return None;
-            }
-            if cell & !mask == tag {
-                // A tag that matches holds an index plus one.
-                let key = KeyRef {
-                    ring: self,
-                    index: (cell & mask) - 1,
-                };
-                if key.id() == *id {
-                    return Some(key);
-                }
-            }
-            at = if at + 1 == len { 0 } else { at + 1 };
-        }
+        let index = probe(
+            &self.by_id,
+            home(hash, self.by_id.len()),
+            id_tag(hash, bits),
+            bits,
+            |index| self.key(index).is_some_and(|key| key.id() == *id),
+        );
+        self.key(index)
     }
 
     /// All keys, in file order.
@@ -973,6 +951,32 @@ fn fill_table(table: &mut [u32], empty: u32, n: usize, entry: impl Fn(usize) -> 
     }
 }
 
+/// Looks up a table filled by [`fill_table`] whose cells hold an index plus
+/// one in their low `index_bits` bits (0: empty) and a tag above them:
+/// probes from `home` for the first cell with `tag` whose index `is` the
+/// one sought. [`EMPTY`] when none is, or the table is empty.
+#[inline(always)]
+fn probe(table: &[u32], home: usize, tag: u32, index_bits: u32, is: impl Fn(u32) -> bool) -> u32 {
+    if table.is_empty() {
+        return EMPTY;
+    }
+    let mask = index_mask(index_bits);
+    let mut at = home;
+    loop {
+        let cell = table[at];
+        if cell == EMPTY_CELL {
+            return EMPTY;
+        }
+        if cell & !mask == tag {
+            let index = (cell & mask).wrapping_sub(1);
+            if is(index) {
+                return index;
+            }
+        }
+        at = if at + 1 == table.len() { 0 } else { at + 1 };
+    }
+}
+
 /// Asks the CPU to bring the cache line holding `value` closer.
 #[inline(always)]
 fn prefetch<T>(value: &T) {
@@ -1021,8 +1025,7 @@ fn id_table(
 /// bits, above `index_bits` (the table's slot comes from its high bits).
 #[inline]
 fn id_tag(hash: u64, index_bits: u32) -> u32 {
-    // A shift of a u64 by at most 32, truncated.
-    (u64::from(hash as u32) << index_bits) as u32
+    above_index(hash as u32, index_bits)
 }
 
 /// The ring's number for the scope set `scopes`, added if new.
