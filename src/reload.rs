@@ -1001,13 +1001,10 @@ mod tests {
     #[test]
     fn diffs_match_a_plain_comparison_of_every_key() {
         use crate::keyfile::{KeyFile, KeySpec, KeyState, RateLimitSpec};
-        let mut seed = 0x5eed_u64;
+        let mut state = 0x5eed_u64;
         let mut next = move |n: u64| {
-            seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut x = seed;
-            x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            (x ^ (x >> 31)) % n
+            state = crate::bench_support::splitmix64(state);
+            state % n
         };
         let times: Vec<Option<Timestamp>> = vec![
             None,
