@@ -15,13 +15,13 @@
 //! connection a GOAWAY, and waits (bounded) for in-flight checks to finish.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -61,10 +61,14 @@ mod code {
 }
 
 /// A unary gRPC reply body: the response message, then the trailers.
+///
+/// The trailers are built when they are sent: a `HeaderMap` would make the
+/// reply three times larger, and hyper moves a response several times.
 #[derive(Debug)]
 pub struct Reply {
     data: Option<Bytes>,
-    trailers: Option<HeaderMap>,
+    /// `grpc-status: 0` is still to be sent.
+    ok_trailers: bool,
 }
 
 impl Body for Reply {
@@ -78,11 +82,16 @@ impl Body for Reply {
         if let Some(data) = self.data.take() {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
-        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+        if !std::mem::take(&mut self.ok_trailers) {
+            return Poll::Ready(None);
+        }
+        let mut trailers = HeaderMap::with_capacity(1);
+        trailers.insert(GRPC_STATUS.clone(), HeaderValue::from_static("0"));
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.data.is_none() && self.trailers.is_none()
+        self.data.is_none() && !self.ok_trailers
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -103,11 +112,9 @@ fn grpc_response(body: Reply) -> Response<ResponseBody> {
 impl Reply {
     /// A successful reply: `message` (one gRPC frame), then `grpc-status: 0`.
     pub fn ok(message: Bytes) -> Reply {
-        let mut trailers = HeaderMap::with_capacity(1);
-        trailers.insert(GRPC_STATUS.clone(), HeaderValue::from_static("0"));
         Reply {
             data: Some(message),
-            trailers: Some(trailers),
+            ok_trailers: true,
         }
     }
 
@@ -115,7 +122,7 @@ impl Reply {
     pub fn empty() -> Reply {
         Reply {
             data: None,
-            trailers: None,
+            ok_trailers: false,
         }
     }
 }
@@ -132,44 +139,6 @@ fn error(code: u16, message: &'static str) -> Response<ResponseBody> {
     headers.insert(GRPC_STATUS.clone(), HeaderValue::from(code));
     headers.insert("grpc-message", HeaderValue::from_static(message));
     resp
-}
-
-/// Why a request body could not be read as one gRPC message.
-enum BodyError {
-    TooLarge,
-    Transport,
-}
-
-/// Reads the whole request body. A body in one DATA frame (Envoy's usual)
-/// is returned as is; only a split body is copied together.
-async fn read_body(mut body: Incoming) -> Result<Bytes, BodyError> {
-    let mut first: Option<Bytes> = None;
-    let mut joined: Option<BytesMut> = None;
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame.map_err(|_| BodyError::Transport)?.into_data() else {
-            continue; // trailers on a request carry nothing for us
-        };
-        let total = first.as_ref().map_or(0, Bytes::len)
-            + joined.as_ref().map_or(0, BytesMut::len)
-            + data.len();
-        if total > MAX_MESSAGE_BYTES + crate::wire::FRAME_PREFIX {
-            return Err(BodyError::TooLarge);
-        }
-        match (&mut joined, first.take()) {
-            (Some(buf), _) => buf.extend_from_slice(&data),
-            (None, None) => first = Some(data),
-            (None, Some(head)) => {
-                let mut buf = BytesMut::with_capacity(head.len() + data.len());
-                buf.extend_from_slice(&head);
-                buf.extend_from_slice(&data);
-                joined = Some(buf);
-            }
-        }
-    }
-    Ok(match joined {
-        Some(buf) => buf.freeze(),
-        None => first.unwrap_or_default(),
-    })
 }
 
 /// Serves one HTTP/2 request.
@@ -194,50 +163,167 @@ impl GrpcService {
     }
 
     /// Answers one request.
-    pub async fn call(&self, req: Request<Incoming>) -> Response<ResponseBody> {
-        if req.uri().path() != CHECK_PATH {
+    pub fn answer(self: &Arc<Self>, req: Request<Incoming>) -> Answer {
+        let state = if req.uri().path() != CHECK_PATH {
             let mut other = self.other.clone();
-            // tonic's router (an axum Router) is always ready. Its future is
-            // boxed: inline, its size would be part of every Check's future,
-            // which hyper moves into a task for every stream.
-            return match Box::pin(other.call(req.map(tonic::body::Body::new))).await {
-                Ok(resp) => resp.map(http_body_util::Either::Right),
-                Err(never) => match never {},
-            };
-        }
-        if req.method() != Method::POST {
-            let mut resp = Response::new(http_body_util::Either::Left(Reply::empty()));
-            *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-            return resp;
-        }
-        if req
+            // tonic's router (an axum Router) is always ready.
+            State::Other(Box::pin(other.call(req.map(tonic::body::Body::new))))
+        } else if req.method() != Method::POST {
+            State::Refused(Refusal::MethodNotAllowed)
+        } else if req
             .headers()
             .get(&GRPC_ENCODING)
             .is_some_and(|e| e.as_bytes() != b"identity")
         {
-            return error(code::UNIMPLEMENTED, "compressed requests are not accepted");
+            State::Refused(Refusal::Grpc(
+                code::UNIMPLEMENTED,
+                "compressed requests are not accepted",
+            ))
+        } else {
+            State::Check {
+                service: Arc::clone(self),
+                body: req.into_body(),
+                first: None,
+                joined: None,
+            }
+        };
+        Answer { state }
+    }
+}
+
+/// The future of one request's response.
+///
+/// Written out by hand rather than as an `async fn`: hyper moves a stream's
+/// service future several times (into the stream's state, then into its
+/// task), and an `async fn` taking the request kept all 264 bytes of it,
+/// twice, beside the body reader's own state (712 bytes in all). A Check
+/// keeps only what reading its body needs.
+pub struct Answer {
+    state: State,
+}
+
+type OtherFuture =
+    Pin<Box<dyn Future<Output = Result<Response<tonic::body::Body>, Infallible>> + Send + 'static>>;
+
+enum State {
+    /// Reading a Check's body. A body in one DATA frame (Envoy's usual) is
+    /// used as is; only a split body is copied together.
+    Check {
+        service: Arc<GrpcService>,
+        body: Incoming,
+        first: Option<Bytes>,
+        joined: Option<BytesMut>,
+    },
+    /// Any other path, answered by tonic's router. Boxed: inline, its size
+    /// would be part of every Check's future.
+    Other(OtherFuture),
+    /// Refused before its body is read.
+    Refused(Refusal),
+    /// The response has been returned.
+    Done,
+}
+
+#[derive(Clone, Copy)]
+enum Refusal {
+    MethodNotAllowed,
+    /// A trailers-only gRPC error: code and message.
+    Grpc(u16, &'static str),
+}
+
+impl Refusal {
+    fn response(self) -> Response<ResponseBody> {
+        match self {
+            Refusal::MethodNotAllowed => {
+                let mut resp = Response::new(http_body_util::Either::Left(Reply::empty()));
+                *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+                resp
+            }
+            Refusal::Grpc(code, message) => error(code, message),
         }
-        let body = match read_body(req.into_body()).await {
-            Ok(body) => body,
-            Err(BodyError::TooLarge) => {
-                return error(code::RESOURCE_EXHAUSTED, "CheckRequest too large");
-            }
-            Err(BodyError::Transport) => {
-                return error(code::INTERNAL, "request body failed");
-            }
+    }
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match self.state {
+            State::Check { .. } => "check",
+            State::Other(_) => "other",
+            State::Refused(_) => "refused",
+            State::Done => "done",
         };
-        let message = match crate::wire::unframe(&body) {
-            Ok(m) => m,
-            Err(_) => {
-                return error(code::INVALID_ARGUMENT, "the body is not one gRPC message");
-            }
+        f.debug_struct("Answer").field("state", &state).finish()
+    }
+}
+
+impl Future for Answer {
+    type Output = Result<Response<ResponseBody>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let response = match &mut this.state {
+            State::Check {
+                service,
+                body,
+                first,
+                joined,
+            } => loop {
+                let data = match std::task::ready!(Pin::new(&mut *body).poll_frame(cx)) {
+                    None => break finish(service, first.take(), joined.take()),
+                    Some(Err(_)) => break error(code::INTERNAL, "request body failed"),
+                    // Trailers on a request carry nothing for us.
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) => data,
+                        Err(_) => continue,
+                    },
+                };
+                let total = first.as_ref().map_or(0, Bytes::len)
+                    + joined.as_ref().map_or(0, BytesMut::len)
+                    + data.len();
+                if total > MAX_MESSAGE_BYTES + crate::wire::FRAME_PREFIX {
+                    break error(code::RESOURCE_EXHAUSTED, "CheckRequest too large");
+                }
+                match (&mut *joined, first.take()) {
+                    (Some(buf), _) => buf.extend_from_slice(&data),
+                    (None, None) => *first = Some(data),
+                    (None, Some(head)) => {
+                        let mut buf = BytesMut::with_capacity(head.len() + data.len());
+                        buf.extend_from_slice(&head);
+                        buf.extend_from_slice(&data);
+                        *joined = Some(buf);
+                    }
+                }
+            },
+            State::Other(future) => match std::task::ready!(future.as_mut().poll(cx)) {
+                Ok(resp) => resp.map(http_body_util::Either::Right),
+                Err(never) => match never {},
+            },
+            State::Refused(refusal) => refusal.response(),
+            State::Done => panic!("Answer polled after it completed"),
         };
-        match self.authz.check_message(message, Timestamp::now()) {
-            Ok(reply) => ok(reply),
-            Err(e) => {
-                tracing::debug!(error = %e, "undecodable CheckRequest");
-                error(code::INVALID_ARGUMENT, "malformed CheckRequest")
-            }
+        this.state = State::Done;
+        Poll::Ready(Ok(response))
+    }
+}
+
+/// Answers a Check whose whole body has been read.
+fn finish(
+    service: &GrpcService,
+    first: Option<Bytes>,
+    joined: Option<BytesMut>,
+) -> Response<ResponseBody> {
+    let body = match joined {
+        Some(buf) => buf.freeze(),
+        None => first.unwrap_or_default(),
+    };
+    let message = match crate::wire::unframe(&body) {
+        Ok(m) => m,
+        Err(_) => return error(code::INVALID_ARGUMENT, "the body is not one gRPC message"),
+    };
+    match service.authz.check_message(message, Timestamp::now()) {
+        Ok(reply) => ok(reply),
+        Err(e) => {
+            tracing::debug!(error = %e, "undecodable CheckRequest");
+            error(code::INVALID_ARGUMENT, "malformed CheckRequest")
         }
     }
 }
@@ -287,10 +373,7 @@ pub async fn serve<S, IO>(
         let service = Arc::clone(&service);
         let conn = builder.serve_connection(
             TokioIo::new(io),
-            hyper::service::service_fn(move |req| {
-                let service = Arc::clone(&service);
-                async move { Ok::<_, Infallible>(service.call(req).await) }
-            }),
+            hyper::service::service_fn(move |req| service.answer(req)),
         );
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
