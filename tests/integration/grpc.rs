@@ -409,3 +409,175 @@ fn serve_exits_cleanly_on_sigterm() {
     };
     assert!(exit.success(), "exit status {exit}");
 }
+
+/// What one raw HTTP/2 call to the gRPC port got back.
+#[derive(Debug)]
+struct RawReply {
+    http_status: u16,
+    /// `grpc-status`, from the headers (trailers-only) or the trailers.
+    grpc_status: Option<String>,
+    body: Vec<u8>,
+}
+
+/// One Check call over a bare HTTP/2 connection, its body sent as the given
+/// DATA frames: the edges a gRPC client library never produces.
+async fn raw_check(
+    addr: std::net::SocketAddr,
+    method: &str,
+    headers: &[(&str, &str)],
+    frames: Vec<bytes::Bytes>,
+) -> RawReply {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(format!(
+            "http://{addr}/envoy.service.auth.v3.Authorization/Check"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let (response, mut send) = client
+        .send_request(request.body(()).unwrap(), frames.is_empty())
+        .unwrap();
+    let last = frames.len();
+    for (i, frame) in frames.into_iter().enumerate() {
+        // The server may answer (and reset the stream) before taking all of
+        // an oversized body: a refused send is not this test's concern.
+        if send.send_data(frame, i + 1 == last).is_err() {
+            break;
+        }
+    }
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("no response within 10 s")
+        .unwrap();
+    let http_status = response.status().as_u16();
+    let mut grpc_status = response
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let mut stream = response.into_body();
+    let mut body = Vec::new();
+    while let Some(chunk) = stream.data().await {
+        let chunk = chunk.unwrap();
+        let _ = stream.flow_control().release_capacity(chunk.len());
+        body.extend_from_slice(&chunk);
+    }
+    if let Some(trailers) = stream.trailers().await.unwrap() {
+        grpc_status = trailers
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_owned());
+    }
+    RawReply {
+        http_status,
+        grpc_status,
+        body,
+    }
+}
+
+/// A gRPC length-prefixed message.
+fn grpc_frame(message: &[u8]) -> Vec<u8> {
+    let mut framed = vec![0];
+    framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    framed.extend_from_slice(message);
+    framed
+}
+
+#[tokio::test]
+async fn raw_http2_edges_get_grpc_errors_or_answers() {
+    use prost::Message as _;
+    let keys = KeyDir::new(&standard_ring());
+    let server = Running::start(&keys.path).await;
+    let framed = grpc_frame(&request(&[("x-api-key", Secrets::ACTIVE)], None).encode_to_vec());
+    let answer = |reply: &RawReply| {
+        assert_eq!(reply.http_status, 200, "{reply:?}");
+        assert_eq!(reply.grpc_status.as_deref(), Some("0"), "{reply:?}");
+        let message = keyward::wire::unframe(&reply.body).expect("one gRPC message");
+        CheckResponse::decode(message).expect("a CheckResponse")
+    };
+
+    // The body in one DATA frame, then split over three (at the prefix and
+    // mid-message): the same allowed answer.
+    let whole = answer(&raw_check(server.grpc, "POST", &[], vec![framed.clone().into()]).await);
+    assert!(matches!(
+        whole.http_response,
+        Some(HttpResponse::OkResponse(_))
+    ));
+    let pieces = vec![
+        bytes::Bytes::copy_from_slice(&framed[..3]),
+        bytes::Bytes::copy_from_slice(&framed[3..framed.len() / 2]),
+        bytes::Bytes::copy_from_slice(&framed[framed.len() / 2..]),
+    ];
+    let split = answer(&raw_check(server.grpc, "POST", &[], pieces).await);
+    assert_eq!(split, whole);
+
+    // gRPC errors, trailers-only: status and code.
+    // What is sent, its extra headers, its DATA frames, the grpc-status wanted.
+    type Case<'a> = (
+        &'a str,
+        &'a [(&'a str, &'a str)],
+        Vec<bytes::Bytes>,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "compressed",
+            &[("grpc-encoding", "gzip")],
+            vec![framed.clone().into()],
+            "12",
+        ),
+        ("no body", &[], vec![], "3"),
+        (
+            "a truncated frame",
+            &[],
+            vec![framed[..framed.len() - 1].to_vec().into()],
+            "3",
+        ),
+        (
+            "not protobuf",
+            &[],
+            vec![grpc_frame(&[0xff, 0xff, 0xff]).into()],
+            "3",
+        ),
+        (
+            "over 4 MiB",
+            &[],
+            vec![bytes::Bytes::from(vec![0u8; (4 << 20) + 64])],
+            "8",
+        ),
+    ];
+    for (what, headers, frames, code) in cases {
+        let reply = raw_check(server.grpc, "POST", headers, frames).await;
+        assert_eq!(reply.http_status, 200, "{what}: {reply:?}");
+        assert_eq!(
+            reply.grpc_status.as_deref(),
+            Some(code),
+            "{what}: {reply:?}"
+        );
+    }
+    // `grpc-encoding: identity` is no compression at all.
+    let identity = raw_check(
+        server.grpc,
+        "POST",
+        &[("grpc-encoding", "identity")],
+        vec![framed.clone().into()],
+    )
+    .await;
+    assert_eq!(answer(&identity), whole);
+
+    // Not a POST: HTTP 405, no gRPC status.
+    let get = raw_check(server.grpc, "GET", &[], vec![]).await;
+    assert_eq!(get.http_status, 405, "{get:?}");
+    assert_eq!(get.grpc_status, None);
+
+    // The server still answers normally afterwards.
+    let again = answer(&raw_check(server.grpc, "POST", &[], vec![framed.into()]).await);
+    assert_eq!(again, whole);
+}
