@@ -34,9 +34,16 @@ pub fn synthetic_secret(i: usize) -> String {
     out
 }
 
-/// The next state of a SplitMix64 sequence (deterministic, not secure).
+/// SplitMix64's increment between successive states.
+pub(crate) const SPLITMIX64_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// SplitMix64's output for the state before `x` (that is, `x` advanced by
+/// [`SPLITMIX64_GAMMA`], then mixed). Deterministic, not secure. Stepping
+/// `x` by the gamma gives the textbook sequence; feeding each output back
+/// as the next `x`, as [`synthetic_secret`] does, gives another fixed
+/// stream.
 pub(crate) fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = x.wrapping_add(SPLITMIX64_GAMMA);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)

@@ -2128,11 +2128,10 @@ mod properties {
             r
         }
         fn next(&mut self) -> u64 {
-            self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut x = self.state;
-            x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            x ^ (x >> 31)
+            use crate::bench_support::{SPLITMIX64_GAMMA, splitmix64};
+            let x = self.state;
+            self.state = x.wrapping_add(SPLITMIX64_GAMMA);
+            splitmix64(x)
         }
         fn below(&mut self, n: usize) -> usize {
             (self.next() % n as u64) as usize
