@@ -601,6 +601,11 @@ fn frame(len: usize, write: impl FnOnce(&mut Encoder<'_>)) -> bytes::Bytes {
     buf.freeze()
 }
 
+/// `message` as one uncompressed gRPC frame, as [`unframe`] reads it.
+pub fn frame_message(message: &[u8]) -> bytes::Bytes {
+    frame(message.len(), |e| e.0.put_slice(message))
+}
+
 /// The message of a unary gRPC request body: one uncompressed frame.
 pub fn unframe(body: &[u8]) -> Result<&[u8], DecodeError> {
     let Some((prefix, rest)) = body.split_first_chunk::<FRAME_PREFIX>() else {
@@ -770,6 +775,16 @@ mod tests {
         );
         assert_eq!(map_entry(&[0x12, 1, b'v']), Ok((&b""[..], &b"v"[..])));
         assert!(map_entry(&[0x0a, 5, b'k']).is_err());
+    }
+
+    #[test]
+    fn framed_messages_unframe_to_themselves() {
+        for message in [&b""[..], b"\x0a\x00", &[7u8; 300][..]] {
+            let framed = frame_message(message);
+            let len = u32::try_from(message.len()).unwrap().to_be_bytes();
+            assert_eq!(framed[..FRAME_PREFIX], [0, len[0], len[1], len[2], len[3]]);
+            assert_eq!(unframe(&framed), Ok(message));
+        }
     }
 
     #[test]

@@ -28,15 +28,6 @@ struct Args {
     listen: std::net::SocketAddr,
 }
 
-/// A gRPC length-prefixed message: uncompressed flag, big-endian length, bytes.
-fn grpc_frame(message: &[u8]) -> Bytes {
-    let mut framed = Vec::with_capacity(5 + message.len());
-    framed.push(0);
-    framed.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
-    framed.extend_from_slice(message);
-    Bytes::from(framed)
-}
-
 async fn answer(req: Request<Incoming>, ok: Bytes) -> Result<Response<Reply>, hyper::Error> {
     if req.method() != Method::POST {
         let mut resp = Response::new(Reply::empty());
@@ -57,7 +48,7 @@ async fn answer(req: Request<Incoming>, ok: Bytes) -> Result<Response<Reply>, hy
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let ok = grpc_frame(
+    let ok = keyward::wire::frame_message(
         &CheckResponse {
             status: Some(rpc::Status {
                 code: 0,

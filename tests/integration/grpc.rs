@@ -482,20 +482,14 @@ async fn raw_check(
     }
 }
 
-/// A gRPC length-prefixed message.
-fn grpc_frame(message: &[u8]) -> Vec<u8> {
-    let mut framed = vec![0];
-    framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
-    framed.extend_from_slice(message);
-    framed
-}
-
 #[tokio::test]
 async fn raw_http2_edges_get_grpc_errors_or_answers() {
     use prost::Message as _;
     let keys = KeyDir::new(&standard_ring());
     let server = Running::start(&keys.path).await;
-    let framed = grpc_frame(&request(&[("x-api-key", Secrets::ACTIVE)], None).encode_to_vec());
+    let framed = keyward::wire::frame_message(
+        &request(&[("x-api-key", Secrets::ACTIVE)], None).encode_to_vec(),
+    );
     let answer = |reply: &RawReply| {
         assert_eq!(reply.http_status, 200, "{reply:?}");
         assert_eq!(reply.grpc_status.as_deref(), Some("0"), "{reply:?}");
@@ -505,15 +499,15 @@ async fn raw_http2_edges_get_grpc_errors_or_answers() {
 
     // The body in one DATA frame, then split over three (at the prefix and
     // mid-message): the same allowed answer.
-    let whole = answer(&raw_check(server.grpc, "POST", &[], vec![framed.clone().into()]).await);
+    let whole = answer(&raw_check(server.grpc, "POST", &[], vec![framed.clone()]).await);
     assert!(matches!(
         whole.http_response,
         Some(HttpResponse::OkResponse(_))
     ));
     let pieces = vec![
-        bytes::Bytes::copy_from_slice(&framed[..3]),
-        bytes::Bytes::copy_from_slice(&framed[3..framed.len() / 2]),
-        bytes::Bytes::copy_from_slice(&framed[framed.len() / 2..]),
+        framed.slice(..3),
+        framed.slice(3..framed.len() / 2),
+        framed.slice(framed.len() / 2..),
     ];
     let split = answer(&raw_check(server.grpc, "POST", &[], pieces).await);
     assert_eq!(split, whole);
@@ -530,20 +524,20 @@ async fn raw_http2_edges_get_grpc_errors_or_answers() {
         (
             "compressed",
             &[("grpc-encoding", "gzip")],
-            vec![framed.clone().into()],
+            vec![framed.clone()],
             "12",
         ),
         ("no body", &[], vec![], "3"),
         (
             "a truncated frame",
             &[],
-            vec![framed[..framed.len() - 1].to_vec().into()],
+            vec![framed.slice(..framed.len() - 1)],
             "3",
         ),
         (
             "not protobuf",
             &[],
-            vec![grpc_frame(&[0xff, 0xff, 0xff]).into()],
+            vec![keyward::wire::frame_message(&[0xff, 0xff, 0xff])],
             "3",
         ),
         (
@@ -567,7 +561,7 @@ async fn raw_http2_edges_get_grpc_errors_or_answers() {
         server.grpc,
         "POST",
         &[("grpc-encoding", "identity")],
-        vec![framed.clone().into()],
+        vec![framed.clone()],
     )
     .await;
     assert_eq!(answer(&identity), whole);
@@ -578,6 +572,6 @@ async fn raw_http2_edges_get_grpc_errors_or_answers() {
     assert_eq!(get.grpc_status, None);
 
     // The server still answers normally afterwards.
-    let again = answer(&raw_check(server.grpc, "POST", &[], vec![framed.into()]).await);
+    let again = answer(&raw_check(server.grpc, "POST", &[], vec![framed]).await);
     assert_eq!(again, whole);
 }

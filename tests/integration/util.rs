@@ -394,10 +394,7 @@ impl CaptureServer {
             ..Default::default()
         }
         .encode_to_vec();
-        let mut framed = vec![0u8];
-        framed.extend_from_slice(&u32::try_from(ok.len()).unwrap().to_be_bytes());
-        framed.extend_from_slice(&ok);
-        let framed = Bytes::from(framed);
+        let framed = keyward::wire::frame_message(&ok);
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
