@@ -31,6 +31,7 @@ pub fn lower_current() -> Lowered {
     #[cfg(target_os = "linux")]
     {
         if idle_is_reversible() && set_policy(0, libc::SCHED_IDLE) {
+            yield_now();
             return Lowered::Idle;
         }
         // On Linux the nice value is per thread, and `who = 0` names the
@@ -39,6 +40,7 @@ pub fn lower_current() -> Lowered {
         // ours; failure is reported through the return value.
         let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, BACKGROUND_NICENESS) };
         if rc == 0 {
+            yield_now();
             return Lowered::Nice;
         }
         tracing::debug!(
@@ -47,6 +49,17 @@ pub fn lower_current() -> Lowered {
         );
     }
     Lowered::No
+}
+
+/// Gives the CPU to whatever is queued on it. Lowering a running thread
+/// does not make the kernel look at its queue again (the thread's
+/// priority number stays the same, only its weight drops): a check woken
+/// onto this CPU just before would otherwise wait behind the lowered
+/// thread until the next scheduler tick, up to 4 ms at 250 Hz.
+#[cfg(target_os = "linux")]
+fn yield_now() {
+    // SAFETY: sched_yield takes no arguments and touches no memory.
+    unsafe { libc::sched_yield() };
 }
 
 /// Raises every thread of the process running under `SCHED_IDLE` back to
