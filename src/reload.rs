@@ -575,8 +575,8 @@ pub const RAISE_ANYWAY_AFTER: Duration = Duration::from_secs(10);
 
 /// Runs the reload loop until `stop` is set: waits for a watch signal, a
 /// poll tick that saw a change, or SIGHUP, then reloads off the serving
-/// threads, on a thread of its own at background priority (raised when it
-/// starves; see [`wait_for_reload`]).
+/// threads, on a thread kept for reloads ([`ReloadThread`]) at background
+/// priority (raised when it starves; see [`wait_for_reload`]).
 pub async fn run(
     reloader: Arc<Reloader>,
     signal: Arc<Notify>,
@@ -585,6 +585,7 @@ pub async fn run(
 ) {
     #[cfg(unix)]
     let mut hup = settings.sighup;
+    let mut thread = ReloadThread::default();
     let mut poll = settings.poll_interval.map(|every| {
         // The first tick is one interval from now, not immediately.
         let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -625,22 +626,65 @@ pub async fn run(
             }
             () = hup_recv => Trigger::Signal,
         };
-        let r = Arc::clone(&reloader);
-        let (tx, mut rx) = tokio::sync::oneshot::channel();
-        let spawned = std::thread::Builder::new()
-            .name("keyward-reload".into())
-            .spawn(move || {
-                crate::priority::lower_current();
-                let _ = tx.send(r.reload(trigger));
-            });
-        match spawned {
-            Ok(_) => {
+        match thread.start(&reloader, trigger) {
+            Ok(mut rx) => {
                 if wait_for_reload(&mut rx).await.is_err() {
                     tracing::error!("reload thread failed");
                 }
             }
             Err(e) => tracing::error!(error = %e, "cannot start a reload thread"),
         }
+    }
+}
+
+/// A reload and where its outcome goes.
+type Job = (Trigger, tokio::sync::oneshot::Sender<Outcome>);
+
+/// The thread reloads run on, started at the first reload and kept.
+///
+/// Starting a thread per reload cost a serving thread the `clone` (the
+/// reload loop runs on one), and the new thread ran at normal priority until
+/// it lowered itself. A thread that dies (a reload that panicked) is
+/// replaced at the next reload.
+#[derive(Default)]
+struct ReloadThread {
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+}
+
+impl ReloadThread {
+    /// Hands a reload to the thread, starting it if there is none; returns
+    /// where the outcome will arrive.
+    fn start(
+        &mut self,
+        reloader: &Arc<Reloader>,
+        trigger: Trigger,
+    ) -> std::io::Result<tokio::sync::oneshot::Receiver<Outcome>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut job = (trigger, tx);
+        if let Some(jobs) = &self.jobs {
+            match jobs.send(job) {
+                Ok(()) => return Ok(rx),
+                // The thread is gone: start another one.
+                Err(std::sync::mpsc::SendError(back)) => job = back,
+            }
+        }
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let reloader = Arc::clone(reloader);
+        std::thread::Builder::new()
+            .name("keyward-reload".into())
+            .spawn(move || {
+                for (trigger, done) in queue {
+                    // Again for every reload: a reload that starved was
+                    // raised to normal priority (see `wait_for_reload`).
+                    crate::priority::lower_current();
+                    let _ = done.send(reloader.reload(trigger));
+                }
+            })?;
+        // The thread has not started receiving yet; the job waits for it.
+        jobs.send(job)
+            .map_err(|_| std::io::Error::other("reload thread exited"))?;
+        self.jobs = Some(jobs);
+        Ok(rx)
     }
 }
 
@@ -750,6 +794,62 @@ mod tests {
         let shared = Arc::new(Shared::new(ring, usage, Default::default()));
         let r = Reloader::new(path.clone(), ParseOptions::default(), Arc::clone(&shared));
         (dir, path, r, shared)
+    }
+
+    /// Ids of this process's threads named `keyward-reload`.
+    fn reload_threads() -> Vec<String> {
+        std::fs::read_dir("/proc/self/task")
+            .map(|tasks| {
+                tasks
+                    .flatten()
+                    .filter(|t| {
+                        std::fs::read_to_string(t.path().join("comm"))
+                            .is_ok_and(|c| c.trim() == "keyward-reload")
+                    })
+                    .map(|t| t.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn reloads_run_on_one_kept_thread_replaced_when_it_is_gone() {
+        let (_d, path, r, shared) = setup(&key("a", "sa", ""));
+        let r = Arc::new(r);
+        let mut thread = ReloadThread::default();
+        let run = |thread: &mut ReloadThread| {
+            thread
+                .start(&r, Trigger::Watch)
+                .unwrap()
+                .blocking_recv()
+                .unwrap()
+        };
+        assert_eq!(run(&mut thread), Outcome::Unchanged);
+        let first = reload_threads();
+        assert_eq!(first.len(), 1, "{first:?}");
+        std::fs::write(&path, key("a", "sa", "") + &key("b", "sb", "")).unwrap();
+        assert_eq!(run(&mut thread), Outcome::Published { generation: 2 });
+        assert_eq!(reload_threads(), first, "the same thread ran both");
+        assert_eq!(shared.ring.load().len(), 2);
+
+        // Its queue closed, the thread exits; the next reload starts another.
+        let gone = thread.jobs.take();
+        drop(gone);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !reload_threads().is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the thread did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        thread.jobs = Some(std::sync::mpsc::channel().0);
+        std::fs::write(&path, key("b", "sb", "")).unwrap();
+        assert_eq!(run(&mut thread), Outcome::Published { generation: 3 });
+        let second = reload_threads();
+        assert_eq!(second.len(), 1, "{second:?}");
+        assert_ne!(second, first);
     }
 
     #[test]
