@@ -797,6 +797,7 @@ mod tests {
     }
 
     /// Ids of this process's threads named `keyward-reload`.
+    #[cfg(target_os = "linux")]
     fn reload_threads() -> Vec<String> {
         std::fs::read_dir("/proc/self/task")
             .map(|tasks| {
@@ -832,6 +833,26 @@ mod tests {
         assert_eq!(run(&mut thread), Outcome::Published { generation: 2 });
         assert_eq!(reload_threads(), first, "the same thread ran both");
         assert_eq!(shared.ring.load().len(), 2);
+
+        // A reload raised to normal priority (it starved) leaves the thread
+        // raised; the next reload lowers it again.
+        let tid: libc::pid_t = first[0].parse().unwrap();
+        // SAFETY: sched_getscheduler takes a thread id and returns an integer.
+        let policy = || unsafe { libc::sched_getscheduler(tid) };
+        if policy() == libc::SCHED_IDLE {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: `param` is valid for the call, which only reads it.
+            let rc = unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) };
+            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+            assert_eq!(run(&mut thread), Outcome::Unchanged);
+            assert_eq!(policy(), libc::SCHED_IDLE, "lowered again");
+        } else {
+            // Where SCHED_IDLE could not be undone the thread got a nice
+            // value instead, and keeps it.
+            // SAFETY: getpriority takes plain integers.
+            let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) };
+            assert_eq!(nice, crate::priority::BACKGROUND_NICENESS);
+        }
 
         // Its queue closed, the thread exits; the next reload starts another.
         let gone = thread.jobs.take();
