@@ -169,7 +169,7 @@ fn idle_is_reversible() -> bool {
 }
 
 #[cfg(all(test, target_os = "linux"))]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn policy_of_current() -> libc::c_int {
@@ -178,8 +178,9 @@ mod tests {
     }
 
     /// `raise_background` raises every idle thread of the process, so the
-    /// tests that lower threads run one at a time.
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    /// tests that lower threads run one at a time (those of other modules
+    /// too).
+    pub(crate) static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     #[test]
     fn background_progress_counts_idle_threads_only() {

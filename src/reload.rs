@@ -816,6 +816,10 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn reloads_run_on_one_kept_thread_replaced_when_it_is_gone() {
+        // Its thread's priority is checked: no other test may raise it.
+        let _serial = crate::priority::tests::SERIAL
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let (_d, path, r, shared) = setup(&key("a", "sa", ""));
         let r = Arc::new(r);
         let mut thread = ReloadThread::default();
