@@ -146,7 +146,7 @@ impl BackgroundProgress {
 /// Sets the scheduling policy of thread `tid` (0: the calling thread), at
 /// static priority 0 (the only one these policies have).
 #[cfg(target_os = "linux")]
-fn set_policy(tid: libc::pid_t, policy: libc::c_int) -> bool {
+pub(crate) fn set_policy(tid: libc::pid_t, policy: libc::c_int) -> bool {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: `param` is a valid sched_param that outlives the call, which
     // only reads it; the rest are plain integers.

@@ -844,10 +844,7 @@ mod tests {
         // SAFETY: sched_getscheduler takes a thread id and returns an integer.
         let policy = || unsafe { libc::sched_getscheduler(tid) };
         if policy() == libc::SCHED_IDLE {
-            let param = libc::sched_param { sched_priority: 0 };
-            // SAFETY: `param` is valid for the call, which only reads it.
-            let rc = unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) };
-            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+            assert!(crate::priority::set_policy(tid, libc::SCHED_OTHER));
             assert_eq!(run(&mut thread), Outcome::Unchanged);
             assert_eq!(policy(), libc::SCHED_IDLE, "lowered again");
         } else {
@@ -859,8 +856,7 @@ mod tests {
         }
 
         // Its queue closed, the thread exits; the next reload starts another.
-        let gone = thread.jobs.take();
-        drop(gone);
+        drop(thread.jobs.take());
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !reload_threads().is_empty() {
             assert!(
