@@ -417,27 +417,19 @@ impl Diff {
 }
 
 fn changes(old: KeyRef<'_>, new: KeyRef<'_>) -> Vec<String> {
-    fn opt(t: Option<Timestamp>) -> String {
-        t.map_or_else(|| "none".into(), |t| t.to_string())
+    /// `name old -> new` when a time changed.
+    fn time(what: &mut Vec<String>, name: &str, old: Option<Timestamp>, new: Option<Timestamp>) {
+        let opt = |t: Option<Timestamp>| t.map_or_else(|| "none".into(), |t| t.to_string());
+        if old != new {
+            what.push(format!("{name} {} -> {}", opt(old), opt(new)));
+        }
     }
     let mut what = Vec::new();
     if old.state() != new.state() {
         what.push(format!("state {} -> {}", old.state(), new.state()));
     }
-    if old.expires_at() != new.expires_at() {
-        what.push(format!(
-            "expires_at {} -> {}",
-            opt(old.expires_at()),
-            opt(new.expires_at())
-        ));
-    }
-    if old.not_before() != new.not_before() {
-        what.push(format!(
-            "not_before {} -> {}",
-            opt(old.not_before()),
-            opt(new.not_before())
-        ));
-    }
+    time(&mut what, "expires_at", old.expires_at(), new.expires_at());
+    time(&mut what, "not_before", old.not_before(), new.not_before());
     if old.scopes() != new.scopes() {
         what.push(format!(
             "scopes [{}] -> [{}]",
@@ -453,6 +445,16 @@ fn changes(old: KeyRef<'_>, new: KeyRef<'_>) -> Vec<String> {
     }
     if old.rate_limit() != new.rate_limit() {
         what.push("rate_limit changed".into());
+    }
+    // When clients started being told the key is deprecated (`Deprecation`).
+    time(
+        &mut what,
+        "deprecated_at",
+        old.deprecated_at(),
+        new.deprecated_at(),
+    );
+    if old.description() != new.description() {
+        what.push("description changed".into());
     }
     what
 }
@@ -1079,19 +1081,25 @@ mod tests {
                 "a",
                 "sa",
                 "state = \"deprecated\"\nexpires_at = 2030-01-01T00:00:00Z",
-            ) + &key("b", "sb2", "scopes = [\"read\"]")
+            ) + &key("b", "sb2", "scopes = [\"read\"]\ndescription = \"rotated\"")
                 + &key("d", "sd", ""),
         )
         .unwrap();
         r.reload(Trigger::Watch);
-        let d = Diff::between(&old, &shared.ring.load());
+        let new = shared.ring.load();
+        let d = Diff::between(&old, &new);
         assert_eq!(d.added, vec!["d"]);
         assert_eq!(d.removed, vec!["c"]);
+        // Deprecated without a time in the file: since this reload.
+        let since = new.by_id("a").unwrap().deprecated_at().unwrap();
         assert_eq!(
             d.changed,
             vec![
-                "a: state active -> deprecated, expires_at none -> 2030-01-01T00:00:00Z",
-                "b: scopes [] -> [read], secret replaced",
+                format!(
+                    "a: state active -> deprecated, expires_at none -> 2030-01-01T00:00:00Z, \
+                     deprecated_at none -> {since}"
+                ),
+                "b: scopes [] -> [read], secret replaced, description changed".to_string(),
             ]
         );
     }
@@ -1137,6 +1145,7 @@ mod tests {
         ];
         let scopes: [&[&str]; 4] = [&[], &["read"], &["read", "trade"], &["trade"]];
         let clients = ["acme", "acme-eu", "bank", "c"];
+        let descriptions = [None, Some("trading bot"), Some("market data")];
         let limits = [
             None,
             Some(RateLimitSpec {
@@ -1171,8 +1180,8 @@ mod tests {
                 not_before: times[next(5) as usize],
                 expires_at: times[next(5) as usize]
                     .map(|t| t + jiff::SignedDuration::from_hours(24 * 366 * 5)),
-                deprecated_at: None,
-                description: None,
+                deprecated_at: times[next(5) as usize],
+                description: descriptions[next(3) as usize].map(str::to_string),
                 rate_limit: limits[next(3) as usize],
                 line: 1,
             }
@@ -1204,13 +1213,15 @@ mod tests {
                         // One field changed (or set to what it was).
                         let other = random_key(0, &mut next);
                         let mut changed = k.clone();
-                        match next(7) {
+                        match next(9) {
                             0 => changed.digest = other.digest,
                             1 => changed.client = other.client,
                             2 => changed.scopes = other.scopes,
                             3 => changed.state = other.state,
                             4 => changed.not_before = other.not_before,
                             5 => changed.expires_at = other.expires_at,
+                            6 => changed.deprecated_at = other.deprecated_at,
+                            7 => changed.description = other.description,
                             _ => changed.rate_limit = other.rate_limit,
                         }
                         new.push(changed);

@@ -1160,7 +1160,8 @@ impl<'a> InPlace<'a> {
         let (so, sn) = (o.slot(), n.slot());
         // Flags that say where a field is kept must agree; then the inline
         // fields, and the rare ones they point to.
-        const WHERE: u8 = F_NOT_BEFORE | F_EXPIRES_EXACT | F_RATE_LIMIT;
+        const WHERE: u8 =
+            F_NOT_BEFORE | F_EXPIRES_EXACT | F_RATE_LIMIT | F_DEPRECATED_AT | F_DESCRIPTION;
         so.digest == sn.digest
             && so.expires_at == sn.expires_at
             && so.state() == sn.state()
@@ -1168,6 +1169,8 @@ impl<'a> InPlace<'a> {
             && (so.flags() & F_EXPIRES_EXACT == 0 || o.expires_at() == n.expires_at())
             && (so.flags() & F_NOT_BEFORE == 0 || o.not_before() == n.not_before())
             && (so.flags() & F_RATE_LIMIT == 0 || o.rate_limit() == n.rate_limit())
+            && (so.flags() & F_DEPRECATED_AT == 0 || o.deprecated_at() == n.deprecated_at())
+            && (so.flags() & F_DESCRIPTION == 0 || o.description() == n.description())
             && self.same_profile(so.profile(), sn.profile())
     }
 }
