@@ -28,7 +28,7 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use toml_edit::{Item, Table, Value};
 
-use crate::ring::{Digest, FileDigest};
+use crate::ring::{Digest, DigestPrefix, FileDigest};
 
 mod fast;
 
@@ -173,8 +173,8 @@ pub struct KeyView<'a> {
     pub id: &'a str,
     /// The principal the key authenticates.
     pub client: &'a str,
-    /// SHA-256 of the secret.
-    pub digest: &'a Digest,
+    /// What a ring keeps of the SHA-256 of the secret.
+    pub digest_prefix: DigestPrefix,
     /// Scopes, deduplicated, in file order.
     pub scopes: &'a [String],
     /// The source's number for this scope set, when it numbers them: keys
@@ -205,7 +205,7 @@ impl KeySource for KeyFile {
         KeyView {
             id: &k.id,
             client: &k.client,
-            digest: &k.digest,
+            digest_prefix: crate::ring::digest_prefix(&k.digest),
             scopes: &k.scopes,
             scope_set: None,
             state: k.state,

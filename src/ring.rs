@@ -684,7 +684,7 @@ impl KeyRing {
                     deprecated_at.push(index, distinct);
                 }
                 slots.push(Slot {
-                    digest: digest_prefix(spec.digest),
+                    digest: spec.digest_prefix,
                     id_start,
                     expires_at,
                     meta: profile << PROFILE_SHIFT

@@ -49,7 +49,7 @@ use super::{
     KeyFile, KeySource, KeySpec, KeyState, KeyView, MAX_ID_LEN, ParseOptions, RateLimitSpec,
     RouteSpec, decode_digest, is_scope, parse_duration, parse_time,
 };
-use crate::ring::{Digest, digest_prefix};
+use crate::ring::{Digest, DigestPrefix, digest_prefix};
 
 /// Files smaller than this are parsed on one thread.
 const PARALLEL_MIN_BYTES: usize = 4 << 20;
@@ -130,7 +130,7 @@ pub fn parse_fast_compact_threads(
     let unique = no_duplicates(&id_tags, |a, b| file.id(a).cmp(file.id(b)))
         && no_duplicates(&digest_tags, |a, b| {
             // What a ring keeps of a digest must be unique (see `DigestPrefix`).
-            digest_prefix(&file.keys[a].digest).cmp(&digest_prefix(&file.keys[b].digest))
+            file.keys[a].digest.cmp(&file.keys[b].digest)
         });
     unique.then_some(file)
 }
@@ -163,13 +163,17 @@ struct Span {
 /// One key of a [`FastFile`].
 #[derive(Debug)]
 struct FastKey {
-    digest: Digest,
+    /// What the ring keeps of the digest; the whole one is read again from
+    /// the text at `digest_at` when asked for ([`FastFile::to_key_file`]).
+    digest: DigestPrefix,
     id: Span,
     client: Span,
     /// Index into `scope_sets`.
     scopes: u32,
     /// 1-based line of the key's header.
     line: u32,
+    /// Where the digest's value starts in the file text.
+    digest_at: u32,
     state: KeyState,
     /// The expiry in whole seconds since the epoch ([`NO_EXPIRY`]: none, or
     /// one with a fraction of a second, kept in `extra`): 8 bytes where an
@@ -206,11 +210,12 @@ impl Extra {
 impl FastKey {
     fn blank(line: u32) -> FastKey {
         FastKey {
-            digest: [0; 32],
+            digest: [0; 16],
             id: Span::default(),
             client: Span::default(),
             scopes: 0,
             line,
+            digest_at: 0,
             state: KeyState::Active,
             expires_at: NO_EXPIRY,
             extra: None,
@@ -258,6 +263,25 @@ impl FastFile<'_> {
         self.str(self.keys[index].id)
     }
 
+    /// The whole digest of key `index`, read again from the text (the parse
+    /// kept only the part a ring needs).
+    fn digest(&self, index: usize) -> Digest {
+        let mut p = Parser {
+            text: self.text,
+            b: self.text.as_bytes(),
+            i: self.keys[index].digest_at as usize,
+            line: 0,
+            scratch: Vec::new(),
+            offset: 0,
+            file_len: self.text.len(),
+            arena: String::new(),
+        };
+        let digest = p.digest();
+        // The parse read it from there before.
+        debug_assert!(digest.is_some(), "no digest where key {index}'s was");
+        digest.unwrap_or_default()
+    }
+
     /// The file as the full validator gives it: every key as the ring
     /// build sees it ([`KeySource::key`]), owned.
     pub fn to_key_file(&self) -> KeyFile {
@@ -267,7 +291,7 @@ impl FastFile<'_> {
                 KeySpec {
                     id: k.id.to_owned(),
                     client: k.client.to_owned(),
-                    digest: *k.digest,
+                    digest: self.digest(i),
                     scopes: k.scopes.to_vec(),
                     state: k.state,
                     not_before: k.not_before,
@@ -298,7 +322,7 @@ impl KeySource for FastFile<'_> {
         KeyView {
             id: self.str(k.id),
             client: self.str(k.client),
-            digest: &k.digest,
+            digest_prefix: k.digest,
             scopes: &self.scope_sets[k.scopes as usize],
             scope_set: Some(k.scopes),
             state: k.state,
@@ -771,9 +795,9 @@ fn id_hash(id: &str) -> u64 {
 /// Digests are SHA-256 outputs, so folding their words is hash enough.
 /// Only the first 128 bits are hashed, and equal hashes compare those bits:
 /// they are what must be unique (see `DigestPrefix`).
-fn digest_hash(d: &[u8; 32]) -> u64 {
+fn digest_hash(d: &DigestPrefix) -> u64 {
     let mut h: u64 = 0;
-    for (i, w) in digest_prefix(d).chunks_exact(8).enumerate() {
+    for (i, w) in d.chunks_exact(8).enumerate() {
         let mut word = [0u8; 8];
         word.copy_from_slice(w);
         h ^= u64::from_le_bytes(word).rotate_left(16 * i as u32);
@@ -1571,7 +1595,10 @@ impl<'a> Parser<'a> {
                 }
                 k.client = self.span(s)?;
             }
-            F_SHA256 => k.digest = self.digest()?,
+            F_SHA256 => {
+                k.digest_at = u32::try_from(self.offset + self.i).ok()?;
+                k.digest = digest_prefix(&self.digest()?);
+            }
             F_SCOPES => {
                 self.string_array()?;
                 if !self.scratch.iter().all(|s| is_scope(s)) {
