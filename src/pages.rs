@@ -1,8 +1,8 @@
 //! Transparent huge pages for the large, short-lived blocks of a reload.
 //!
-//! A million-key reload touches about 340 MB of fresh memory: the file's
+//! A million-key reload touches about 290 MB of fresh memory: the file's
 //! bytes, the parser's records, the new ring's columns and tables. In 4 KiB
-//! pages that is about 95,000 page faults, each one a trap into the kernel
+//! pages that is about 70,000 page faults, each one a trap into the kernel
 //! and a page to clear, and every probe of a 40 MB hash table is a TLB miss.
 //! Most Linux distributions ship transparent huge pages in `madvise` mode:
 //! a mapping gets 2 MiB pages only when the program asks for them.
