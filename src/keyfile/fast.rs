@@ -266,16 +266,8 @@ impl FastFile<'_> {
     /// The whole digest of key `index`, read again from the text (the parse
     /// kept only the part a ring needs).
     fn digest(&self, index: usize) -> Digest {
-        let mut p = Parser {
-            text: self.text,
-            b: self.text.as_bytes(),
-            i: self.keys[index].digest_at as usize,
-            line: 0,
-            scratch: Vec::new(),
-            offset: 0,
-            file_len: self.text.len(),
-            arena: String::new(),
-        };
+        let mut p = Parser::new(self.text, 0, self.text.len(), 0);
+        p.i = self.keys[index].digest_at as usize;
         let digest = p.digest();
         // The parse read it from there before.
         debug_assert!(digest.is_some(), "no digest where key {index}'s was");
@@ -902,16 +894,7 @@ fn parse_part<S: KeySink<FastKey>>(
     first_line: usize,
     first_index: usize,
 ) -> Option<Part<S>> {
-    let mut p = Parser {
-        text,
-        b: text.as_bytes(),
-        i: 0,
-        line: first_line,
-        scratch: Vec::new(),
-        offset,
-        file_len,
-        arena: String::new(),
-    };
+    let mut p = Parser::new(text, offset, file_len, first_line);
     let mut part = Part {
         keys,
         routes: Vec::new(),
@@ -1131,6 +1114,21 @@ struct Parser<'a> {
 }
 
 impl<'a> Parser<'a> {
+    /// A parser at the start of `text`, which starts at byte `offset` of a
+    /// file text of `file_len` bytes, on the file's line `line`.
+    fn new(text: &'a str, offset: usize, file_len: usize, line: usize) -> Self {
+        Parser {
+            text,
+            b: text.as_bytes(),
+            i: 0,
+            line,
+            scratch: Vec::new(),
+            offset,
+            file_len,
+            arena: String::new(),
+        }
+    }
+
     #[inline]
     fn peek(&self) -> Option<u8> {
         self.b.get(self.i).copied()
