@@ -212,6 +212,32 @@ fn check(c: &mut Criterion) {
             b.iter(|| svc.check_message(black_box(req), now).unwrap())
         });
     }
+    // Many clients at once: requests carrying `active` distinct keys in
+    // turn, as from that many clients whose traffic interleaves. Each
+    // thread's memo and cache of encoded responses must hold them all, or
+    // every check pays a SHA-256 and an encode.
+    for active in [100usize, 1_000, 4_000] {
+        // Distinct keys from all over the ring, in no particular order.
+        let mut picked = std::collections::BTreeSet::new();
+        let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        let reqs: Vec<Vec<u8>> = std::iter::from_fn(|| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            Some(x as usize % n)
+        })
+        .filter(|i| picked.insert(*i))
+        .take(active)
+        .map(|i| envoy_request(&secret(i)))
+        .collect();
+        let mut i = 0;
+        g.bench_function(BenchmarkId::new("allowed_rotating", active), |b| {
+            b.iter(|| {
+                i = if i + 1 == active { 0 } else { i + 1 };
+                svc.check_message(black_box(&reqs[i]), now).unwrap()
+            })
+        });
+    }
     g.finish();
 }
 

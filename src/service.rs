@@ -296,8 +296,10 @@ pub fn respond(
     }
 }
 
-/// Slots of the per-thread cache of encoded OK responses (a power of two).
-const OK_SLOTS: usize = 256;
+/// Sets of the per-thread cache of encoded OK responses (a power of two),
+/// of two slots each: 4,096 responses, about 200 KiB of slots per serving
+/// thread plus the responses themselves (a few hundred bytes each).
+const OK_SETS: usize = 2048;
 
 /// One encoded OK response, and whose it is.
 struct OkSlot {
@@ -307,17 +309,6 @@ struct OkSlot {
     frame: Bytes,
 }
 
-thread_local! {
-    /// Recently sent OK responses, direct-mapped by key. An allowed request
-    /// without quota or client-sent `x-keyward-*` headers gets exactly the
-    /// response of the previous one with the same key and carrier, so it is
-    /// encoded once per ring and shared (a reference count, no copy). A new
-    /// ring has a new uid, so nothing of an older ring is ever reused.
-    static OK_CACHE: std::cell::RefCell<[OkSlot; OK_SLOTS]> = const {
-        std::cell::RefCell::new([const { OkSlot::VACANT }; OK_SLOTS])
-    };
-}
-
 impl OkSlot {
     const VACANT: OkSlot = OkSlot {
         ring: 0, // no ring has uid 0
@@ -325,27 +316,72 @@ impl OkSlot {
         carrier: None,
         frame: Bytes::new(),
     };
+
+    fn is(&self, index: u32, carrier: Option<CredentialHeader>) -> bool {
+        self.index == index && self.carrier == carrier
+    }
+}
+
+/// The responses a key and carrier may be cached in, most recently used
+/// first.
+type OkSet = [OkSlot; 2];
+
+thread_local! {
+    /// Recently sent OK responses, two-way set-associative by key and
+    /// carrier. An allowed request without quota or client-sent
+    /// `x-keyward-*` headers gets exactly the response of the previous one
+    /// with the same key and carrier, so it is encoded once per ring and
+    /// shared (a reference count, no copy). A new ring has a new uid, so
+    /// nothing of an older ring is ever reused. Allocated on the thread's
+    /// first allowed check.
+    static OK_CACHE: std::cell::RefCell<Box<[OkSet; OK_SETS]>> =
+        std::cell::RefCell::new(ok_cache());
+}
+
+fn ok_cache() -> Box<[OkSet; OK_SETS]> {
+    let sets: Box<[OkSet]> = (0..OK_SETS)
+        .map(|_| [OkSlot::VACANT, OkSlot::VACANT])
+        .collect();
+    match sets.try_into() {
+        Ok(cache) => cache,
+        Err(_) => unreachable!("the iterator yields exactly OK_SETS sets"),
+    }
 }
 
 fn allowed_cached(key: KeyRef<'_>, carrier: Option<CredentialHeader>) -> Bytes {
     let (ring, index) = (key.ring_uid(), key.index());
-    let at = (index as usize).wrapping_mul(2)
-        + usize::from(carrier == Some(CredentialHeader::Authorization));
+    // Fibonacci hashing: the top bits of the product, so that keys taken at
+    // any stride through the file (every client's newest key, say) spread
+    // over all the sets.
+    let at = ((u64::from(index) << 1 | u64::from(carrier == Some(CredentialHeader::Authorization)))
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        >> (64 - OK_SETS.trailing_zeros())) as usize;
     OK_CACHE.with(|cache| {
         let Ok(mut cache) = cache.try_borrow_mut() else {
             // Only reachable if encoding re-entered this function.
             return allowed(key, None, carrier, &[]);
         };
-        let slot = &mut cache[at & (OK_SLOTS - 1)];
-        if slot.ring != ring || slot.index != index || slot.carrier != carrier {
-            *slot = OkSlot {
-                ring,
-                index,
-                carrier,
-                frame: allowed(key, None, carrier, &[]),
-            };
+        let set = &mut cache[at & (OK_SETS - 1)];
+        if set[0].ring == ring && set[0].is(index, carrier) {
+            return set[0].frame.clone();
         }
-        slot.frame.clone()
+        if set[1].ring == ring && set[1].is(index, carrier) {
+            set.swap(0, 1);
+            return set[0].frame.clone();
+        }
+        // The new response replaces this key's response of an older ring
+        // if the set has one in front, else the least recently used.
+        if !set[0].is(index, carrier) {
+            set.swap(0, 1);
+        }
+        let frame = allowed(key, None, carrier, &[]);
+        set[0] = OkSlot {
+            ring,
+            index,
+            carrier,
+            frame: frame.clone(),
+        };
+        frame
     })
 }
 
@@ -490,15 +526,50 @@ mod tests {
             "[[keys]]\nid = \"k1\"\nclient = \"acme\"\nsha256 = \"{}\"\nscopes = [\"read\"]\n",
             hex::encode(crate::decide::digest("secret-1"))
         );
-        let file = parse_str(&text, ParseOptions::default()).unwrap();
         let usage = UsageRegistry::default();
+        let ring = first_ring(&text, &usage);
+        AuthzService::new(Arc::new(Shared::new(ring, usage, Default::default())))
+    }
+
+    /// Generation 1 of the ring `text` describes.
+    fn first_ring(text: &str, usage: &UsageRegistry) -> KeyRing {
+        let file = parse_str(text, ParseOptions::default()).unwrap();
         let source = RingSource {
             generation: 1,
             sha256: [0; 32],
             loaded_at: Timestamp::now(),
         };
-        let ring = KeyRing::build(&file, source, &usage, None);
-        AuthzService::new(Arc::new(Shared::new(ring, usage, Default::default())))
+        KeyRing::build(&file, source, usage, None)
+    }
+
+    #[test]
+    fn the_ok_cache_holds_a_thousand_interleaved_keys() {
+        let mut text = String::new();
+        for i in 0..2000 {
+            text.push_str(&format!(
+                "[[keys]]\nid = \"k{i}\"\nclient = \"c{}\"\nsha256 = \"{}\"\n",
+                i % 7,
+                hex::encode(crate::decide::digest(&format!("secret-{i}")))
+            ));
+        }
+        let ring = first_ring(&text, &UsageRegistry::default());
+        // Every other key (a stride through the file), taken in turn.
+        let keys: Vec<KeyRef<'_>> = (0..1000).filter_map(|i| ring.key_at(i * 2)).collect();
+        assert_eq!(keys.len(), 1000);
+        let carrier = Some(CredentialHeader::ApiKey);
+        let first: Vec<Bytes> = keys.iter().map(|k| allowed_cached(*k, carrier)).collect();
+        let again = keys
+            .iter()
+            .zip(&first)
+            .filter(|(k, f)| allowed_cached(**k, carrier).as_ptr() == f.as_ptr())
+            .count();
+        // About 97 % expected; a set index that ignored the key would reuse
+        // none.
+        assert!(again > 900, "only {again} of 1000 responses reused");
+        // A cached response is the one an uncached encode gives.
+        for (k, f) in keys.iter().zip(&first).take(50) {
+            assert_eq!(allowed(*k, None, carrier, &[]), *f);
+        }
     }
 
     fn with_http(http: HttpRequest, scopes: Option<&str>) -> CheckRequest {
