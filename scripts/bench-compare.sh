@@ -433,6 +433,22 @@ def med(rows, f):
     vals = [v for v in vals if v is not None]
     return statistics.median(vals) if vals else float("nan")
 
+def paired(rows, key, a, b, f):
+    """Median and range of a/b over the rounds in which both ran: a round
+    visits every server within minutes, so its ratios share the machine's
+    state of that moment."""
+    by = {(r.get(key), r.get("round")): r for r in rows}
+    vals = []
+    for (name, rnd), r in by.items():
+        other = by.get((b, rnd))
+        if name == a and other is not None:
+            x, y = f(r), f(other)
+            if x is not None and y:
+                vals.append(x / y)
+    if not vals:
+        return "n/a"
+    return f"{statistics.median(vals):.2f}x ({min(vals):.2f}-{max(vals):.2f})"
+
 def spread(rows, f):
     vals = [f(r) for r in rows if f(r) is not None]
     if len(vals) < 2:
@@ -472,7 +488,9 @@ if direct:
         if "keyward" in m and other in m:
             k, o = m["keyward"], m[other]
             print(f"- keyward/{other}: throughput {k['rps'] / o['rps']:.2f}x, CPU per check {k['cpu'] / o['cpu']:.2f}x "
-                  f"({k['cpu'] - o['cpu']:+.1f} µs)")
+                  f"({k['cpu'] - o['cpu']:+.1f} µs); round by round, median (range): throughput "
+                  f"{paired(direct, 'server', 'keyward', other, lambda r: r.get('throughput_rps'))}, CPU per check "
+                  f"{paired(direct, 'server', 'keyward', other, lambda r: r.get('server_cpu_us_per_req'))}")
     print()
     print(NOTES + " CPU per check: the process's utime + stime over the measured window / requests; "
           "busy: the same CPU time / the window (a process pinned to one CPU saturates it at 1.00).\n")
@@ -523,7 +541,13 @@ if envoy:
     if "keyward" in em:
         for other in ["floor", "minimal", "none", "api_key_auth"]:
             if other in em:
-                print(f"- Envoy+keyward / Envoy+{other}: throughput {em['keyward'] / em[other]:.2f}x")
+                line = f"- Envoy+keyward / Envoy+{other}: throughput {em['keyward'] / em[other]:.2f}x"
+                if other in ("floor", "minimal"):
+                    line += ("; round by round, median (range): throughput "
+                             f"{paired(envoy, 'variant', 'keyward', other, lambda r: r.get('throughput_rps'))}, p99 "
+                             f"{paired(envoy, 'variant', 'keyward', other, lambda r: r.get('p99'))}, authz server CPU per request "
+                             f"{paired(envoy, 'variant', 'keyward', other, lambda r: r.get('authz_cpu_us_per_req'))}")
+                print(line)
     print()
     print(NOTES + " CPU per request: utime + stime of Envoy and of the ext_authz server over the wrk run / requests.\n")
 EOF
