@@ -143,6 +143,10 @@ struct Memory {
     /// Generation and file fingerprint of the ring this reloader (or the
     /// startup load) last published.
     serving: Option<(u64, Fingerprint)>,
+    /// Replaced rings that a check held past [`RELEASE_WAIT`]: while one is
+    /// alive, counters may still be created for its keys, so reloads clean
+    /// the usage registry with a full pass.
+    held: Vec<std::sync::Weak<KeyRing>>,
 }
 
 /// Loads the key file into new rings and publishes them.
@@ -154,6 +158,8 @@ pub struct Reloader {
     memory: Mutex<Memory>,
     /// Files at least this large are hashed after their ring is published.
     defer_digest_min: usize,
+    /// How long a replaced ring is waited for ([`RELEASE_WAIT`]).
+    release_wait: Duration,
 }
 
 impl Reloader {
@@ -163,6 +169,7 @@ impl Reloader {
             stamp: stamp(&path),
             failed_digest: None,
             serving: None,
+            held: Vec::new(),
         };
         Reloader {
             path,
@@ -170,6 +177,7 @@ impl Reloader {
             shared,
             memory: Mutex::new(memory),
             defer_digest_min: keyfile::DEFER_DIGEST_MIN_BYTES,
+            release_wait: RELEASE_WAIT,
         }
     }
 
@@ -278,7 +286,6 @@ impl Reloader {
             hashing.wait();
         }
         memory.serving = Some((generation, fingerprint));
-        self.shared.usage.retain_ring(&ring);
         self.shared.reloads.success.fetch_add(1, Ordering::Relaxed);
         self.shared.reloads.set_error(None);
         drop(current);
@@ -301,10 +308,27 @@ impl Reloader {
             took_ms = took.as_millis(),
             "key ring published"
         );
-        drop(diff);
         // Free the previous ring and the parsed file here, on this thread,
         // not on whichever serving thread happens to drop the last reference.
-        release_here(old);
+        let held = release_here(old, self.release_wait);
+        // Once no check holds the previous ring, none can create counters
+        // for a key of it again, so dropping the removed keys' counters
+        // leaves the registry with keys of this ring only. Each removal
+        // locks the registry's shard only for itself: this thread runs at
+        // background priority, and a check needs the shard at a key's first
+        // use in the new ring. While some replaced ring is still held, and
+        // once more after the last one is let go, the full pass does it.
+        let full = held.is_some() || !memory.held.is_empty();
+        memory.held.retain(|ring| ring.strong_count() > 0);
+        memory.held.extend(held);
+        if full {
+            self.shared.usage.retain_ring(&ring);
+        } else {
+            self.shared
+                .usage
+                .forget(diff.removed.iter().map(String::as_str), &ring);
+        }
+        drop(diff);
         drop(file);
         drop(bytes);
         hashing.finish(generation, sha256.is_none());
@@ -349,17 +373,21 @@ const RELEASE_WAIT: Duration = Duration::from_secs(2);
 /// Drops `ring` on this thread once no one else holds it. A check holds the
 /// ring for microseconds, but whoever drops the last reference frees it (tens
 /// of megabytes for a large ring), and that must not be a serving thread. A
-/// holder that keeps it past [`RELEASE_WAIT`] (a long scrape) frees it.
-fn release_here(mut ring: Arc<KeyRing>) {
-    let deadline = std::time::Instant::now() + RELEASE_WAIT;
+/// holder that keeps it past `wait` ([`RELEASE_WAIT`]; a long scrape) frees it;
+/// then the ring is returned as a weak reference, to tell when it is gone.
+fn release_here(mut ring: Arc<KeyRing>, wait: Duration) -> Option<std::sync::Weak<KeyRing>> {
+    let deadline = std::time::Instant::now() + wait;
     loop {
         match Arc::try_unwrap(ring) {
-            Ok(last) => return drop(last),
+            Ok(last) => {
+                drop(last);
+                return None;
+            }
             Err(shared) if std::time::Instant::now() < deadline => {
                 ring = shared;
                 std::thread::sleep(Duration::from_millis(1));
             }
-            Err(_) => return,
+            Err(held) => return Some(Arc::downgrade(&held)),
         }
     }
 }
@@ -815,6 +843,50 @@ mod tests {
             .unwrap_or_default()
     }
 
+    #[test]
+    fn a_reload_drops_the_counters_of_removed_keys_only() {
+        let (_d, path, mut r, shared) = setup(&(key("a", "sa", "") + &key("b", "sb", "")));
+        r.release_wait = Duration::from_millis(50);
+        let used = |id: &str| shared.ring.load().by_id(id).unwrap().usage().record_use(1);
+        used("a");
+        used("b");
+        assert_eq!(shared.usage.len(), 2);
+        let count = |id: &str| {
+            let ring = shared.ring.load();
+            let key = ring.by_id(id).unwrap();
+            key.usage_if_used()
+                .map(|u| u.requests.load(Ordering::Relaxed))
+        };
+
+        std::fs::write(&path, key("a", "sa", "") + &key("c", "sc", "")).unwrap();
+        assert_eq!(
+            r.reload(Trigger::Watch),
+            Outcome::Published { generation: 2 }
+        );
+        assert_eq!(shared.usage.len(), 1, "b's counters are gone");
+        assert_eq!(count("a"), Some(1), "a's survive");
+
+        // A check that holds the ring past the wait: counters it creates for
+        // a key the next ring drops are caught once it lets go.
+        let held = shared.ring.load_full();
+        std::fs::write(&path, key("a", "sa", "") + &key("d", "sd", "")).unwrap();
+        assert_eq!(
+            r.reload(Trigger::Watch),
+            Outcome::Published { generation: 3 }
+        );
+        held.by_id("c").unwrap().usage().record_use(1);
+        assert_eq!(shared.usage.len(), 2, "c's counters, made after the reload");
+        drop(held);
+        std::fs::write(&path, key("a", "sa", "") + &key("e", "se", "")).unwrap();
+        assert_eq!(
+            r.reload(Trigger::Watch),
+            Outcome::Published { generation: 4 }
+        );
+        assert_eq!(shared.usage.len(), 1, "c's counters are gone too");
+        assert_eq!(count("a"), Some(1));
+        assert!(r.memory().held.is_empty());
+    }
+
     #[cfg(target_os = "linux")]
     #[test]
     fn reloads_run_on_one_kept_thread_replaced_when_it_is_gone() {
@@ -1000,9 +1072,9 @@ mod tests {
             let _ = rx.recv();
             drop(reader);
         });
-        let release = std::thread::spawn(move || release_here(ring));
+        let release = std::thread::spawn(move || release_here(ring, RELEASE_WAIT));
         tx.send(()).unwrap();
-        release.join().unwrap();
+        assert!(release.join().unwrap().is_none(), "released in time");
         holder.join().unwrap();
         assert!(weak.upgrade().is_none());
     }

@@ -139,8 +139,22 @@ impl UsageRegistry {
     }
 
     /// Drops the counters of keys that `ring` no longer holds.
+    ///
+    /// This visits every counter with its shard of the registry locked for
+    /// writing, and serving threads read the registry at a key's first use
+    /// in a ring: a reload uses [`UsageRegistry::forget`] with the ids it
+    /// removed instead, and this only when it cannot tell which ids those are.
     pub fn retain_ring(&self, ring: &KeyRing) {
         self.by_id.retain(|id, _| ring.by_id(id).is_some());
+    }
+
+    /// Drops the counters of `ids` that `ring` does not hold: the keys a
+    /// reload removed. Each id locks its shard for one removal, so a serving
+    /// thread that needs the registry meanwhile waits for at most that.
+    pub fn forget<'a>(&self, ids: impl IntoIterator<Item = &'a str>, ring: &KeyRing) {
+        for id in ids {
+            self.by_id.remove_if(id, |id, _| ring.by_id(id).is_none());
+        }
     }
 
     /// Number of keys with counters (keys used at least once, or linked).
@@ -1907,6 +1921,17 @@ expires_at = 2027-02-27T00:00:00Z
             .map(|s| format!("[[keys]]{s}"))
             .unwrap();
         let ring3 = KeyRing::build(&file(&only_a), source(3), &reg, Some(&ring2));
+        // Forgetting an id the ring still holds, or one with no counters,
+        // changes nothing.
+        reg.forget(["a", "nope"], &ring3);
+        assert_eq!(reg.len(), 2);
+        reg.forget(["b"], &ring3);
+        assert_eq!(reg.len(), 1);
+        assert!(ring3.by_id("a").unwrap().usage_if_used().is_some());
+        // The same as a full pass over the registry (b's counters made
+        // again, as by a check on a ring that still holds b).
+        reg.usage("b").record_use(2);
+        assert_eq!(reg.len(), 2);
         reg.retain_ring(&ring3);
         assert_eq!(reg.len(), 1);
     }
