@@ -20,6 +20,11 @@
 # Traffic goes to 127.0.0.1 only. Knobs: RATE SECONDS_PER_RUN ROUNDS MAX_STEAL_MS, and
 # KEYWARD (the server binary, default target/release/keyward) to measure
 # another build, such as an older commit's, with the same load generator.
+# SERVER_CPUS and CLIENT_CPUS (taskset(1) CPU lists) pin keyward to one set
+# of CPUs and the load generator and the storm's writer to another, so that
+# only keyward's own threads compete with its checks:
+#
+#   SERVER_CPUS=1 CLIENT_CPUS=0 ROUNDS=5 scripts/bench-1m.sh 10000
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +32,10 @@ n="${1:-1000000}"
 rate="${RATE:-2000}"
 per_run="${SECONDS_PER_RUN:-10}"
 rounds="${ROUNDS:-3}"
+on_server=()
+on_client=()
+[[ -n "${SERVER_CPUS:-}" ]] && on_server=(taskset -c "$SERVER_CPUS")
+[[ -n "${CLIENT_CPUS:-}" ]] && on_client=(taskset -c "$CLIENT_CPUS")
 
 cargo build --release --quiet --bin keyward --bin keyward-loadgen --bin bench-keyfile
 bin="$PWD/target/release"
@@ -97,14 +106,14 @@ echo "key file:            $n keys, $size_mb MB"
 
 grpc="$(free_port)"; admin="$(free_port)"
 start="$(now_ms)"
-"$server" serve --keys "$keys" --listen "127.0.0.1:$grpc" --admin "127.0.0.1:$admin" \
+${on_server[@]+"${on_server[@]}"} "$server" serve --keys "$keys" --listen "127.0.0.1:$grpc" --admin "127.0.0.1:$admin" \
     --lockout-threshold 0 --poll-interval 0s 2> "$work/keyward.log" &
 pid=$!
 pids+=("$pid")
 ready="$(poll_admin ready "$pid")" || { cat "$work/keyward.log" >&2; exit 1; }
 echo "ready after:         $((ready - start)) ms (exec to /readyz = 200)"
 echo "resident when ready: $(rss_mib "$pid") MiB"
-"$bin/keyward-loadgen" --target "http://127.0.0.1:$grpc" --keys "$work/secrets.txt" --required-scopes "" \
+${on_client[@]+"${on_client[@]}"} "$bin/keyward-loadgen" --target "http://127.0.0.1:$grpc" --keys "$work/secrets.txt" --required-scopes "" \
     --rate 1000 --duration 3s --warmup 1s --verify > /dev/null
 echo "resident, steady:    $(rss_mib "$pid") MiB"
 
@@ -133,7 +142,7 @@ sleep 2
 echo "resident after swap: $(rss_mib "$pid") MiB"
 
 load() {
-    "$bin/keyward-loadgen" --target "http://127.0.0.1:$grpc" --keys "$work/secrets.txt" --required-scopes "" \
+    ${on_client[@]+"${on_client[@]}"} "$bin/keyward-loadgen" --target "http://127.0.0.1:$grpc" --keys "$work/secrets.txt" --required-scopes "" \
         --rate "$rate" --duration "${per_run}s" --warmup 1s --verify --json
 }
 p99() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])["latency_us"]["p99"])' "$1"; }
@@ -159,7 +168,7 @@ for r in $(seq 1 "$rounds"); do
     # port that often (a request handled on keyward's own threads) took the
     # p99 of checks to about 1.8x steady with 10,000-key rings, keyward not
     # reloading.
-    python3 - "$work/keyward.log" "$keys" "$work/a.toml" "$work/b.toml" "$((per_run + 2))" <<'EOF' &
+    ${on_client[@]+"${on_client[@]}"} python3 - "$work/keyward.log" "$keys" "$work/a.toml" "$work/b.toml" "$((per_run + 2))" <<'EOF' &
 import os, sys, time
 log, path, a, b, seconds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
 published = 0

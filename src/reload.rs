@@ -982,10 +982,19 @@ mod tests {
         use std::io::Write;
         let records = Records::default();
         let writer = records.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
+        let capture = tracing::Dispatch::new(
+            tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .finish(),
+        );
+        // With a single subscriber registered in the process, tracing works
+        // out whether a log statement is wanted with the default subscriber
+        // of whichever thread reaches it first, and remembers the answer for
+        // all threads: a reload in a concurrent test, on a thread without a
+        // subscriber, would silence the audit record here. With a second
+        // one registered, every subscriber is asked.
+        let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
         let (_d, path, r, shared) = setup(&key("a", "sa", ""));
         let options = ParseOptions {
             threads: keyfile::Threads::new(1),
@@ -1004,7 +1013,7 @@ mod tests {
         // waiting, would be written first.
         let padding = format!("# {}\n", "x".repeat(8 << 20));
         std::fs::write(&path, key("a", "sa", "") + &key("b", "sb", "") + &padding).unwrap();
-        let outcome = tracing::subscriber::with_default(subscriber, || r.reload(Trigger::Watch));
+        let outcome = tracing::dispatcher::with_default(&capture, || r.reload(Trigger::Watch));
         assert_eq!(outcome, Outcome::Published { generation: 3 });
         let ring = shared.ring.load_full();
         assert!(ring.by_id("b").is_some());
