@@ -335,17 +335,7 @@ thread_local! {
     /// nothing of an older ring is ever reused. Allocated on the thread's
     /// first allowed check.
     static OK_CACHE: std::cell::RefCell<Box<[OkSet; OK_SETS]>> =
-        std::cell::RefCell::new(ok_cache());
-}
-
-fn ok_cache() -> Box<[OkSet; OK_SETS]> {
-    let sets: Box<[OkSet]> = (0..OK_SETS)
-        .map(|_| [OkSlot::VACANT, OkSlot::VACANT])
-        .collect();
-    match sets.try_into() {
-        Ok(cache) => cache,
-        Err(_) => unreachable!("the iterator yields exactly OK_SETS sets"),
-    }
+        std::cell::RefCell::new(crate::verified::table(|| [OkSlot::VACANT, OkSlot::VACANT]));
 }
 
 fn allowed_cached(key: KeyRef<'_>, carrier: Option<CredentialHeader>) -> Bytes {

@@ -63,14 +63,16 @@ struct Set([Cell<Slot>; WAYS]);
 pub const ABSENT: u32 = u32::MAX;
 
 thread_local! {
-    static TABLE: Box<[Set; SETS]> = table();
+    static TABLE: Box<[Set; SETS]> = table(Set::default);
 }
 
-fn table() -> Box<[Set; SETS]> {
-    let sets: Box<[Set]> = (0..SETS).map(|_| Set::default()).collect();
-    match sets.try_into() {
+/// A per-thread table of `N` entries made by `make`, built in place on the
+/// heap (one too large for a thread's stack to build it there first).
+pub(crate) fn table<T, const N: usize>(make: impl FnMut() -> T) -> Box<[T; N]> {
+    let entries: Box<[T]> = std::iter::repeat_with(make).take(N).collect();
+    match entries.try_into() {
         Ok(table) => table,
-        Err(_) => unreachable!("the iterator yields exactly SETS sets"),
+        Err(_) => unreachable!("the iterator yields exactly N entries"),
     }
 }
 
