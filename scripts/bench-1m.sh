@@ -9,7 +9,7 @@
 #    after a few seconds of light load (steady state).
 # 2. Renames a second version of the file (one description added, so it is
 #    a new ring) into place and reports how long until the new generation
-#    serves, and VmRSS after the swap.
+#    serves, VmRSS after the swap and the peak VmHWM during the reload.
 # 3. Open-loop load at $RATE req/s for $SECONDS_PER_RUN s with the file
 #    untouched, then the same while the two versions are renamed into place
 #    back to back (every reload reads, parses and builds the whole ring);
@@ -42,6 +42,7 @@ bin="$PWD/target/release"
 server="${KEYWARD:-$bin/keyward}"
 source scripts/lib.sh
 rss_mib() { awk '/^VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
+hwm_mib() { awk '/^VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 now_ms() { date +%s%3N; }
 # Polls the admin port from one process over one kept-alive connection every
 # 5 ms: `ready PID` waits for /readyz = 200 and prints the wall clock (ms)
@@ -135,11 +136,14 @@ EOF
 # with the write-back of 150 MB.
 cp "$work/b.toml" "$work/next.toml"
 sync
+# Writing 5 to clear_refs resets the peak resident set (VmHWM) to the
+# current one, so the peak below is the reload's.
+echo 5 > "/proc/$pid/clear_refs"
 took="$(poll_admin renamed "$work/next.toml" "$keys")"
 echo "reload serving after: $took ms (rename to new generation on /ring)"
 g0="$(generation)"
 sleep 2
-echo "resident after swap: $(rss_mib "$pid") MiB"
+echo "resident after swap: $(rss_mib "$pid") MiB (peak during the reload: $(hwm_mib "$pid") MiB)"
 
 load() {
     ${on_client[@]+"${on_client[@]}"} "$bin/keyward-loadgen" --target "http://127.0.0.1:$grpc" --keys "$work/secrets.txt" --required-scopes "" \
