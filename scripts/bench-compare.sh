@@ -441,6 +441,7 @@ EOF
     # Part 2b: every ext_authz variant at the same rate, with the same key
     # (the minimal server knows only that one).
     per_conn=$((ENVOY_RATE / ENVOY_CONNECTIONS))
+    ((per_conn > 0)) || per_conn=1
     ((ENVOY_RATE_ROUNDS == 0)) || log "part 2b: $ENVOY_RATE_ROUNDS rounds x 3 ext_authz variants at $((per_conn * ENVOY_CONNECTIONS)) req/s (h2load --h1 -c$ENVOY_CONNECTIONS --rps $per_conn), ${ENVOY_WARMUP}s warmup + ${ENVOY_DURATION}s each"
     rated=(keyward minimal floor)
     for round in $(seq 1 "$ENVOY_RATE_ROUNDS"); do
