@@ -101,9 +101,17 @@ pub struct BackgroundProgress {
     seen: std::collections::HashMap<i64, u64>,
 }
 
+#[cfg(test)]
+thread_local! {
+    /// How many times [`BackgroundProgress::start`] ran on this thread.
+    pub(crate) static STARTS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 impl BackgroundProgress {
     /// Starts watching from now.
     pub fn start() -> BackgroundProgress {
+        #[cfg(test)]
+        STARTS.with(|n| n.set(n.get() + 1));
         let mut p = BackgroundProgress::default();
         let _ = p.advance();
         p

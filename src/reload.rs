@@ -594,6 +594,12 @@ const PROGRESS_SAMPLE: Duration = Duration::from_millis(100);
 /// The span over which a reload's progress is judged.
 const PROGRESS_WINDOW: Duration = Duration::from_millis(500);
 
+// The first look at a reload's progress only sets a baseline, taken at the
+// first sample rather than at the start (see `wait_for_reload`): that is
+// sound while no decision reaches back to it.
+const _: () =
+    assert!(RAISE_AFTER.as_millis() > PROGRESS_SAMPLE.as_millis() + PROGRESS_WINDOW.as_millis());
+
 /// A reload whose background threads got less than this share of one CPU
 /// over the last [`PROGRESS_WINDOW`] is starved: the checks leave it too
 /// little spare CPU to finish soon, so it is raised.
@@ -727,7 +733,12 @@ async fn wait_for_reload(
     rx: &mut tokio::sync::oneshot::Receiver<Outcome>,
 ) -> Result<Outcome, tokio::sync::oneshot::error::RecvError> {
     let started = tokio::time::Instant::now();
-    let mut progress = crate::priority::BackgroundProgress::start();
+    // Looking at the background threads' CPU time reads `/proc` on this
+    // thread, which serves checks too: a dozen or more system calls. Most
+    // reloads end before the first sample, so the baseline is taken then,
+    // not now; no decision comes before RAISE_AFTER, and by then the
+    // window no longer reaches back to the first sample.
+    let mut progress: Option<crate::priority::BackgroundProgress> = None;
     // Samples of the last window: when each was taken and the CPU the
     // background threads used since the one before (`None`: unknown).
     let mut samples: std::collections::VecDeque<(tokio::time::Instant, Option<Duration>)> =
@@ -737,7 +748,14 @@ async fn wait_for_reload(
             Ok(done) => return done,
             Err(_) => {
                 let now = tokio::time::Instant::now();
-                samples.push_back((now, progress.advance()));
+                let used = match progress.as_mut() {
+                    Some(p) => p.advance(),
+                    None => {
+                        progress = Some(crate::priority::BackgroundProgress::start());
+                        None
+                    }
+                };
+                samples.push_back((now, used));
                 // Keep the samples that cover the last window (the oldest
                 // kept marks where it starts).
                 while samples
@@ -885,6 +903,34 @@ mod tests {
         assert_eq!(shared.usage.len(), 1, "c's counters are gone too");
         assert_eq!(count("a"), Some(1));
         assert!(r.memory().held.is_empty());
+    }
+
+    #[tokio::test]
+    async fn only_a_reload_still_running_at_the_first_sample_is_watched() {
+        let starts = || crate::priority::STARTS.with(std::cell::Cell::get);
+        let before = starts();
+        // Done before its first sample: no look at /proc from this thread.
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        tx.send(Outcome::Unchanged).unwrap();
+        assert_eq!(wait_for_reload(&mut rx).await.unwrap(), Outcome::Unchanged);
+        assert_eq!(starts(), before);
+
+        // Still running at the first sample: the watch starts then, once.
+        // The reload "ends" only after that, or after a deadline, which
+        // the assertion then reports.
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let ender = tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while starts() == before && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // Across more samples than the first.
+            tokio::time::sleep(PROGRESS_SAMPLE * 2).await;
+            let _ = tx.send(Outcome::Unchanged);
+        });
+        assert_eq!(wait_for_reload(&mut rx).await.unwrap(), Outcome::Unchanged);
+        ender.await.unwrap();
+        assert_eq!(starts(), before + 1);
     }
 
     #[cfg(target_os = "linux")]
