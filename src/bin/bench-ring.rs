@@ -9,6 +9,8 @@
 //!
 //! Usage: `bench-ring [N]` (default 1000000).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
@@ -156,4 +158,46 @@ fn main() {
     keyward::ring::release_free_memory();
     report("reloaded, file dropped, trimmed");
     println!("usage entries: {}", usage.len());
+
+    // Every key used, so every one has counters to link into the next ring,
+    // while a key never seen before gets its first use (and its counters)
+    // every 200 µs on another thread, as checks would.
+    let ring = handle.load_full();
+    for k in ring.keys() {
+        let _ = k.usage();
+    }
+    drop(ring);
+    println!("usage entries, every key used: {}", usage.len());
+    let file = key_file(n, 3);
+    let stop = Arc::new(AtomicBool::new(false));
+    let newcomers = {
+        let (usage, stop) = (usage.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let (mut worst, mut count) = (Duration::ZERO, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                let id = format!("newcomer-{count}");
+                let t = Instant::now();
+                let _ = usage.usage(&id);
+                worst = worst.max(t.elapsed());
+                count += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            (worst, count)
+        })
+    };
+    let t = Instant::now();
+    let current = handle.load_full();
+    let ring = KeyRing::build(&file, source(3), &usage, Some(&current));
+    let built = t.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let (worst, count) = newcomers.join().unwrap_or_default();
+    println!(
+        "reload ring built, every key used, in {built:?}; a new key's first use meanwhile waited at most {worst:?} ({count} first uses)"
+    );
+    drop(handle.publish(ring));
+    drop(current);
+    report("reloaded, every key used (file alive)");
+    drop(file);
+    keyward::ring::release_free_memory();
+    report("reloaded, every key used, trimmed");
 }
