@@ -33,9 +33,11 @@
 //! are idle, so counters are created lazily: the first use of a key in a ring
 //! fetches (or creates) its counters from the registry and links them into the
 //! ring — this is the one allocation of the verify path, once per key and
-//! ring. Counters the registry already holds when a ring is built (keys used
-//! under the previous ring) are linked at build time. After linking, the hot
-//! path reads them with two atomic loads and never touches the registry.
+//! ring. Counters of keys used under earlier rings are linked at build time,
+//! taken from the previous ring in file order rather than looked up by id,
+//! so a rebuild costs little more with every key in use than with none.
+//! After linking, the hot path reads them with two atomic loads and never
+//! touches the registry.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,19 +88,24 @@ pub struct KeyUsage {
     /// The key's rate-limit budget.
     pub limiter: crate::limit::Limiter,
     /// The limit the budget was kept for; a reload that changes it resets the
-    /// budget, any other reload keeps it. Taken only when counters are linked
-    /// into a ring.
-    limit_spec: std::sync::Mutex<Option<RateLimitSpec>>,
+    /// budget, any other reload keeps it. Read only when counters are linked
+    /// into a ring; one pointer, where a lock and the spec beside it took
+    /// forty bytes of every used key.
+    limit_spec: arc_swap::ArcSwapOption<RateLimitSpec>,
 }
 
 impl KeyUsage {
     /// Keeps the budget if `spec` is the limit it was kept for, else resets it.
+    ///
+    /// Two rings that link the same counters at once with different limits
+    /// both reset the budget, and the limit of the later store is kept: the
+    /// outcome a lock would give with the rings in the other order.
     pub fn sync_limit(&self, spec: Option<RateLimitSpec>) {
-        let mut current = self.limit_spec.lock().unwrap_or_else(|e| e.into_inner());
-        if *current != spec {
-            self.limiter.reset();
-            *current = spec;
+        if self.limit_spec.load().as_deref() == spec.as_ref() {
+            return;
         }
+        self.limit_spec.store(spec.map(Arc::new));
+        self.limiter.reset();
     }
 
     /// Records one allowed request at `now_secs`.
@@ -114,32 +121,50 @@ impl KeyUsage {
     }
 }
 
-/// Usage counters by key id; touched when a ring is built, when a key is first
-/// used in a ring, and at scrape time.
+/// Usage counters by key id; touched when a key is first used, when a ring is
+/// built without a previous ring to link from, and when keys are removed.
 ///
 /// Cloning shares the same registry (rings keep a clone to link counters
 /// lazily).
 #[derive(Debug, Clone)]
 pub struct UsageRegistry {
-    by_id: Arc<DashMap<Arc<str>, Arc<KeyUsage>, ahash::RandomState>>,
+    inner: Arc<Registry>,
 }
 
-/// Shards of the registry. A ring build links every registered key while
-/// holding each shard for reading in turn, and a check that meets a key
-/// without counters (its first use ever) must hold its shard for writing:
-/// it waits for the rest of that shard's pass. DashMap's default, four per
-/// CPU, put 125,000 keys in a shard with a million keys registered on 2
-/// CPUs, a wait of 125–192 ms (`bench-ring`); 1,024 shards (128 KiB of
-/// cache-line-padded locks) make it about a thousand keys and 0.5 ms.
+#[derive(Debug)]
+struct Registry {
+    by_id: DashMap<Arc<str>, Arc<KeyUsage>, ahash::RandomState>,
+    /// The process-unique id (`uid`) of the ring last published with this
+    /// registry.
+    latest: AtomicU64,
+    /// Ids whose counters were created other than by the latest ring's
+    /// checks: by a check still holding a replaced ring, or directly. A
+    /// ring built from the previous one links the previous ring's counters
+    /// by position and these by id, so it misses none the registry holds.
+    fresh: std::sync::Mutex<Vec<Arc<str>>>,
+}
+
+/// Shards of the registry. A check that meets a key without counters (its
+/// first use ever) must hold its shard for writing, and a full pass over the
+/// registry (a ring built without a previous one, or a sweep of removed
+/// keys) holds each shard for reading or writing in turn. DashMap's
+/// default, four per CPU, put 125,000 keys in a shard with a million keys
+/// registered on 2 CPUs, a wait of 125–192 ms (`bench-ring`, when builds
+/// still linked by a full pass); 1,024 shards (128 KiB of cache-line-padded
+/// locks) make it about a thousand keys and 0.5 ms.
 const REGISTRY_SHARDS: usize = 1024;
 
 impl Default for UsageRegistry {
     fn default() -> UsageRegistry {
         UsageRegistry {
-            by_id: Arc::new(DashMap::with_hasher_and_shard_amount(
-                ahash::RandomState::new(),
-                REGISTRY_SHARDS,
-            )),
+            inner: Arc::new(Registry {
+                by_id: DashMap::with_hasher_and_shard_amount(
+                    ahash::RandomState::new(),
+                    REGISTRY_SHARDS,
+                ),
+                latest: AtomicU64::new(0),
+                fresh: std::sync::Mutex::new(Vec::new()),
+            }),
         }
     }
 }
@@ -147,15 +172,48 @@ impl Default for UsageRegistry {
 impl UsageRegistry {
     /// The counters for `id`, created on first sight.
     pub fn usage(&self, id: &str) -> Arc<KeyUsage> {
-        if let Some(u) = self.by_id.get(id) {
+        self.usage_for(id, None)
+    }
+
+    /// The counters for `id`, created on first sight; `ring` is the `uid` of
+    /// the ring whose check asks, if a check does.
+    fn usage_for(&self, id: &str, ring: Option<u64>) -> Arc<KeyUsage> {
+        let by_id = &self.inner.by_id;
+        if let Some(u) = by_id.get(id) {
             return Arc::clone(u.value());
         }
-        Arc::clone(
-            self.by_id
-                .entry(Arc::from(id))
-                .or_insert_with(|| Arc::new(KeyUsage::default()))
-                .value(),
-        )
+        let (key, usage) = match by_id.entry(Arc::from(id)) {
+            dashmap::Entry::Occupied(e) => return Arc::clone(e.get()),
+            dashmap::Entry::Vacant(e) => {
+                let key = Arc::clone(e.key());
+                (key, Arc::clone(e.insert(Arc::default()).value()))
+            }
+        };
+        // The latest ring's own first uses are in its pages, where the next
+        // build finds them by position; anything else must be named.
+        if ring != Some(self.inner.latest.load(Ordering::Acquire)) {
+            self.inner
+                .fresh
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(key);
+        }
+        usage
+    }
+
+    /// Records that `ring` is the one being served.
+    fn published(&self, ring: &KeyRing) {
+        self.inner.latest.store(ring.uid, Ordering::Release);
+    }
+
+    /// Whether `other` is this registry (not a copy of its contents).
+    fn same(&self, other: &UsageRegistry) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Takes the ids listed as created outside the latest ring.
+    fn take_fresh(&self) -> Vec<Arc<str>> {
+        std::mem::take(&mut *self.inner.fresh.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Drops the counters of keys that `ring` no longer holds.
@@ -165,7 +223,7 @@ impl UsageRegistry {
     /// in a ring: a reload uses [`UsageRegistry::forget`] with the ids it
     /// removed instead, and this only when it cannot tell which ids those are.
     pub fn retain_ring(&self, ring: &KeyRing) {
-        self.by_id.retain(|id, _| ring.by_id(id).is_some());
+        self.inner.by_id.retain(|id, _| ring.by_id(id).is_some());
     }
 
     /// Drops the counters of `ids` that `ring` does not hold: the keys a
@@ -173,18 +231,20 @@ impl UsageRegistry {
     /// thread that needs the registry meanwhile waits for at most that.
     pub fn forget<'a>(&self, ids: impl IntoIterator<Item = &'a str>, ring: &KeyRing) {
         for id in ids {
-            self.by_id.remove_if(id, |id, _| ring.by_id(id).is_none());
+            self.inner
+                .by_id
+                .remove_if(id, |id, _| ring.by_id(id).is_none());
         }
     }
 
     /// Number of keys with counters (keys used at least once, or linked).
     pub fn len(&self) -> usize {
-        self.by_id.len()
+        self.inner.by_id.len()
     }
 
     /// Whether no key has counters.
     pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
+        self.inner.by_id.is_empty()
     }
 }
 
@@ -785,13 +845,62 @@ impl KeyRing {
             file_digest,
             uid: crate::verified::next_ring_id(),
         };
-        // Keys used under earlier rings keep their counters (and budgets).
-        for item in usage.by_id.iter() {
-            if let Some(key) = ring.by_id(item.key()) {
-                key.link(Arc::clone(item.value()));
+        ring.link_counters(usage, previous);
+        ring
+    }
+
+    /// Links the counters of keys used under earlier rings (and so their
+    /// budgets) into this one.
+    ///
+    /// From `previous`, when it shares `usage`: its linked counters, in file
+    /// order, each to the key with its id here. Keys mostly keep their
+    /// places, or move by as much as their neighbours (a block of keys added
+    /// or removed above them), so each is looked for where the last one
+    /// moved to, and by id only when that guess misses. Reading the two
+    /// rings in order, the pass costs a million-key ring with every key in
+    /// use a fraction of what a lookup by id per key costs; see BENCHMARKS.
+    /// Then the counters the registry lists as created outside the latest
+    /// ring, by id. Without `previous`, one pass over the whole registry.
+    fn link_counters(&self, usage: &UsageRegistry, previous: Option<&KeyRing>) {
+        let Some(previous) = previous.filter(|p| p.registry.same(usage)) else {
+            for item in usage.inner.by_id.iter() {
+                if let Some(key) = self.by_id(item.key()) {
+                    key.link(Arc::clone(item.value()));
+                }
+            }
+            return;
+        };
+        // Where the last key found here sits, less where it sat before.
+        let mut shift = 0i64;
+        for (page_no, page) in previous.usage.iter().enumerate() {
+            let Some(page) = page.get() else { continue };
+            for (offset, counters) in page.iter().enumerate() {
+                let Some(counters) = counters.get() else {
+                    continue;
+                };
+                let old_index = (page_no * USAGE_PAGE + offset) as i64;
+                let Some(old) = u32::try_from(old_index).ok().and_then(|i| previous.key(i)) else {
+                    continue;
+                };
+                let id = old.id();
+                let guess = u32::try_from(old_index + shift)
+                    .ok()
+                    .and_then(|i| self.key(i))
+                    .filter(|key| key.id() == id);
+                let Some(key) = guess.or_else(|| id.with_str(|id| self.by_id(id))) else {
+                    continue;
+                };
+                shift = i64::from(key.index) - old_index;
+                key.link(Arc::clone(counters));
             }
         }
-        ring
+        for id in usage.take_fresh() {
+            if let Some(key) = self.by_id(&id)
+                && let Some(counters) = usage.inner.by_id.get(&id)
+            {
+                key.link(Arc::clone(counters.value()));
+            }
+        }
     }
 
     /// [`KeyRing::build_with_digest`] from a file as the parser gives it.
@@ -1540,7 +1649,9 @@ impl<'r> KeyRef<'r> {
         let page = self.ring.usage[i / USAGE_PAGE]
             .get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
         page[i % USAGE_PAGE].get_or_init(|| {
-            let usage = self.id().with_str(|id| self.ring.registry.usage(id));
+            let usage = self
+                .id()
+                .with_str(|id| self.ring.registry.usage_for(id, Some(self.ring.uid)));
             usage.sync_limit(self.rate_limit());
             usage
         })
@@ -1662,6 +1773,7 @@ pub struct RingHandle {
 impl RingHandle {
     /// A handle serving `ring`.
     pub fn new(ring: KeyRing) -> RingHandle {
+        ring.registry.published(&ring);
         RingHandle {
             slot: Arc::new(ArcSwap::from_pointee(ring)),
         }
@@ -1680,11 +1792,12 @@ impl RingHandle {
 
     /// Replaces the ring with one atomic store; returns the ring it replaced.
     pub fn publish(&self, ring: KeyRing) -> Arc<KeyRing> {
-        self.slot.swap(Arc::new(ring))
+        self.publish_shared(Arc::new(ring))
     }
 
     /// [`RingHandle::publish`] for a ring the caller keeps a reference to.
     pub fn publish_shared(&self, ring: Arc<KeyRing>) -> Arc<KeyRing> {
+        ring.registry.published(&ring);
         self.slot.swap(ring)
     }
 }
@@ -1954,6 +2067,86 @@ expires_at = 2027-02-27T00:00:00Z
         assert_eq!(reg.len(), 2);
         reg.retain_ring(&ring3);
         assert_eq!(reg.len(), 1);
+    }
+
+    fn keys_named(ids: &[String]) -> KeyFile {
+        KeyFile {
+            keys: ids
+                .iter()
+                .map(|id| KeySpec {
+                    id: id.clone(),
+                    client: format!("c{}", id.len() % 3),
+                    digest: sha(id),
+                    ..KeySpec::blank(1)
+                })
+                .collect(),
+            routes: vec![],
+        }
+    }
+
+    #[test]
+    fn counters_follow_keys_that_move_and_ones_first_used_under_a_replaced_ring() {
+        let reg = UsageRegistry::default();
+        let ids: Vec<String> = (0..300).map(|i| format!("c{}-key-{i}", i % 3)).collect();
+        let handle = RingHandle::new(KeyRing::build(&keys_named(&ids), source(1), &reg, None));
+        let first = handle.load_full();
+        let used = [0usize, 5, 63, 64, 70, 200, 299];
+        for &i in &used {
+            first
+                .by_id(&ids[i])
+                .unwrap()
+                .usage()
+                .record_use(i as u64 + 1);
+        }
+
+        // Ten keys added on top, 70 moved to the end, 200 removed: most keys
+        // move by ten, one far away, one goes.
+        let mut moved: Vec<String> = (0..10).map(|i| format!("c0-new-{i}")).collect();
+        moved.extend(
+            ids.iter()
+                .enumerate()
+                .filter(|&(i, _)| i != 70 && i != 200)
+                .map(|(_, id)| id.clone()),
+        );
+        moved.push(ids[70].clone());
+        let second = KeyRing::build(&keys_named(&moved), source(2), &reg, Some(&first));
+        for &i in &used {
+            let linked = second.by_id(&ids[i]).map(|k| k.usage_if_used());
+            if i == 200 {
+                assert!(linked.is_none(), "removed");
+                continue;
+            }
+            let linked = linked
+                .flatten()
+                .unwrap_or_else(|| panic!("{} linked", ids[i]));
+            assert!(std::ptr::eq(linked, &*reg.usage(&ids[i])), "{}", ids[i]);
+            assert_eq!(linked.last_used.load(Ordering::Relaxed), i as u64 + 1);
+        }
+        // Linked by position or by id, exactly the keys a pass over the
+        // registry links.
+        let by_registry = KeyRing::build(&keys_named(&moved), source(2), &reg, None);
+        let linked = |ring: &KeyRing| -> Vec<bool> {
+            ring.keys().map(|k| k.usage_if_used().is_some()).collect()
+        };
+        assert_eq!(linked(&second), linked(&by_registry));
+
+        // A check still holding the first ring gives a key its first use
+        // after the second is published: the second ring never had those
+        // counters, and the third must link them anyway.
+        drop(handle.publish(second));
+        first.by_id(&ids[6]).unwrap().usage().record_use(77);
+        let second = handle.load_full();
+        assert!(second.by_id(&ids[6]).unwrap().usage_if_used().is_none());
+        let third = KeyRing::build(&keys_named(&moved), source(3), &reg, Some(&second));
+        let counters = third.by_id(&ids[6]).unwrap().usage_if_used();
+        assert_eq!(
+            counters.map(|c| c.last_used.load(Ordering::Relaxed)),
+            Some(77)
+        );
+        assert_eq!(
+            linked(&third),
+            linked(&KeyRing::build(&keys_named(&moved), source(3), &reg, None))
+        );
     }
 
     #[test]
