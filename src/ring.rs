@@ -202,8 +202,16 @@ impl UsageRegistry {
     }
 
     /// Records that `ring` is the one being served.
+    /// Records that `ring` is the one being served, and unlists the ids
+    /// its build linked (ids are only ever appended, and only this removes
+    /// them, so they are still the list's first).
     fn published(&self, ring: &KeyRing) {
         self.inner.latest.store(ring.uid, Ordering::Release);
+        if ring.fresh_linked > 0 {
+            let mut fresh = self.inner.fresh.lock().unwrap_or_else(|e| e.into_inner());
+            let linked = ring.fresh_linked.min(fresh.len());
+            fresh.drain(..linked);
+        }
     }
 
     /// Whether `other` is this registry (not a copy of its contents).
@@ -211,9 +219,15 @@ impl UsageRegistry {
         Arc::ptr_eq(&self.inner, &other.inner)
     }
 
-    /// Takes the ids listed as created outside the latest ring.
-    fn take_fresh(&self) -> Vec<Arc<str>> {
-        std::mem::take(&mut *self.inner.fresh.lock().unwrap_or_else(|e| e.into_inner()))
+    /// The ids listed as created outside the latest ring. They stay listed
+    /// until a ring that linked them is published: a ring may be built and
+    /// then not published (its file turned out to be the serving one).
+    fn fresh(&self) -> Vec<Arc<str>> {
+        self.inner
+            .fresh
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Drops the counters of keys that `ring` no longer holds.
@@ -485,6 +499,9 @@ pub struct KeyRing {
     file_digest: FileDigest,
     /// Process-unique id, for the per-thread lookup memo.
     uid: u64,
+    /// How many of the registry's listed ids the build linked (see
+    /// [`KeyRing::link_counters`]).
+    fresh_linked: usize,
 }
 
 impl fmt::Debug for KeyRing {
@@ -814,7 +831,7 @@ impl KeyRing {
             .collect();
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
 
-        let ring = KeyRing {
+        let mut ring = KeyRing {
             slots: slots.into_boxed_slice(),
             ids: ids.into_boxed_str(),
             clients: clients.into_boxed_str(),
@@ -844,8 +861,9 @@ impl KeyRing {
             loaded_at,
             file_digest,
             uid: crate::verified::next_ring_id(),
+            fresh_linked: 0,
         };
-        ring.link_counters(usage, previous);
+        ring.fresh_linked = ring.link_counters(usage, previous);
         ring
     }
 
@@ -861,14 +879,19 @@ impl KeyRing {
     /// use a fraction of what a lookup by id per key costs; see BENCHMARKS.
     /// Then the counters the registry lists as created outside the latest
     /// ring, by id. Without `previous`, one pass over the whole registry.
-    fn link_counters(&self, usage: &UsageRegistry, previous: Option<&KeyRing>) {
+    ///
+    /// Returns how many listed ids the ring has seen to, for
+    /// [`UsageRegistry::published`] to unlist.
+    fn link_counters(&self, usage: &UsageRegistry, previous: Option<&KeyRing>) -> usize {
         let Some(previous) = previous.filter(|p| p.registry.same(usage)) else {
+            // Everything listed now is in the registry for the pass to find.
+            let listed = usage.fresh().len();
             for item in usage.inner.by_id.iter() {
                 if let Some(key) = self.by_id(item.key()) {
                     key.link(Arc::clone(item.value()));
                 }
             }
-            return;
+            return listed;
         };
         // Where the last key found here sits, less where it sat before.
         let mut shift = 0i64;
@@ -894,13 +917,15 @@ impl KeyRing {
                 key.link(Arc::clone(counters));
             }
         }
-        for id in usage.take_fresh() {
-            if let Some(key) = self.by_id(&id)
-                && let Some(counters) = usage.inner.by_id.get(&id)
+        let fresh = usage.fresh();
+        for id in &fresh {
+            if let Some(key) = self.by_id(id)
+                && let Some(counters) = usage.inner.by_id.get(id)
             {
                 key.link(Arc::clone(counters.value()));
             }
         }
+        fresh.len()
     }
 
     /// [`KeyRing::build_with_digest`] from a file as the parser gives it.
@@ -2137,6 +2162,13 @@ expires_at = 2027-02-27T00:00:00Z
         first.by_id(&ids[6]).unwrap().usage().record_use(77);
         let second = handle.load_full();
         assert!(second.by_id(&ids[6]).unwrap().usage_if_used().is_none());
+        // A ring built and never published leaves the listing as it was.
+        drop(KeyRing::build(
+            &keys_named(&moved),
+            source(3),
+            &reg,
+            Some(&second),
+        ));
         let third = KeyRing::build(&keys_named(&moved), source(3), &reg, Some(&second));
         let counters = third.by_id(&ids[6]).unwrap().usage_if_used();
         assert_eq!(
@@ -2147,6 +2179,9 @@ expires_at = 2027-02-27T00:00:00Z
             linked(&third),
             linked(&KeyRing::build(&keys_named(&moved), source(3), &reg, None))
         );
+        assert_eq!(reg.fresh().len(), 1);
+        drop(handle.publish(third));
+        assert!(reg.fresh().is_empty(), "published, so unlisted");
     }
 
     #[test]
