@@ -248,7 +248,9 @@ impl Reloader {
         let bytes = Arc::new(bytes);
         let mut hashing = keyfile::Hashing::start(&bytes, self.defer_digest_min, threads, || {});
         let generation = current.generation() + 1;
+        let read = started.elapsed();
         let built = keyfile::parse_bytes_for_ring(&self.path, &bytes, self.options).map(|file| {
+            let parsed = started.elapsed();
             let ring = KeyRing::build_parsed(
                 &file,
                 generation,
@@ -258,9 +260,9 @@ impl Reloader {
                 Some(&current),
                 threads,
             );
-            (file, ring)
+            (file, ring, parsed)
         });
-        let (file, ring) = match built {
+        let (file, ring, parsed) = match built {
             Ok(b) => b,
             Err(e) => {
                 let sha256 = hashing.wait();
@@ -306,6 +308,9 @@ impl Reloader {
             changed = ?diff.changed,
             routes_changed,
             took_ms = took.as_millis(),
+            read_ms = read.as_millis(),
+            parse_ms = parsed.saturating_sub(read).as_millis(),
+            build_ms = took.saturating_sub(parsed).as_millis(),
             "key ring published"
         );
         // Free the previous ring and the parsed file here, on this thread,
