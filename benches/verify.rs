@@ -250,6 +250,17 @@ fn build(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::from_parameter(n), &f, |b, f| {
             b.iter(|| KeyRing::build(f, source(), &usage, None))
         });
+        // A reload's build when every key has been used: each key's
+        // counters are linked from the ring it replaces.
+        let used = UsageRegistry::default();
+        let serving = RingHandle::new(KeyRing::build(&f, source(), &used, None));
+        let previous = serving.load_full();
+        for key in previous.keys() {
+            let _ = key.usage();
+        }
+        g.bench_with_input(BenchmarkId::new("every_key_used", n), &f, |b, f| {
+            b.iter(|| KeyRing::build(f, source(), &used, Some(&previous)))
+        });
     }
     g.finish();
 }
