@@ -137,10 +137,11 @@ struct Registry {
     /// The process-unique id (`uid`) of the ring last published with this
     /// registry.
     latest: AtomicU64,
-    /// Ids whose counters were created other than by the latest ring's
-    /// checks: by a check still holding a replaced ring, or directly. A
-    /// ring built from the previous one links the previous ring's counters
-    /// by position and these by id, so it misses none the registry holds.
+    /// Ids whose counters were created where a build reading rings' pages
+    /// might not see them: by a check on a ring that is no longer the latest
+    /// or whose pages a build has already read past, or directly. A ring
+    /// built from the previous one links the previous ring's counters by
+    /// position and these by id, so it misses none the registry holds.
     fresh: std::sync::Mutex<Vec<Arc<str>>>,
 }
 
@@ -172,33 +173,42 @@ impl Default for UsageRegistry {
 impl UsageRegistry {
     /// The counters for `id`, created on first sight.
     pub fn usage(&self, id: &str) -> Arc<KeyUsage> {
-        self.usage_for(id, None)
-    }
-
-    /// The counters for `id`, created on first sight; `ring` is the `uid` of
-    /// the ring whose check asks, if a check does.
-    fn usage_for(&self, id: &str, ring: Option<u64>) -> Arc<KeyUsage> {
-        let by_id = &self.inner.by_id;
-        if let Some(u) = by_id.get(id) {
-            return Arc::clone(u.value());
-        }
-        let (key, usage) = match by_id.entry(Arc::from(id)) {
-            dashmap::Entry::Occupied(e) => return Arc::clone(e.get()),
-            dashmap::Entry::Vacant(e) => {
-                let key = Arc::clone(e.key());
-                (key, Arc::clone(e.insert(Arc::default()).value()))
-            }
-        };
-        // The latest ring's own first uses are in its pages, where the next
-        // build finds them by position; anything else must be named.
-        if ring != Some(self.inner.latest.load(Ordering::Acquire)) {
-            self.inner
-                .fresh
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(key);
+        let (usage, created) = self.find_or_create(id);
+        // Not through a ring, so no build will find them in a ring's pages.
+        if let Some(id) = created {
+            self.list(id);
         }
         usage
+    }
+
+    /// The counters for `id`, and the registry's copy of the id if this
+    /// call created them.
+    fn find_or_create(&self, id: &str) -> (Arc<KeyUsage>, Option<Arc<str>>) {
+        let by_id = &self.inner.by_id;
+        if let Some(u) = by_id.get(id) {
+            return (Arc::clone(u.value()), None);
+        }
+        match by_id.entry(Arc::from(id)) {
+            dashmap::Entry::Occupied(e) => (Arc::clone(e.get()), None),
+            dashmap::Entry::Vacant(e) => {
+                let id = Arc::clone(e.key());
+                (Arc::clone(e.insert(Arc::default()).value()), Some(id))
+            }
+        }
+    }
+
+    /// Lists `id` for the next builds to link by id.
+    fn list(&self, id: Arc<str>) {
+        self.inner
+            .fresh
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(id);
+    }
+
+    /// Whether `ring` is the one last published with this registry.
+    fn is_latest(&self, ring: &KeyRing) -> bool {
+        self.inner.latest.load(Ordering::Acquire) == ring.uid
     }
 
     /// Records that `ring` is the one being served.
@@ -502,6 +512,10 @@ pub struct KeyRing {
     /// How many of the registry's listed ids the build linked (see
     /// [`KeyRing::link_counters`]).
     fresh_linked: usize,
+    /// How many pages of `usage` a build has read, linking their counters
+    /// into a new ring; a first use in a page read already lists its id in
+    /// the registry (see [`KeyRef::usage`]).
+    pages_read: std::sync::atomic::AtomicU32,
 }
 
 impl fmt::Debug for KeyRing {
@@ -862,6 +876,7 @@ impl KeyRing {
             file_digest,
             uid: crate::verified::next_ring_id(),
             fresh_linked: 0,
+            pages_read: std::sync::atomic::AtomicU32::new(0),
         };
         ring.fresh_linked = ring.link_counters(usage, previous);
         ring
@@ -896,6 +911,14 @@ impl KeyRing {
         // Where the last key found here sits, less where it sat before.
         let mut shift = 0i64;
         for (page_no, page) in previous.usage.iter().enumerate() {
+            // A first use in this page from now on is listed. Paired with
+            // the fence in `KeyRef::usage`: either that check sees this
+            // count, or the read below sees its counters.
+            previous.pages_read.fetch_max(
+                u32::try_from(page_no + 1).unwrap_or(u32::MAX),
+                Ordering::Relaxed,
+            );
+            std::sync::atomic::fence(Ordering::SeqCst);
             let Some(page) = page.get() else { continue };
             for (offset, counters) in page.iter().enumerate() {
                 let Some(counters) = counters.get() else {
@@ -1673,13 +1696,34 @@ impl<'r> KeyRef<'r> {
         let i = self.index as usize;
         let page = self.ring.usage[i / USAGE_PAGE]
             .get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
-        page[i % USAGE_PAGE].get_or_init(|| {
-            let usage = self
-                .id()
-                .with_str(|id| self.ring.registry.usage_for(id, Some(self.ring.uid)));
-            usage.sync_limit(self.rate_limit());
-            usage
-        })
+        let cell = &page[i % USAGE_PAGE];
+        match cell.get() {
+            Some(usage) => usage,
+            None => self.first_use(cell),
+        }
+    }
+
+    /// Links the key's counters into `cell`, creating them if it was never
+    /// used. New counters are linked here, where the next ring's build
+    /// finds them by position, unless that build has read this page already
+    /// or this ring is no longer the one served: then the registry lists the
+    /// id for the builds to come.
+    #[cold]
+    fn first_use(&self, cell: &'r OnceLock<Arc<KeyUsage>>) -> &'r KeyUsage {
+        let registry = &self.ring.registry;
+        let (usage, created) = self.id().with_str(|id| registry.find_or_create(id));
+        usage.sync_limit(self.rate_limit());
+        let linked = cell.get_or_init(|| usage);
+        if let Some(id) = created {
+            // Paired with the fence in `KeyRing::link_counters`.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            let page = self.index as usize / USAGE_PAGE;
+            let read = self.ring.pages_read.load(Ordering::Relaxed) as usize;
+            if read > page || !registry.is_latest(self.ring) {
+                registry.list(id);
+            }
+        }
+        linked
     }
 
     /// The key's counters if it has been used (or had counters when the ring
@@ -2182,6 +2226,89 @@ expires_at = 2027-02-27T00:00:00Z
         assert_eq!(reg.fresh().len(), 1);
         drop(handle.publish(third));
         assert!(reg.fresh().is_empty(), "published, so unlisted");
+    }
+
+    #[test]
+    fn every_counter_made_before_a_build_is_linked_by_it_while_checks_race_reloads() {
+        let reg = UsageRegistry::default();
+        let names = |generation: usize| -> Vec<String> {
+            // Each generation drops one block of keys and adds another at
+            // a place that moves, so keys shift by varying amounts.
+            let gone = generation % 50 * 40;
+            let mut ids: Vec<String> = (0..2000)
+                .filter(|i| !(gone..gone + 40).contains(i))
+                .map(|i| format!("c{}-k{i}", i % 3))
+                .collect();
+            let at = generation * 37 % ids.len();
+            ids.splice(at..at, (0..25).map(|j| format!("c1-g{generation}-{j}")));
+            ids
+        };
+        let handle = RingHandle::new(KeyRing::build(
+            &keys_named(&names(0)),
+            source(0),
+            &reg,
+            None,
+        ));
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for t in 0..2u64 {
+                let (handle, stop) = (&handle, &stop);
+                s.spawn(move || {
+                    let mut n = t;
+                    while !stop.load(Ordering::Relaxed) {
+                        // Hold a ring across several first uses, so some
+                        // land on a ring already replaced.
+                        let ring = handle.load_full();
+                        for _ in 0..8 {
+                            n = n
+                                .wrapping_mul(6364136223846793005)
+                                .wrapping_add(1442695040888963407);
+                            if let Some(key) = ring.key_at((n >> 33) as u32 % ring.len() as u32) {
+                                key.usage().record_use(1);
+                            }
+                            std::thread::yield_now();
+                        }
+                    }
+                });
+            }
+            for generation in 1..150 {
+                let current = handle.load_full();
+                let file = keys_named(&names(generation));
+                let next = KeyRing::build(&file, source(generation as u64), &reg, Some(&current));
+                drop(handle.publish(next));
+                // As a reload does: the counters of keys it removed go.
+                let next = handle.load_full();
+                let removed: Vec<String> = current
+                    .keys()
+                    .map(|k| k.id().to_string())
+                    .filter(|id| next.by_id(id).is_none())
+                    .collect();
+                reg.forget(removed.iter().map(String::as_str), &next);
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        let current = handle.load_full();
+        let last = KeyRing::build(&keys_named(&names(150)), source(150), &reg, Some(&current));
+        let mut linked = 0;
+        for key in last.keys() {
+            let registered = key
+                .id()
+                .with_str(|id| reg.inner.by_id.get(id).map(|c| Arc::clone(c.value())));
+            match (registered, key.usage_if_used()) {
+                (Some(registered), Some(counters)) => {
+                    assert!(std::ptr::eq(&*registered, counters), "{}", key.id());
+                    linked += 1;
+                }
+                (None, None) => {}
+                (registered, counters) => panic!(
+                    "{}: registered {} but linked {}",
+                    key.id(),
+                    registered.is_some(),
+                    counters.is_some()
+                ),
+            }
+        }
+        assert!(linked > 500, "only {linked} keys used");
     }
 
     #[test]
