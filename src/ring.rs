@@ -211,15 +211,16 @@ impl UsageRegistry {
         self.inner.latest.load(Ordering::Acquire) == ring.uid
     }
 
-    /// Records that `ring` is the one being served.
     /// Records that `ring` is the one being served, and unlists the ids
     /// its build linked (ids are only ever appended, and only this removes
-    /// them, so they are still the list's first).
+    /// them, so they are still the list's first). A ring published again
+    /// unlists nothing more.
     fn published(&self, ring: &KeyRing) {
         self.inner.latest.store(ring.uid, Ordering::Release);
-        if ring.fresh_linked > 0 {
+        let linked = ring.fresh_linked.swap(0, Ordering::Relaxed);
+        if linked > 0 {
             let mut fresh = self.inner.fresh.lock().unwrap_or_else(|e| e.into_inner());
-            let linked = ring.fresh_linked.min(fresh.len());
+            let linked = linked.min(fresh.len());
             fresh.drain(..linked);
         }
     }
@@ -229,9 +230,9 @@ impl UsageRegistry {
         Arc::ptr_eq(&self.inner, &other.inner)
     }
 
-    /// The ids listed as created outside the latest ring. They stay listed
-    /// until a ring that linked them is published: a ring may be built and
-    /// then not published (its file turned out to be the serving one).
+    /// The listed ids (see `Registry::fresh`). They stay listed until a
+    /// ring that linked them is published: a ring may be built and then not
+    /// published (its file turned out to be the serving one).
     fn fresh(&self) -> Vec<Arc<str>> {
         self.inner
             .fresh
@@ -511,7 +512,7 @@ pub struct KeyRing {
     uid: u64,
     /// How many of the registry's listed ids the build linked (see
     /// [`KeyRing::link_counters`]).
-    fresh_linked: usize,
+    fresh_linked: std::sync::atomic::AtomicUsize,
     /// How many pages of `usage` a build has read, linking their counters
     /// into a new ring; a first use in a page read already lists its id in
     /// the registry (see [`KeyRef::usage`]).
@@ -875,10 +876,10 @@ impl KeyRing {
             loaded_at,
             file_digest,
             uid: crate::verified::next_ring_id(),
-            fresh_linked: 0,
+            fresh_linked: std::sync::atomic::AtomicUsize::new(0),
             pages_read: std::sync::atomic::AtomicU32::new(0),
         };
-        ring.fresh_linked = ring.link_counters(usage, previous);
+        ring.fresh_linked = ring.link_counters(usage, previous).into();
         ring
     }
 
