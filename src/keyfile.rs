@@ -470,8 +470,10 @@ pub fn read_on(path: &Path, threads: Threads) -> Result<Vec<u8>, KeyFileError> {
 /// preemption copies a whole read before it lets another thread have the
 /// CPU, even a check that preempts the background reader at once in user
 /// space: one 75 MB read held a CPU for 47 ms while a serving thread waited
-/// for it (`perf sched timehist` of a million-key reload). A megabyte takes
-/// well under a millisecond.
+/// for it (`perf sched timehist` of a million-key reload). A megabyte took
+/// 0.7–1.2 ms on the machine in BENCHMARKS.md (`perf trace`), most of it
+/// faulting in the fresh buffer inside the call; reads of 128 KiB left the
+/// checks' p99 during reload storms no different there.
 const READ_CHUNK: usize = 1 << 20;
 
 /// `read_exact_at` in reads of at most [`READ_CHUNK`] bytes.
