@@ -199,11 +199,12 @@ impl UsageRegistry {
 
     /// Lists `id` for the next builds to link by id.
     fn list(&self, id: Arc<str>) {
-        self.inner
-            .fresh
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(id);
+        self.listed().push(id);
+    }
+
+    /// The listed ids (see `Registry::fresh`), locked.
+    fn listed(&self) -> std::sync::MutexGuard<'_, Vec<Arc<str>>> {
+        self.inner.fresh.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether `ring` is the one last published with this registry.
@@ -219,9 +220,9 @@ impl UsageRegistry {
         self.inner.latest.store(ring.uid, Ordering::Release);
         let linked = ring.fresh_linked.swap(0, Ordering::Relaxed);
         if linked > 0 {
-            let mut fresh = self.inner.fresh.lock().unwrap_or_else(|e| e.into_inner());
-            let linked = linked.min(fresh.len());
-            fresh.drain(..linked);
+            let mut listed = self.listed();
+            let linked = linked.min(listed.len());
+            listed.drain(..linked);
         }
     }
 
@@ -230,15 +231,11 @@ impl UsageRegistry {
         Arc::ptr_eq(&self.inner, &other.inner)
     }
 
-    /// The listed ids (see `Registry::fresh`). They stay listed until a
-    /// ring that linked them is published: a ring may be built and then not
-    /// published (its file turned out to be the serving one).
+    /// A copy of the listed ids. They stay listed until a ring that linked
+    /// them is published: a ring may be built and then not published (its
+    /// file turned out to be the serving one).
     fn fresh(&self) -> Vec<Arc<str>> {
-        self.inner
-            .fresh
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.listed().clone()
     }
 
     /// Drops the counters of keys that `ring` no longer holds.
@@ -515,7 +512,7 @@ pub struct KeyRing {
     fresh_linked: std::sync::atomic::AtomicUsize,
     /// How many pages of `usage` a build has read, linking their counters
     /// into a new ring; a first use in a page read already lists its id in
-    /// the registry (see [`KeyRef::usage`]).
+    /// the registry (see `KeyRef::first_use`).
     pages_read: std::sync::atomic::AtomicU32,
 }
 
@@ -893,15 +890,16 @@ impl KeyRing {
     /// moved to, and by id only when that guess misses. Reading the two
     /// rings in order, the pass costs a million-key ring with every key in
     /// use a fraction of what a lookup by id per key costs; see BENCHMARKS.
-    /// Then the counters the registry lists as created outside the latest
-    /// ring, by id. Without `previous`, one pass over the whole registry.
+    /// Then the counters the registry lists (those a build may not find in
+    /// a ring's pages; see `Registry::fresh`), by id. Without `previous`,
+    /// one pass over the whole registry.
     ///
     /// Returns how many listed ids the ring has seen to, for
     /// [`UsageRegistry::published`] to unlist.
     fn link_counters(&self, usage: &UsageRegistry, previous: Option<&KeyRing>) -> usize {
         let Some(previous) = previous.filter(|p| p.registry.same(usage)) else {
             // Everything listed now is in the registry for the pass to find.
-            let listed = usage.fresh().len();
+            let listed = usage.listed().len();
             for item in usage.inner.by_id.iter() {
                 if let Some(key) = self.by_id(item.key()) {
                     key.link(Arc::clone(item.value()));
@@ -913,7 +911,7 @@ impl KeyRing {
         let mut shift = 0i64;
         for (page_no, page) in previous.usage.iter().enumerate() {
             // A first use in this page from now on is listed. Paired with
-            // the fence in `KeyRef::usage`: either that check sees this
+            // the fence in `KeyRef::first_use`: either that check sees this
             // count, or the read below sees its counters.
             previous.pages_read.fetch_max(
                 u32::try_from(page_no + 1).unwrap_or(u32::MAX),
