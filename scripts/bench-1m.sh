@@ -10,28 +10,27 @@
 # 2. Renames a second version of the file (one description added, so it is
 #    a new ring) into place and reports how long until the new generation
 #    serves, VmRSS after the swap and the peak VmHWM during the reload.
-# 3. Open-loop load at $RATE req/s for $SECONDS_PER_RUN s with the file
-#    untouched, then the same while the two versions are renamed into place
-#    back to back (every reload reads, parses and builds the whole ring);
-#    reports both p99s and their ratio. Runs alternate $ROUNDS times;
-#    medians are printed, over the rounds whose pair of runs lost at most
-#    $MAX_STEAL_MS (default 100) ms of CPU to the hypervisor ("steal").
+# 3. One open-loop run at $RATE req/s for $STORM_SECONDS (default 60) s, in
+#    windows of $WINDOW_MS (default 3x the reload above, at least 1000):
+#    steady windows with the file untouched, and storm windows in which the
+#    two versions are renamed into place back to back (every reload reads,
+#    parses and builds the whole ring). Reports the p99 of all calls in each
+#    kind of window and their ratio, with the range that 90 % of resamplings
+#    of the pairs of windows give.
 #
-# Traffic goes to 127.0.0.1 only. Knobs: RATE SECONDS_PER_RUN ROUNDS MAX_STEAL_MS, and
+# Traffic goes to 127.0.0.1 only. Knobs: RATE STORM_SECONDS WINDOW_MS, and
 # KEYWARD (the server binary, default target/release/keyward) to measure
 # another build, such as an older commit's, with the same load generator.
 # SERVER_CPUS and CLIENT_CPUS (taskset(1) CPU lists) pin keyward to one set
 # of CPUs and the load generator and the storm's writer to another, so that
 # only keyward's own threads compete with its checks:
 #
-#   SERVER_CPUS=1 CLIENT_CPUS=0 ROUNDS=5 scripts/bench-1m.sh 10000
+#   SERVER_CPUS=1 CLIENT_CPUS=0 scripts/bench-1m.sh 10000
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 n="${1:-1000000}"
 rate="${RATE:-2000}"
-per_run="${SECONDS_PER_RUN:-10}"
-rounds="${ROUNDS:-3}"
 on_server=()
 on_client=()
 [[ -n "${SERVER_CPUS:-}" ]] && on_server=(taskset -c "$SERVER_CPUS")
@@ -98,7 +97,6 @@ else:
     print(round((time.monotonic() - start) * 1000))
 EOF
 }
-generation() { curl -sf "http://127.0.0.1:$admin/ring" | grep -o '"generation":[0-9]*' | cut -d: -f2; }
 
 keys="$work/keys.toml"
 "$bin/bench-keyfile" --keys "$n" --out "$keys" --secrets "$work/secrets.txt" --secrets-count 200
@@ -141,42 +139,46 @@ sync
 echo 5 > "/proc/$pid/clear_refs"
 took="$(poll_admin renamed "$work/next.toml" "$keys")"
 echo "reload serving after: $took ms (rename to new generation on /ring)"
-g0="$(generation)"
 sleep 2
 echo "resident after swap: $(rss_mib "$pid") MiB (peak during the reload: $(hwm_mib "$pid") MiB)"
 
-load() {
-    ${on_client[@]+"${on_client[@]}"} "$bin/keyward-loadgen" --target "http://127.0.0.1:$grpc" --keys "$work/secrets.txt" --required-scopes "" \
-        --rate "$rate" --duration "${per_run}s" --warmup 1s --verify --json
-}
-p99() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])["latency_us"]["p99"])' "$1"; }
-# CPU time the hypervisor gave to others while this VM's CPUs wanted it
-# ("steal", summed over CPUs), in ms. On a shared VM it comes in bursts that
-# take steady p99 from a few hundred µs to tens of ms, so each round reports
-# it, and rounds over $MAX_STEAL_MS are left out of the medians.
+# 3. Checks while rings are published back to back, against checks with the
+# file untouched, interleaved in windows of $WINDOW_MS within one open-loop
+# run of $STORM_SECONDS: a storm and a steady state measured minutes apart
+# differ by whatever else the machine did meanwhile, often by more than the
+# storm does.
+storm_s="${STORM_SECONDS:-60}"
+window_ms="${WINDOW_MS:-$(( took * 3 > 1000 ? took * 3 : 1000 ))}"
+# The last reload of a storm window frees the previous ring and the parsed
+# file after it is published, in the next window: calls scheduled up to
+# $guard_ms into it count with the storm (a reload frees less than it
+# builds, so its cleanup takes less time than its $took ms).
+guard_ms="$(( took > 100 ? took : 100 ))"
 hz="$(getconf CLK_TCK)"
+# CPU time the hypervisor gave to others while this VM's CPUs wanted it
+# ("steal", summed over CPUs), in ms.
 steal_ms() { awk -v hz="$hz" '/^cpu / { printf "%d", $9 * 1000 / hz }' /proc/stat; }
-max_steal="${MAX_STEAL_MS:-100}"
-steady=(); storm=(); stolen=()
-for r in $(seq 1 "$rounds"); do
-    s0="$(steal_ms)"
-    steady+=("$(p99 "$(load)")")
-    # One process puts the two versions in place in turn, each as soon as
-    # the previous one serves: a hard link renamed over the key file, as a
-    # configuration tool's rename-over save does, with both versions written
-    # and flushed beforehand. Rewriting 150 MB per ring instead would measure
-    # the writer: its page-cache copy and write-back alone take the p99 of
-    # checks to about 3x steady on a 2-CPU machine, with keyward not
-    # reloading at all. It learns that a version serves from the audit
-    # record keyward writes to its log, read whenever the log grows (it
-    # sleeps in inotify meanwhile): polling the admin port every 2 ms (a
-    # request handled on keyward's own threads) took the p99 of checks to
-    # about 1.8x steady with 10,000-key rings, keyward not reloading, and
-    # reading the log on a 2 ms timer woke the writer 500 times a second on
-    # the CPUs it shares with keyward and the load generator.
-    ${on_client[@]+"${on_client[@]}"} python3 - "$work/keyward.log" "$keys" "$work/a.toml" "$work/b.toml" "$((per_run + 2))" <<'EOF' &
+s0="$(steal_ms)"
+# One process puts the two versions in place in turn, in storm windows, each
+# as soon as the previous one serves: a hard link renamed over the key file,
+# as a configuration tool's rename-over save does, with both versions
+# written and flushed beforehand. Rewriting 150 MB per ring instead would
+# measure the writer: its page-cache copy and write-back alone take the p99
+# of checks to about 3x steady on a 2-CPU machine, with keyward not
+# reloading at all. It learns that a version serves from the audit record
+# keyward writes to its log, read whenever the log grows (it sleeps in
+# inotify meanwhile): polling the admin port every 2 ms (a request handled
+# on keyward's own threads) took the p99 of checks to about 1.8x steady with
+# 10,000-key rings, keyward not reloading, and reading the log on a 2 ms
+# timer woke the writer 500 times a second on the CPUs it shares with
+# keyward and the load generator. Windows come in pairs, steady then storm
+# and storm then steady in turn, so that neither kind always follows the
+# other. The writer starts with the load generator's warmup.
+${on_client[@]+"${on_client[@]}"} python3 - "$work/keyward.log" "$keys" "$work/a.toml" "$work/b.toml" \
+    "$((storm_s + 2))" "$window_ms" "$work/windows.txt" <<'EOF' &
 import ctypes, ctypes.util, os, select, sys, time
-log, path, a, b, seconds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
+log, path, a, b = sys.argv[1:5]
+seconds, window_ns, out = float(sys.argv[5]), int(sys.argv[6]) * 1_000_000, sys.argv[7]
 published = 0
 # Sleep until keyward writes to its log (inotify), not on a timer.
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -188,6 +190,7 @@ def wait_for_log(until):
     left = until - time.monotonic()
     if left > 0 and select.select([notify], [], [], left)[0]:
         os.read(notify, 65536)
+windows = []
 with open(log, "rb") as f:
     f.seek(0, os.SEEK_END)
     def serving_count():
@@ -197,8 +200,8 @@ with open(log, "rb") as f:
     # The serving file is b's content (the reload above), or whichever went last.
     n = 1 if os.path.samestat(os.stat(path), os.stat(a)) else 0
     tmp = path + ".next"
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    def reload():
+        global n
         seen = serving_count()
         try:
             os.unlink(tmp)
@@ -206,32 +209,93 @@ with open(log, "rb") as f:
             pass
         os.link((a, b)[n % 2], tmp)
         os.rename(tmp, path)
-        deadline = time.monotonic() + 5
-        while serving_count() <= seen and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30
+        while serving_count() <= seen:
+            if time.monotonic() >= deadline:
+                sys.exit("a reload did not serve within 30 s")
             wait_for_log(deadline)
         n += 1
+    end = time.monotonic_ns() + int(seconds * 1e9)
+    pair = 0
+    while time.monotonic_ns() < end:
+        for storm in ((False, True), (True, False))[pair % 2]:
+            start = time.monotonic_ns()
+            reloads = 0
+            if storm:
+                # Back to back; the window ends when its last reload serves.
+                while time.monotonic_ns() < start + window_ns:
+                    reload()
+                    reloads += 1
+            else:
+                time.sleep(window_ns / 1e9)
+            kind = "storm" if storm else "steady"
+            windows.append((pair, kind, start, time.monotonic_ns(), reloads))
+        pair += 1
+with open(out, "w") as o:
+    for w in windows:
+        print(*w, file=o)
 EOF
-    writer=$!
-    storm+=("$(p99 "$(load)")")
-    wait "$writer" || echo "warning: the storm's writer failed in round $r" >&2
-    stolen+=("$(( $(steal_ms) - s0 ))")
-    echo "round $r: p99 steady ${steady[-1]} µs, during reloads ${storm[-1]} µs (steal ${stolen[-1]} ms)"
-done
-reloads="$(( $(generation) - g0 ))"
-python3 - "$rate" "${steady[*]}" "${storm[*]}" "${stolen[*]}" "$max_steal" "$reloads" <<'EOF'
-import statistics, sys
-rate, steady, storm, stolen, max_steal, reloads = sys.argv[1:7]
-rounds = list(zip(steady.split(), storm.split(), (int(x) for x in stolen.split())))
-quiet = [r for r in rounds if r[2] <= int(max_steal)]
-used = quiet or rounds
-a = statistics.median(float(r[0]) for r in used)
-b = statistics.median(float(r[1]) for r in used)
-which = (f"{len(quiet)} of {len(rounds)} rounds with at most {max_steal} ms of steal"
-         if quiet else f"all {len(rounds)} rounds: none had at most {max_steal} ms of steal")
-ratios = sorted(float(r[1]) / float(r[0]) for r in used)
-print(f"open loop {rate} req/s: p99 steady {a:.0f} µs, during back-to-back reloads {b:.0f} µs "
-      f"(ratio {b / a:.2f}x, medians of {which}; {reloads} rings published)")
-print(f"round by round, storm p99 / steady p99: median {statistics.median(ratios):.2f}x "
-      f"({', '.join(f'{x:.2f}' for x in ratios)})")
+writer=$!
+${on_client[@]+"${on_client[@]}"} "$bin/keyward-loadgen" --target "http://127.0.0.1:$grpc" --keys "$work/secrets.txt" \
+    --required-scopes "" --rate "$rate" --duration "${storm_s}s" --warmup 1s --verify --json \
+    --timeline "$work/timeline.txt" > "$work/storm.json"
+wait "$writer" || { echo "the storm's writer failed" >&2; exit 1; }
+stolen="$(( $(steal_ms) - s0 ))"
+python3 - "$work/storm.json" "$work/timeline.txt" "$work/windows.txt" "$guard_ms" "$rate" "$stolen" "$window_ms" <<'EOF'
+import bisect, heapq, json, math, random, sys
+report, timeline, windows_file = sys.argv[1:4]
+guard = int(sys.argv[4]) * 1_000_000
+rate, stolen, window_ms = sys.argv[5:8]
+r = json.load(open(report))
+if r["errors"] or r["mismatches"]:
+    sys.exit(f"the storm's load had {r['errors']} errors and {r['mismatches']} mismatches")
+windows = []
+for line in open(windows_file):
+    pair, kind, start, end, reloads = line.split()
+    windows.append((int(pair), kind, int(start), int(end), int(reloads)))
+starts = [w[2] for w in windows]
+# A call belongs to the window it was scheduled in (a gap between two
+# windows, the writer's own bookkeeping, goes with the window before it),
+# except that calls within the guard after a storm window count with it.
+by_pair = {}
+for line in open(timeline):
+    if line.startswith("#"):
+        continue
+    at, latency, _ = line.split()
+    at = int(at)
+    i = bisect.bisect_right(starts, at) - 1
+    if i < 0 or (i == len(windows) - 1 and at >= windows[i][3]):
+        continue
+    pair, kind = windows[i][0], windows[i][1]
+    if kind == "steady" and i > 0 and windows[i - 1][1] == "storm" and at < windows[i - 1][3] + guard:
+        pair, kind = windows[i - 1][0], "storm"
+    by_pair.setdefault(pair, {"steady": [], "storm": []})[kind].append(int(latency))
+# Only pairs with both halves measured (the run's first and last may not be).
+pairs = [p for p in by_pair.values() if p["steady"] and p["storm"]]
+if len(pairs) < 4:
+    sys.exit(f"only {len(pairs)} complete pairs of windows: give a longer STORM_SECONDS")
+def quantile(xs, q):
+    # Nearest rank: the smallest value with at least q of the calls at or below it.
+    k = len(xs) - math.ceil(q * len(xs) - 1e-9) + 1
+    return heapq.nlargest(k, xs)[-1]
+def pooled(ps, kind):
+    return [x for p in ps for x in p[kind]]
+def ratio(ps, q=0.99):
+    return quantile(pooled(ps, "storm"), q) / quantile(pooled(ps, "steady"), q)
+# How much the ratio depends on which windows happened to be measured:
+# resample whole pairs, since a burst of steal spans a window, not a call.
+rng = random.Random(1)
+boot = sorted(ratio([rng.choice(pairs) for _ in pairs]) for _ in range(400))
+lo, hi = boot[int(0.05 * len(boot))], boot[int(0.95 * len(boot)) - 1]
+reloads = sum(w[4] for w in windows)
+storm_s = sum(w[3] - w[2] for w in windows if w[1] == "storm") / 1e9
+print(f"open loop {rate} req/s: {len(pairs)} pairs of {window_ms} ms windows, steady and storm "
+      f"interleaved; {reloads} rings published in {storm_s:.0f} s of storm; {stolen} ms of steal")
+for kind in ("steady", "storm"):
+    xs = pooled(pairs, kind)
+    print(f"  {kind:<6} {len(xs):>7} calls: p50 {quantile(xs, 0.5)} µs, p99 {quantile(xs, 0.99)} µs, "
+          f"p99.9 {quantile(xs, 0.999)} µs")
+print(f"storm p99 / steady p99: {ratio(pairs):.2f}x (90% of resampled pairs: {lo:.2f}-{hi:.2f}x); "
+      f"p99.9: {ratio(pairs, 0.999):.2f}x")
 EOF
 echo "resident at the end: $(rss_mib "$pid") MiB"

@@ -98,6 +98,14 @@ struct Args {
     /// Print one line of JSON instead of the human-readable report.
     #[arg(long)]
     json: bool,
+    /// Also write every measured call to FILE, one line each, in the order
+    /// they were sent: its scheduled (open loop) or send (closed loop) time
+    /// in nanoseconds of CLOCK_MONOTONIC, its latency in microseconds, and
+    /// `A` (allowed), `D` (denied) or `E` (error). Other programs' clocks
+    /// (Python's `time.monotonic_ns()`, for one) read the same clock, so
+    /// calls can be matched with what happened meanwhile.
+    #[arg(long, value_name = "FILE")]
+    timeline: Option<PathBuf>,
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -255,6 +263,8 @@ struct Plan {
     invalid_fraction: f64,
     verify: bool,
     timeout: Duration,
+    /// Keep every call for `--timeline`.
+    timeline: bool,
 }
 
 /// A request shaped like the one Envoy 1.40 sends for a downstream
@@ -433,10 +443,12 @@ struct Stats {
     allowed: u64,
     denied: u64,
     samples: Vec<String>,
+    /// With `--timeline`: (scheduled or sent, latency in µs, outcome letter).
+    timeline: Option<Vec<(Instant, u64, u8)>>,
 }
 
 impl Stats {
-    fn new() -> Stats {
+    fn new(timeline: bool) -> Stats {
         Stats {
             latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
             lag: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
@@ -446,6 +458,7 @@ impl Stats {
             allowed: 0,
             denied: 0,
             samples: Vec::new(),
+            timeline: timeline.then(Vec::new),
         }
     }
 
@@ -455,9 +468,24 @@ impl Stats {
         }
     }
 
-    fn record(&mut self, outcome: Outcome, valid: bool, verify: bool, latency: Duration) {
+    fn record(
+        &mut self,
+        at: Instant,
+        outcome: Outcome,
+        valid: bool,
+        verify: bool,
+        latency: Duration,
+    ) {
         self.requests += 1;
         self.latency.saturating_record(micros(latency));
+        if let Some(t) = &mut self.timeline {
+            let letter = match outcome {
+                Outcome::Allowed => b'A',
+                Outcome::Denied(_) => b'D',
+                Outcome::Error(_) => b'E',
+            };
+            t.push((at, micros(latency), letter));
+        }
         match outcome {
             Outcome::Error(e) => {
                 self.errors += 1;
@@ -497,7 +525,36 @@ impl Stats {
         for s in &other.samples {
             self.sample(s.clone());
         }
+        if let (Some(all), Some(theirs)) = (&mut self.timeline, &other.timeline) {
+            all.extend_from_slice(theirs);
+        }
     }
+}
+
+/// Nanoseconds of CLOCK_MONOTONIC now, the clock `Instant` reads on Linux.
+fn monotonic_ns() -> u128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u128::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u128::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// Writes `--timeline`: calls in time order, times as CLOCK_MONOTONIC ns.
+fn write_timeline(path: &std::path::Path, calls: &mut [(Instant, u64, u8)]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    calls.sort_unstable_by_key(|c| c.0);
+    // Every call happened before this pair of readings.
+    let (now, now_ns) = (Instant::now(), monotonic_ns());
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    writeln!(out, "# monotonic_ns latency_us outcome")?;
+    for &(at, latency, letter) in calls.iter() {
+        let ns = now_ns.saturating_sub(now.saturating_duration_since(at).as_nanos());
+        writeln!(out, "{ns} {latency} {}", char::from(letter))?;
+    }
+    out.flush()
 }
 
 fn micros(d: Duration) -> u64 {
@@ -715,6 +772,7 @@ async fn run(args: Args) -> anyhow::Result<u8> {
         )?,
         invalid_fraction: args.invalid_fraction,
         verify: args.verify,
+        timeline: args.timeline.is_some(),
         timeout: args.timeout,
     });
 
@@ -749,7 +807,7 @@ async fn run(args: Args) -> anyhow::Result<u8> {
         })
     };
 
-    let stats = match args.rate {
+    let mut stats = match args.rate {
         None => closed_loop(&clients, args.streams, &plan, &window).await,
         Some(rate) => open_loop(&clients, args.streams, &plan, &window, rate).await,
     };
@@ -775,6 +833,10 @@ async fn run(args: Args) -> anyhow::Result<u8> {
             h.value_at_quantile(p)
         }
     };
+    if let (Some(path), Some(calls)) = (&args.timeline, &mut stats.timeline) {
+        write_timeline(path, calls)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    }
     let l = &stats.latency;
 
     if args.json {
@@ -885,7 +947,7 @@ async fn closed_loop(
             let window = Arc::clone(window);
             tasks.spawn(async move {
                 let mut rng = Rng::seeded((c * streams + s) as u64);
-                let mut stats = Stats::new();
+                let mut stats = Stats::new(plan.timeline);
                 loop {
                     if Instant::now() >= window.end {
                         break;
@@ -897,7 +959,7 @@ async fn closed_loop(
                         Err(Gone(e)) => (Outcome::Error(e), true),
                     };
                     if sent >= window.measure_from || gone {
-                        stats.record(outcome, valid, plan.verify, sent.elapsed());
+                        stats.record(sent, outcome, valid, plan.verify, sent.elapsed());
                     }
                     if gone {
                         // Every later call on this connection would fail at once.
@@ -908,7 +970,7 @@ async fn closed_loop(
             });
         }
     }
-    let mut total = Stats::new();
+    let mut total = Stats::new(plan.timeline);
     while let Some(res) = tasks.join_next().await {
         if let Ok(s) = res {
             total.merge(&s);
@@ -938,7 +1000,7 @@ async fn open_loop(
         let plan = Arc::clone(plan);
         let window = Arc::clone(window);
         dispatchers.push(tokio::spawn(async move {
-            let stats = Arc::new(Mutex::new(Stats::new()));
+            let stats = Arc::new(Mutex::new(Stats::new(plan.timeline)));
             let free = Arc::new(tokio::sync::Semaphore::new(streams));
             let mut rng = Rng::seeded(c as u64);
             while let Some(scheduled) = rx.recv().await {
@@ -960,7 +1022,7 @@ async fn open_loop(
                         let mut s = stats.lock().unwrap_or_else(|e| e.into_inner());
                         s.lag
                             .saturating_record(micros(sent.saturating_duration_since(scheduled)));
-                        s.record(outcome, valid, plan.verify, latency);
+                        s.record(scheduled, outcome, valid, plan.verify, latency);
                     }
                     // Released only after recording, so the drain below sees every call.
                     drop(permit);
@@ -973,7 +1035,7 @@ async fn open_loop(
             Arc::try_unwrap(stats)
                 .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
                 .unwrap_or_else(|shared| {
-                    let mut s = Stats::new();
+                    let mut s = Stats::new(plan.timeline);
                     s.merge(&shared.lock().unwrap_or_else(|e| e.into_inner()));
                     s
                 })
@@ -1008,7 +1070,7 @@ async fn open_loop(
         // Dropping the senders ends the dispatchers once they drain.
     });
 
-    let mut total = Stats::new();
+    let mut total = Stats::new(plan.timeline);
     for d in dispatchers {
         if let Ok(s) = d.await {
             total.merge(&s);

@@ -26,6 +26,17 @@ async fn loadgen(server: &Running, args: &[&str]) -> (i32, serde_json::Value) {
     (out.status.code().expect("exit code"), report)
 }
 
+/// CLOCK_MONOTONIC in nanoseconds, the clock `--timeline` uses.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counts_and_verifies_what_the_server_decided() {
     let keys = KeyDir::new(&standard_ring());
@@ -35,6 +46,8 @@ async fn counts_and_verifies_what_the_server_decided() {
     let server = Running::start_with(config).await;
 
     // A valid key with the route's scope, and 30 % random invalid keys.
+    let timeline = keys.dir.path().join("timeline.txt");
+    let before = monotonic_ns();
     let (code, r) = loadgen(
         &server,
         &[
@@ -43,9 +56,12 @@ async fn counts_and_verifies_what_the_server_decided() {
             "--invalid-fraction",
             "0.3",
             "--verify",
+            "--timeline",
+            timeline.to_str().expect("utf-8 path"),
         ],
     )
     .await;
+    let after = monotonic_ns();
     assert_eq!(code, 0, "{r}");
     let requests = r["requests"].as_u64().unwrap();
     let (allowed, denied) = (
@@ -64,6 +80,25 @@ async fn counts_and_verifies_what_the_server_decided() {
         served >= allowed,
         "server allowed {served}, loadgen counted {allowed}"
     );
+
+    // The timeline lists every counted call, in order, on this process's
+    // monotonic clock, with the outcome the report counted.
+    let text = std::fs::read_to_string(&timeline).expect("timeline written");
+    let calls: Vec<(u64, u64, &str)> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            assert_eq!(f.len(), 3, "{l}");
+            (f[0].parse().expect(l), f[1].parse().expect(l), f[2])
+        })
+        .collect();
+    assert_eq!(calls.len() as u64, requests);
+    assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0), "not in order");
+    assert!(calls[0].0 > before && calls[calls.len() - 1].0 < after);
+    assert!(calls.iter().all(|c| c.1 >= 1));
+    let count = |letter| calls.iter().filter(|c| c.2 == letter).count() as u64;
+    assert_eq!((count("A"), count("D"), count("E")), (allowed, denied, 0));
 
     // A key without the route's scope is denied with 403: a mismatch for a
     // key given as valid, and exit status 1.
