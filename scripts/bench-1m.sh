@@ -147,8 +147,16 @@ echo "resident after swap: $(rss_mib "$pid") MiB (peak during the reload: $(hwm_
 # run of $STORM_SECONDS: a storm and a steady state measured minutes apart
 # differ by whatever else the machine did meanwhile, often by more than the
 # storm does.
-storm_s="${STORM_SECONDS:-60}"
 window_ms="${WINDOW_MS:-$(( took * 3 > 1000 ? took * 3 : 1000 ))}"
+# A pair of windows lasts two windows and up to one reload more (a storm
+# window ends when its last reload serves): by default, time for at least
+# ten pairs.
+pair_ms="$(( 2 * window_ms + took ))"
+storm_s="${STORM_SECONDS:-$(( pair_ms * 10 / 1000 > 60 ? pair_ms * 10 / 1000 : 60 ))}"
+if (( storm_s * 1000 < 5 * pair_ms )); then
+    echo "STORM_SECONDS=$storm_s leaves room for fewer than 4 measured pairs of ${window_ms} ms windows" >&2
+    exit 1
+fi
 # The last reload of a storm window frees the previous ring and the parsed
 # file after it is published, in the next window: calls scheduled up to
 # $guard_ms into it count with the storm (a reload frees less than it
@@ -236,9 +244,12 @@ with open(out, "w") as o:
         print(*w, file=o)
 EOF
 writer=$!
+pids+=("$writer")
+# Errors and mismatches make the exit status non-zero; the report says how
+# many, below.
 ${on_client[@]+"${on_client[@]}"} "$bin/keyward-loadgen" --target "http://127.0.0.1:$grpc" --keys "$work/secrets.txt" \
     --required-scopes "" --rate "$rate" --duration "${storm_s}s" --warmup 1s --verify --json \
-    --timeline "$work/timeline.txt" > "$work/storm.json"
+    --timeline "$work/timeline.txt" > "$work/storm.json" || true
 wait "$writer" || { echo "the storm's writer failed" >&2; exit 1; }
 stolen="$(( $(steal_ms) - s0 ))"
 python3 - "$work/storm.json" "$work/timeline.txt" "$work/windows.txt" "$guard_ms" "$rate" "$stolen" "$window_ms" <<'EOF'
@@ -246,7 +257,10 @@ import bisect, heapq, json, math, random, sys
 report, timeline, windows_file = sys.argv[1:4]
 guard = int(sys.argv[4]) * 1_000_000
 rate, stolen, window_ms = sys.argv[5:8]
-r = json.load(open(report))
+try:
+    r = json.load(open(report))
+except (OSError, ValueError):
+    sys.exit("the storm's load generator wrote no report (see its errors above)")
 if r["errors"] or r["mismatches"]:
     sys.exit(f"the storm's load had {r['errors']} errors and {r['mismatches']} mismatches")
 windows = []
@@ -287,8 +301,9 @@ def ratio(ps, q=0.99):
 rng = random.Random(1)
 boot = sorted(ratio([rng.choice(pairs) for _ in pairs]) for _ in range(400))
 lo, hi = boot[int(0.05 * len(boot))], boot[int(0.95 * len(boot)) - 1]
-reloads = sum(w[4] for w in windows)
-storm_s = sum(w[3] - w[2] for w in windows if w[1] == "storm") / 1e9
+measured = [w for w in windows if w[0] in by_pair and by_pair[w[0]]["steady"] and by_pair[w[0]]["storm"]]
+reloads = sum(w[4] for w in measured if w[1] == "storm")
+storm_s = sum(w[3] - w[2] for w in measured if w[1] == "storm") / 1e9
 print(f"open loop {rate} req/s: {len(pairs)} pairs of {window_ms} ms windows, steady and storm "
       f"interleaved; {reloads} rings published in {storm_s:.0f} s of storm; {stolen} ms of steal")
 for kind in ("steady", "storm"):

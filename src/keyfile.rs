@@ -494,7 +494,10 @@ fn fault_in(buf: &mut [u8]) {
         return;
     }
     let last = buf.len().saturating_sub(1);
-    for i in (0..buf.len()).step_by(PAGE).chain(std::iter::once(last)) {
+    for i in (0..buf.len())
+        .step_by(page_size())
+        .chain(std::iter::once(last))
+    {
         if let Some(b) = buf.get_mut(i) {
             // An opaque value, so the compiler cannot drop the store as
             // writing a zero to memory it knows to be zeroed.
@@ -503,24 +506,40 @@ fn fault_in(buf: &mut [u8]) {
     }
 }
 
-/// Size of a page, as far as [`fault_in`] needs it: on systems with larger
-/// pages it only touches each page more than once.
-const PAGE: usize = 4096;
+/// The system's page size (4096 where it cannot be asked).
+fn page_size() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        #[cfg(unix)]
+        {
+            // SAFETY: sysconf reads a system constant and touches no memory.
+            let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            if let Ok(n) = usize::try_from(n)
+                && n.is_power_of_two()
+            {
+                return n;
+            }
+        }
+        4096
+    })
+}
 
 /// `MADV_POPULATE_WRITE` over the whole pages of `buf`; whether the kernel
 /// did it. The partial pages at either end are left to the read.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 fn populate(buf: &mut [u8]) -> bool {
+    let page = page_size();
     let addr = buf.as_mut_ptr() as usize;
-    let start = addr.next_multiple_of(PAGE);
-    let end = (addr + buf.len()) / PAGE * PAGE;
+    let start = addr.next_multiple_of(page);
+    let end = (addr + buf.len()) / page * page;
     if end <= start {
         return true;
     }
-    // SAFETY: [start, end) lies within `buf`, which this function borrows
-    // mutably, so the call touches no memory anyone else uses; populating
-    // maps pages as a write would without changing their contents, and on
-    // failure (EINVAL on kernels without it) changes nothing.
+    // SAFETY: [start, end) is a whole number of pages inside `buf`, which
+    // this function borrows mutably, so the call can only map memory of
+    // ours. Populating maps pages as a write would, without changing their
+    // contents, whether it succeeds, fails (EINVAL on kernels without it)
+    // or stops partway.
     unsafe {
         libc::madvise(
             start as *mut libc::c_void,
@@ -559,7 +578,8 @@ fn read_halves(file: &std::fs::File, len: u64) -> Option<Vec<u8>> {
         return None;
     }
     let len = usize::try_from(len).ok()?;
-    // Zeroed pages come straight from the kernel, untouched until read into.
+    // Zeroed pages come straight from the kernel, untouched until faulted
+    // in chunk by chunk just before each read.
     let mut bytes = vec![0u8; len];
     let half = len / 2;
     let (first, second) = bytes.split_at_mut(half);
@@ -1612,10 +1632,21 @@ deprecated_at = 2026-01-01
 
     #[test]
     fn faulting_in_covers_any_slice_and_populating_keeps_contents() {
-        let mut buf: Vec<u8> = (0..5 * PAGE + 123).map(|i| (i % 251) as u8).collect();
+        let page = page_size();
+        assert!(page.is_power_of_two() && page >= 4096, "{page}");
+        // Fresh pages, as a large zeroed vector gets them from the kernel.
+        let mut fresh = vec![0u8; 64 * page];
+        let len = fresh.len();
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if populate(&mut fresh[1..len - 1]) {
+            assert!(fresh.iter().all(|&b| b == 0), "populating changed bytes");
+        }
+        fault_in(&mut fresh);
+        // Pages already written to.
+        let mut buf: Vec<u8> = (0..5 * page + 123).map(|i| (i % 251) as u8).collect();
         let before = buf.clone();
         // Slices starting and ending mid-page, inside one page, and empty.
-        for (from, to) in [(3, 5 * PAGE + 100), (7, 9), (PAGE, PAGE), (0, buf.len())] {
+        for (from, to) in [(3, 5 * page + 100), (7, 9), (page, page), (0, buf.len())] {
             buf.copy_from_slice(&before);
             #[cfg(any(target_os = "linux", target_os = "android"))]
             if populate(&mut buf[from..to]) {

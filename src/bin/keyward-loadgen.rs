@@ -98,9 +98,9 @@ struct Args {
     /// Print one line of JSON instead of the human-readable report.
     #[arg(long)]
     json: bool,
-    /// Also write every measured call to FILE, one line each, in the order
-    /// they were sent: its scheduled (open loop) or send (closed loop) time
-    /// in nanoseconds of CLOCK_MONOTONIC, its latency in microseconds, and
+    /// Also write every measured call to FILE, one line each, in order of
+    /// its scheduled (open loop) or send (closed loop) time; that time in
+    /// nanoseconds of CLOCK_MONOTONIC, its latency in microseconds, and
     /// `A` (allowed), `D` (denied) or `E` (error). Other programs' clocks
     /// (Python's `time.monotonic_ns()`, for one) read the same clock, so
     /// calls can be matched with what happened meanwhile.
