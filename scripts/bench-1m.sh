@@ -10,7 +10,8 @@
 # 2. Renames a second version of the file (one description added, so it is
 #    a new ring) into place and reports how long until the new generation
 #    serves, VmRSS after the swap and the peak VmHWM during the reload.
-# 3. One open-loop run at $RATE req/s for $STORM_SECONDS (default 60) s, in
+# 3. One open-loop run at $RATE req/s for $STORM_SECONDS s (default: time
+#    for ten pairs of windows, at least 60), in
 #    windows of $WINDOW_MS (default 3x the reload above, at least 1000):
 #    steady windows with the file untouched, and storm windows in which the
 #    two versions are renamed into place back to back (every reload reads,
