@@ -286,7 +286,8 @@ for line in open(timeline):
         pair, kind = windows[i - 1][0], "storm"
     by_pair.setdefault(pair, {"steady": [], "storm": []})[kind].append(int(latency))
 # Only pairs with both halves measured (the run's first and last may not be).
-pairs = [p for p in by_pair.values() if p["steady"] and p["storm"]]
+complete = {k for k, p in by_pair.items() if p["steady"] and p["storm"]}
+pairs = [by_pair[k] for k in sorted(complete)]
 if len(pairs) < 4:
     sys.exit(f"only {len(pairs)} complete pairs of windows: give a longer STORM_SECONDS")
 def quantile(xs, q):
@@ -302,9 +303,9 @@ def ratio(ps, q=0.99):
 rng = random.Random(1)
 boot = sorted(ratio([rng.choice(pairs) for _ in pairs]) for _ in range(400))
 lo, hi = boot[int(0.05 * len(boot))], boot[int(0.95 * len(boot)) - 1]
-measured = [w for w in windows if w[0] in by_pair and by_pair[w[0]]["steady"] and by_pair[w[0]]["storm"]]
-reloads = sum(w[4] for w in measured if w[1] == "storm")
-storm_s = sum(w[3] - w[2] for w in measured if w[1] == "storm") / 1e9
+measured_storms = [w for w in windows if w[0] in complete and w[1] == "storm"]
+reloads = sum(w[4] for w in measured_storms)
+storm_s = sum(w[3] - w[2] for w in measured_storms) / 1e9
 print(f"open loop {rate} req/s: {len(pairs)} pairs of {window_ms} ms windows, steady and storm "
       f"interleaved; {reloads} rings published in {storm_s:.0f} s of storm; {stolen} ms of steal")
 for kind in ("steady", "storm"):

@@ -495,7 +495,7 @@ fn fault_in(buf: &mut [u8]) {
     }
     let last = buf.len().saturating_sub(1);
     for i in (0..buf.len())
-        .step_by(page_size())
+        .step_by(crate::pages::page_size())
         .chain(std::iter::once(last))
     {
         if let Some(b) = buf.get_mut(i) {
@@ -506,29 +506,11 @@ fn fault_in(buf: &mut [u8]) {
     }
 }
 
-/// The system's page size (4096 where it cannot be asked).
-fn page_size() -> usize {
-    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *PAGE.get_or_init(|| {
-        #[cfg(unix)]
-        {
-            // SAFETY: sysconf reads a system constant and touches no memory.
-            let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-            if let Ok(n) = usize::try_from(n)
-                && n.is_power_of_two()
-            {
-                return n;
-            }
-        }
-        4096
-    })
-}
-
 /// `MADV_POPULATE_WRITE` over the whole pages of `buf`; whether the kernel
 /// did it. The partial pages at either end are left to the read.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 fn populate(buf: &mut [u8]) -> bool {
-    let page = page_size();
+    let page = crate::pages::page_size();
     let addr = buf.as_mut_ptr() as usize;
     let start = addr.next_multiple_of(page);
     let end = (addr + buf.len()) / page * page;
@@ -1632,7 +1614,7 @@ deprecated_at = 2026-01-01
 
     #[test]
     fn faulting_in_covers_any_slice_and_populating_keeps_contents() {
-        let page = page_size();
+        let page = crate::pages::page_size();
         assert!(page.is_power_of_two() && page >= 4096, "{page}");
         // Fresh pages, as a large zeroed vector gets them from the kernel.
         let mut fresh = vec![0u8; 64 * page];

@@ -44,6 +44,11 @@ pub fn set_advising(on: bool) {
     ADVISING.store(on, Ordering::Relaxed);
 }
 
+/// The system's page size (4096 where it cannot be asked).
+pub(crate) fn page_size() -> usize {
+    os::page()
+}
+
 /// Whether a block of `layout` is mapped here. The same layout always gives
 /// the same answer, so a block is freed the way it was allocated.
 #[inline]
