@@ -462,6 +462,7 @@ pub fn read_on(path: &Path, threads: Threads) -> Result<Vec<u8>, KeyFileError> {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(io(e)),
         }
+        crate::priority::pace_chunk();
     }
     bytes.truncate(filled);
     Ok(bytes)
@@ -540,6 +541,7 @@ fn read_exact_at_chunked(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::
         fault_in(chunk);
         file.read_exact_at(chunk, at)?;
         at += chunk.len() as u64;
+        crate::priority::pace_chunk();
     }
     Ok(())
 }
@@ -606,10 +608,55 @@ pub struct Fingerprint {
 
 /// The [`Fingerprint`] of `bytes` (a few tens of milliseconds for 150 MB).
 pub fn fingerprint(bytes: &[u8]) -> Fingerprint {
+    let mut crc = crc32fast::Hasher::new();
+    for chunk in bytes.chunks(PACED_CHUNK) {
+        crc.update(chunk);
+        crate::priority::pace_chunk();
+    }
     Fingerprint {
         len: bytes.len() as u64,
-        crc: crc32fast::hash(bytes),
+        crc: crc.finalize(),
     }
+}
+
+/// How much of a file the passes over all of its bytes (checksum, SHA-256,
+/// UTF-8 check) take between two yield points ([`crate::priority::pace_chunk`]):
+/// tens of microseconds' work.
+const PACED_CHUNK: usize = 64 << 10;
+
+/// The SHA-256 of a file's bytes, with yield points between chunks.
+pub fn file_digest(bytes: &[u8]) -> Digest {
+    let mut sha = ::ring::digest::Context::new(&::ring::digest::SHA256);
+    for chunk in bytes.chunks(PACED_CHUNK) {
+        sha.update(chunk);
+        crate::priority::pace_chunk();
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(sha.finish().as_ref());
+    out
+}
+
+/// `bytes` as text if they are UTF-8, checked a chunk at a time with yield
+/// points between chunks; the error `std::str::from_utf8` gives otherwise.
+fn paced_utf8(bytes: &[u8]) -> Result<&str, std::str::Utf8Error> {
+    let mut at = 0;
+    while at < bytes.len() {
+        let end = (at + PACED_CHUNK).min(bytes.len());
+        match std::str::from_utf8(&bytes[at..end]) {
+            Ok(_) => at = end,
+            // A character cut by the chunk's end: the next chunk starts
+            // with it. What came before it is valid, and is most of a chunk.
+            Err(e) if e.error_len().is_none() && end < bytes.len() && e.valid_up_to() > 0 => {
+                at += e.valid_up_to();
+            }
+            Err(_) => return std::str::from_utf8(bytes),
+        }
+        crate::priority::pace_chunk();
+    }
+    // SAFETY: every byte was checked above, in chunks that each start at a
+    // character boundary (the start, or where the previous chunk's valid
+    // text ended), so the whole is UTF-8.
+    Ok(unsafe { std::str::from_utf8_unchecked(bytes) })
 }
 
 /// The SHA-256 of a file's bytes, being computed on a thread of its own (or
@@ -644,7 +691,7 @@ impl Hashing {
     pub fn start(bytes: &Arc<Vec<u8>>, defer_min: usize, threads: Threads, setup: fn()) -> Hashing {
         let cell = FileDigest::pending();
         if bytes.len() < defer_min {
-            cell.set(crate::decide::digest_bytes(bytes));
+            cell.set(file_digest(bytes));
             return Hashing {
                 cell,
                 thread: None,
@@ -673,12 +720,12 @@ impl Hashing {
             .name("keyward-hash".into())
             .spawn(move || {
                 setup();
-                out.set(crate::decide::digest_bytes(&theirs));
+                out.set(file_digest(&theirs));
             });
         match spawned {
             Ok(handle) => self.thread = Some((handle, bytes)),
             Err(_) => {
-                self.cell.set(crate::decide::digest_bytes(&bytes));
+                self.cell.set(file_digest(&bytes));
             }
         }
     }
@@ -691,12 +738,12 @@ impl Hashing {
     /// Waits for the digest.
     pub fn wait(&mut self) -> Digest {
         if let Some((bytes, _)) = self.held.take() {
-            self.cell.set(crate::decide::digest_bytes(&bytes));
+            self.cell.set(file_digest(&bytes));
         }
         if let Some((handle, bytes)) = self.thread.take() {
             // Hashing cannot panic; should the thread fail anyway, hash here.
             if handle.join().is_err() || self.cell.get().is_none() {
-                self.cell.set(crate::decide::digest_bytes(&bytes));
+                self.cell.set(file_digest(&bytes));
             }
         }
         self.cell.wait()
@@ -725,7 +772,7 @@ pub fn parse_bytes(path: &Path, bytes: &[u8], opts: ParseOptions) -> Result<KeyF
 
 /// The file's text, or the error naming where it stops being UTF-8.
 fn utf8<'t>(path: &Path, bytes: &'t [u8]) -> Result<&'t str, KeyFileError> {
-    std::str::from_utf8(bytes).map_err(|e| {
+    paced_utf8(bytes).map_err(|e| {
         let at = e.valid_up_to();
         let (line, column) = position(&String::from_utf8_lossy(&bytes[..at]), at);
         KeyFileError::Invalid {
@@ -1384,6 +1431,43 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paced_passes_agree_with_the_one_shot_ones() {
+        // Several chunks, with a character of each width cut by every
+        // chunk boundary in turn.
+        for width in ["é", "€", "𝄞"] {
+            for shift in 0..4 {
+                let mut text = "x".repeat(PACED_CHUNK - shift);
+                while text.len() < 3 * PACED_CHUNK + 7 {
+                    text.push_str(width);
+                }
+                let bytes = text.as_bytes();
+                assert_eq!(paced_utf8(bytes), Ok(text.as_str()));
+                assert_eq!(file_digest(bytes), crate::decide::digest_bytes(bytes));
+                assert_eq!(
+                    fingerprint(bytes),
+                    Fingerprint {
+                        len: bytes.len() as u64,
+                        crc: crc32fast::hash(bytes),
+                    }
+                );
+            }
+        }
+        // Invalid bytes anywhere (inside a chunk, across a boundary, a
+        // character cut short at the very end) give std's error.
+        let base = "é".repeat(PACED_CHUNK);
+        for at in [0, 5, PACED_CHUNK - 1, PACED_CHUNK, PACED_CHUNK + 1, base.len() - 1] {
+            let mut bytes = base.clone().into_bytes();
+            bytes[at] = 0xff;
+            assert_eq!(paced_utf8(&bytes), std::str::from_utf8(&bytes), "at {at}");
+        }
+        let mut cut = base.into_bytes();
+        cut.pop();
+        assert_eq!(paced_utf8(&cut), std::str::from_utf8(&cut));
+        assert!(paced_utf8(&cut).is_err());
+        assert_eq!(paced_utf8(b""), Ok(""));
+    }
 
     const D1: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
     const D2: &str = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752";

@@ -10,9 +10,122 @@
 //! ([`raise_background`]) when a reload runs past a deadline, so that a
 //! revocation always lands. Where that is not allowed, background threads
 //! get nice [`BACKGROUND_NICENESS`] instead, which they keep.
+//!
+//! Lowering alone does not keep background work out of the checks' way:
+//! a thread that keeps a CPU busy, even under `SCHED_IDLE`, delays the
+//! wakeups of other threads by milliseconds on some kernels (see
+//! BENCHMARKS.md: a busy loop under `SCHED_IDLE` took a bare HTTP/2
+//! server's p99 from about 0.11 to 1.7–2.1 ms, the same loop calling
+//! `sched_yield` every 100 µs left it at 0.10–0.11 ms). So the loops of a
+//! reload call [`pace`] (or [`pace_chunk`]), which offers the CPU to
+//! whatever waits for it every [`YIELD_EVERY`] on a lowered thread, and
+//! does nothing on any other.
 
 /// Niceness of background threads where `SCHED_IDLE` cannot be undone.
 pub const BACKGROUND_NICENESS: i32 = 10;
+
+/// Longest stretch a lowered thread works in [`pace`]d loops before it
+/// offers the CPU to whatever waits for it.
+pub const YIELD_EVERY: std::time::Duration = std::time::Duration::from_micros(100);
+
+/// [`pace`] calls between two looks at the clock: a look costs about as
+/// much as a few dozen steps of the cheapest paced loops.
+const PACE_CALLS_PER_LOOK: u32 = 64;
+
+/// Changes whenever some thread's priority may have changed: each thread's
+/// pacing asks again whether it runs lowered.
+static PRIORITY_EPOCH: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// One thread's pacing.
+struct Pace {
+    calls: std::cell::Cell<u32>,
+    /// [`PRIORITY_EPOCH`] when `lowered` was last found out (`u32::MAX`:
+    /// never).
+    epoch: std::cell::Cell<u32>,
+    lowered: std::cell::Cell<bool>,
+    /// When this thread last offered the CPU (or started pacing).
+    since: std::cell::Cell<Option<std::time::Instant>>,
+}
+
+thread_local! {
+    static PACE: Pace = const {
+        Pace {
+            calls: std::cell::Cell::new(0),
+            epoch: std::cell::Cell::new(u32::MAX),
+            lowered: std::cell::Cell::new(false),
+            since: std::cell::Cell::new(None),
+        }
+    };
+}
+
+#[cfg(test)]
+thread_local! {
+    /// How many times this thread offered the CPU in [`Pace::look`].
+    static YIELDS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A yield point for a loop whose steps take well under a microsecond or
+/// two (a key parsed, a slot laid out): every [`PACE_CALLS_PER_LOOK`] calls
+/// it looks at the clock, and on a lowered thread that has worked for
+/// [`YIELD_EVERY`] since it last did, it offers the CPU (`sched_yield`).
+#[inline]
+pub fn pace() {
+    PACE.with(|p| {
+        let calls = p.calls.get().wrapping_add(1);
+        p.calls.set(calls);
+        if calls % PACE_CALLS_PER_LOOK == 0 {
+            p.look();
+        }
+    });
+}
+
+/// [`pace`] for a loop whose steps take ten microseconds or more (a chunk
+/// of a file read or hashed): looks at the clock at every call.
+pub fn pace_chunk() {
+    PACE.with(Pace::look);
+}
+
+impl Pace {
+    #[inline(never)]
+    fn look(&self) {
+        let epoch = PRIORITY_EPOCH.load(std::sync::atomic::Ordering::Relaxed);
+        if self.epoch.get() != epoch {
+            self.epoch.set(epoch);
+            self.lowered.set(runs_lowered());
+            self.since.set(None);
+        }
+        if !self.lowered.get() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        match self.since.get() {
+            Some(since) if now.duration_since(since) < YIELD_EVERY => {}
+            Some(_) => {
+                #[cfg(target_os = "linux")]
+                yield_now();
+                #[cfg(test)]
+                YIELDS.with(|n| n.set(n.get() + 1));
+                self.since.set(Some(std::time::Instant::now()));
+            }
+            None => self.since.set(Some(now)),
+        }
+    }
+}
+
+/// Whether the calling thread runs below normal priority: under
+/// `SCHED_IDLE`, or with a positive nice value.
+fn runs_lowered() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: both take plain integers (0: the calling thread) and
+        // touch no memory of ours.
+        let policy = unsafe { libc::sched_getscheduler(0) };
+        let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        policy == libc::SCHED_IDLE || nice > 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    false
+}
 
 /// How the calling thread was lowered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +141,7 @@ pub enum Lowered {
 /// Lowers the calling thread to background priority (see the module
 /// documentation). Threads it starts afterwards inherit the priority.
 pub fn lower_current() -> Lowered {
+    PRIORITY_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     #[cfg(target_os = "linux")]
     {
         if idle_is_reversible() && set_policy(0, libc::SCHED_IDLE) {
@@ -68,9 +182,12 @@ fn yield_now() {
 pub fn raise_background() -> usize {
     #[cfg(target_os = "linux")]
     {
-        idle_threads()
+        let raised = idle_threads()
             .filter(|&(tid, _)| set_policy(tid, libc::SCHED_OTHER))
-            .count()
+            .count();
+        // Raised threads stop pacing themselves.
+        PRIORITY_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        raised
     }
     #[cfg(not(target_os = "linux"))]
     0
@@ -228,6 +345,59 @@ pub(crate) mod tests {
             .unwrap();
             let used = progress.advance().expect("schedstat on Linux");
             assert!(used < std::time::Duration::from_millis(30), "{used:?}");
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// CPU time of the calling thread.
+    fn own_cpu() -> std::time::Duration {
+        let ns = std::fs::read_to_string("/proc/thread-self/schedstat")
+            .ok()
+            .and_then(|t| t.split_whitespace().next()?.parse::<u64>().ok())
+            .expect("schedstat on Linux");
+        std::time::Duration::from_nanos(ns)
+    }
+
+    /// Calls `pace` until the thread has used `cpu` of CPU time; the yields
+    /// meanwhile, and the wall-clock time it took.
+    fn paced_work(cpu: std::time::Duration) -> (usize, std::time::Duration) {
+        YIELDS.with(|n| n.set(0));
+        let started = std::time::Instant::now();
+        let until = own_cpu() + cpu;
+        while own_cpu() < until {
+            for _ in 0..1_000 {
+                pace();
+            }
+        }
+        (YIELDS.with(std::cell::Cell::get), started.elapsed())
+    }
+
+    #[test]
+    fn paced_loops_offer_the_cpu_on_lowered_threads_only() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let work = std::time::Duration::from_millis(10);
+        std::thread::spawn(move || {
+            let (yields, _) = paced_work(work);
+            assert_eq!(yields, 0, "a thread at normal priority never yields");
+            let how = lower_current();
+            if how == Lowered::No {
+                return;
+            }
+            // At least one yield per YIELD_EVERY of work (wall time runs at
+            // least as fast as CPU time), at most one per YIELD_EVERY of wall time.
+            let (yields, took) = paced_work(work);
+            let least = work.as_micros() / YIELD_EVERY.as_micros() / 2;
+            let most = took.as_micros() / YIELD_EVERY.as_micros() + 1;
+            assert!(
+                (least..=most).contains(&(yields as u128)),
+                "{yields} yields in {took:?} ({least}..={most} expected)"
+            );
+            if how == Lowered::Idle {
+                assert!(raise_background() >= 1);
+                let (yields, _) = paced_work(work);
+                assert_eq!(yields, 0, "a raised thread stops yielding");
+            }
         })
         .join()
         .unwrap();

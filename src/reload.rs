@@ -241,7 +241,7 @@ impl Reloader {
             .filter(|&(g, _)| g == current.generation())
             .map(|(_, f)| f);
         if serving == Some(fingerprint)
-            && current.file_digest().wait() == crate::decide::digest_bytes(&bytes)
+            && current.file_digest().wait() == keyfile::file_digest(&bytes)
         {
             return self.unchanged(&mut memory);
         }
@@ -420,6 +420,7 @@ impl Diff {
         let mut kept = vec![false; old.len()];
         let mut d = Diff::default();
         for k in new.keys() {
+            crate::priority::pace();
             let i = k.index();
             let o = if in_place.same_id(i) {
                 if in_place.same_fields(i) {
@@ -442,7 +443,10 @@ impl Diff {
         }
         d.removed = old
             .keys()
-            .filter(|k| !kept[k.index() as usize])
+            .filter(|k| {
+                crate::priority::pace();
+                !kept[k.index() as usize]
+            })
             .map(|k| k.id().to_string())
             .collect();
         d

@@ -253,6 +253,8 @@ impl UsageRegistry {
     /// thread that needs the registry meanwhile waits for at most that.
     pub fn forget<'a>(&self, ids: impl IntoIterator<Item = &'a str>, ring: &KeyRing) {
         for id in ids {
+            // Between removals, never while a shard is locked.
+            crate::priority::pace();
             self.inner
                 .by_id
                 .remove_if(id, |id, _| ring.by_id(id).is_none());
@@ -660,7 +662,12 @@ impl KeyRing {
         );
         // At most this much: ids that start with their client's name are
         // stored without it.
-        let id_bytes: usize = (0..n).map(|i| file.key_id(i).len()).sum();
+        let id_bytes: usize = (0..n)
+            .map(|i| {
+                crate::priority::pace();
+                file.key_id(i).len()
+            })
+            .sum();
         assert!(
             u32::try_from(id_bytes).is_ok(),
             "ids longer than 4 GiB together"
@@ -703,6 +710,7 @@ impl KeyRing {
             });
 
             for i in 0..n {
+                crate::priority::pace();
                 let spec = file.key(i);
                 // Both bounds checked above.
                 let index = i as u32;
@@ -901,6 +909,7 @@ impl KeyRing {
             // Everything listed now is in the registry for the pass to find.
             let listed = usage.listed().len();
             for item in usage.inner.by_id.iter() {
+                crate::priority::pace();
                 if let Some(key) = self.by_id(item.key()) {
                     key.link(Arc::clone(item.value()));
                 }
@@ -919,6 +928,7 @@ impl KeyRing {
             );
             std::sync::atomic::fence(Ordering::SeqCst);
             let Some(page) = page.get() else { continue };
+            crate::priority::pace();
             for (offset, counters) in page.iter().enumerate() {
                 let Some(counters) = counters.get() else {
                     continue;
@@ -941,6 +951,7 @@ impl KeyRing {
         }
         let fresh = usage.fresh();
         for id in &fresh {
+            crate::priority::pace();
             if let Some(key) = self.by_id(id)
                 && let Some(counters) = usage.inner.by_id.get(id)
             {
@@ -1124,6 +1135,7 @@ const FETCH_AHEAD: usize = 16;
 fn fill_table(table: &mut [u32], empty: u32, n: usize, entry: impl Fn(usize) -> (usize, u32)) {
     let mut pending = [(0usize, 0u32); FETCH_AHEAD];
     for i in 0..n + FETCH_AHEAD {
+        crate::priority::pace();
         // Entry i - FETCH_AHEAD's home and cell sit where entry i's go next.
         let slot = i % FETCH_AHEAD;
         if i >= FETCH_AHEAD {

@@ -545,6 +545,7 @@ fn fill_parts<'t>(
                 }
             };
             for k in share {
+                crate::priority::pace();
                 k.scopes += sets_shift;
                 shift_span(&mut k.id);
                 shift_span(&mut k.client);
@@ -574,12 +575,18 @@ fn count_lines(text: &str) -> (usize, usize) {
     let b = text.as_bytes();
     // Byte-wide counters over short chunks vectorise well.
     let newlines: usize = b
-        .chunks(255)
-        .map(|chunk| usize::from(chunk.iter().fold(0u8, |n, &c| n + u8::from(c == b'\n'))))
+        .chunks(255 * 256)
+        .map(|run| {
+            crate::priority::pace_chunk();
+            run.chunks(255)
+                .map(|chunk| usize::from(chunk.iter().fold(0u8, |n, &c| n + u8::from(c == b'\n'))))
+                .sum::<usize>()
+        })
         .sum();
     let ws = |c: &u8| *c == b' ' || *c == b'\t';
     let mut headers = 0;
     for at in memchr::memmem::find_iter(b, b"[[") {
+        crate::priority::pace();
         let mut start = at;
         while start > 0 && b.get(start - 1).is_some_and(ws) {
             start -= 1;
@@ -615,6 +622,7 @@ fn split_points(b: &[u8], threads: usize) -> Vec<usize> {
                 break None;
             };
             let line = at + nl + 1;
+            crate::priority::pace();
             if b.get(line..).is_some_and(|r| r.starts_with(b"[[keys]]")) {
                 break Some(line);
             }
@@ -733,8 +741,11 @@ fn sort_tags(tags: &mut Vec<u64>) {
     for shift in [32, 32 + BITS, 32 + 2 * BITS] {
         let digit = |t: u64| ((t >> shift) & MASK) as usize;
         let mut starts = [0usize; 1 << BITS];
-        for &t in tags.iter() {
-            starts[digit(t)] += 1;
+        for run in tags.chunks(PACED_TAGS) {
+            for &t in run {
+                starts[digit(t)] += 1;
+            }
+            crate::priority::pace_chunk();
         }
         let mut sum = 0;
         for s in starts.iter_mut() {
@@ -742,14 +753,21 @@ fn sort_tags(tags: &mut Vec<u64>) {
             *s = sum;
             sum += n;
         }
-        for &t in tags.iter() {
-            let d = digit(t);
-            other[starts[d]] = t;
-            starts[d] += 1;
+        for run in tags.chunks(PACED_TAGS) {
+            for &t in run {
+                let d = digit(t);
+                other[starts[d]] = t;
+                starts[d] += 1;
+            }
+            crate::priority::pace_chunk();
         }
         std::mem::swap(tags, &mut other);
     }
 }
+
+/// Tags [`sort_tags`] handles between two yield points: some tens of
+/// microseconds' work.
+const PACED_TAGS: usize = 8 << 10;
 
 /// Whether sorted `tags` (hash high, index low) name no two equal values;
 /// `cmp` compares the values at two indices, for the rare equal hashes.
@@ -757,6 +775,7 @@ fn no_duplicates(tags: &[u64], cmp: impl Fn(usize, usize) -> Ordering) -> bool {
     let index = |t: u64| (t & 0xffff_ffff) as usize;
     let mut run: Vec<usize> = Vec::new();
     for group in tags.chunk_by(|a, b| a >> 32 == b >> 32) {
+        crate::priority::pace();
         if let [a, b] = group {
             if cmp(index(*a), index(*b)) == Ordering::Equal {
                 return false;
@@ -916,6 +935,7 @@ fn parse_part<S: KeySink<FastKey>>(
             b'\n' | b'\r' => p.newline()?,
             b'#' => p.comment()?,
             b'[' => {
+                crate::priority::pace();
                 let line = p.line;
                 let name = p.header()?;
                 match std::mem::replace(&mut section, Section::Root) {
