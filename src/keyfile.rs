@@ -1457,7 +1457,14 @@ mod tests {
         // Invalid bytes anywhere (inside a chunk, across a boundary, a
         // character cut short at the very end) give std's error.
         let base = "é".repeat(PACED_CHUNK);
-        for at in [0, 5, PACED_CHUNK - 1, PACED_CHUNK, PACED_CHUNK + 1, base.len() - 1] {
+        for at in [
+            0,
+            5,
+            PACED_CHUNK - 1,
+            PACED_CHUNK,
+            PACED_CHUNK + 1,
+            base.len() - 1,
+        ] {
             let mut bytes = base.clone().into_bytes();
             bytes[at] = 0xff;
             assert_eq!(paced_utf8(&bytes), std::str::from_utf8(&bytes), "at {at}");

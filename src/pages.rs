@@ -38,6 +38,32 @@ pub struct LargePages;
 
 static ADVISING: AtomicBool = AtomicBool::new(true);
 
+thread_local! {
+    /// Set while this thread maps blocks that live for one reload only
+    /// (see [`transient`]).
+    static TRANSIENT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the blocks this thread maps meanwhile left on ordinary
+/// pages: for buffers that live for one reload only (the file's bytes, the
+/// parser's records), whose pages a huge page would not make faster to use.
+/// A huge page is cleared whole, 2 MiB at once, where the thread faulting
+/// it in gives way to a check only between 4 KiB pieces, and in a virtual
+/// machine whose host reclaimed that memory, each piece waits for the host
+/// too (up to 4.8 ms for one huge page; see BENCHMARKS.md). The ring a
+/// reload builds keeps its huge pages: it is probed on every first sight
+/// of a key for as long as it serves.
+pub fn transient<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = TRANSIENT.try_with(|t| t.set(self.0));
+        }
+    }
+    let _restore = Restore(TRANSIENT.with(|t| t.replace(true)));
+    f()
+}
+
 /// Turns the advice on or off for blocks mapped from now on (on by
 /// default); for measuring what it is worth.
 pub fn set_advising(on: bool) {
@@ -213,7 +239,10 @@ mod os {
     /// in two, and `mremap` cannot move a split one). Failure (no THP in
     /// this kernel) leaves ordinary pages.
     fn advise(block: *mut libc::c_void, len: usize) {
-        if super::ADVISING.load(Ordering::Relaxed) {
+        let transient = super::TRANSIENT
+            .try_with(std::cell::Cell::get)
+            .unwrap_or(false);
+        if super::ADVISING.load(Ordering::Relaxed) && !transient {
             // SAFETY: `block..block + len` is the mapping just made; the
             // advice changes how its future faults are served, nothing else.
             unsafe {
@@ -278,6 +307,24 @@ mod tests {
             );
             (lo..hi).contains(&addr).then_some((lo, hi))
         })
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn blocks_mapped_for_one_reload_keep_ordinary_pages() {
+        let thp = std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists();
+        let large = Layout::from_size_align(8 << 20, 8).unwrap();
+        // SAFETY: as below; each block is freed with its layout.
+        unsafe {
+            let transient_block = transient(|| LargePages.alloc(large));
+            let after = LargePages.alloc(large);
+            assert!(!transient_block.is_null() && !after.is_null());
+            assert_eq!(advised(transient_block as usize + (4 << 20)), Some(false));
+            // The scope ends with `transient`, even on this thread.
+            assert_eq!(advised(after as usize + (4 << 20)), Some(thp));
+            LargePages.dealloc(transient_block, large);
+            LargePages.dealloc(after, large);
+        }
     }
 
     #[test]

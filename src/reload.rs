@@ -226,7 +226,9 @@ impl Reloader {
         let mut memory = self.memory();
         memory.stamp = stamp(&self.path);
         let threads = self.options.threads;
-        let bytes = match keyfile::read_on(&self.path, threads) {
+        // The file's bytes and the parser's records live for this reload
+        // only: ordinary pages (see `pages::transient`).
+        let bytes = match crate::pages::transient(|| keyfile::read_on(&self.path, threads)) {
             Ok(b) => b,
             Err(err) => {
                 memory.failed_digest = None;
@@ -249,7 +251,10 @@ impl Reloader {
         let mut hashing = keyfile::Hashing::start(&bytes, self.defer_digest_min, threads, || {});
         let generation = current.generation() + 1;
         let read = started.elapsed();
-        let built = keyfile::parse_bytes_for_ring(&self.path, &bytes, self.options).map(|file| {
+        let parsed = crate::pages::transient(|| {
+            keyfile::parse_bytes_for_ring(&self.path, &bytes, self.options)
+        });
+        let built = parsed.map(|file| {
             let parsed = started.elapsed();
             let ring = KeyRing::build_parsed(
                 &file,
