@@ -7,6 +7,10 @@
 #                        server comparing x-api-key with one static token
 #   floor                target/release/bench-floor: bare hyper HTTP/2 answering a
 #                        pre-encoded OK without decoding the request
+#   floor as keyward     (Envoy parts only) the same floor answering with the
+#                        very response keyward gives an allowed check (headers
+#                        to set and remove, dynamic metadata): what Envoy
+#                        spends on keyward's answer, apart from keyward's own cost
 #
 # Part 1 (direct): keyward-loadgen speaks gRPC to each server (closed loop,
 #   $CONNECTIONS connections x $STREAMS streams, every response verified) and
@@ -206,10 +210,16 @@ minimal_pid=$!
 ${on_server[@]+"${on_server[@]}"} "$bin/bench-floor" --listen 127.0.0.1:0 >"$work/floor.addr" &
 pids+=($!)
 floor_pid=$!
+${on_server[@]+"${on_server[@]}"} "$bin/bench-floor" --listen 127.0.0.1:0 \
+    --keyward-keys "$keys" --keyward-key "$token" >"$work/floor_kw.addr" &
+pids+=($!)
+floor_kw_pid=$!
 wait_for_line "$work/minimal.addr" "$minimal_pid" bench-minimal-authz
 wait_for_line "$work/floor.addr" "$floor_pid" bench-floor
+wait_for_line "$work/floor_kw.addr" "$floor_kw_pid" "bench-floor answering as keyward"
 minimal_addr="$(head -n 1 "$work/minimal.addr")"
 floor_addr="$(head -n 1 "$work/floor.addr")"
+floor_kw_addr="$(head -n 1 "$work/floor_kw.addr")"
 log "keyward $keyward_addr (pid $keyward_pid), minimal $minimal_addr (pid $minimal_pid), floor $floor_addr (pid $floor_pid)"
 
 servers=(keyward minimal floor)
@@ -299,10 +309,10 @@ if [[ ",$PARTS," == *,envoy,* || ",$PARTS," == *,envoyrate,* ]]; then
     "$envoy" --version | grep -q '/1.40.0/' || { echo "error: need Envoy 1.40.0 at $envoy" >&2; exit 1; }
     log "part 2: through Envoy ($envoy)"
 
-    variants=(keyward minimal floor none api_key_auth)
+    variants=(keyward minimal floor floor_kw none api_key_auth)
     declare -A upstream_port=(
         [keyward]="${keyward_addr##*:}" [minimal]="${minimal_addr##*:}" [floor]="${floor_addr##*:}"
-        [none]=1 [api_key_auth]=1)
+        [floor_kw]="${floor_kw_addr##*:}" [none]=1 [api_key_auth]=1)
     # Derive each bootstrap from envoy/envoy.yaml; every edit must apply exactly.
     for v in "${variants[@]}"; do
         python3 - "$v" "${upstream_port[$v]}" "$secrets" envoy/envoy.yaml "$work/envoy-$v.yaml" <<'EOF'
@@ -395,7 +405,8 @@ done = function(summary, latency, requests)
 end
 EOF
     done
-    declare -A authz_pid=([keyward]="$keyward_pid" [minimal]="$minimal_pid" [floor]="$floor_pid")
+    declare -A authz_pid=([keyward]="$keyward_pid" [minimal]="$minimal_pid" [floor]="$floor_pid"
+        [floor_kw]="$floor_kw_pid")
 
     ((ENVOY_ROUNDS == 0)) || log "$ENVOY_ROUNDS rounds x ${#variants[@]} variants, wrk -t1 -c$ENVOY_CONNECTIONS, ${ENVOY_WARMUP}s warmup + ${ENVOY_DURATION}s each"
     for round in $(seq 1 "$ENVOY_ROUNDS"); do
@@ -442,11 +453,11 @@ EOF
     # (the minimal server knows only that one).
     per_conn=$((ENVOY_RATE / ENVOY_CONNECTIONS))
     ((per_conn > 0)) || per_conn=1
-    ((ENVOY_RATE_ROUNDS == 0)) || log "part 2b: $ENVOY_RATE_ROUNDS rounds x 3 ext_authz variants at $((per_conn * ENVOY_CONNECTIONS)) req/s (h2load --h1 -c$ENVOY_CONNECTIONS --rps $per_conn), ${ENVOY_WARMUP}s warmup + ${ENVOY_DURATION}s each"
-    rated=(keyward minimal floor)
+    rated=(keyward minimal floor floor_kw)
+    ((ENVOY_RATE_ROUNDS == 0)) || log "part 2b: $ENVOY_RATE_ROUNDS rounds x ${#rated[@]} ext_authz variants at $((per_conn * ENVOY_CONNECTIONS)) req/s (h2load --h1 -c$ENVOY_CONNECTIONS --rps $per_conn), ${ENVOY_WARMUP}s warmup + ${ENVOY_DURATION}s each"
     for round in $(seq 1 "$ENVOY_RATE_ROUNDS"); do
-        for k in 0 1 2; do
-            v="${rated[$(((k + round - 1) % 3))]}"
+        for k in $(seq 0 $((${#rated[@]} - 1))); do
+            v="${rated[$(((k + round - 1) % ${#rated[@]}))]}"
             url="http://127.0.0.1:${envoy_port[$v]}/trade/orders?side=buy"
             load=(${on_client[@]+"${on_client[@]}"} h2load --h1 -t1 -c"$ENVOY_CONNECTIONS" --rps "$per_conn"
                 -H "x-api-key: $token" "$url")
@@ -594,10 +605,11 @@ if envoy:
     print("| Envoy with | req/s | spread | p50 µs | p99 µs | Envoy CPU µs/req | authz server CPU µs/req | non-2xx | idle machine busy (CPUs) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     names = {"keyward": "ext_authz → keyward", "minimal": "ext_authz → minimal tonic",
-             "floor": "ext_authz → floor", "none": "no auth (ceiling)",
+             "floor": "ext_authz → floor", "floor_kw": "ext_authz → floor answering as keyward",
+             "none": "no auth (ceiling)",
              "api_key_auth": f"api_key_auth filter, {nkeys} keys (ceiling)"}
     em = {}
-    for v in ["keyward", "minimal", "floor", "none", "api_key_auth"]:
+    for v in ["keyward", "minimal", "floor", "floor_kw", "none", "api_key_auth"]:
         rows = [r for r in envoy if r.get("variant") == v]
         if not rows:
             continue
@@ -619,6 +631,11 @@ if envoy:
                              f"{paired(envoy, 'variant', 'keyward', other, lambda r: r.get('p99'))}, authz server CPU per request "
                              f"{paired(envoy, 'variant', 'keyward', other, lambda r: r.get('authz_cpu_us_per_req'))}")
                 print(line)
+    if "floor_kw" in em and "floor" in em:
+        print("- Envoy+floor answering as keyward / Envoy+floor (what keyward's answer costs Envoy): "
+              f"throughput {em['floor_kw'] / em['floor']:.2f}x; round by round, median (range): throughput "
+              f"{paired(envoy, 'variant', 'floor_kw', 'floor', lambda r: r.get('throughput_rps'))}, Envoy CPU per request "
+              f"{paired(envoy, 'variant', 'floor_kw', 'floor', lambda r: r.get('envoy_cpu_us_per_req'))}")
     print()
     print(NOTES + " CPU per request: utime + stime of Envoy and of the ext_authz server over the wrk run / requests.\n")
 
@@ -628,11 +645,12 @@ if erated:
           f"{edur}s per run, median of {errounds} rounds\n")
     print("| Envoy with | req/s | mean µs | max µs | Envoy CPU µs/req | authz server CPU µs/req | non-2xx + failed | idle machine busy (CPUs) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for v in ["keyward", "minimal", "floor"]:
+    for v in ["keyward", "minimal", "floor", "floor_kw"]:
         rows = [r for r in erated if r.get("variant") == v]
         if not rows:
             continue
-        print(f"| ext_authz → {v} | {med(rows, lambda r: r.get('throughput_rps')):.0f} "
+        label = "floor answering as keyward" if v == "floor_kw" else v
+        print(f"| ext_authz → {label} | {med(rows, lambda r: r.get('throughput_rps')):.0f} "
               f"| {med(rows, lambda r: r.get('mean_us')):.0f} | {med(rows, lambda r: r.get('max_us')):.0f} "
               f"| {med(rows, lambda r: r.get('envoy_cpu_us_per_req')):.1f} "
               f"| {med(rows, lambda r: r.get('authz_cpu_us_per_req')):.1f} "
@@ -644,6 +662,10 @@ if erated:
               f"{paired(erated, 'variant', 'keyward', other, lambda r: r.get('authz_cpu_us_per_req'))}, Envoy CPU per request "
               f"{paired(erated, 'variant', 'keyward', other, lambda r: r.get('envoy_cpu_us_per_req'))}, mean latency "
               f"{paired(erated, 'variant', 'keyward', other, lambda r: r.get('mean_us'))}")
+    if any(r.get("variant") == "floor_kw" for r in erated):
+        print("- floor answering as keyward / floor, round by round, median (range): Envoy CPU per request "
+              f"{paired(erated, 'variant', 'floor_kw', 'floor', lambda r: r.get('envoy_cpu_us_per_req'))}, mean latency "
+              f"{paired(erated, 'variant', 'floor_kw', 'floor', lambda r: r.get('mean_us'))}")
     print()
     print("Every variant gets the same requests at the same rate, so CPU per request compares the servers "
           "at equal load; h2load reports no percentiles, only its mean and max.\n")

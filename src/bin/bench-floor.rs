@@ -5,6 +5,13 @@
 //! the body and replies. Whatever an ext_authz server costs above this is the
 //! cost of gRPC framework, protobuf decoding and the decision itself. It
 //! prints the address it listens on (so `--listen 127.0.0.1:0` works) on stdout.
+//!
+//! With `--keyward-keys FILE --keyward-key SECRET` it answers instead with
+//! the very response keyward gives an allowed check of that key (its
+//! headers to set and remove, its dynamic metadata), computed once at start
+//! by keyward's own service from the CheckRequest Envoy 1.40 sends. Behind
+//! Envoy, that separates what Envoy spends on keyward's richer answer from
+//! what keyward spends on deciding.
 
 use bytes::Bytes;
 use clap::Parser;
@@ -26,7 +33,56 @@ struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:50053")]
     listen: std::net::SocketAddr,
+    /// A keyward key file: answer as keyward does for `--keyward-key`.
+    #[arg(long, requires = "keyward_key")]
+    keyward_keys: Option<std::path::PathBuf>,
+    /// The secret of a key in `--keyward-keys` whose allowed answer to send.
+    #[arg(long, requires = "keyward_keys")]
+    keyward_key: Option<String>,
 }
+
+/// The gRPC frame keyward answers an Envoy 1.40 CheckRequest carrying
+/// `secret` with, from a ring of the keys in `path`; an error unless that
+/// answer allows the request.
+fn keyward_answer(
+    path: &std::path::Path,
+    secret: &str,
+) -> Result<Bytes, Box<dyn std::error::Error>> {
+    use keyward::pb::envoy::service::auth::v3::CheckRequest;
+    use keyward::ring::{KeyRing, RingSource, UsageRegistry};
+    use keyward::service::Shared;
+    use std::sync::Arc;
+
+    let (file, bytes) = keyward::keyfile::load(path, keyward::keyfile::ParseOptions::default())?;
+    let usage = UsageRegistry::default();
+    let source = RingSource {
+        generation: 1,
+        sha256: keyward::keyfile::file_digest(&bytes),
+        loaded_at: jiff::Timestamp::now(),
+    };
+    let ring = KeyRing::build(&file, source, &usage, None);
+    let svc =
+        keyward::service::AuthzService::new(Arc::new(Shared::new(ring, usage, Default::default())));
+    let mut request = CheckRequest::decode(ENVOY_CHECK_REQUEST)?;
+    let http = request
+        .attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+        .ok_or("the captured CheckRequest has no HTTP request")?;
+    http.headers.insert("x-api-key".into(), secret.into());
+    let frame = svc.check_message(&request.encode_to_vec(), jiff::Timestamp::now())?;
+    let response = CheckResponse::decode(keyward::wire::unframe(&frame)?)?;
+    let allowed = response.status.as_ref().is_some_and(|s| s.code == 0)
+        && matches!(response.http_response, Some(HttpResponse::OkResponse(_)));
+    if !allowed {
+        return Err(format!("keyward does not allow that key: {response:?}").into());
+    }
+    Ok(frame)
+}
+
+/// A CheckRequest as Envoy 1.40 sends it (captured; see tests/data).
+const ENVOY_CHECK_REQUEST: &[u8] = include_bytes!("../../tests/data/envoy-1.40-check-request.bin");
 
 async fn answer(req: Request<Incoming>, ok: Bytes) -> Result<Response<Reply>, hyper::Error> {
     if req.method() != Method::POST {
@@ -45,10 +101,9 @@ async fn answer(req: Request<Incoming>, ok: Bytes) -> Result<Response<Reply>, hy
     Ok(resp)
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
-    let ok = keyward::wire::frame_message(
+/// A bare OK CheckResponse, framed.
+fn bare_ok() -> Bytes {
+    keyward::wire::frame_message(
         &CheckResponse {
             status: Some(rpc::Status {
                 code: 0,
@@ -58,7 +113,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             dynamic_metadata: None,
         }
         .encode_to_vec(),
-    );
+    )
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let ok = match (&args.keyward_keys, &args.keyward_key) {
+        (Some(keys), Some(key)) => keyward_answer(keys, key)?,
+        _ => bare_ok(),
+    };
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     println!("{}", listener.local_addr()?);
     loop {

@@ -575,3 +575,67 @@ async fn raw_http2_edges_get_grpc_errors_or_answers() {
     let again = answer(&raw_check(server.grpc, "POST", &[], vec![framed]).await);
     assert_eq!(again, whole);
 }
+
+/// `bench-floor --keyward-keys FILE --keyward-key SECRET` answers every call
+/// with what keyward itself answers the request Envoy 1.40 sends carrying
+/// that key, and refuses to start for a key keyward would deny.
+#[tokio::test]
+async fn the_floor_answering_as_keyward_gives_keywards_answer() {
+    use prost::Message as _;
+    use std::io::BufRead as _;
+
+    let keys = KeyDir::new(&standard_ring());
+    let server = Running::start(&keys.path).await;
+    // The deprecated key: its answer carries the most (Deprecation, Sunset).
+    let secret = Secrets::DEPRECATED;
+    let mut from_envoy =
+        CheckRequest::decode(&include_bytes!("../data/envoy-1.40-check-request.bin")[..]).unwrap();
+    from_envoy
+        .attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+        .unwrap()
+        .headers
+        .insert("x-api-key".into(), secret.into());
+    let mut client = AuthorizationClient::connect(server.endpoint())
+        .await
+        .unwrap();
+    let want = client.check(from_envoy.clone()).await.unwrap().into_inner();
+    assert!(
+        matches!(want.http_response, Some(HttpResponse::OkResponse(_))),
+        "{want:?}"
+    );
+
+    let floor = |secret: &str| {
+        Command::new(env!("CARGO_BIN_EXE_bench-floor"))
+            .args(["--listen", "127.0.0.1:0", "--keyward-keys"])
+            .arg(&keys.path)
+            .args(["--keyward-key", secret])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = floor(secret);
+    let mut addr = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut addr)
+        .unwrap();
+    let mut floor_client = AuthorizationClient::connect(format!("http://{}", addr.trim()))
+        .await
+        .unwrap();
+    // Whatever the request, even one without a key.
+    for req in [from_envoy, request(&[], None)] {
+        let got = floor_client.check(req).await.unwrap().into_inner();
+        assert_eq!(got, want);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let refused = floor(Secrets::REVOKED).wait_with_output().unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("does not allow"), "{stderr}");
+    server.stop().await;
+}
