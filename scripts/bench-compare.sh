@@ -33,7 +33,7 @@
 # different one each round; tables report the median over rounds.
 # Everything listens on 127.0.0.1 only. Every run is bounded with timeout(1).
 #
-#   scripts/bench-compare.sh                 # every part, about 13 minutes
+#   scripts/bench-compare.sh                 # every part, about 15 minutes
 #   PARTS=direct ROUNDS=3 scripts/bench-compare.sh
 #
 # Knobs (environment): ROUNDS DURATION WARMUP CONNECTIONS STREAMS NKEYS PARTS
@@ -45,7 +45,7 @@
 # load generator (and Envoy) take CPU from the server they measure, and
 # closed-loop throughput reflects the sum of both costs. SERVER_CPUS and
 # CLIENT_CPUS (taskset(1) CPU lists, e.g. SERVER_CPUS=1 CLIENT_CPUS=0) pin the
-# three servers to one set of CPUs and keyward-loadgen, Envoy and wrk to
+# servers to one set of CPUs and keyward-loadgen, Envoy and wrk to
 # another, so that throughput is the server's own capacity on those CPUs
 # (each server's runtime then starts as many workers as it has CPUs):
 #
@@ -191,7 +191,7 @@ done
 head -n 1 "$secrets" >"$work/one-secret.txt"
 token="$(cat "$work/one-secret.txt")"
 
-log "starting keyward, bench-minimal-authz and bench-floor on 127.0.0.1:0"
+log "starting keyward, bench-minimal-authz and bench-floor (bare, and answering as keyward) on 127.0.0.1:0"
 ${on_server[@]+"${on_server[@]}"} "$bin/keyward" serve --keys "$keys" --listen 127.0.0.1:0 --admin 127.0.0.1:0 \
     2>"$work/keyward.log" &
 pids+=($!)

@@ -54,6 +54,8 @@ thread_local! {
 /// reload builds keeps its huge pages: it is probed on every first sight
 /// of a key for as long as it serves.
 pub fn transient<R>(f: impl FnOnce() -> R) -> R {
+    // Threads started meanwhile do not inherit the flag: see
+    // [`in_transient`].
     struct Restore(bool);
     impl Drop for Restore {
         fn drop(&mut self) {
@@ -62,6 +64,12 @@ pub fn transient<R>(f: impl FnOnce() -> R) -> R {
     }
     let _restore = Restore(TRANSIENT.with(|t| t.replace(true)));
     f()
+}
+
+/// Whether this thread runs inside [`transient`]: a thread that starts
+/// helpers for the work asks, and runs them inside it too.
+pub fn in_transient() -> bool {
+    TRANSIENT.try_with(std::cell::Cell::get).unwrap_or(false)
 }
 
 /// Turns the advice on or off for blocks mapped from now on (on by

@@ -379,7 +379,10 @@ pub(crate) mod tests {
         let work = std::time::Duration::from_millis(10);
         std::thread::spawn(move || {
             let (yields, _) = paced_work(work);
-            assert_eq!(yields, 0, "a thread at normal priority never yields");
+            // Unless the tests themselves run niced.
+            if !runs_lowered() {
+                assert_eq!(yields, 0, "a thread at normal priority never yields");
+            }
             let how = lower_current();
             if how == Lowered::No {
                 return;

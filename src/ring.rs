@@ -908,8 +908,9 @@ impl KeyRing {
         let Some(previous) = previous.filter(|p| p.registry.same(usage)) else {
             // Everything listed now is in the registry for the pass to find.
             let listed = usage.listed().len();
+            // No yield point here: the iterator holds a shard of the
+            // registry locked.
             for item in usage.inner.by_id.iter() {
-                crate::priority::pace();
                 if let Some(key) = self.by_id(item.key()) {
                     key.link(Arc::clone(item.value()));
                 }
@@ -928,8 +929,8 @@ impl KeyRing {
             );
             std::sync::atomic::fence(Ordering::SeqCst);
             let Some(page) = page.get() else { continue };
-            crate::priority::pace();
             for (offset, counters) in page.iter().enumerate() {
+                crate::priority::pace();
                 let Some(counters) = counters.get() else {
                     continue;
                 };

@@ -421,12 +421,23 @@ fn side_by_side<T: Send, R: Send>(
     jobs: Vec<T>,
     f: impl Fn(T) -> R + Sync,
 ) -> Result<Vec<Option<R>>, NoThreads> {
+    // The helpers map their buffers as this thread does (see
+    // `pages::transient`).
+    let transient = crate::pages::in_transient();
     std::thread::scope(|s| {
         let f = &f;
         let mut jobs = jobs.into_iter();
         let first = jobs.next();
         let handles: Vec<_> = jobs
-            .map(|job| std::thread::Builder::new().spawn_scoped(s, move || f(job)))
+            .map(|job| {
+                std::thread::Builder::new().spawn_scoped(s, move || {
+                    if transient {
+                        crate::pages::transient(|| f(job))
+                    } else {
+                        f(job)
+                    }
+                })
+            })
             .collect();
         if handles.iter().any(Result::is_err) {
             for h in handles.into_iter().flatten() {
@@ -1689,6 +1700,23 @@ impl<'a> Parser<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn helper_threads_map_their_buffers_as_the_caller_does() {
+        let flags = |outer: bool| {
+            let run = || match side_by_side(vec![0, 1, 2], |_| crate::pages::in_transient()) {
+                Ok(flags) => flags,
+                Err(NoThreads) => panic!("no threads"),
+            };
+            if outer {
+                crate::pages::transient(run)
+            } else {
+                run()
+            }
+        };
+        assert_eq!(flags(true), vec![Some(true); 3]);
+        assert_eq!(flags(false), vec![Some(false); 3]);
+    }
     use crate::keyfile::parse_str_full;
 
     const D1: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";

@@ -633,9 +633,17 @@ async fn the_floor_answering_as_keyward_gives_keywards_answer() {
     let _ = child.kill();
     let _ = child.wait();
 
-    let refused = floor(Secrets::REVOKED).wait_with_output().unwrap();
-    assert!(!refused.status.success());
-    let stderr = String::from_utf8_lossy(&refused.stderr);
+    // Bounded: a floor that started anyway would serve forever.
+    let mut refused = floor(Secrets::REVOKED);
+    let status = eventually(Duration::from_secs(10), "bench-floor to exit", || {
+        let exited = refused.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    let _ = refused.kill();
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut refused.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(stderr.contains("does not allow"), "{stderr}");
     server.stop().await;
 }
