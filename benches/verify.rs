@@ -35,7 +35,6 @@ use keyward::reload::Diff;
 use keyward::ring::{KeyRing, RingHandle, RingSource, UsageRegistry};
 use keyward::service::{AuthzService, Shared};
 use keyward::stats::CheckStats;
-use prost::Message as _;
 
 /// The server's allocator: a large ring's tables sit in huge pages there.
 #[global_allocator]
@@ -177,21 +176,6 @@ fn verify_publishing(c: &mut Criterion) {
     g.finish();
 }
 
-/// A CheckRequest as Envoy 1.40 sends it, carrying `key`.
-fn envoy_request(key: &str) -> Vec<u8> {
-    use keyward::pb::envoy::service::auth::v3::CheckRequest;
-    let captured = include_bytes!("../tests/data/envoy-1.40-check-request.bin");
-    let mut req = CheckRequest::decode(&captured[..]).unwrap();
-    let http = req
-        .attributes
-        .as_mut()
-        .and_then(|a| a.request.as_mut())
-        .and_then(|r| r.http.as_mut())
-        .unwrap();
-    http.headers.insert("x-api-key".into(), key.into());
-    req.encode_to_vec()
-}
-
 fn check(c: &mut Criterion) {
     let mut g = c.benchmark_group("check");
     g.throughput(Throughput::Elements(1));
@@ -205,8 +189,10 @@ fn check(c: &mut Criterion) {
     };
     let svc = AuthzService::new(Arc::new(Shared::new(ring, usage, lockout_off)));
     let now = Timestamp::now();
-    let allowed = envoy_request(&secret(n / 2));
-    let unknown = envoy_request("bench-secret-not-in-the-ring-abcdefghijklmnopq");
+    let allowed = keyward::bench_support::envoy_check_request(&secret(n / 2));
+    let unknown = keyward::bench_support::envoy_check_request(
+        "bench-secret-not-in-the-ring-abcdefghijklmnopq",
+    );
     for (name, req) in [("allowed", &allowed), ("unknown_key", &unknown)] {
         g.bench_function(BenchmarkId::new(name, req.len()), |b| {
             b.iter(|| svc.check_message(black_box(req), now).unwrap())
@@ -228,7 +214,7 @@ fn check(c: &mut Criterion) {
         })
         .filter(|i| picked.insert(*i))
         .take(active)
-        .map(|i| envoy_request(&secret(i)))
+        .map(|i| keyward::bench_support::envoy_check_request(&secret(i)))
         .collect();
         let mut i = 0;
         g.bench_function(BenchmarkId::new("allowed_rotating", active), |b| {

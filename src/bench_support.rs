@@ -106,6 +106,24 @@ fn write_entry(out: &mut String, i: usize) {
     }
 }
 
+/// A CheckRequest as Envoy 1.40 sends it (captured in
+/// `tests/data/envoy-1.40-check-request.bin`), carrying `key` in `x-api-key`,
+/// encoded.
+pub fn envoy_check_request(key: &str) -> Vec<u8> {
+    use crate::pb::envoy::service::auth::v3::CheckRequest;
+    use prost::Message as _;
+    let captured: &[u8] = include_bytes!("../tests/data/envoy-1.40-check-request.bin");
+    let mut req = CheckRequest::decode(captured).expect("the captured request decodes");
+    req.attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+        .expect("the captured request has an HTTP request")
+        .headers
+        .insert("x-api-key".into(), key.into());
+    req.encode_to_vec()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

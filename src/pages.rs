@@ -247,10 +247,7 @@ mod os {
     /// in two, and `mremap` cannot move a split one). Failure (no THP in
     /// this kernel) leaves ordinary pages.
     fn advise(block: *mut libc::c_void, len: usize) {
-        let transient = super::TRANSIENT
-            .try_with(std::cell::Cell::get)
-            .unwrap_or(false);
-        if super::ADVISING.load(Ordering::Relaxed) && !transient {
+        if super::ADVISING.load(Ordering::Relaxed) && !super::in_transient() {
             // SAFETY: `block..block + len` is the mapping just made; the
             // advice changes how its future faults are served, nothing else.
             unsafe {

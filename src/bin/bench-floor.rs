@@ -48,7 +48,6 @@ fn keyward_answer(
     path: &std::path::Path,
     secret: &str,
 ) -> Result<Bytes, Box<dyn std::error::Error>> {
-    use keyward::pb::envoy::service::auth::v3::CheckRequest;
     use keyward::ring::{KeyRing, RingSource, UsageRegistry};
     use keyward::service::Shared;
     use std::sync::Arc;
@@ -63,15 +62,8 @@ fn keyward_answer(
     let ring = KeyRing::build(&file, source, &usage, None);
     let svc =
         keyward::service::AuthzService::new(Arc::new(Shared::new(ring, usage, Default::default())));
-    let mut request = CheckRequest::decode(ENVOY_CHECK_REQUEST)?;
-    let http = request
-        .attributes
-        .as_mut()
-        .and_then(|a| a.request.as_mut())
-        .and_then(|r| r.http.as_mut())
-        .ok_or("the captured CheckRequest has no HTTP request")?;
-    http.headers.insert("x-api-key".into(), secret.into());
-    let frame = svc.check_message(&request.encode_to_vec(), jiff::Timestamp::now())?;
+    let request = keyward::bench_support::envoy_check_request(secret);
+    let frame = svc.check_message(&request, jiff::Timestamp::now())?;
     let response = CheckResponse::decode(keyward::wire::unframe(&frame)?)?;
     let allowed = response.status.as_ref().is_some_and(|s| s.code == 0)
         && matches!(response.http_response, Some(HttpResponse::OkResponse(_)));
@@ -80,9 +72,6 @@ fn keyward_answer(
     }
     Ok(frame)
 }
-
-/// A CheckRequest as Envoy 1.40 sends it (captured; see tests/data).
-const ENVOY_CHECK_REQUEST: &[u8] = include_bytes!("../../tests/data/envoy-1.40-check-request.bin");
 
 async fn answer(req: Request<Incoming>, ok: Bytes) -> Result<Response<Reply>, hyper::Error> {
     if req.method() != Method::POST {

@@ -1701,6 +1701,11 @@ impl<'a> Parser<'a> {
 mod tests {
     use super::*;
 
+    use crate::keyfile::parse_str_full;
+
+    const D1: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    const D2: &str = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752";
+
     #[test]
     fn helper_threads_map_their_buffers_as_the_caller_does() {
         let flags = |outer: bool| {
@@ -1717,10 +1722,6 @@ mod tests {
         assert_eq!(flags(true), vec![Some(true); 3]);
         assert_eq!(flags(false), vec![Some(false); 3]);
     }
-    use crate::keyfile::parse_str_full;
-
-    const D1: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
-    const D2: &str = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752";
 
     /// The contract, checked on one text under both options: whatever the
     /// fast path accepts the full validator accepts with an equal result, and
