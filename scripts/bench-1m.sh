@@ -9,7 +9,9 @@
 #    after a few seconds of light load (steady state).
 # 2. Renames a second version of the file (one description added, so it is
 #    a new ring) into place and reports how long until the new generation
-#    serves, VmRSS after the swap and the peak VmHWM during the reload.
+#    serves, VmRSS after the swap and the peak VmHWM during the reload,
+#    and how long until VmRSS is back within 10 % of steady (keyward keeps
+#    the memory a reload freed for 5 s, for the next reload).
 # 3. One open-loop run at $RATE req/s for $STORM_SECONDS s (default: time
 #    for ten pairs of windows, at least 60), in
 #    windows of $WINDOW_MS (default 3x the reload above, at least 1000):
@@ -116,6 +118,28 @@ echo "resident when ready: $(rss_mib "$pid") MiB"
 ${on_client[@]+"${on_client[@]}"} "$bin/keyward-loadgen" --target "http://127.0.0.1:$grpc" --keys "$work/secrets.txt" --required-scopes "" \
     --rate 1000 --duration 3s --warmup 1s --verify > /dev/null
 echo "resident, steady:    $(rss_mib "$pid") MiB"
+steady_kib="$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status")"
+# After a reload keyward keeps the memory it freed for a few seconds, for a
+# reload that may follow (KEEP_MEMORY_FOR in src/reload.rs), then returns
+# it. Waits (30 s at most) until the resident set is back within 10 % of
+# its steady state and prints how long that took, in ms.
+back_to_steady() {
+    local start now kib
+    start="$(now_ms)"
+    while :; do
+        kib="$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status")"
+        now="$(now_ms)"
+        if (( kib * 10 <= steady_kib * 11 )); then
+            echo "$((now - start))"
+            return
+        fi
+        if (( now - start > 30000 )); then
+            echo "more than 30000"
+            return
+        fi
+        sleep 0.1
+    done
+}
 
 # Two versions of the file that differ in one key's description.
 cp "$keys" "$work/a.toml"
@@ -140,8 +164,9 @@ sync
 echo 5 > "/proc/$pid/clear_refs"
 took="$(poll_admin renamed "$work/next.toml" "$keys")"
 echo "reload serving after: $took ms (rename to new generation on /ring)"
-sleep 2
 echo "resident after swap: $(rss_mib "$pid") MiB (peak during the reload: $(hwm_mib "$pid") MiB)"
+back="$(back_to_steady)"
+echo "resident back to:    $(rss_mib "$pid") MiB, $back ms later"
 
 # 3. Checks while rings are published back to back, against checks with the
 # file untouched, interleaved in windows of $WINDOW_MS within one open-loop
@@ -316,3 +341,5 @@ print(f"storm p99 / steady p99: {ratio(pairs):.2f}x (90% of resampled pairs: {lo
       f"p99.9: {ratio(pairs, 0.999):.2f}x")
 EOF
 echo "resident at the end: $(rss_mib "$pid") MiB"
+back="$(back_to_steady)"
+echo "resident back to:    $(rss_mib "$pid") MiB, $back ms later"

@@ -162,6 +162,10 @@ pub trait KeySource: Sync {
     fn key_id(&self, index: usize) -> &str {
         self.key(index).id
     }
+    /// The client of the key at `index`.
+    fn key_client(&self, index: usize) -> &str {
+        self.key(index).client
+    }
     /// The route rules, in file order.
     fn route_specs(&self) -> &[RouteSpec];
 }

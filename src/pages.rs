@@ -16,6 +16,10 @@
 //! everything on the verify path, go to the system allocator unchanged,
 //! behind one comparison.
 //!
+//! While [`keep_freed`] is on (from a reload until the reload thread has
+//! been idle for a few seconds), freed blocks are kept and handed out
+//! again instead: each reload of a run frees about what the next one maps.
+//!
 //! Where transparent huge pages are off (`never`) the advice is ignored. The
 //! advice also opts the block into the kernel's `defrag` policy for advised
 //! memory (`madvise` by default): when free 2 MiB pages are scarce, the
@@ -78,6 +82,38 @@ pub fn set_advising(on: bool) {
     ADVISING.store(on, Ordering::Relaxed);
 }
 
+/// Keeps the blocks of at least [`LARGE`] bytes that any thread frees from
+/// now on, to hand them out again for blocks of about their size, instead
+/// of returning them to the system, until [`release_kept`].
+///
+/// For a run of reloads: each one frees about what the next one maps (the
+/// file's bytes, the parser's records, the replaced ring). Memory the
+/// process holds costs at most a clear to reuse; fresh memory costs a page
+/// fault and a cleared page per 4 KiB (or 2 MiB), about a fifth of a
+/// million-key reload's time, in the kernel, where a check waiting for the
+/// CPU waits for it too; in a virtual machine that reports freed memory to
+/// its host, faults wait for the host as well (see BENCHMARKS.md). The
+/// resident set stays at the reload's peak while blocks are kept.
+pub fn keep_freed() {
+    os::keep_freed();
+}
+
+/// Stops keeping freed blocks ([`keep_freed`]) and returns the kept ones
+/// to the system; returns how many bytes they held.
+pub fn release_kept() -> usize {
+    os::release_kept()
+}
+
+/// How many bytes the blocks kept now hold.
+pub fn kept_bytes() -> usize {
+    os::kept_bytes()
+}
+
+/// Whether freed blocks are being kept ([`keep_freed`]).
+pub fn keeping() -> bool {
+    os::keeping()
+}
+
 /// The system's page size (4096 where it cannot be asked).
 pub(crate) fn page_size() -> usize {
     os::page()
@@ -93,14 +129,16 @@ fn mapped(layout: Layout) -> bool {
 // SAFETY: blocks below `LARGE` (or aligned beyond a page) are `System`'s,
 // with the caller's arguments and `System`'s results unchanged. Larger ones
 // are whole anonymous mappings of at least `size` bytes, page-aligned (so
-// aligned to any `align` up to a page), zeroed by the kernel, unmapped only
-// by `dealloc`, and resized by `mremap`, which keeps their contents; a
-// failure returns null and leaves the caller's block as it was.
+// aligned to any `align` up to a page), zeroed by the kernel or, when a kept
+// block is handed out again, by `os::map` for `alloc_zeroed`; given up (kept
+// or unmapped) only by `dealloc`, a kept block belonging to no caller until
+// it is handed out again; and resized by `mremap`, which keeps their
+// contents; a failure returns null and leaves the caller's block as it was.
 unsafe impl GlobalAlloc for LargePages {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if mapped(layout) {
-            return os::map(layout.size());
+            return os::map(layout.size(), false);
         }
         // SAFETY: the caller's contract is `System`'s.
         unsafe { System.alloc(layout) }
@@ -109,8 +147,7 @@ unsafe impl GlobalAlloc for LargePages {
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if mapped(layout) {
-            // Fresh anonymous memory is zeroed, untouched until written.
-            return os::map(layout.size());
+            return os::map(layout.size(), true);
         }
         // SAFETY: as above.
         unsafe { System.alloc_zeroed(layout) }
@@ -160,6 +197,7 @@ unsafe impl GlobalAlloc for LargePages {
 #[cfg(target_os = "linux")]
 mod os {
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Mutex, MutexGuard};
 
     static PAGE: AtomicUsize = AtomicUsize::new(0);
 
@@ -187,11 +225,186 @@ mod os {
         size.next_multiple_of(page())
     }
 
-    /// A new anonymous mapping of at least `size` bytes, advised; null if
-    /// the system has no memory for it.
+    /// How many freed blocks [`Kept`] holds at most: a million-key reload
+    /// frees about a dozen.
+    const KEPT_BLOCKS: usize = 64;
+
+    /// A kept block: `len` bytes (whole pages) mapped at `addr`, freed
+    /// during `round`; `len` 0 marks a free place.
+    #[derive(Debug, Clone, Copy)]
+    struct Block {
+        addr: usize,
+        len: usize,
+        round: u64,
+    }
+
+    const NO_BLOCK: Block = Block {
+        addr: 0,
+        len: 0,
+        round: 0,
+    };
+
+    #[derive(Debug)]
+    struct State {
+        /// Whether freed blocks are kept: under the lock, so that no block
+        /// is kept after a release.
+        on: bool,
+        /// Counts [`Kept::start`]s: reloads.
+        round: u64,
+        blocks: [Block; KEPT_BLOCKS],
+    }
+
+    /// Freed mappings kept for reuse ([`super::keep_freed`]).
+    #[derive(Debug)]
+    pub struct Kept {
+        /// Held for a scan of the places, never across a system call or an
+        /// allocation.
+        state: Mutex<State>,
+        /// The bytes kept, so that `map` skips the lock when none are.
+        bytes: AtomicUsize,
+    }
+
+    /// The allocator's kept blocks.
+    static KEPT: Kept = Kept::new();
+
+    impl Kept {
+        pub const fn new() -> Kept {
+            Kept {
+                state: Mutex::new(State {
+                    on: false,
+                    round: 0,
+                    blocks: [NO_BLOCK; KEPT_BLOCKS],
+                }),
+                bytes: AtomicUsize::new(0),
+            }
+        }
+
+        fn lock(&self) -> MutexGuard<'_, State> {
+            // Nothing panics under the lock; a poisoned one is still sound.
+            self.state.lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        /// Keeps blocks freed from now on, for a new round (a reload).
+        /// Blocks the previous round could have taken and did not are
+        /// unmapped: whatever a run of reloads frees in sizes it does not
+        /// map again is kept for one round only.
+        pub fn start(&self) {
+            let stale = {
+                let mut state = self.lock();
+                state.on = true;
+                state.round += 1;
+                let round = state.round;
+                let mut stale = [NO_BLOCK; KEPT_BLOCKS];
+                for (b, out) in state.blocks.iter_mut().zip(stale.iter_mut()) {
+                    if b.len > 0 && b.round + 1 < round {
+                        *out = std::mem::replace(b, NO_BLOCK);
+                    }
+                }
+                stale
+            };
+            self.unmap_all(&stale);
+        }
+
+        /// Keeps the mapping of `len` bytes (whole pages) at `block`;
+        /// false if keeping is off or every place is taken.
+        pub fn keep(&self, block: *mut u8, len: usize) -> bool {
+            let mut state = self.lock();
+            let round = state.round;
+            let on = state.on;
+            let Some(free) = state.blocks.iter_mut().find(|b| b.len == 0).filter(|_| on) else {
+                return false;
+            };
+            *free = Block {
+                addr: block as usize,
+                len,
+                round,
+            };
+            self.bytes.fetch_add(len, Ordering::Relaxed);
+            true
+        }
+
+        /// The smallest kept block of at least `len` bytes (whole pages),
+        /// if it is at most an eighth larger plus a huge page, cut to `len`
+        /// bytes: a block much larger is left for a later use of its size,
+        /// such as the next reload's copy of the file.
+        pub fn take(&self, len: usize) -> Option<*mut u8> {
+            if self.bytes.load(Ordering::Relaxed) == 0 {
+                return None;
+            }
+            let fit = {
+                let mut state = self.lock();
+                let best = state
+                    .blocks
+                    .iter_mut()
+                    .filter(|b| b.len >= len && b.len <= len + len / 8 + super::LARGE)
+                    .min_by_key(|b| b.len)?;
+                std::mem::replace(best, NO_BLOCK)
+            };
+            self.bytes.fetch_sub(fit.len, Ordering::Relaxed);
+            if fit.len > len {
+                // SAFETY: the tail is part of the kept mapping, which no one
+                // uses; the head stays mapped.
+                unsafe { unmap_now((fit.addr + len) as *mut u8, fit.len - len) };
+            }
+            Some(fit.addr as *mut u8)
+        }
+
+        /// Stops keeping and unmaps every kept block; returns their bytes.
+        pub fn release(&self) -> usize {
+            let blocks = {
+                let mut state = self.lock();
+                state.on = false;
+                std::mem::replace(&mut state.blocks, [NO_BLOCK; KEPT_BLOCKS])
+            };
+            self.unmap_all(&blocks)
+        }
+
+        /// Unmaps `blocks`, taken out of the places; returns their bytes.
+        fn unmap_all(&self, blocks: &[Block]) -> usize {
+            let mut released = 0;
+            for b in blocks.iter().filter(|b| b.len > 0) {
+                self.bytes.fetch_sub(b.len, Ordering::Relaxed);
+                // SAFETY: a kept block is a whole mapping no one uses.
+                unsafe { unmap_now(b.addr as *mut u8, b.len) };
+                released += b.len;
+            }
+            released
+        }
+
+        pub fn bytes(&self) -> usize {
+            self.bytes.load(Ordering::Relaxed)
+        }
+    }
+
+    pub fn keep_freed() {
+        KEPT.start();
+    }
+
+    pub fn release_kept() -> usize {
+        KEPT.release()
+    }
+
+    pub fn kept_bytes() -> usize {
+        KEPT.bytes()
+    }
+
+    pub fn keeping() -> bool {
+        KEPT.lock().on
+    }
+
+    /// A mapping of at least `size` bytes, advised: a kept block of about
+    /// that size (cleared if `zeroed`), or a new anonymous one; null if the
+    /// system has no memory for it.
     #[cold]
-    pub fn map(size: usize) -> *mut u8 {
+    pub fn map(size: usize, zeroed: bool) -> *mut u8 {
         let len = span(size);
+        if let Some(block) = KEPT.take(len) {
+            if zeroed {
+                clear(block, len);
+            }
+            readvise(block.cast(), len);
+            return block;
+        }
         // SAFETY: a new private anonymous mapping at an address the kernel
         // picks; it overlaps nothing that exists.
         let block = unsafe {
@@ -229,17 +442,65 @@ mod os {
         moved.cast()
     }
 
-    /// Unmaps `size` bytes at `block`.
+    /// Unmaps `size` bytes at `block`, or keeps them for reuse while
+    /// [`super::keep_freed`] is on.
     ///
     /// # Safety
     /// `block` must be a mapping of `size` bytes made by [`map`] or
     /// [`remap`] that nothing uses any more.
     #[cold]
     pub unsafe fn unmap(block: *mut u8, size: usize) {
+        let len = span(size);
+        if !KEPT.keep(block, len) {
+            // SAFETY: the caller's contract.
+            unsafe { unmap_now(block, len) };
+        }
+    }
+
+    /// Unmaps `len` bytes (whole pages) at `block`.
+    ///
+    /// # Safety
+    /// `block..block + len` must be mapped and unused.
+    unsafe fn unmap_now(block: *mut u8, len: usize) {
         // SAFETY: the caller's contract. A failure (impossible for a valid
         // mapping) would leak the pages, never free them twice.
         unsafe {
-            libc::munmap(block.cast(), span(size));
+            libc::munmap(block.cast(), len);
+        }
+    }
+
+    /// Zeroes a kept block before it is handed out again: it is resident,
+    /// so this is what its reuse costs (about 10 ms for 150 MB), in pieces
+    /// with a yield point between them (see `priority::pace_chunk`).
+    fn clear(block: *mut u8, len: usize) {
+        const PIECE: usize = 256 << 10;
+        let mut at = 0;
+        while at < len {
+            let n = PIECE.min(len - at);
+            // SAFETY: `block..block + len` is a mapping handed to no one yet.
+            unsafe { std::ptr::write_bytes(block.add(at), 0, n) };
+            at += n;
+            crate::priority::pace_chunk();
+        }
+    }
+
+    /// Gives a kept block the advice of its new use: huge pages for a
+    /// lasting block, none for a transient one, whichever it had before.
+    /// Its resident pages stay as they are; the advice decides its later
+    /// faults and whether the kernel may merge its small pages.
+    fn readvise(block: *mut libc::c_void, len: usize) {
+        if !super::ADVISING.load(Ordering::Relaxed) {
+            return;
+        }
+        let advice = if super::in_transient() {
+            libc::MADV_NOHUGEPAGE
+        } else {
+            libc::MADV_HUGEPAGE
+        };
+        // SAFETY: `block..block + len` is one mapping of ours; the advice
+        // changes how its future faults are served, nothing else.
+        unsafe {
+            libc::madvise(block, len, advice);
         }
     }
 
@@ -262,8 +523,18 @@ mod os {
     pub fn page() -> usize {
         4096
     }
-    pub fn map(_: usize) -> *mut u8 {
+    pub fn map(_: usize, _: bool) -> *mut u8 {
         unreachable!("only Linux maps blocks itself")
+    }
+    pub fn keep_freed() {}
+    pub fn release_kept() -> usize {
+        0
+    }
+    pub fn kept_bytes() -> usize {
+        0
+    }
+    pub fn keeping() -> bool {
+        false
     }
     pub unsafe fn remap(_: *mut u8, _: usize, _: usize) -> *mut u8 {
         unreachable!("only Linux maps blocks itself")
@@ -274,8 +545,93 @@ mod os {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Held by tests that switch keeping ([`keep_freed`]) on or off, or
+    /// look at whether it is on.
+    pub(crate) static KEEPING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn freed_blocks_are_kept_for_one_round_and_reused_by_size() {
+        const MIB: usize = 1 << 20;
+        let kept = os::Kept::new();
+        let block = os::map(8 * MIB, false);
+        assert!(!block.is_null());
+        assert!(!kept.keep(block, 8 * MIB), "kept before keeping started");
+        kept.start();
+        // SAFETY: the block is 8 MiB, ours.
+        unsafe { std::ptr::write_bytes(block, 7, 8 * MIB) };
+        assert!(kept.keep(block, 8 * MIB));
+        assert_eq!(kept.bytes(), 8 * MIB);
+
+        // A block much larger than asked for is left for its own size.
+        assert_eq!(kept.take(2 * MIB), None);
+        // One about the size asked for is handed out, cut to it, its
+        // contents as they were (clearing is the allocator's business).
+        let again = kept.take(6 * MIB).expect("a kept block of about 6 MiB");
+        assert_eq!(again, block);
+        assert_eq!(kept.bytes(), 0);
+        // SAFETY: the first 6 MiB are still mapped.
+        assert_eq!(unsafe { *again.add(6 * MIB - 1) }, 7);
+
+        // Kept in one round, the block may be taken in the next; after
+        // that it is unmapped.
+        assert!(kept.keep(again, 6 * MIB));
+        kept.start();
+        assert_eq!(kept.bytes(), 6 * MIB);
+        kept.start();
+        assert_eq!(kept.bytes(), 0);
+
+        // A release unmaps what is kept and stops keeping.
+        let other = os::map(4 * MIB, false);
+        assert!(kept.keep(other, 4 * MIB));
+        assert_eq!(kept.release(), 4 * MIB);
+        assert_eq!(kept.bytes(), 0);
+        let last = os::map(4 * MIB, false);
+        assert!(!kept.keep(last, 4 * MIB), "kept after a release");
+        // SAFETY: `last` is a 4 MiB mapping no one else has.
+        unsafe { os::unmap(last, 4 * MIB) };
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_block_handed_out_again_is_cleared_and_advised_for_its_new_use() {
+        let _serial = KEEPING.lock().unwrap_or_else(|e| e.into_inner());
+        let thp = std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists();
+        let large = Layout::from_size_align(8 << 20, 8).unwrap();
+        keep_freed();
+        // SAFETY: each block is freed with its layout; writes stay inside.
+        unsafe {
+            let first = LargePages.alloc(large);
+            assert!(!first.is_null());
+            std::ptr::write_bytes(first, 7, large.size());
+            LargePages.dealloc(first, large);
+            assert!(kept_bytes() >= large.size());
+            // Handed out again for a block that lives for one reload, then
+            // for a lasting one.
+            for (in_transient, huge) in [(true, false), (false, thp)] {
+                let again = if in_transient {
+                    transient(|| LargePages.alloc_zeroed(large))
+                } else {
+                    LargePages.alloc_zeroed(large)
+                };
+                assert_eq!(again, first);
+                assert!(
+                    std::slice::from_raw_parts(again, large.size())
+                        .iter()
+                        .all(|&b| b == 0)
+                );
+                assert_eq!(advised(again as usize + (4 << 20)), Some(huge));
+                std::ptr::write_bytes(again, 9, large.size());
+                LargePages.dealloc(again, large);
+            }
+        }
+        assert!(release_kept() >= large.size());
+        assert_eq!(kept_bytes(), 0);
+        assert!(!keeping());
+    }
 
     /// Whether the mapping holding `addr` is advised for huge pages: its
     /// `VmFlags` line in /proc/self/smaps carries `hg`.
@@ -317,6 +673,7 @@ mod tests {
     #[test]
     #[cfg(target_os = "linux")]
     fn blocks_mapped_for_one_reload_keep_ordinary_pages() {
+        let _serial = KEEPING.lock().unwrap_or_else(|e| e.into_inner());
         let thp = std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists();
         let large = Layout::from_size_align(8 << 20, 8).unwrap();
         // SAFETY: as below; each block is freed with its layout.
@@ -335,6 +692,7 @@ mod tests {
     #[test]
     #[cfg(target_os = "linux")]
     fn large_blocks_are_advised_mappings_of_their_own() {
+        let _serial = KEEPING.lock().unwrap_or_else(|e| e.into_inner());
         // A kernel built without transparent huge pages refuses the advice.
         let thp = std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists();
         let large = Layout::from_size_align(8 << 20, 8).unwrap();

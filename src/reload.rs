@@ -690,15 +690,33 @@ pub async fn run(
 /// A reload and where its outcome goes.
 type Job = (Trigger, tokio::sync::oneshot::Sender<Outcome>);
 
+/// How long the memory a reload freed (the file's bytes, the parser's
+/// records, the replaced ring) is kept for the next reload once the reload
+/// thread has nothing to do; then it goes back to the system, and the
+/// resident set to its steady state. A run of reloads (a storm of writes,
+/// a script rotating keys one client at a time) reuses memory it already
+/// holds instead of faulting in fresh pages: see `pages::keep_freed`.
+pub const KEEP_MEMORY_FOR: Duration = Duration::from_secs(5);
+
 /// The thread reloads run on, started at the first reload and kept.
 ///
 /// Starting a thread per reload cost a serving thread the `clone` (the
 /// reload loop runs on one), and the new thread ran at normal priority until
 /// it lowered itself. A thread that dies (a reload that panicked) is
-/// replaced at the next reload.
-#[derive(Default)]
+/// replaced at the next reload. It keeps the memory reloads free until it
+/// has been idle for `keep_memory_for` ([`KEEP_MEMORY_FOR`]).
 struct ReloadThread {
     jobs: Option<std::sync::mpsc::Sender<Job>>,
+    keep_memory_for: Duration,
+}
+
+impl Default for ReloadThread {
+    fn default() -> ReloadThread {
+        ReloadThread {
+            jobs: None,
+            keep_memory_for: KEEP_MEMORY_FOR,
+        }
+    }
 }
 
 impl ReloadThread {
@@ -720,13 +738,42 @@ impl ReloadThread {
         }
         let (jobs, queue) = std::sync::mpsc::channel::<Job>();
         let reloader = Arc::clone(reloader);
+        let keep_memory_for = self.keep_memory_for;
         std::thread::Builder::new()
             .name("keyward-reload".into())
             .spawn(move || {
-                for (trigger, done) in queue {
+                use std::sync::mpsc::RecvTimeoutError;
+                /// Returns the kept memory when the thread ends, even by a
+                /// panic.
+                struct ReturnKept;
+                impl Drop for ReturnKept {
+                    fn drop(&mut self) {
+                        crate::pages::release_kept();
+                    }
+                }
+                let _return_kept = ReturnKept;
+                let mut keeping = false;
+                loop {
+                    let next = if keeping {
+                        queue.recv_timeout(keep_memory_for)
+                    } else {
+                        queue.recv().map_err(|_| RecvTimeoutError::Disconnected)
+                    };
+                    let (trigger, done) = match next {
+                        Ok(job) => job,
+                        Err(RecvTimeoutError::Timeout) => {
+                            let bytes = crate::pages::release_kept();
+                            tracing::debug!(bytes, "memory kept for reloads returned");
+                            keeping = false;
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    };
                     // Again for every reload: a reload that starved was
                     // raised to normal priority (see `wait_for_reload`).
                     crate::priority::lower_current();
+                    crate::pages::keep_freed();
+                    keeping = true;
                     let _ = done.send(reloader.reload(trigger));
                 }
             })?;
@@ -947,23 +994,47 @@ mod tests {
         assert_eq!(starts(), before + 1);
     }
 
+    /// The locks a test of reload threads holds: the threads switch
+    /// keeping freed memory on and off (see `pages::keep_freed`), and lower
+    /// themselves (tests check their priority: no other may change it).
+    fn reload_thread_locks() -> (
+        std::sync::MutexGuard<'static, ()>,
+        std::sync::MutexGuard<'static, ()>,
+    ) {
+        let keeping = crate::pages::tests::KEEPING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let serial = crate::priority::tests::SERIAL
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        (keeping, serial)
+    }
+
+    /// A reload thread that keeps freed memory for `keep_memory_for`.
+    fn reload_thread(keep_memory_for: Duration) -> ReloadThread {
+        ReloadThread {
+            jobs: None,
+            keep_memory_for,
+        }
+    }
+
+    /// A reload by `reloader` on `thread`, waited for.
+    fn reload_on(thread: &mut ReloadThread, reloader: &Arc<Reloader>) -> Outcome {
+        thread
+            .start(reloader, Trigger::Watch)
+            .unwrap()
+            .blocking_recv()
+            .unwrap()
+    }
+
     #[cfg(target_os = "linux")]
     #[test]
     fn reloads_run_on_one_kept_thread_replaced_when_it_is_gone() {
-        // Its thread's priority is checked: no other test may raise it.
-        let _serial = crate::priority::tests::SERIAL
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _locks = reload_thread_locks();
         let (_d, path, r, shared) = setup(&key("a", "sa", ""));
         let r = Arc::new(r);
-        let mut thread = ReloadThread::default();
-        let run = |thread: &mut ReloadThread| {
-            thread
-                .start(&r, Trigger::Watch)
-                .unwrap()
-                .blocking_recv()
-                .unwrap()
-        };
+        let mut thread = reload_thread(Duration::ZERO);
+        let run = |thread: &mut ReloadThread| reload_on(thread, &r);
         assert_eq!(run(&mut thread), Outcome::Unchanged);
         let first = reload_threads();
         assert_eq!(first.len(), 1, "{first:?}");
@@ -1005,6 +1076,54 @@ mod tests {
         let second = reload_threads();
         assert_eq!(second.len(), 1, "{second:?}");
         assert_ne!(second, first);
+        until("the kept memory is returned", || !crate::pages::keeping());
+    }
+
+    /// Polls `done` until it holds; fails after 10 s.
+    fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}: timed out");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn memory_freed_is_kept_while_reloads_may_follow_and_returned_after() {
+        use std::alloc::{GlobalAlloc, Layout};
+        let _locks = reload_thread_locks();
+        let (_d, path, r, _shared) = setup(&key("a", "sa", ""));
+        let r = Arc::new(r);
+        let run = |thread: &mut ReloadThread| reload_on(thread, &r);
+        let large = Layout::from_size_align(crate::pages::LARGE, 8).unwrap();
+
+        // After a reload, blocks freed anywhere are kept.
+        let mut thread = reload_thread(Duration::from_secs(3600));
+        std::fs::write(&path, key("a", "sa", "") + &key("b", "sb", "")).unwrap();
+        assert_eq!(run(&mut thread), Outcome::Published { generation: 2 });
+        assert!(crate::pages::keeping());
+        // SAFETY: a non-zero layout; the block is freed with it.
+        unsafe {
+            let block = crate::pages::LargePages.alloc(large);
+            assert!(!block.is_null());
+            crate::pages::LargePages.dealloc(block, large);
+        }
+        assert!(crate::pages::kept_bytes() >= large.size());
+        // A thread that exits returns them.
+        drop(thread.jobs.take());
+        until("the exiting thread returns the memory", || {
+            !crate::pages::keeping() && crate::pages::kept_bytes() == 0
+        });
+
+        // So does a thread idle for its `keep_memory_for`.
+        let mut thread = reload_thread(Duration::from_millis(50));
+        std::fs::write(&path, key("b", "sb", "")).unwrap();
+        assert_eq!(run(&mut thread), Outcome::Published { generation: 3 });
+        until("the idle thread returns the memory", || {
+            !crate::pages::keeping()
+        });
+        assert_eq!(crate::pages::kept_bytes(), 0);
     }
 
     #[test]

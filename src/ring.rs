@@ -286,6 +286,12 @@ const F_DEPRECATED_AT: u8 = 16;
 /// Flag: the id starts with the client's name, which the arena leaves out
 /// (see [`KeyId`]).
 const F_ID_AFTER_CLIENT: u8 = 32;
+
+/// What the arena keeps of an id that starts with its (non-empty)
+/// client's name: the rest ([`F_ID_AFTER_CLIENT`]).
+fn id_after_client<'a>(id: &'a str, client: &str) -> Option<&'a str> {
+    id.strip_prefix(client).filter(|_| !client.is_empty())
+}
 /// Bits of [`Slot::meta`] that hold the flags; the state sits above them and
 /// the profile index above that.
 const FLAG_BITS: u32 = 6;
@@ -660,12 +666,13 @@ impl KeyRing {
             u32::try_from(n).is_ok_and(|n| n < EMPTY),
             "more than 4 billion keys"
         );
-        // At most this much: ids that start with their client's name are
-        // stored without it.
+        // Exactly this much, so that the string is never grown or shrunk:
+        // ids that start with their client's name are stored without it.
         let id_bytes: usize = (0..n)
             .map(|i| {
                 crate::priority::pace();
-                file.key_id(i).len()
+                let id = file.key_id(i);
+                id_after_client(id, file.key_client(i)).unwrap_or(id).len()
             })
             .sum();
         assert!(
@@ -718,12 +725,12 @@ impl KeyRing {
                 let mut flags = 0;
                 // Most ids begin with their client's name (`keyward keys new`
                 // makes them so); the client is stored once, not once per key.
-                match spec.id.strip_prefix(spec.client) {
-                    Some(rest) if !spec.client.is_empty() => {
+                match id_after_client(spec.id, spec.client) {
+                    Some(rest) => {
                         flags |= F_ID_AFTER_CLIENT;
                         ids.push_str(rest);
                     }
-                    _ => ids.push_str(spec.id),
+                    None => ids.push_str(spec.id),
                 }
                 // A client's keys mostly follow one another.
                 let client = match last_client {

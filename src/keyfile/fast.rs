@@ -105,7 +105,8 @@ pub fn parse_fast_compact_threads(
         start = end;
     }
     let single = || {
-        let part = parse_part(text, 0, text.len(), Vec::new(), 1, 0)?;
+        let keys = Vec::with_capacity(key_capacity(text.len()));
+        let part = parse_part(text, 0, text.len(), keys, 1, 0)?;
         let file = FastFile {
             text,
             arena: part.arena,
@@ -137,6 +138,20 @@ pub fn parse_fast_compact_threads(
 
 /// Longest text the fast path takes (files are at most 512 MiB anyway).
 const MAX_TEXT: usize = (u32::MAX / 2) as usize;
+
+/// Fewer bytes than the shortest key a file can hold: its header or
+/// braces, `id`, `client` and the 64 digits of `sha256`.
+const MIN_KEY_BYTES: usize = 80;
+
+/// Room for every key `text_len` bytes could hold: the records are
+/// reserved once, never grown (a million keys would be copied or moved six
+/// times), and come out the same size for the same file, so a reload can
+/// reuse the block the previous reload freed (see `pages::keep_freed`).
+/// What a file with longer keys leaves unused is address space, never
+/// touched.
+fn key_capacity(text_len: usize) -> usize {
+    (text_len / MIN_KEY_BYTES).min(super::MAX_KEYS)
+}
 
 /// A key file as the fast path reads it: compact records, their strings
 /// left in the text. Build a ring from it ([`KeySource`]) or expand it into
@@ -329,6 +344,11 @@ impl KeySource for FastFile<'_> {
     #[inline]
     fn key_id(&self, index: usize) -> &str {
         self.id(index)
+    }
+
+    #[inline]
+    fn key_client(&self, index: usize) -> &str {
+        self.str(self.keys[index].client)
     }
 
     fn route_specs(&self) -> &[RouteSpec] {
@@ -934,8 +954,8 @@ fn parse_part<S: KeySink<FastKey>>(
         root_routes: false,
         keys_header: false,
         routes_header: false,
-        id_tags: Vec::new(),
-        digest_tags: Vec::new(),
+        id_tags: Vec::with_capacity(key_capacity(text.len())),
+        digest_tags: Vec::with_capacity(key_capacity(text.len())),
     };
     let mut section = Section::Root;
     let mut key = KeyDraft::new(0);
