@@ -76,8 +76,8 @@ pub fn in_transient() -> bool {
     TRANSIENT.try_with(std::cell::Cell::get).unwrap_or(false)
 }
 
-/// Turns the advice on or off for blocks mapped from now on (on by
-/// default); for measuring what it is worth.
+/// Turns the advice on or off for blocks mapped (or kept blocks handed out
+/// again) from now on (on by default); for measuring what it is worth.
 pub fn set_advising(on: bool) {
     ADVISING.store(on, Ordering::Relaxed);
 }
@@ -88,7 +88,8 @@ pub fn set_advising(on: bool) {
 ///
 /// For a run of reloads: each one frees about what the next one maps (the
 /// file's bytes, the parser's records, the replaced ring). Memory the
-/// process holds costs at most a clear to reuse; fresh memory costs a page
+/// process holds costs a clear at most to reuse (and a cut, a change of
+/// advice, or a grown tail's faults when sizes changed); fresh memory costs a page
 /// fault and a cleared page per 4 KiB (or 2 MiB), about a fifth of a
 /// million-key reload's time, in the kernel, where a check waiting for the
 /// CPU waits for it too; in a virtual machine that reports freed memory to
@@ -196,7 +197,7 @@ unsafe impl GlobalAlloc for LargePages {
 
 #[cfg(target_os = "linux")]
 mod os {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::{Mutex, MutexGuard};
 
     static PAGE: AtomicUsize = AtomicUsize::new(0);
@@ -262,6 +263,9 @@ mod os {
         state: Mutex<State>,
         /// The bytes kept, so that `map` skips the lock when none are.
         bytes: AtomicUsize,
+        /// A copy of `State::on`, so that a block freed while nothing is
+        /// kept skips the lock.
+        on: AtomicBool,
     }
 
     /// The allocator's kept blocks.
@@ -276,6 +280,7 @@ mod os {
                     blocks: [NO_BLOCK; KEPT_BLOCKS],
                 }),
                 bytes: AtomicUsize::new(0),
+                on: AtomicBool::new(false),
             }
         }
 
@@ -292,6 +297,7 @@ mod os {
             let stale = {
                 let mut state = self.lock();
                 state.on = true;
+                self.on.store(true, Ordering::Relaxed);
                 state.round += 1;
                 let round = state.round;
                 let mut stale = [NO_BLOCK; KEPT_BLOCKS];
@@ -308,6 +314,9 @@ mod os {
         /// Keeps the mapping of `len` bytes (whole pages) at `block`;
         /// false if keeping is off or every place is taken.
         pub fn keep(&self, block: *mut u8, len: usize) -> bool {
+            if !self.on.load(Ordering::Relaxed) {
+                return false;
+            }
             let mut state = self.lock();
             let round = state.round;
             let on = state.on;
@@ -323,30 +332,56 @@ mod os {
             true
         }
 
-        /// The smallest kept block of at least `len` bytes (whole pages),
-        /// if it is at most an eighth larger plus a huge page, cut to `len`
-        /// bytes: a block much larger is left for a later use of its size,
-        /// such as the next reload's copy of the file.
-        pub fn take(&self, len: usize) -> Option<*mut u8> {
+        /// A kept block for a mapping of `len` bytes (whole pages), and how
+        /// many of its first bytes may hold what its last user wrote:
+        /// - the smallest block of at least `len` bytes, if it is at most
+        ///   an eighth larger plus a huge page (a block much larger is left
+        ///   for a later use of its size, such as the next reload's copy of
+        ///   the file);
+        /// - else, the block closest in size between half and twice `len`
+        ///   (plus a huge page): a file that grew or shrank still reuses
+        ///   the memory the last reload freed instead of mapping all of it
+        ///   again beside it.
+        ///
+        /// A larger block is cut to `len` bytes; a smaller one is grown in
+        /// place or moved by `mremap`, which keeps its pages.
+        pub fn take(&self, len: usize) -> Option<(*mut u8, usize)> {
             if self.bytes.load(Ordering::Relaxed) == 0 {
                 return None;
             }
             let fit = {
                 let mut state = self.lock();
-                let best = state
-                    .blocks
-                    .iter_mut()
-                    .filter(|b| b.len >= len && b.len <= len + len / 8 + super::LARGE)
-                    .min_by_key(|b| b.len)?;
+                let close = |b: &&mut Block| b.len >= len && b.len <= len + len / 8 + super::LARGE;
+                let near = |b: &&mut Block| {
+                    b.len > 0 && b.len >= len / 2 && b.len <= 2 * len + super::LARGE
+                };
+                let best = match state.blocks.iter_mut().filter(close).min_by_key(|b| b.len) {
+                    Some(b) => b,
+                    None => state
+                        .blocks
+                        .iter_mut()
+                        .filter(near)
+                        .min_by_key(|b| b.len.abs_diff(len))?,
+                };
                 std::mem::replace(best, NO_BLOCK)
             };
             self.bytes.fetch_sub(fit.len, Ordering::Relaxed);
+            let block = fit.addr as *mut u8;
             if fit.len > len {
                 // SAFETY: the tail is part of the kept mapping, which no one
                 // uses; the head stays mapped.
                 unsafe { unmap_now((fit.addr + len) as *mut u8, fit.len - len) };
+            } else if fit.len < len {
+                // SAFETY: a kept block is a whole mapping no one uses.
+                let grown = unsafe { remap(block, fit.len, len) };
+                if grown.is_null() {
+                    // SAFETY: as above; `remap` left it as it was.
+                    unsafe { unmap_now(block, fit.len) };
+                    return None;
+                }
+                return Some((grown, fit.len));
             }
-            Some(fit.addr as *mut u8)
+            Some((block, len))
         }
 
         /// Stops keeping and unmaps every kept block; returns their bytes.
@@ -354,6 +389,7 @@ mod os {
             let blocks = {
                 let mut state = self.lock();
                 state.on = false;
+                self.on.store(false, Ordering::Relaxed);
                 std::mem::replace(&mut state.blocks, [NO_BLOCK; KEPT_BLOCKS])
             };
             self.unmap_all(&blocks)
@@ -398,9 +434,9 @@ mod os {
     #[cold]
     pub fn map(size: usize, zeroed: bool) -> *mut u8 {
         let len = span(size);
-        if let Some(block) = KEPT.take(len) {
+        if let Some((block, used)) = KEPT.take(len) {
             if zeroed {
-                clear(block, len);
+                clear(block, used);
             }
             readvise(block.cast(), len);
             return block;
@@ -469,9 +505,10 @@ mod os {
         }
     }
 
-    /// Zeroes a kept block before it is handed out again: it is resident,
-    /// so this is what its reuse costs (about 10 ms for 150 MB), in pieces
-    /// with a yield point between them (see `priority::pace_chunk`).
+    /// Zeroes the first `len` bytes of a kept block before it is handed out
+    /// again (about 10 ms for 150 MB), in pieces with a yield point between
+    /// them (see `priority::pace_chunk`). The pages its last user never
+    /// touched are faulted in here, as they would be by their first use.
     fn clear(block: *mut u8, len: usize) {
         const PIECE: usize = 256 << 10;
         let mut at = 0;
@@ -484,18 +521,18 @@ mod os {
         }
     }
 
-    /// Gives a kept block the advice of its new use: huge pages for a
-    /// lasting block, none for a transient one, whichever it had before.
-    /// Its resident pages stay as they are; the advice decides its later
-    /// faults and whether the kernel may merge its small pages.
+    /// Gives a kept block the advice of its new use, whichever it had
+    /// before: huge pages for a lasting block; none for a transient one or
+    /// with advising off (`MADV_NOHUGEPAGE`: there is no advice that goes
+    /// back to none, so under THP `always`, where an unadvised fresh block
+    /// would get huge pages, a reused one does not). Its resident pages stay
+    /// as they are; the advice decides its later faults and whether the
+    /// kernel may merge its small pages.
     fn readvise(block: *mut libc::c_void, len: usize) {
-        if !super::ADVISING.load(Ordering::Relaxed) {
-            return;
-        }
-        let advice = if super::in_transient() {
-            libc::MADV_NOHUGEPAGE
-        } else {
+        let advice = if super::ADVISING.load(Ordering::Relaxed) && !super::in_transient() {
             libc::MADV_HUGEPAGE
+        } else {
+            libc::MADV_NOHUGEPAGE
         };
         // SAFETY: `block..block + len` is one mapping of ours; the advice
         // changes how its future faults are served, nothing else.
@@ -555,6 +592,9 @@ pub(crate) mod tests {
     #[test]
     #[cfg(target_os = "linux")]
     fn freed_blocks_are_kept_for_one_round_and_reused_by_size() {
+        // Its blocks come from, and go back to, the allocator's own kept
+        // blocks when those are on.
+        let _serial = KEEPING.lock().unwrap_or_else(|e| e.into_inner());
         const MIB: usize = 1 << 20;
         let kept = os::Kept::new();
         let block = os::map(8 * MIB, false);
@@ -566,15 +606,32 @@ pub(crate) mod tests {
         assert!(kept.keep(block, 8 * MIB));
         assert_eq!(kept.bytes(), 8 * MIB);
 
-        // A block much larger than asked for is left for its own size.
+        // A block more than twice as large as asked for is left for its
+        // own size.
         assert_eq!(kept.take(2 * MIB), None);
         // One about the size asked for is handed out, cut to it, its
         // contents as they were (clearing is the allocator's business).
-        let again = kept.take(6 * MIB).expect("a kept block of about 6 MiB");
-        assert_eq!(again, block);
+        let (again, used) = kept.take(6 * MIB).expect("a kept block of about 6 MiB");
+        assert_eq!((again, used), (block, 6 * MIB));
         assert_eq!(kept.bytes(), 0);
         // SAFETY: the first 6 MiB are still mapped.
         assert_eq!(unsafe { *again.add(6 * MIB - 1) }, 7);
+
+        // Without one that close, the nearest within a factor of two: a
+        // smaller one grows, keeping its pages and contents.
+        let small = os::map(4 * MIB, false);
+        // SAFETY: the block is 4 MiB, ours.
+        unsafe { std::ptr::write_bytes(small, 5, 4 * MIB) };
+        assert!(kept.keep(small, 4 * MIB));
+        let (grown, used) = kept.take(7 * MIB).expect("a kept block of 4 MiB, grown");
+        assert_eq!(used, 4 * MIB);
+        assert_eq!(kept.bytes(), 0);
+        // SAFETY: the block is 7 MiB now.
+        let grown_bytes = unsafe { std::slice::from_raw_parts(grown, 7 * MIB) };
+        assert!(grown_bytes[..4 * MIB].iter().all(|&b| b == 5));
+        assert!(grown_bytes[4 * MIB..].iter().all(|&b| b == 0));
+        // SAFETY: `grown` is a 7 MiB mapping no one else has.
+        unsafe { os::unmap(grown, 7 * MIB) };
 
         // Kept in one round, the block may be taken in the next; after
         // that it is unmapped.

@@ -1062,21 +1062,15 @@ mod tests {
 
         // Its queue closed, the thread exits; the next reload starts another.
         drop(thread.jobs.take());
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !reload_threads().is_empty() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the thread did not exit"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        until("the thread exits", || reload_threads().is_empty());
         thread.jobs = Some(std::sync::mpsc::channel().0);
         std::fs::write(&path, key("b", "sb", "")).unwrap();
         assert_eq!(run(&mut thread), Outcome::Published { generation: 3 });
         let second = reload_threads();
         assert_eq!(second.len(), 1, "{second:?}");
         assert_ne!(second, first);
-        until("the kept memory is returned", || !crate::pages::keeping());
+        end_reload_thread(thread);
+        assert!(!crate::pages::keeping());
     }
 
     /// Polls `done` until it holds; fails after 10 s.
@@ -1111,19 +1105,26 @@ mod tests {
         }
         assert!(crate::pages::kept_bytes() >= large.size());
         // A thread that exits returns them.
-        drop(thread.jobs.take());
-        until("the exiting thread returns the memory", || {
-            !crate::pages::keeping() && crate::pages::kept_bytes() == 0
-        });
+        end_reload_thread(thread);
+        assert!(!crate::pages::keeping());
+        assert_eq!(crate::pages::kept_bytes(), 0);
 
         // So does a thread idle for its `keep_memory_for`.
         let mut thread = reload_thread(Duration::from_millis(50));
         std::fs::write(&path, key("b", "sb", "")).unwrap();
         assert_eq!(run(&mut thread), Outcome::Published { generation: 3 });
         until("the idle thread returns the memory", || {
-            !crate::pages::keeping()
+            !crate::pages::keeping() && crate::pages::kept_bytes() == 0
         });
-        assert_eq!(crate::pages::kept_bytes(), 0);
+        end_reload_thread(thread);
+    }
+
+    /// Closes `thread`'s queue and waits for the thread to exit (it returns
+    /// the memory it kept), so that it cannot act once the test's locks
+    /// are let go.
+    fn end_reload_thread(mut thread: ReloadThread) {
+        drop(thread.jobs.take());
+        until("the reload thread exits", || reload_threads().is_empty());
     }
 
     #[test]
