@@ -221,9 +221,19 @@ mod os {
         }
     }
 
-    /// `size` rounded up to whole pages.
-    fn span(size: usize) -> usize {
-        size.next_multiple_of(page())
+    /// The length of the mapping for a block of `size` bytes: whole pages,
+    /// rounded up to one of eight lengths per doubling. Blocks of nearly
+    /// the same size (a reload's buffers when the file gained or lost a few
+    /// keys; two arrays of about the same length) then have the same length,
+    /// and a kept one serves for another whole ([`Kept::take`]); a block
+    /// resized within its length needs no `mremap`. It costs address space
+    /// (an eighth at most), not memory: the pages past `size` stay
+    /// untouched.
+    pub(super) fn span(size: usize) -> usize {
+        let pages = size.next_multiple_of(page());
+        let top = usize::BITS - 1 - pages.leading_zeros();
+        let step = (1usize << top.saturating_sub(3)).max(page());
+        pages.next_multiple_of(step)
     }
 
     /// How many freed blocks [`Kept`] holds at most: a million-key reload
@@ -332,16 +342,18 @@ mod os {
             true
         }
 
-        /// A kept block for a mapping of `len` bytes (whole pages), and how
+        /// A kept block for a mapping of `len` bytes (a [`span`]), and how
         /// many of its first bytes may hold what its last user wrote:
-        /// - the smallest block of at least `len` bytes, if it is at most
-        ///   an eighth larger plus a huge page (a block much larger is left
-        ///   for a later use of its size, such as the next reload's copy of
-        ///   the file);
-        /// - else, the block closest in size between half and twice `len`
-        ///   (plus a huge page): a file that grew or shrank still reuses
-        ///   the memory the last reload freed instead of mapping all of it
-        ///   again beside it.
+        /// - a block of that very length: a run of reloads of one file
+        ///   maps the same lengths in the same order, so each finds the
+        ///   block of its own length the last reload freed; a block of
+        ///   another length is left for its own;
+        /// - else, of the blocks an earlier round kept, the one closest in
+        ///   length between half and twice `len` (plus a huge page): a file
+        ///   that grew or shrank by more than an eighth still reuses the
+        ///   memory the last reload freed instead of mapping all of it
+        ///   again beside it. Blocks kept during this round are left to
+        ///   the next, which maps what this one freed in the same order.
         ///
         /// A larger block is cut to `len` bytes; a smaller one is grown in
         /// place or moved by `mremap`, which keeps its pages.
@@ -351,11 +363,14 @@ mod os {
             }
             let fit = {
                 let mut state = self.lock();
-                let close = |b: &&mut Block| b.len >= len && b.len <= len + len / 8 + super::LARGE;
+                let round = state.round;
                 let near = |b: &&mut Block| {
-                    b.len > 0 && b.len >= len / 2 && b.len <= 2 * len + super::LARGE
+                    b.len > 0
+                        && b.round < round
+                        && b.len >= len / 2
+                        && b.len <= 2 * len + super::LARGE
                 };
-                let best = match state.blocks.iter_mut().filter(close).min_by_key(|b| b.len) {
+                let best = match state.blocks.iter_mut().find(|b| b.len == len) {
                     Some(b) => b,
                     None => state
                         .blocks
@@ -467,10 +482,13 @@ mod os {
     /// `block` must be a mapping of `old` bytes made by [`map`] or [`remap`].
     #[cold]
     pub unsafe fn remap(block: *mut u8, old: usize, new: usize) -> *mut u8 {
+        let (old, new) = (span(old), span(new));
+        if old == new {
+            return block;
+        }
         // SAFETY: the caller's contract: the whole range is one mapping we
         // own (advised whole, so the kernel never split it).
-        let moved =
-            unsafe { libc::mremap(block.cast(), span(old), span(new), libc::MREMAP_MAYMOVE) };
+        let moved = unsafe { libc::mremap(block.cast(), old, new, libc::MREMAP_MAYMOVE) };
         if moved == libc::MAP_FAILED {
             return std::ptr::null_mut();
         }
@@ -606,23 +624,29 @@ pub(crate) mod tests {
         assert!(kept.keep(block, 8 * MIB));
         assert_eq!(kept.bytes(), 8 * MIB);
 
-        // A block more than twice as large as asked for is left for its
-        // own size.
-        assert_eq!(kept.take(2 * MIB), None);
-        // One about the size asked for is handed out, cut to it, its
+        // A block of the length asked for is handed out whole, its
         // contents as they were (clearing is the allocator's business).
-        let (again, used) = kept.take(6 * MIB).expect("a kept block of about 6 MiB");
-        assert_eq!((again, used), (block, 6 * MIB));
+        assert_eq!(kept.take(8 * MIB), Some((block, 8 * MIB)));
+        assert_eq!(kept.bytes(), 0);
+        assert!(kept.keep(block, 8 * MIB));
+        // One of another length, kept in this round, is left for the next.
+        assert_eq!(kept.take(6 * MIB), None);
+
+        // In the next round, a block within a factor of two serves when
+        // none has the length: cut to it...
+        kept.start();
+        assert_eq!(kept.take(2 * MIB), None, "more than twice as long");
+        assert_eq!(kept.take(6 * MIB), Some((block, 6 * MIB)));
         assert_eq!(kept.bytes(), 0);
         // SAFETY: the first 6 MiB are still mapped.
-        assert_eq!(unsafe { *again.add(6 * MIB - 1) }, 7);
+        assert_eq!(unsafe { *block.add(6 * MIB - 1) }, 7);
 
-        // Without one that close, the nearest within a factor of two: a
-        // smaller one grows, keeping its pages and contents.
+        // ... or grown, keeping its pages and contents.
         let small = os::map(4 * MIB, false);
         // SAFETY: the block is 4 MiB, ours.
         unsafe { std::ptr::write_bytes(small, 5, 4 * MIB) };
         assert!(kept.keep(small, 4 * MIB));
+        kept.start();
         let (grown, used) = kept.take(7 * MIB).expect("a kept block of 4 MiB, grown");
         assert_eq!(used, 4 * MIB);
         assert_eq!(kept.bytes(), 0);
@@ -633,9 +657,9 @@ pub(crate) mod tests {
         // SAFETY: `grown` is a 7 MiB mapping no one else has.
         unsafe { os::unmap(grown, 7 * MIB) };
 
-        // Kept in one round, the block may be taken in the next; after
-        // that it is unmapped.
-        assert!(kept.keep(again, 6 * MIB));
+        // Kept in one round, a block may be taken in the next; after that
+        // it is unmapped.
+        assert!(kept.keep(block, 6 * MIB));
         kept.start();
         assert_eq!(kept.bytes(), 6 * MIB);
         kept.start();
@@ -650,6 +674,33 @@ pub(crate) mod tests {
         assert!(!kept.keep(last, 4 * MIB), "kept after a release");
         // SAFETY: `last` is a 4 MiB mapping no one else has.
         unsafe { os::unmap(last, 4 * MIB) };
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn mappings_have_one_of_eight_lengths_per_doubling() {
+        const MIB: usize = 1 << 20;
+        let page = os::page();
+        for size in [
+            LARGE,
+            LARGE + 1,
+            15_618_048,
+            16_003_072,
+            28_000_256,
+            156_151_808,
+        ] {
+            let len = os::span(size);
+            assert!(len >= size && len.is_multiple_of(page), "{size}: {len}");
+            // At most an eighth more, and a length of its own doubling's
+            // eight.
+            assert!(len - size <= size / 8 + page, "{size}: {len}");
+            let top = 1usize << (usize::BITS - 1 - len.leading_zeros());
+            assert!(len.is_multiple_of(top / 8), "{size}: {len}");
+            assert_eq!(os::span(len), len, "{size}: a length is its own span");
+        }
+        // Nearly equal sizes share a length; one a step away does not.
+        assert_eq!(os::span(15 * MIB - 4096), os::span(15 * MIB));
+        assert_ne!(os::span(15 * MIB), os::span(16 * MIB));
     }
 
     #[test]
