@@ -221,19 +221,13 @@ mod os {
         }
     }
 
-    /// The length of the mapping for a block of `size` bytes: whole pages,
-    /// rounded up to one of eight lengths per doubling. Blocks of nearly
-    /// the same size (a reload's buffers when the file gained or lost a few
-    /// keys; two arrays of about the same length) then have the same length,
-    /// and a kept one serves for another whole ([`Kept::take`]); a block
-    /// resized within its length needs no `mremap`. It costs address space
-    /// (an eighth at most), not memory: the pages past `size` stay
-    /// untouched.
-    pub(super) fn span(size: usize) -> usize {
-        let pages = size.next_multiple_of(page());
-        let top = usize::BITS - 1 - pages.leading_zeros();
-        let step = (1usize << top.saturating_sub(3)).max(page());
-        pages.next_multiple_of(step)
+    /// `size` rounded up to whole pages: the length of a block's mapping.
+    /// (Rounding further, to a few lengths per doubling, would let blocks
+    /// of nearly the same size share kept blocks, but the last huge page of
+    /// a lasting block would then often be a whole one, most of it unused:
+    /// about 3 MiB more for a million-key ring.)
+    fn span(size: usize) -> usize {
+        size.next_multiple_of(page())
     }
 
     /// How many freed blocks [`Kept`] holds at most: a million-key reload
@@ -342,7 +336,7 @@ mod os {
             true
         }
 
-        /// A kept block for a mapping of `len` bytes (a [`span`]), and how
+        /// A kept block for a mapping of `len` bytes (whole pages), and how
         /// many of its first bytes may hold what its last user wrote:
         /// - a block of that very length: a run of reloads of one file
         ///   maps the same lengths in the same order, so each finds the
@@ -352,8 +346,10 @@ mod os {
         ///   length between half and twice `len` (plus a huge page): a file
         ///   that grew or shrank by more than an eighth still reuses the
         ///   memory the last reload freed instead of mapping all of it
-        ///   again beside it. Blocks kept during this round are left to
-        ///   the next, which maps what this one freed in the same order.
+        ///   again beside it (and after a file gained or lost a key, a
+        ///   block a page off its length serves). Blocks kept during this
+        ///   round are left to the next, which maps what this one freed in
+        ///   the same order.
         ///
         /// A larger block is cut to `len` bytes; a smaller one is grown in
         /// place or moved by `mremap`, which keeps its pages.
@@ -674,33 +670,6 @@ pub(crate) mod tests {
         assert!(!kept.keep(last, 4 * MIB), "kept after a release");
         // SAFETY: `last` is a 4 MiB mapping no one else has.
         unsafe { os::unmap(last, 4 * MIB) };
-    }
-
-    #[test]
-    #[cfg(target_os = "linux")]
-    fn mappings_have_one_of_eight_lengths_per_doubling() {
-        const MIB: usize = 1 << 20;
-        let page = os::page();
-        for size in [
-            LARGE,
-            LARGE + 1,
-            15_618_048,
-            16_003_072,
-            28_000_256,
-            156_151_808,
-        ] {
-            let len = os::span(size);
-            assert!(len >= size && len.is_multiple_of(page), "{size}: {len}");
-            // At most an eighth more, and a length of its own doubling's
-            // eight.
-            assert!(len - size <= size / 8 + page, "{size}: {len}");
-            let top = 1usize << (usize::BITS - 1 - len.leading_zeros());
-            assert!(len.is_multiple_of(top / 8), "{size}: {len}");
-            assert_eq!(os::span(len), len, "{size}: a length is its own span");
-        }
-        // Nearly equal sizes share a length; one a step away does not.
-        assert_eq!(os::span(15 * MIB - 4096), os::span(15 * MIB));
-        assert_ne!(os::span(15 * MIB), os::span(16 * MIB));
     }
 
     #[test]
