@@ -341,5 +341,18 @@ print(f"storm p99 / steady p99: {ratio(pairs):.2f}x (90% of resampled pairs: {lo
       f"p99.9: {ratio(pairs, 0.999):.2f}x")
 EOF
 echo "resident at the end: $(rss_mib "$pid") MiB"
+# How long the storm's reloads took, from keyward's audit records (all but
+# the first, the swap above).
+python3 - "$work/keyward.log" <<'EOF'
+import re, statistics, sys
+rows = [l for l in open(sys.argv[1], errors="replace") if "key ring published" in l][1:]
+def ms(name):
+    return [int(m.group(1)) for l in rows if (m := re.search(name + r"=(\d+)", l))]
+took = ms("took_ms")
+if took:
+    parts = ", ".join(f"{p} {statistics.median(ms(p + '_ms')):.0f}" for p in ("read", "parse", "build"))
+    print(f"storm reloads: {len(took)}, took_ms median {statistics.median(took):.0f} "
+          f"({min(took)}-{max(took)}); medians of {parts} ms")
+EOF
 back="$(back_to_steady)"
 echo "resident back to:    $(rss_mib "$pid") MiB, $back ms later"
