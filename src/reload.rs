@@ -598,15 +598,19 @@ pub fn listen_sighup() -> Option<tokio::signal::unix::Signal> {
 
 /// How long a reload runs at background priority (see [`crate::priority`])
 /// before it may be raised to normal priority: from then on it is raised as
-/// soon as its threads are starved (see [`STARVED_BELOW`]).
-pub const RAISE_AFTER: Duration = Duration::from_secs(1);
+/// soon as its threads are starved (see [`STARVED_BELOW`]). Short enough
+/// that a revocation lands within a second on a machine whose CPUs are all
+/// busy, where a thread at background priority gets next to nothing: a
+/// starved reload of a small file is raised after about 0.5–0.6 s and then
+/// takes milliseconds.
+pub const RAISE_AFTER: Duration = Duration::from_millis(500);
 
 /// How often a long reload's progress is sampled: often enough that few of
 /// its short-lived threads start and end between two looks unseen.
 const PROGRESS_SAMPLE: Duration = Duration::from_millis(100);
 
 /// The span over which a reload's progress is judged.
-const PROGRESS_WINDOW: Duration = Duration::from_millis(500);
+const PROGRESS_WINDOW: Duration = Duration::from_millis(300);
 
 // The first look at a reload's progress only sets a baseline, taken at the
 // first sample rather than at the start (see `wait_for_reload`): that is
