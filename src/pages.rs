@@ -251,9 +251,6 @@ mod os {
 
     #[derive(Debug)]
     struct State {
-        /// Whether freed blocks are kept: under the lock, so that no block
-        /// is kept after a release.
-        on: bool,
         /// Counts [`Kept::start`]s: reloads.
         round: u64,
         blocks: [Block; KEPT_BLOCKS],
@@ -267,8 +264,10 @@ mod os {
         state: Mutex<State>,
         /// The bytes kept, so that `map` skips the lock when none are.
         bytes: AtomicUsize,
-        /// A copy of `State::on`, so that a block freed while nothing is
-        /// kept skips the lock.
+        /// Whether freed blocks are kept. Changed only under the lock and
+        /// read again under it before a block is kept, so that no block is
+        /// kept after a release; read without it, so that a block freed
+        /// while nothing is kept skips the lock.
         on: AtomicBool,
     }
 
@@ -279,7 +278,6 @@ mod os {
         pub const fn new() -> Kept {
             Kept {
                 state: Mutex::new(State {
-                    on: false,
                     round: 0,
                     blocks: [NO_BLOCK; KEPT_BLOCKS],
                 }),
@@ -300,7 +298,6 @@ mod os {
         pub fn start(&self) {
             let stale = {
                 let mut state = self.lock();
-                state.on = true;
                 self.on.store(true, Ordering::Relaxed);
                 state.round += 1;
                 let round = state.round;
@@ -323,7 +320,7 @@ mod os {
             }
             let mut state = self.lock();
             let round = state.round;
-            let on = state.on;
+            let on = self.on.load(Ordering::Relaxed);
             let Some(free) = state.blocks.iter_mut().find(|b| b.len == 0).filter(|_| on) else {
                 return false;
             };
@@ -399,7 +396,6 @@ mod os {
         pub fn release(&self) -> usize {
             let blocks = {
                 let mut state = self.lock();
-                state.on = false;
                 self.on.store(false, Ordering::Relaxed);
                 std::mem::replace(&mut state.blocks, [NO_BLOCK; KEPT_BLOCKS])
             };
@@ -421,6 +417,10 @@ mod os {
         pub fn bytes(&self) -> usize {
             self.bytes.load(Ordering::Relaxed)
         }
+
+        pub fn on(&self) -> bool {
+            self.on.load(Ordering::Relaxed)
+        }
     }
 
     pub fn keep_freed() {
@@ -436,7 +436,7 @@ mod os {
     }
 
     pub fn keeping() -> bool {
-        KEPT.lock().on
+        KEPT.on()
     }
 
     /// A mapping of at least `size` bytes, advised: a kept block of about
