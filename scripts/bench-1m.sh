@@ -21,6 +21,11 @@
 #    kind of window and their ratio, with the range that 90 % of resamplings
 #    of the pairs of windows give.
 #
+# CONTROL=1 runs step 3 with nothing renamed in the "storm" windows: the
+# same windows, the same accounting, no reloads. Its ratio shows how far
+# this measurement moves by itself, on this machine, when the two kinds of
+# window differ in nothing; a storm's ratio means something only beside it.
+#
 # Traffic goes to 127.0.0.1 only. Knobs: RATE STORM_SECONDS WINDOW_MS, and
 # KEYWARD (the server binary, default target/release/keyward) to measure
 # another build, such as an older commit's, with the same load generator.
@@ -34,6 +39,7 @@ cd "$(dirname "$0")/.."
 
 n="${1:-1000000}"
 rate="${RATE:-2000}"
+control="${CONTROL:-0}"
 on_server=()
 on_client=()
 [[ -n "${SERVER_CPUS:-}" ]] && on_server=(taskset -c "$SERVER_CPUS")
@@ -209,10 +215,11 @@ s0="$(steal_ms)"
 # and storm then steady in turn, so that neither kind always follows the
 # other. The writer starts with the load generator's warmup.
 ${on_client[@]+"${on_client[@]}"} python3 - "$work/keyward.log" "$keys" "$work/a.toml" "$work/b.toml" \
-    "$((storm_s + 2))" "$window_ms" "$work/windows.txt" <<'EOF' &
+    "$((storm_s + 2))" "$window_ms" "$work/windows.txt" "$control" <<'EOF' &
 import ctypes, ctypes.util, os, select, sys, time
 log, path, a, b = sys.argv[1:5]
 seconds, window_ns, out = float(sys.argv[5]), int(sys.argv[6]) * 1_000_000, sys.argv[7]
+control = sys.argv[8] == "1"
 published = 0
 # Sleep until keyward writes to its log (inotify), not on a timer.
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -255,7 +262,7 @@ with open(log, "rb") as f:
         for storm in ((False, True), (True, False))[pair % 2]:
             start = time.monotonic_ns()
             reloads = 0
-            if storm:
+            if storm and not control:
                 # Back to back; the window ends when its last reload serves.
                 while time.monotonic_ns() < start + window_ns:
                     reload()
@@ -278,11 +285,12 @@ ${on_client[@]+"${on_client[@]}"} "$bin/keyward-loadgen" --target "http://127.0.
     --timeline "$work/timeline.txt" > "$work/storm.json" || true
 wait "$writer" || { echo "the storm's writer failed" >&2; exit 1; }
 stolen="$(( $(steal_ms) - s0 ))"
-python3 - "$work/storm.json" "$work/timeline.txt" "$work/windows.txt" "$guard_ms" "$rate" "$stolen" "$window_ms" <<'EOF'
+python3 - "$work/storm.json" "$work/timeline.txt" "$work/windows.txt" "$guard_ms" "$rate" "$stolen" "$window_ms" "$control" <<'EOF'
 import bisect, heapq, json, math, random, sys
 report, timeline, windows_file = sys.argv[1:4]
 guard = int(sys.argv[4]) * 1_000_000
 rate, stolen, window_ms = sys.argv[5:8]
+control = sys.argv[8] == "1"
 try:
     r = json.load(open(report))
 except (OSError, ValueError):
@@ -331,6 +339,8 @@ lo, hi = boot[int(0.05 * len(boot))], boot[int(0.95 * len(boot)) - 1]
 measured_storms = [w for w in windows if w[0] in complete and w[1] == "storm"]
 reloads = sum(w[4] for w in measured_storms)
 storm_s = sum(w[3] - w[2] for w in measured_storms) / 1e9
+if control:
+    print("CONTROL: nothing was renamed in the storm windows; the ratio below is the method's own noise")
 print(f"open loop {rate} req/s: {len(pairs)} pairs of {window_ms} ms windows, steady and storm "
       f"interleaved; {reloads} rings published in {storm_s:.0f} s of storm; {stolen} ms of steal")
 for kind in ("steady", "storm"):
