@@ -413,7 +413,6 @@ pub fn read(path: &Path) -> Result<Vec<u8>, KeyFileError> {
 
 /// [`read`], sharing a large file's reading between at most `threads`.
 pub fn read_on(path: &Path, threads: Threads) -> Result<Vec<u8>, KeyFileError> {
-    use std::io::Read as _;
     let io = |source| KeyFileError::Io {
         path: path.to_owned(),
         source,
@@ -442,34 +441,77 @@ pub fn read_on(path: &Path, threads: Threads) -> Result<Vec<u8>, KeyFileError> {
         return Ok(bytes);
     }
     // Room for the file as its metadata says, and one byte more to see its
-    // end; it grows if the file does.
+    // end; it grows if the file does. The room is not cleared first: reads
+    // go straight into it (a kept block of a million-key file's size would
+    // otherwise be zeroed, 150 MB, only to be overwritten).
     let limit = MAX_FILE_BYTES as usize + 1;
     let expected = usize::try_from(meta.len()).unwrap_or(0);
-    let mut bytes = vec![0u8; expected.saturating_add(1).min(limit)];
-    let mut filled = 0;
-    let mut file = file;
+    let mut bytes = Vec::with_capacity(expected.saturating_add(1).min(limit));
     loop {
-        if filled as u64 > MAX_FILE_BYTES {
+        if bytes.len() as u64 > MAX_FILE_BYTES {
             return Err(io(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 "the file grew past the size limit while being read",
             )));
         }
-        if filled == bytes.len() {
-            bytes.resize((filled * 2).clamp(64 << 10, limit), 0);
+        if bytes.len() == bytes.capacity() {
+            let more = bytes.len().max(64 << 10).min(limit - bytes.len());
+            bytes.reserve_exact(more);
         }
-        let end = (filled + READ_CHUNK).min(bytes.len());
-        fault_in(&mut bytes[filled..end]);
-        match file.read(&mut bytes[filled..end]) {
+        let at = bytes.len() as u64;
+        let spare = bytes.spare_capacity_mut();
+        let chunk = spare.len().min(READ_CHUNK);
+        let room = &mut spare[..chunk];
+        fault_in(room);
+        match read_at_uninit(&file, room, at) {
             Ok(0) => break,
-            Ok(n) => filled += n,
+            // SAFETY: `read_at_uninit` initialised the first `n` bytes of
+            // the spare capacity, which directly follow the vector's length.
+            Ok(n) => unsafe { bytes.set_len(bytes.len() + n) },
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(io(e)),
         }
         crate::priority::pace_chunk();
     }
-    bytes.truncate(filled);
     Ok(bytes)
+}
+
+/// Reads from `file` at offset `at` into `buf`, whose bytes may be
+/// uninitialised; how many it read, all of them now initialised. One
+/// system call: it may read less than `buf` holds, and 0 means the end of
+/// the file.
+#[cfg(unix)]
+fn read_at_uninit(
+    file: &std::fs::File,
+    buf: &mut [std::mem::MaybeUninit<u8>],
+    at: u64,
+) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd as _;
+    let at = libc::off_t::try_from(at)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "offset too large"))?;
+    // SAFETY: pread writes at most `buf.len()` bytes to `buf`, memory this
+    // function borrows mutably, and never reads them, so their being
+    // uninitialised does not matter; the bytes it reports are initialised.
+    let n = unsafe { libc::pread(file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), at) };
+    // A negative count (-1) is an error, reported in errno.
+    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+}
+
+#[cfg(not(unix))]
+fn read_at_uninit(
+    file: &std::fs::File,
+    buf: &mut [std::mem::MaybeUninit<u8>],
+    at: u64,
+) -> std::io::Result<usize> {
+    use std::io::{Read as _, Seek as _};
+    let mut read = vec![0u8; buf.len()];
+    let mut file = file;
+    file.seek(std::io::SeekFrom::Start(at))?;
+    let n = file.read(&mut read)?;
+    for (to, &from) in buf.iter_mut().zip(&read[..n]) {
+        to.write(from);
+    }
+    Ok(n)
 }
 
 /// Most bytes one read system call asks for. A kernel built without
@@ -493,7 +535,7 @@ const READ_CHUNK: usize = 256 << 10;
 /// it (before 5.14), a write to each page does, each fault returning to
 /// user space, at about 2 µs more a page in a virtual machine. Leaves
 /// `buf`'s contents unspecified: call it on bytes about to be read into.
-fn fault_in(buf: &mut [u8]) {
+fn fault_in(buf: &mut [std::mem::MaybeUninit<u8>]) {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     if populate(buf) {
         return;
@@ -504,9 +546,8 @@ fn fault_in(buf: &mut [u8]) {
         .chain(std::iter::once(last))
     {
         if let Some(b) = buf.get_mut(i) {
-            // An opaque value, so the compiler cannot drop the store as
-            // writing a zero to memory it knows to be zeroed.
-            *b = std::hint::black_box(0);
+            // An opaque value, so the compiler cannot drop the store.
+            b.write(std::hint::black_box(0));
         }
     }
 }
@@ -514,7 +555,7 @@ fn fault_in(buf: &mut [u8]) {
 /// `MADV_POPULATE_WRITE` over the whole pages of `buf`; whether the kernel
 /// did it. The partial pages at either end are left to the read.
 #[cfg(any(target_os = "linux", target_os = "android"))]
-fn populate(buf: &mut [u8]) -> bool {
+fn populate(buf: &mut [std::mem::MaybeUninit<u8>]) -> bool {
     let page = crate::pages::page_size();
     let addr = buf.as_mut_ptr() as usize;
     let start = addr.next_multiple_of(page);
@@ -536,15 +577,30 @@ fn populate(buf: &mut [u8]) -> bool {
     }
 }
 
-/// `read_exact_at` in reads of at most [`READ_CHUNK`] bytes.
+/// Fills `buf` from `file` at offset `at` in reads of at most
+/// [`READ_CHUNK`] bytes, each faulted in first; an error if the file ends
+/// before `buf` is full. All of `buf` is initialised when it returns `Ok`.
 #[cfg(unix)]
-fn read_exact_at_chunked(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt as _;
+fn read_exact_at_chunked(
+    file: &std::fs::File,
+    buf: &mut [std::mem::MaybeUninit<u8>],
+    at: u64,
+) -> std::io::Result<()> {
     let mut at = at;
     for chunk in buf.chunks_mut(READ_CHUNK) {
         fault_in(chunk);
-        file.read_exact_at(chunk, at)?;
-        at += chunk.len() as u64;
+        let mut done = 0;
+        while done < chunk.len() {
+            match read_at_uninit(file, &mut chunk[done..], at) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    done += n;
+                    at += n as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
         crate::priority::pace_chunk();
     }
     Ok(())
@@ -561,31 +617,34 @@ const PARALLEL_READ_MIN_BYTES: u64 = 16 << 20;
 /// failed: the caller then reads it the plain way, which reports errors.
 #[cfg(unix)]
 fn read_halves(file: &std::fs::File, len: u64) -> Option<Vec<u8>> {
-    use std::os::unix::fs::FileExt as _;
     if !(PARALLEL_READ_MIN_BYTES..=MAX_FILE_BYTES).contains(&len) {
         return None;
     }
     let len = usize::try_from(len).ok()?;
-    // Zeroed pages come straight from the kernel, untouched until faulted
-    // in chunk by chunk just before each read.
-    let mut bytes = vec![0u8; len];
-    let half = len / 2;
-    let (first, second) = bytes.split_at_mut(half);
+    // Uncleared room, faulted in chunk by chunk just before each read (a
+    // kept block of this size would otherwise be zeroed, only to be
+    // overwritten).
+    let mut bytes = Vec::with_capacity(len);
+    let (first, second) = bytes.spare_capacity_mut()[..len].split_at_mut(len / 2);
+    let half = first.len() as u64;
     let both = std::thread::scope(|s| {
         let other = std::thread::Builder::new()
             .name("keyward-read".into())
-            .spawn_scoped(s, || {
-                read_exact_at_chunked(file, second, half as u64).is_ok()
-            })
+            .spawn_scoped(s, || read_exact_at_chunked(file, second, half).is_ok())
             .ok()?;
         let mine = read_exact_at_chunked(file, first, 0).is_ok();
         Some(other.join().unwrap_or(false) && mine)
     });
+    if both != Some(true) {
+        return None;
+    }
+    // SAFETY: both halves of the first `len` bytes of spare capacity were
+    // read into in full (`read_exact_at_chunked` returned `Ok` for each).
+    unsafe { bytes.set_len(len) };
     // Exactly `len` bytes: the next byte is the end of the file.
-    let at_end = file
-        .read_at(&mut [0u8; 1], len as u64)
-        .is_ok_and(|n| n == 0);
-    (both == Some(true) && at_end).then_some(bytes)
+    let mut next = [std::mem::MaybeUninit::uninit()];
+    let at_end = read_at_uninit(file, &mut next, len as u64).is_ok_and(|n| n == 0);
+    at_end.then_some(bytes)
 }
 
 #[cfg(not(unix))]
@@ -1710,39 +1769,82 @@ deprecated_at = 2026-01-01
         }
     }
 
+    /// `bytes` as room for a read: initialised, typed as if it were not.
+    fn as_room(bytes: &[u8]) -> Vec<std::mem::MaybeUninit<u8>> {
+        bytes
+            .iter()
+            .map(|&b| std::mem::MaybeUninit::new(b))
+            .collect()
+    }
+
+    /// The bytes of `room`, every one of which must be initialised.
+    fn contents(room: &[std::mem::MaybeUninit<u8>]) -> Vec<u8> {
+        // SAFETY: callers pass only rooms made by `as_room` or read into in
+        // full, and neither populating nor faulting in de-initialises bytes.
+        room.iter().map(|b| unsafe { b.assume_init() }).collect()
+    }
+
     #[test]
     fn faulting_in_covers_any_slice_and_populating_keeps_contents() {
         let page = crate::pages::page_size();
         assert!(page.is_power_of_two() && page >= 4096, "{page}");
-        // Fresh pages, as a large zeroed vector gets them from the kernel.
-        let mut fresh = vec![0u8; 64 * page];
-        let len = fresh.len();
+        // Fresh pages, as a large vector gets them from the kernel.
+        let mut fresh: Vec<u8> = Vec::with_capacity(64 * page);
+        let room = &mut fresh.spare_capacity_mut()[..64 * page];
+        let len = room.len();
         #[cfg(any(target_os = "linux", target_os = "android"))]
-        if populate(&mut fresh[1..len - 1]) {
-            assert!(fresh.iter().all(|&b| b == 0), "populating changed bytes");
-        }
-        fault_in(&mut fresh);
+        populate(&mut room[1..len - 1]);
+        fault_in(room);
         // Pages already written to.
-        let mut buf: Vec<u8> = (0..5 * page + 123).map(|i| (i % 251) as u8).collect();
-        let before = buf.clone();
+        let before: Vec<u8> = (0..5 * page + 123).map(|i| (i % 251) as u8).collect();
         // Slices starting and ending mid-page, inside one page, and empty.
-        for (from, to) in [(3, 5 * page + 100), (7, 9), (page, page), (0, buf.len())] {
-            buf.copy_from_slice(&before);
+        for (from, to) in [(3, 5 * page + 100), (7, 9), (page, page), (0, before.len())] {
+            let mut buf = as_room(&before);
             #[cfg(any(target_os = "linux", target_os = "android"))]
             if populate(&mut buf[from..to]) {
-                assert!(buf == before, "populating {from}..{to} changed bytes");
+                assert!(
+                    contents(&buf) == before,
+                    "populating {from}..{to} changed bytes"
+                );
             }
             fault_in(&mut buf[from..to]);
         }
-        // Whatever way the pages were faulted in, reading into them works.
+        // Whatever way the pages were faulted in, reading into them works,
+        // and a file shorter than the room is an error.
         #[cfg(unix)]
         {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("keys.toml");
             std::fs::write(&path, &before).unwrap();
             let file = std::fs::File::open(&path).unwrap();
-            read_exact_at_chunked(&file, &mut buf, 0).unwrap();
-            assert!(buf == before);
+            let mut room = as_room(&vec![7u8; before.len()]);
+            fault_in(&mut room);
+            read_exact_at_chunked(&file, &mut room, 0).unwrap();
+            assert!(contents(&room) == before);
+            let mut fresh: Vec<u8> = Vec::with_capacity(before.len());
+            let room = &mut fresh.spare_capacity_mut()[..before.len()];
+            read_exact_at_chunked(&file, room, 0).unwrap();
+            assert!(contents(room) == before);
+            let mut longer = as_room(&vec![0u8; before.len() + 1]);
+            let err = read_exact_at_chunked(&file, &mut longer, 0).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+            // Reads from an offset, and past the end.
+            let mut tail = as_room(&[0u8; 100]);
+            assert_eq!(
+                read_at_uninit(&file, &mut tail, (before.len() - 40) as u64).unwrap(),
+                40
+            );
+            assert!(contents(&tail[..40]) == before[before.len() - 40..]);
+            assert_eq!(
+                read_at_uninit(&file, &mut tail, before.len() as u64).unwrap(),
+                0
+            );
+            assert_eq!(
+                read_at_uninit(&file, &mut tail, u64::MAX)
+                    .unwrap_err()
+                    .kind(),
+                std::io::ErrorKind::InvalidInput
+            );
         }
     }
 
