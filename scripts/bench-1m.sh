@@ -21,6 +21,9 @@
 #    kind of window and their ratio, with the range that 90 % of resamplings
 #    of the pairs of windows give.
 #
+# TIMELINE_DIR=DIR keeps step 3's calls (timeline.txt: each call's
+# scheduled time and latency) and windows (windows.txt) there.
+#
 # CONTROL=1 runs step 3 with nothing renamed in the "storm" windows: the
 # same windows, the same accounting, no reloads. Its ratio shows how far
 # this measurement moves by itself, on this machine, when the two kinds of
@@ -285,6 +288,10 @@ ${on_client[@]+"${on_client[@]}"} "$bin/keyward-loadgen" --target "http://127.0.
     --timeline "$work/timeline.txt" > "$work/storm.json" || true
 wait "$writer" || { echo "the storm's writer failed" >&2; exit 1; }
 stolen="$(( $(steal_ms) - s0 ))"
+if [[ -n "${TIMELINE_DIR:-}" ]]; then
+    mkdir -p "$TIMELINE_DIR"
+    cp "$work/timeline.txt" "$work/windows.txt" "$TIMELINE_DIR/"
+fi
 python3 - "$work/storm.json" "$work/timeline.txt" "$work/windows.txt" "$guard_ms" "$rate" "$stolen" "$window_ms" "$control" <<'EOF'
 import bisect, heapq, json, math, random, sys
 report, timeline, windows_file = sys.argv[1:4]
