@@ -4,8 +4,7 @@
 //!   1k, 100k and 1M keys. `hit`/`miss` present the same key again and again,
 //!   as a client does (the per-thread memo answers); `hit_first`/`miss_first`
 //!   cycle through 64k distinct keys, so nearly every lookup is a first sight
-//!   and pays for SHA-256. `sha256_only` is the floor of a first sight
-//!   without SHA instructions.
+//!   and pays for SHA-256. `sha256_only` is that SHA-256 alone.
 //! * `verify_publishing/*`: `hit` and `hit_first` while another thread builds
 //!   and publishes new rings of the same keys back to back (a reload storm:
 //!   every publication also invalidates the memo).

@@ -268,11 +268,32 @@ pub fn digest(secret: &str) -> crate::ring::Digest {
 
 /// SHA-256 of arbitrary bytes (key file contents, secrets).
 ///
-/// `ring`'s implementation (already linked for TLS): its assembly is about
-/// 1.6x as fast as the portable `sha2` crate for a key and 2x for a key
-/// file on CPUs without the SHA extensions; a test checks the two agree.
+/// Where the CPU has the SHA extensions (x86 since AMD Zen and Intel Ice
+/// Lake), the `sha2` crate's, which uses them directly: 51 ns for a 53-byte
+/// key against `ring`'s 73 ns on an AMD EPYC, the same 2 GB/s for a key
+/// file. Elsewhere `ring`'s assembly, about 1.6x as fast as the portable
+/// `sha2` code for a key and 2x for a key file. A test checks all of them
+/// agree.
 #[inline]
 pub fn digest_bytes(bytes: &[u8]) -> crate::ring::Digest {
+    #[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
+    if std::is_x86_feature_detected!("sha") {
+        return digest_sha_extensions(bytes);
+    }
+    digest_ring(bytes)
+}
+
+/// SHA-256 through `sha2`, which picks its SHA-extensions code at run time.
+#[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
+#[inline]
+fn digest_sha_extensions(bytes: &[u8]) -> crate::ring::Digest {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).into()
+}
+
+/// SHA-256 through `ring`'s assembly.
+#[inline]
+fn digest_ring(bytes: &[u8]) -> crate::ring::Digest {
     let d = ring::digest::digest(&ring::digest::SHA256, bytes);
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
@@ -397,8 +418,7 @@ mod tests {
     }
 
     #[test]
-    fn digests_agree_with_a_second_sha256_implementation() {
-        use sha2::Digest as _;
+    fn digests_agree_whichever_implementation_computes_them() {
         // Around the block and padding boundaries, and a key file's size.
         for len in [
             0,
@@ -417,9 +437,16 @@ mod tests {
             1 << 20,
         ] {
             let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
-            let want: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+            let want = digest_ring(&bytes);
             assert_eq!(digest_bytes(&bytes), want, "{len} bytes");
+            #[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
+            assert_eq!(digest_sha_extensions(&bytes), want, "{len} bytes");
         }
+        // Known answers (FIPS 180-2's "abc", and "test").
+        assert_eq!(
+            hex::encode(digest("abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         assert_eq!(
             hex::encode(digest("test")),
             "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
