@@ -25,7 +25,9 @@
 # scheduled time and latency) and windows (windows.txt) there.
 #
 # CONTROL=1 runs step 3 with nothing renamed in the "storm" windows: the
-# same windows, the same accounting, no reloads. Its ratio shows how far
+# same alternation of windows and the same accounting, no reloads (a
+# control's storm windows last exactly WINDOW_MS, a storm's until its last
+# reload serves). Its ratio shows how far
 # this measurement moves by itself, on this machine, when the two kinds of
 # window differ in nothing; a storm's ratio means something only beside it.
 #
@@ -38,11 +40,14 @@
 #
 #   SERVER_CPUS=1 CLIENT_CPUS=0 scripts/bench-1m.sh 10000
 set -euo pipefail
+# Relative to where the script was started, not to the repository.
+timeline_dir="${TIMELINE_DIR:+$(realpath -m -- "$TIMELINE_DIR")}"
 cd "$(dirname "$0")/.."
 
 n="${1:-1000000}"
 rate="${RATE:-2000}"
 control="${CONTROL:-0}"
+[[ "$control" == [01] ]] || { echo "CONTROL must be 0 or 1, not $control" >&2; exit 1; }
 on_server=()
 on_client=()
 [[ -n "${SERVER_CPUS:-}" ]] && on_server=(taskset -c "$SERVER_CPUS")
@@ -288,9 +293,9 @@ ${on_client[@]+"${on_client[@]}"} "$bin/keyward-loadgen" --target "http://127.0.
     --timeline "$work/timeline.txt" > "$work/storm.json" || true
 wait "$writer" || { echo "the storm's writer failed" >&2; exit 1; }
 stolen="$(( $(steal_ms) - s0 ))"
-if [[ -n "${TIMELINE_DIR:-}" ]]; then
-    mkdir -p "$TIMELINE_DIR"
-    cp "$work/timeline.txt" "$work/windows.txt" "$TIMELINE_DIR/"
+if [[ -n "$timeline_dir" && -f "$work/timeline.txt" ]]; then
+    mkdir -p "$timeline_dir"
+    cp "$work/timeline.txt" "$work/windows.txt" "$timeline_dir/"
 fi
 python3 - "$work/storm.json" "$work/timeline.txt" "$work/windows.txt" "$guard_ms" "$rate" "$stolen" "$window_ms" "$control" <<'EOF'
 import bisect, heapq, json, math, random, sys

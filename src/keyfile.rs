@@ -477,9 +477,9 @@ pub fn read_on(path: &Path, threads: Threads) -> Result<Vec<u8>, KeyFileError> {
 }
 
 /// Reads from `file` at offset `at` into `buf`, whose bytes may be
-/// uninitialised; how many it read, all of them now initialised. One
-/// system call: it may read less than `buf` holds, and 0 means the end of
-/// the file.
+/// uninitialised; how many it read, all of them now initialised. One read
+/// (on Unix, one `pread`): it may read less than `buf` holds, and 0 means
+/// the end of the file.
 #[cfg(unix)]
 fn read_at_uninit(
     file: &std::fs::File,
@@ -497,6 +497,7 @@ fn read_at_uninit(
     usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
 }
 
+/// Elsewhere: a seek and a read through a zeroed buffer of its own.
 #[cfg(not(unix))]
 fn read_at_uninit(
     file: &std::fs::File,
@@ -1778,6 +1779,7 @@ deprecated_at = 2026-01-01
     }
 
     /// The bytes of `room`, every one of which must be initialised.
+    #[cfg_attr(not(unix), allow(dead_code))]
     fn contents(room: &[std::mem::MaybeUninit<u8>]) -> Vec<u8> {
         // SAFETY: callers pass only rooms made by `as_room` or read into in
         // full, and neither populating nor faulting in de-initialises bytes.
@@ -1788,12 +1790,23 @@ deprecated_at = 2026-01-01
     fn faulting_in_covers_any_slice_and_populating_keeps_contents() {
         let page = crate::pages::page_size();
         assert!(page.is_power_of_two() && page >= 4096, "{page}");
-        // Fresh pages, as a large vector gets them from the kernel.
-        let mut fresh: Vec<u8> = Vec::with_capacity(64 * page);
-        let room = &mut fresh.spare_capacity_mut()[..64 * page];
-        let len = room.len();
+        // Fresh pages, as a large zeroed vector gets them from the kernel.
+        let mut fresh = vec![0u8; 64 * page];
+        let len = fresh.len();
+        // SAFETY: `MaybeUninit<u8>` has the layout of `u8`, and neither
+        // populating nor faulting in writes an uninitialised byte, so the
+        // bytes stay initialised for the checks below.
+        let room = unsafe {
+            &mut *(fresh.as_mut_slice() as *mut [u8] as *mut [std::mem::MaybeUninit<u8>])
+        };
         #[cfg(any(target_os = "linux", target_os = "android"))]
-        populate(&mut room[1..len - 1]);
+        if populate(&mut room[1..len - 1]) {
+            assert!(fresh.iter().all(|&b| b == 0), "populating changed bytes");
+        }
+        // SAFETY: as above.
+        let room = unsafe {
+            &mut *(fresh.as_mut_slice() as *mut [u8] as *mut [std::mem::MaybeUninit<u8>])
+        };
         fault_in(room);
         // Pages already written to.
         let before: Vec<u8> = (0..5 * page + 123).map(|i| (i % 251) as u8).collect();
