@@ -28,3 +28,7 @@ echo "==> cargo clippy" >&2
 cargo clippy --all-targets --locked -- -D warnings
 echo "==> cargo test" >&2
 cargo test --all-targets --locked
+# README's first command is `cargo run … -- serve`: cargo must know which of
+# the binaries to run.
+echo "==> cargo run -- --version" >&2
+cargo run --locked --quiet -- --version
