@@ -716,14 +716,20 @@ struct ReloadThread {
 
 impl Default for ReloadThread {
     fn default() -> ReloadThread {
-        ReloadThread {
-            jobs: None,
-            keep_memory_for: KEEP_MEMORY_FOR,
-        }
+        ReloadThread::keeping_memory_for(KEEP_MEMORY_FOR)
     }
 }
 
 impl ReloadThread {
+    /// A reload thread, not started yet, that keeps the memory reloads free
+    /// until it has been idle for `keep_memory_for`.
+    fn keeping_memory_for(keep_memory_for: Duration) -> ReloadThread {
+        ReloadThread {
+            jobs: None,
+            keep_memory_for,
+        }
+    }
+
     /// Hands a reload to the thread, starting it if there is none; returns
     /// where the outcome will arrive.
     fn start(
@@ -1014,14 +1020,6 @@ mod tests {
         (keeping, serial)
     }
 
-    /// A reload thread that keeps freed memory for `keep_memory_for`.
-    fn reload_thread(keep_memory_for: Duration) -> ReloadThread {
-        ReloadThread {
-            jobs: None,
-            keep_memory_for,
-        }
-    }
-
     /// A reload by `reloader` on `thread`, waited for.
     fn reload_on(thread: &mut ReloadThread, reloader: &Arc<Reloader>) -> Outcome {
         thread
@@ -1037,7 +1035,7 @@ mod tests {
         let _locks = reload_thread_locks();
         let (_d, path, r, shared) = setup(&key("a", "sa", ""));
         let r = Arc::new(r);
-        let mut thread = reload_thread(Duration::ZERO);
+        let mut thread = ReloadThread::keeping_memory_for(Duration::ZERO);
         let run = |thread: &mut ReloadThread| reload_on(thread, &r);
         assert_eq!(run(&mut thread), Outcome::Unchanged);
         let first = reload_threads();
@@ -1097,7 +1095,7 @@ mod tests {
         let large = Layout::from_size_align(crate::pages::LARGE, 8).unwrap();
 
         // After a reload, blocks freed anywhere are kept.
-        let mut thread = reload_thread(Duration::from_secs(3600));
+        let mut thread = ReloadThread::keeping_memory_for(Duration::from_secs(3600));
         std::fs::write(&path, key("a", "sa", "") + &key("b", "sb", "")).unwrap();
         assert_eq!(run(&mut thread), Outcome::Published { generation: 2 });
         assert!(crate::pages::keeping());
@@ -1114,7 +1112,7 @@ mod tests {
         assert_eq!(crate::pages::kept_bytes(), 0);
 
         // So does a thread idle for its `keep_memory_for`.
-        let mut thread = reload_thread(Duration::from_millis(50));
+        let mut thread = ReloadThread::keeping_memory_for(Duration::from_millis(50));
         std::fs::write(&path, key("b", "sb", "")).unwrap();
         assert_eq!(run(&mut thread), Outcome::Published { generation: 3 });
         until("the idle thread returns the memory", || {
