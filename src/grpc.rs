@@ -25,7 +25,7 @@ use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use jiff::Timestamp;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -33,6 +33,7 @@ use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::codegen::Service as _;
 
+use crate::conn::Streams;
 use crate::service::AuthzService;
 
 /// The one method keyward serves itself.
@@ -329,8 +330,10 @@ fn finish(
 }
 
 /// The HTTP/2 settings for ext_authz traffic: few connections, many streams.
-pub fn http2() -> hyper::server::conn::http2::Builder<TokioExecutor> {
-    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+/// `streams` runs the connection's streams (one [`Streams`] per connection;
+/// see [`crate::conn`]).
+pub fn http2(streams: Streams) -> hyper::server::conn::http2::Builder<Streams> {
+    let mut b = hyper::server::conn::http2::Builder::new(streams);
     b.timer(TokioTimer::new())
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(MAX_HEADER_LIST_BYTES)
@@ -352,7 +355,6 @@ pub async fn serve<S, IO>(
     S: Stream<Item = std::io::Result<IO>> + Unpin,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let builder = http2();
     let graceful = GracefulShutdown::new();
     let service = Arc::new(service);
     loop {
@@ -371,11 +373,12 @@ pub async fn serve<S, IO>(
             None => break,
         };
         let service = Arc::clone(&service);
-        let conn = builder.serve_connection(
+        let streams = Streams::default();
+        let conn = http2(streams.clone()).serve_connection(
             TokioIo::new(io),
             hyper::service::service_fn(move |req| service.answer(req)),
         );
-        let conn = graceful.watch(conn);
+        let conn = streams.drive(graceful.watch(conn));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "gRPC connection ended with an error");

@@ -19,6 +19,8 @@
 //!   CheckRequest reader and a CheckResponse writer.
 //! - [`grpc`]: the HTTP/2 listener (hyper) that answers Check directly and
 //!   hands `grpc.health.v1` to tonic.
+//! - [`conn`]: one HTTP/2 connection, its streams run in the connection's
+//!   task so that the answers to one read leave in one write.
 //! - [`reload`]: hot reload: watch, debounce, read, validate, publish or keep.
 //! - [`stats`]: decision counters.
 //! - [`metrics`]: Prometheus exposition, read from the atomics at scrape time.
@@ -35,6 +37,7 @@
 pub mod admin;
 pub mod bench_support;
 pub mod cli;
+pub mod conn;
 pub mod decide;
 pub mod edit;
 pub mod grpc;

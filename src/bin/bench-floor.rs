@@ -122,9 +122,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let svc = hyper::service::service_fn(move |req| answer(req, ok.clone()));
             // The same HTTP/2 settings as keyward's listener, so the two
             // differ only in what they do per request.
-            let _ = keyward::grpc::http2()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let streams = keyward::conn::Streams::default();
+            let conn =
+                keyward::grpc::http2(streams.clone()).serve_connection(TokioIo::new(stream), svc);
+            let _ = streams.drive(conn).await;
         });
     }
 }
