@@ -148,3 +148,211 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::IoSlice;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt as _, Full};
+    use hyper::{Request, Response};
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    /// The server's end of the pipe, counting the writes that carried bytes.
+    struct Counted {
+        io: DuplexStream,
+        writes: Arc<AtomicUsize>,
+    }
+
+    impl AsyncRead for Counted {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl Counted {
+        fn count(&self, r: &Poll<std::io::Result<usize>>) {
+            if matches!(r, Poll::Ready(Ok(n)) if *n > 0) {
+                self.writes.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    impl AsyncWrite for Counted {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let r = Pin::new(&mut self.io).poll_write(cx, buf);
+            self.count(&r);
+            r
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+            self.count(&r);
+            r
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.io.is_write_vectored()
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    /// What the test server's requests do, by path.
+    async fn answer(
+        req: Request<hyper::body::Incoming>,
+        called: mpsc::UnboundedSender<()>,
+    ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+        let path = req.uri().path().to_owned();
+        let _ = called.send(());
+        if path == "/panic" {
+            panic!("a stream's service panicked");
+        }
+        // The whole body, however many reads it takes to arrive.
+        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+        let len = body.map_or(0, |b| b.len());
+        Ok(Response::new(Full::new(Bytes::from(format!(
+            "{path} {len}"
+        )))))
+    }
+
+    /// A server connection driven by [`Streams`] on one end of a pipe, and
+    /// an h2 client on the other. Returns the client, the server's write
+    /// count, a channel that yields once per request the service sees, and
+    /// the server's task.
+    async fn pair() -> (
+        h2::client::SendRequest<Bytes>,
+        Arc<AtomicUsize>,
+        mpsc::UnboundedReceiver<()>,
+        tokio::task::JoinHandle<Result<(), hyper::Error>>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let writes = Arc::new(AtomicUsize::new(0));
+        let (called_tx, called) = mpsc::unbounded_channel();
+        let streams = Streams::default();
+        let mut builder = hyper::server::conn::http2::Builder::new(streams.clone());
+        builder.timer(TokioTimer::new());
+        let conn = builder.serve_connection(
+            TokioIo::new(Counted {
+                io: server_io,
+                writes: Arc::clone(&writes),
+            }),
+            hyper::service::service_fn(move |req| answer(req, called_tx.clone())),
+        );
+        let server = tokio::spawn(streams.drive(conn));
+        let (client, connection) = h2::client::handshake(client_io).await.unwrap();
+        let client_conn = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        (client, writes, called, server, client_conn)
+    }
+
+    fn post(path: &str) -> Request<()> {
+        Request::post(format!("http://test{path}"))
+            .body(())
+            .unwrap()
+    }
+
+    async fn text(response: h2::client::ResponseFuture) -> Result<String, h2::Error> {
+        let mut body = response.await?.into_body();
+        let mut out = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            out.extend_from_slice(&chunk);
+        }
+        Ok(String::from_utf8(out).unwrap())
+    }
+
+    /// Requests that arrive together are answered together: on tokio's
+    /// multi-threaded runtime, where a task per stream made one write per
+    /// answer, 64 requests sent at once get their answers in a few writes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn answers_to_one_read_leave_in_one_write() {
+        let (mut client, writes, _called, _server, _client_conn) = pair().await;
+        // Settle the connection's preface and settings first.
+        text(client.send_request(post("/warm"), true).unwrap().0)
+            .await
+            .unwrap();
+        let before = writes.load(Ordering::Relaxed);
+        // The client's connection task sends everything queued in one write.
+        let pending: Vec<_> = (0..64)
+            .map(|i| client.send_request(post(&format!("/{i}")), true).unwrap().0)
+            .collect();
+        for (i, response) in pending.into_iter().enumerate() {
+            assert_eq!(text(response).await.unwrap(), format!("/{i} 0"));
+        }
+        let writes = writes.load(Ordering::Relaxed) - before;
+        assert!(writes <= 8, "64 answers took {writes} writes");
+    }
+
+    /// A stream whose body comes in a later read waits for it in the set,
+    /// and is answered when it arrives.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_waiting_for_its_body_is_answered_when_it_arrives() {
+        let (mut client, _writes, mut called, _server, _client_conn) = pair().await;
+        let (response, mut body) = client.send_request(post("/slow"), false).unwrap();
+        // The service has the request and is waiting for the body.
+        called.recv().await.unwrap();
+        // Meanwhile the connection serves others.
+        let other = client.send_request(post("/other"), true).unwrap().0;
+        assert_eq!(text(other).await.unwrap(), "/other 0");
+        body.send_data(Bytes::from_static(b"12345"), true).unwrap();
+        assert_eq!(text(response).await.unwrap(), "/slow 5");
+    }
+
+    /// A panic in one stream resets that stream; the connection and its
+    /// other streams carry on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_stream_resets_only_itself() {
+        let (mut client, _writes, _called, server, _client_conn) = pair().await;
+        let boom = client.send_request(post("/panic"), true).unwrap().0;
+        let fine = client.send_request(post("/fine"), true).unwrap().0;
+        assert!(text(boom).await.is_err(), "the panicked stream was reset");
+        assert_eq!(text(fine).await.unwrap(), "/fine 0");
+        let again = client.send_request(post("/again"), true).unwrap().0;
+        assert_eq!(text(again).await.unwrap(), "/again 0");
+        assert!(!server.is_finished());
+    }
+
+    /// When the client goes away with a stream still open, the driven
+    /// connection ends, and so does the stream.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_connection_ends_when_the_client_goes_away() {
+        let (mut client, _writes, mut called, server, client_conn) = pair().await;
+        let (_response, _body) = client.send_request(post("/open"), false).unwrap();
+        called.recv().await.unwrap();
+        client_conn.abort();
+        drop(client);
+        let ended = tokio::time::timeout(Duration::from_secs(10), server).await;
+        assert!(ended.is_ok(), "the server's connection did not end");
+    }
+}

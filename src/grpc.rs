@@ -1,6 +1,7 @@
 //! The gRPC listener: HTTP/2 connections served by hyper.
 //!
-//! `Authorization/Check` is answered right here, on the stream's task: the
+//! `Authorization/Check` is answered right here, in the connection's task
+//! (see [`crate::conn`]: the answers to one read leave in one write): the
 //! request body is the one gRPC message (usually one DATA frame, used without
 //! a copy), [`AuthzService::check_message`] turns it into the encoded
 //! response, and the reply is that frame plus `grpc-status: 0` trailers.
