@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::codegen::Service as _;
 
-use crate::conn::Streams;
+use crate::conn::{Streams, Unvectored};
 use crate::service::AuthzService;
 
 /// The one method keyward serves itself.
@@ -376,7 +376,7 @@ pub async fn serve<S, IO>(
         let service = Arc::clone(&service);
         let streams = Streams::default();
         let conn = http2(streams.clone()).serve_connection(
-            TokioIo::new(io),
+            TokioIo::new(Unvectored(io)),
             hyper::service::service_fn(move |req| service.answer(req)),
         );
         let conn = streams.drive(graceful.watch(conn));

@@ -561,6 +561,9 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
 
+/// The future that runs one HTTP/2 connection (reads, writes, flow control).
+type Driver = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// One HTTP/2 connection to the server.
 #[derive(Clone)]
 struct Conn {
@@ -591,8 +594,9 @@ fn parse_target(target: &str) -> anyhow::Result<Target> {
     Ok(Target::Tcp(authority.to_owned()))
 }
 
-async fn connect(target: &Target) -> anyhow::Result<Conn> {
-    async fn handshake<T>(io: T, authority: &str) -> anyhow::Result<Conn>
+/// A connection, and the future that runs it (to be spawned or driven).
+async fn connect(target: &Target) -> anyhow::Result<(Conn, Driver)> {
+    async fn handshake<T>(io: T, authority: &str) -> anyhow::Result<(Conn, Driver)>
     where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -600,16 +604,17 @@ async fn connect(target: &Target) -> anyhow::Result<Conn> {
             // Large windows: flow control must never be what limits a run.
             .initial_window_size(1 << 20)
             .initial_connection_window_size(1 << 24)
-            .handshake::<_, Bytes>(io)
+            // Requests of up to 1 KiB share writes (see keyward::conn::Unvectored).
+            .handshake::<_, Bytes>(keyward::conn::Unvectored(io))
             .await?;
-        tokio::spawn(async move {
+        let driver = Box::pin(async move {
             if let Err(e) = connection.await {
                 eprintln!("keyward-loadgen: connection ended: {e}");
             }
         });
         let uri =
             format!("http://{authority}/envoy.service.auth.v3.Authorization/Check").parse()?;
-        Ok(Conn { send, uri })
+        Ok((Conn { send, uri }, driver))
     }
     match target {
         Target::Tcp(authority) => {
@@ -785,6 +790,7 @@ async fn run(args: Args) -> anyhow::Result<u8> {
             .map_err(|e| anyhow::anyhow!("connection {i} to {}: {e:#}", args.target))?;
         clients.push(conn);
     }
+    let (clients, drivers): (Vec<Conn>, Vec<Driver>) = clients.into_iter().unzip();
 
     let start = Instant::now();
     let window = Arc::new(Window {
@@ -808,8 +814,13 @@ async fn run(args: Args) -> anyhow::Result<u8> {
     };
 
     let mut stats = match args.rate {
-        None => closed_loop(&clients, args.streams, &plan, &window).await,
-        Some(rate) => open_loop(&clients, args.streams, &plan, &window, rate).await,
+        None => closed_loop(clients, drivers, args.streams, &plan, &window).await,
+        Some(rate) => {
+            for driver in drivers {
+                tokio::spawn(driver);
+            }
+            open_loop(&clients, args.streams, &plan, &window, rate).await
+        }
     };
     let finished = Instant::now();
     let server_cpu_end = pid.as_deref().and_then(cpu_time);
@@ -933,42 +944,77 @@ async fn run(args: Args) -> anyhow::Result<u8> {
 }
 
 /// Every stream sends its next call as soon as the last one is answered.
+///
+/// A connection's streams run in one task with the connection itself, so the
+/// calls that one read of answers sets off leave in one write: with a task
+/// per stream, each call's send woke the connection's task at once and cost
+/// a write of its own, and the load generator needed as much CPU per call as
+/// the server it measured.
 async fn closed_loop(
-    clients: &[Conn],
+    clients: Vec<Conn>,
+    drivers: Vec<Driver>,
     streams: usize,
     plan: &Arc<Plan>,
     window: &Arc<Window>,
 ) -> Stats {
     let mut tasks = tokio::task::JoinSet::new();
-    for (c, client) in clients.iter().enumerate() {
-        for s in 0..streams {
-            let client = client.clone();
-            let plan = Arc::clone(plan);
-            let window = Arc::clone(window);
-            tasks.spawn(async move {
-                let mut rng = Rng::seeded((c * streams + s) as u64);
-                let mut stats = Stats::new(plan.timeline);
-                loop {
-                    if Instant::now() >= window.end {
-                        break;
+    for (c, (client, driver)) in clients.into_iter().zip(drivers).enumerate() {
+        let calls: futures_util::stream::FuturesUnordered<_> = (0..streams)
+            .map(|s| {
+                let client = client.clone();
+                let plan = Arc::clone(plan);
+                let window = Arc::clone(window);
+                async move {
+                    let mut rng = Rng::seeded((c * streams + s) as u64);
+                    let mut stats = Stats::new(plan.timeline);
+                    loop {
+                        if Instant::now() >= window.end {
+                            break;
+                        }
+                        let (req, valid) = plan.request(&mut rng);
+                        let sent = Instant::now();
+                        let (outcome, gone) = match call(&client, req, plan.timeout).await {
+                            Ok(outcome) => (outcome, false),
+                            Err(Gone(e)) => (Outcome::Error(e), true),
+                        };
+                        if sent >= window.measure_from || gone {
+                            stats.record(sent, outcome, valid, plan.verify, sent.elapsed());
+                        }
+                        if gone {
+                            // Every later call on this connection would fail at once.
+                            break;
+                        }
                     }
-                    let (req, valid) = plan.request(&mut rng);
-                    let sent = Instant::now();
-                    let (outcome, gone) = match call(&client, req, plan.timeout).await {
-                        Ok(outcome) => (outcome, false),
-                        Err(Gone(e)) => (Outcome::Error(e), true),
-                    };
-                    if sent >= window.measure_from || gone {
-                        stats.record(sent, outcome, valid, plan.verify, sent.elapsed());
-                    }
-                    if gone {
-                        // Every later call on this connection would fail at once.
-                        break;
-                    }
+                    stats
                 }
-                stats
+            })
+            .collect();
+        drop(client);
+        let timeline = plan.timeline;
+        tasks.spawn(async move {
+            let mut calls = std::pin::pin!(async move {
+                let mut calls = calls;
+                let mut total = Stats::new(timeline);
+                while let Some(s) = futures_util::StreamExt::next(&mut calls).await {
+                    total.merge(&s);
+                }
+                total
             });
-        }
+            // The connection first (it reads the answers and wakes their
+            // streams), then the streams (whose next calls it writes on its
+            // next poll, all at once). Once every stream has finished, the
+            // connection is dropped, which closes it.
+            let mut driver = Some(driver);
+            std::future::poll_fn(|cx| {
+                if let Some(d) = driver.as_mut()
+                    && d.as_mut().poll(cx).is_ready()
+                {
+                    driver = None;
+                }
+                calls.as_mut().poll(cx)
+            })
+            .await
+        });
     }
     let mut total = Stats::new(plan.timeline);
     while let Some(res) = tasks.join_next().await {
