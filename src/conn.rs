@@ -35,11 +35,13 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 
 use futures_util::FutureExt as _;
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
+use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -84,7 +86,14 @@ impl Streams {
     where
         C: Future,
     {
+        let gate = Arc::new(Gate {
+            polling: AtomicBool::new(false),
+            woken: AtomicBool::new(false),
+            task: AtomicWaker::new(),
+        });
         Driven {
+            waker: Waker::from(Arc::clone(&gate)),
+            gate,
             conn: Some(Box::pin(conn)),
             outcome: None,
             queue: self.queue,
@@ -103,7 +112,41 @@ pub struct Driven<C: Future> {
     /// allocation).
     taken: Vec<Stream>,
     streams: FuturesUnordered<Stream>,
+    /// The waker the connection and the streams are polled with.
+    gate: Arc<Gate>,
+    waker: Waker,
 }
+
+/// The waker of a connection's own poll. A stream that answers wakes the
+/// connection so that it writes, but [`Driven`] polls the connection again
+/// anyway right after its streams; passed on to tokio, that wakeup would
+/// schedule the task once more and rouse an idle worker thread to look for
+/// work, every time a lone request is answered (about 10 µs of CPU per check
+/// at low rates). So while [`Driven::poll`] runs, a wakeup only notes that
+/// it happened and `poll` goes round again; at other times it is passed on.
+struct Gate {
+    polling: AtomicBool,
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Gate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        if !self.polling.load(Ordering::SeqCst) {
+            self.task.wake();
+        }
+    }
+}
+
+/// Rounds of one [`Driven::poll`] at most: tokio's cooperative budget is
+/// renewed only between polls of the task, and a connection out of budget
+/// wakes itself at once.
+const MAX_ROUNDS: usize = 32;
 
 impl<C: Future> std::fmt::Debug for Driven<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -123,40 +166,68 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
         let this = self.get_mut();
-        loop {
-            if let Some(conn) = &mut this.conn
-                && let Poll::Ready(outcome) = conn.as_mut().poll(cx)
-            {
-                this.conn = None;
-                this.outcome = Some(outcome);
+        this.gate.task.register(cx.waker());
+        this.gate.polling.store(true, Ordering::SeqCst);
+        let mut rounds = 0;
+        let outcome = loop {
+            this.gate.woken.store(false, Ordering::SeqCst);
+            if let Poll::Ready(outcome) = this.round() {
+                break Poll::Ready(outcome);
             }
-            std::mem::swap(
-                &mut *this.queue.lock().unwrap_or_else(PoisonError::into_inner),
-                &mut this.taken,
-            );
-            let mut progress = !this.taken.is_empty();
-            for stream in this.taken.drain(..) {
-                this.streams.push(stream);
+            rounds += 1;
+            if this.gate.woken.load(Ordering::SeqCst) && rounds < MAX_ROUNDS {
+                // Streams answered (or were handed out, or data arrived):
+                // go round again, so the connection writes every answer of
+                // this round at once and reads whatever came meanwhile.
+                continue;
             }
-            while let Poll::Ready(Some(())) = this.streams.poll_next_unpin(cx) {
-                progress = true;
-            }
-            if this.conn.is_none() {
-                if this.streams.is_empty()
-                    && let Some(outcome) = this.outcome.take()
-                {
-                    return Poll::Ready(outcome);
-                }
-                // The remaining streams are registered for their wakeups.
-                return Poll::Pending;
-            }
-            if !progress {
-                return Poll::Pending;
-            }
-            // Streams were handed out or answered: poll the connection again,
-            // which writes every answer of this round at once and reads
-            // whatever has arrived meanwhile.
+            break Poll::Pending;
+        };
+        this.gate.polling.store(false, Ordering::SeqCst);
+        // A wakeup noted since the last round (or after the last allowed
+        // one) is passed on, so that none is lost.
+        if outcome.is_pending() && this.gate.woken.swap(false, Ordering::SeqCst) {
+            cx.waker().wake_by_ref();
         }
+        outcome
+    }
+}
+
+impl<C> Driven<C>
+where
+    C: Future,
+    C::Output: Unpin,
+{
+    /// Polls the connection, takes the streams it handed out, and polls
+    /// every stream that is ready; `Ready` once the connection and all its
+    /// streams have finished.
+    fn round(&mut self) -> Poll<C::Output> {
+        let mut cx = Context::from_waker(&self.waker);
+        if let Some(conn) = &mut self.conn
+            && let Poll::Ready(outcome) = conn.as_mut().poll(&mut cx)
+        {
+            self.conn = None;
+            self.outcome = Some(outcome);
+        }
+        std::mem::swap(
+            &mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner),
+            &mut self.taken,
+        );
+        if !self.taken.is_empty() {
+            // New streams: make sure they are polled in the next round.
+            self.gate.woken.store(true, Ordering::SeqCst);
+        }
+        for stream in self.taken.drain(..) {
+            self.streams.push(stream);
+        }
+        while let Poll::Ready(Some(())) = self.streams.poll_next_unpin(&mut cx) {}
+        if self.conn.is_none()
+            && self.streams.is_empty()
+            && let Some(outcome) = self.outcome.take()
+        {
+            return Poll::Ready(outcome);
+        }
+        Poll::Pending
     }
 }
 
