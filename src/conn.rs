@@ -214,7 +214,8 @@ where
             &mut self.taken,
         );
         if !self.taken.is_empty() {
-            // New streams: make sure they are polled in the next round.
+            // New streams (polled just below): go round again, so that the
+            // connection is polled after them and writes what they answered.
             self.gate.woken.store(true, Ordering::SeqCst);
         }
         for stream in self.taken.drain(..) {
