@@ -51,6 +51,9 @@ type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
 #[derive(Clone, Default)]
 pub struct Streams {
     queue: Arc<Mutex<Vec<Stream>>>,
+    /// The driving task's waker: a queued stream wakes it (or, during its
+    /// poll, sends it round again), wherever it was queued from.
+    gate: Arc<Gate>,
 }
 
 impl std::fmt::Debug for Streams {
@@ -75,6 +78,7 @@ where
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(Box::pin(stream));
+        Wake::wake_by_ref(&self.gate);
     }
 }
 
@@ -86,14 +90,9 @@ impl Streams {
     where
         C: Future,
     {
-        let gate = Arc::new(Gate {
-            polling: AtomicBool::new(false),
-            woken: AtomicBool::new(false),
-            task: AtomicWaker::new(),
-        });
         Driven {
-            waker: Waker::from(Arc::clone(&gate)),
-            gate,
+            waker: Waker::from(Arc::clone(&self.gate)),
+            gate: self.gate,
             conn: Some(Box::pin(conn)),
             outcome: None,
             queue: self.queue,
@@ -124,6 +123,7 @@ pub struct Driven<C: Future> {
 /// work, every time a lone request is answered (about 10 µs of CPU per check
 /// at low rates). So while [`Driven::poll`] runs, a wakeup only notes that
 /// it happened and `poll` goes round again; at other times it is passed on.
+#[derive(Default)]
 struct Gate {
     polling: AtomicBool,
     woken: AtomicBool,
@@ -144,8 +144,8 @@ impl Wake for Gate {
 }
 
 /// Rounds of one [`Driven::poll`] at most: tokio's cooperative budget is
-/// renewed only between polls of the task, and a connection out of budget
-/// wakes itself at once.
+/// renewed only between polls of the task (a connection out of budget
+/// answers `Pending` until then), and other tasks wait their turn.
 const MAX_ROUNDS: usize = 32;
 
 impl<C: Future> std::fmt::Debug for Driven<C> {
@@ -213,11 +213,6 @@ where
             &mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner),
             &mut self.taken,
         );
-        if !self.taken.is_empty() {
-            // New streams (polled just below): go round again, so that the
-            // connection is polled after them and writes what they answered.
-            self.gate.woken.store(true, Ordering::SeqCst);
-        }
         for stream in self.taken.drain(..) {
             self.streams.push(stream);
         }

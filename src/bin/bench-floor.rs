@@ -120,11 +120,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let ok = ok.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| answer(req, ok.clone()));
-            // The same HTTP/2 settings as keyward's listener, so the two
-            // differ only in what they do per request.
+            // The same HTTP/2 settings and connection handling as keyward's
+            // listener, so the two differ only in what they do per request.
             let streams = keyward::conn::Streams::default();
-            let conn =
-                keyward::grpc::http2(streams.clone()).serve_connection(TokioIo::new(stream), svc);
+            let conn = keyward::grpc::http2(streams.clone())
+                .serve_connection(TokioIo::new(keyward::conn::Unvectored(stream)), svc);
             let _ = streams.drive(conn).await;
         });
     }
