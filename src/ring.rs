@@ -2269,9 +2269,10 @@ expires_at = 2027-02-27T00:00:00Z
             None,
         ));
         let stop = std::sync::atomic::AtomicBool::new(false);
+        let uses = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {
             for t in 0..2u64 {
-                let (handle, stop) = (&handle, &stop);
+                let (handle, stop, uses) = (&handle, &stop, &uses);
                 s.spawn(move || {
                     let mut n = t;
                     while !stop.load(Ordering::Relaxed) {
@@ -2284,6 +2285,7 @@ expires_at = 2027-02-27T00:00:00Z
                                 .wrapping_add(1442695040888963407);
                             if let Some(key) = ring.key_at((n >> 33) as u32 % ring.len() as u32) {
                                 key.usage().record_use(1);
+                                uses.fetch_add(1, Ordering::Relaxed);
                             }
                             std::thread::yield_now();
                         }
@@ -2303,6 +2305,14 @@ expires_at = 2027-02-27T00:00:00Z
                     .filter(|id| next.by_id(id).is_none())
                     .collect();
                 reg.forget(removed.iter().map(String::as_str), &next);
+                // Let the checkers use some keys of every generation, however
+                // the scheduler shares the CPUs out (bounded: on a stalled
+                // machine the count below says so).
+                let want = uses.load(Ordering::Relaxed) + 60;
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while uses.load(Ordering::Relaxed) < want && std::time::Instant::now() < deadline {
+                    std::thread::yield_now();
+                }
             }
             stop.store(true, Ordering::Relaxed);
         });
