@@ -330,10 +330,34 @@ fn finish(
     }
 }
 
+/// One connection as keyward serves it: HTTP/2 with [`http2`]'s settings
+/// over an [`Unvectored`] socket, its streams run by the returned
+/// [`Streams`], whose [`Streams::drive`] (around the connection, or around
+/// a graceful-shutdown watch of it) is the future to spawn.
+pub fn serve_connection<IO, S, B>(
+    io: IO,
+    service: S,
+) -> (
+    Streams,
+    hyper::server::conn::http2::Connection<TokioIo<Unvectored<IO>>, S, Streams>,
+)
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    Streams: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    let streams = Streams::default();
+    let conn = http2(streams.clone()).serve_connection(TokioIo::new(Unvectored(io)), service);
+    (streams, conn)
+}
+
 /// The HTTP/2 settings for ext_authz traffic: few connections, many streams.
 /// `streams` runs the connection's streams (one [`Streams`] per connection;
 /// see [`crate::conn`]).
-pub fn http2(streams: Streams) -> hyper::server::conn::http2::Builder<Streams> {
+fn http2(streams: Streams) -> hyper::server::conn::http2::Builder<Streams> {
     let mut b = hyper::server::conn::http2::Builder::new(streams);
     b.timer(TokioTimer::new())
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
@@ -374,9 +398,8 @@ pub async fn serve<S, IO>(
             None => break,
         };
         let service = Arc::clone(&service);
-        let streams = Streams::default();
-        let conn = http2(streams.clone()).serve_connection(
-            TokioIo::new(Unvectored(io)),
+        let (streams, conn) = serve_connection(
+            io,
             hyper::service::service_fn(move |req| service.answer(req)),
         );
         let conn = streams.drive(graceful.watch(conn));

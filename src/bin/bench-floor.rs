@@ -19,7 +19,6 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use keyward::grpc::Reply;
 use keyward::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use keyward::pb::envoy::service::auth::v3::{CheckResponse, OkHttpResponse};
@@ -122,9 +121,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let svc = hyper::service::service_fn(move |req| answer(req, ok.clone()));
             // The same HTTP/2 settings and connection handling as keyward's
             // listener, so the two differ only in what they do per request.
-            let streams = keyward::conn::Streams::default();
-            let conn = keyward::grpc::http2(streams.clone())
-                .serve_connection(TokioIo::new(keyward::conn::Unvectored(stream)), svc);
+            let (streams, conn) = keyward::grpc::serve_connection(stream, svc);
             let _ = streams.drive(conn).await;
         });
     }

@@ -784,13 +784,14 @@ async fn run(args: Args) -> anyhow::Result<u8> {
     // Separate TCP (or Unix) connections, each with its own HTTP/2 session.
     let target = parse_target(&args.target)?;
     let mut clients = Vec::with_capacity(args.connections);
+    let mut drivers = Vec::with_capacity(args.connections);
     for i in 0..args.connections {
-        let conn = connect(&target)
+        let (conn, driver) = connect(&target)
             .await
             .map_err(|e| anyhow::anyhow!("connection {i} to {}: {e:#}", args.target))?;
         clients.push(conn);
+        drivers.push(driver);
     }
-    let (clients, drivers): (Vec<Conn>, Vec<Driver>) = clients.into_iter().unzip();
 
     let start = Instant::now();
     let window = Arc::new(Window {
