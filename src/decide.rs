@@ -8,7 +8,7 @@ use jiff::Timestamp;
 
 use crate::keyfile::KeyState;
 use crate::limit::Quota;
-use crate::ring::{KeyRef, KeyRing};
+use crate::ring::{Found, KeyRef, KeyRing};
 
 /// Longest credential accepted, in bytes.
 pub const MAX_KEY_LEN: usize = 512;
@@ -219,12 +219,10 @@ pub fn extract<'a>(
     } else {
         return Err(DenyReason::MissingKey);
     };
-    // A key that claims keyward's format but fails its checksum is a typo or
-    // a guess: reject it before any digest work. Keys of any other shape
-    // (issued elsewhere) go on to the lookup.
-    if is_well_formed(cred.secret)
-        && (!crate::secret::claims_format(cred.secret) || crate::secret::checksum_ok(cred.secret))
-    {
+    // A key that claims keyward's format but fails its checksum is refused
+    // by the lookup (`KeyRing::find`), before any digest work and only when
+    // the key is not remembered from an earlier check.
+    if is_well_formed(cred.secret) {
         Ok(cred)
     } else {
         Err(DenyReason::MalformedKey)
@@ -309,10 +307,11 @@ pub fn decide<'r>(
     now: Timestamp,
     required: &str,
 ) -> Decision<'r> {
-    let Some(key) = ring.find(cred.secret.as_bytes()) else {
-        return Decision::deny(DenyReason::UnknownKey);
-    };
-    decide_key(key, now, required)
+    match ring.find(cred.secret.as_bytes()) {
+        Found::Key(key) => decide_key(key, now, required),
+        Found::Unknown => Decision::deny(DenyReason::UnknownKey),
+        Found::Malformed => Decision::deny(DenyReason::MalformedKey),
+    }
 }
 
 /// The part of [`decide`] after the lookup: state, validity window, scopes,
@@ -391,7 +390,11 @@ mod tests {
                 hex::encode(digest(secret))
             ));
         }
-        let file = parse_str(&text, ParseOptions::default()).unwrap();
+        ring_of(&text)
+    }
+
+    fn ring_of(text: &str) -> KeyRing {
+        let file = parse_str(text, ParseOptions::default()).unwrap();
         let source = RingSource {
             generation: 1,
             sha256: [0; 32],
@@ -527,17 +530,40 @@ mod tests {
     #[test]
     fn keyward_shaped_keys_must_pass_their_checksum() {
         let good = crate::secret::generate().unwrap();
-        assert!(extract(Some(&good), None).is_ok());
         let mut bad = good.clone().into_bytes();
         bad[10] = if bad[10] == b'a' { b'b' } else { b'a' };
         let bad = String::from_utf8(bad).unwrap();
-        assert_eq!(extract(Some(&bad), None), Err(DenyReason::MalformedKey));
-        assert_eq!(
-            extract(Some("kw_short"), None),
-            Err(DenyReason::MalformedKey)
+        // The ring even holds the look-alike's digest: it is still refused,
+        // the first time and every time after.
+        let text = format!(
+            "[[keys]]\nid = \"good\"\nclient = \"c\"\nsha256 = \"{}\"\n\
+             [[keys]]\nid = \"bad\"\nclient = \"c\"\nsha256 = \"{}\"\n\
+             [[keys]]\nid = \"legacy\"\nclient = \"c\"\nsha256 = \"{}\"\n",
+            hex::encode(digest(&good)),
+            hex::encode(digest(&bad)),
+            hex::encode(digest("legacy-0123456789")),
         );
-        // Keys issued elsewhere are looked up whatever their shape.
-        assert!(extract(Some("legacy-0123456789"), None).is_ok());
+        let ring = ring_of(&text);
+        for _ in 0..3 {
+            assert_eq!(check(&ring, Some(&good), None, ""), Ok("good".into()));
+            assert_eq!(
+                check(&ring, Some(&bad), None, ""),
+                Err(DenyReason::MalformedKey)
+            );
+            assert_eq!(
+                check(&ring, Some("kw_short"), None, ""),
+                Err(DenyReason::MalformedKey)
+            );
+            // Keys issued elsewhere are looked up whatever their shape.
+            assert_eq!(
+                check(&ring, Some("legacy-0123456789"), None, ""),
+                Ok("legacy".into())
+            );
+            assert_eq!(
+                check(&ring, Some("legacy-9876543210"), None, ""),
+                Err(DenyReason::UnknownKey)
+            );
+        }
     }
 
     #[test]

@@ -5,14 +5,16 @@
 //! Two structures, so the success path stays lock-free:
 //!
 //! * the set of **locked** sources is an immutable map behind an `ArcSwap`,
-//!   replaced copy-on-write when a lockout starts or is lifted (rare). Every
-//!   check does one `load`, and nothing more while the map is empty;
+//!   replaced copy-on-write (by one writer at a time) when a lockout starts
+//!   or is lifted, which is rare. A flag says whether the map is empty: while
+//!   it is, a check reads that one flag and nothing more;
 //! * the **failure counters** live in a `DashMap`, touched only by checks that
 //!   already failed. It is bounded: when full, expired windows are swept and,
 //!   if still full, the oldest tenth is evicted.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ahash::AHashMap;
@@ -68,6 +70,12 @@ pub struct Lockout {
     config: LockoutConfig,
     failures: DashMap<IpAddr, Tracker, ahash::RandomState>,
     locked: ArcSwap<AHashMap<IpAddr, u64>>,
+    /// Whether `locked` is non-empty: set before a non-empty map is
+    /// published, cleared after an empty one is.
+    any: AtomicBool,
+    /// Serialises replacements of `locked`, so `any` follows the map last
+    /// published.
+    writer: Mutex<()>,
     total: AtomicU64,
 }
 
@@ -84,6 +92,8 @@ impl Lockout {
             config,
             failures: DashMap::with_hasher(ahash::RandomState::new()),
             locked: ArcSwap::from_pointee(AHashMap::new()),
+            any: AtomicBool::new(false),
+            writer: Mutex::new(()),
             total: AtomicU64::new(0),
         }
     }
@@ -99,10 +109,27 @@ impl Lockout {
         self.config.threshold > 0
     }
 
-    /// Whether any lockout may be in force (one atomic load; no lock).
+    /// Whether any lockout may be in force: one relaxed load of a flag, no
+    /// lock, no `ArcSwap` guard. A check racing the start of a lockout may
+    /// miss it, as it would if it had come a moment earlier.
     #[inline]
     pub fn any_locked(&self) -> bool {
-        self.enabled() && !self.locked.load().is_empty()
+        self.enabled() && self.any.load(Ordering::Relaxed)
+    }
+
+    /// Publishes the map `next` makes of the current one. Rare (a lockout
+    /// starts or is lifted), so writers take a lock; checks never do.
+    fn replace(&self, next: impl FnOnce(&AHashMap<IpAddr, u64>) -> AHashMap<IpAddr, u64>) {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let next = next(&self.locked.load());
+        let any = !next.is_empty();
+        if any {
+            self.any.store(true, Ordering::Relaxed);
+        }
+        self.locked.store(Arc::new(next));
+        if !any {
+            self.any.store(false, Ordering::Relaxed);
+        }
     }
 
     /// Seconds left on `source`'s lockout, if it is locked out at `now_ns`.
@@ -142,7 +169,7 @@ impl Lockout {
         self.failures.remove(&source);
         let until = now_ns.saturating_add(ns(self.config.duration));
         let max = self.config.max_sources;
-        self.locked.rcu(|current| {
+        self.replace(|current| {
             let mut next: AHashMap<IpAddr, u64> = current
                 .iter()
                 .filter(|(_, u)| **u > now_ns)
@@ -190,13 +217,13 @@ impl Lockout {
     /// Lifts `source`'s lockout (and forgets its failures); true if it was locked.
     pub fn lift(&self, source: IpAddr) -> bool {
         self.failures.remove(&source);
-        let was = self.locked.load().contains_key(&source);
+        let mut was = false;
+        self.replace(|current| {
+            let mut next = AHashMap::clone(current);
+            was = next.remove(&source).is_some();
+            next
+        });
         if was {
-            self.locked.rcu(|current| {
-                let mut next = AHashMap::clone(current);
-                next.remove(&source);
-                next
-            });
             tracing::info!(target: "keyward::audit", %source, "lockout lifted by an operator");
         }
         was

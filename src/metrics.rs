@@ -70,7 +70,11 @@ impl Collector for SharedCollector {
         encoder
             .encode_descriptor(
                 "keyward_check_duration_seconds",
-                "Time to decide a check, measured inside the service.",
+                &format!(
+                    "Time to decide a check, measured inside the service on one check in {} \
+                     of each serving thread.",
+                    crate::stats::TIMED_ONE_IN
+                ),
                 None,
                 MetricType::Histogram,
             )?

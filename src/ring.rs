@@ -121,6 +121,27 @@ impl KeyUsage {
     }
 }
 
+/// What a presented secret finds in a ring ([`KeyRing::find`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Found<'r> {
+    /// The key whose secret it is.
+    Key(KeyRef<'r>),
+    /// No key: a plausible secret the ring does not hold.
+    Unknown,
+    /// It claims keyward's format but fails its checksum.
+    Malformed,
+}
+
+impl<'r> Found<'r> {
+    /// The key, if one was found.
+    pub fn key(self) -> Option<KeyRef<'r>> {
+        match self {
+            Found::Key(k) => Some(k),
+            Found::Unknown | Found::Malformed => None,
+        }
+    }
+}
+
 /// Usage counters by key id; touched when a key is first used, when a ring is
 /// built without a previous ring to link from, and when keys are removed.
 ///
@@ -1059,21 +1080,29 @@ impl KeyRing {
         self.key(self.index_of(digest))
     }
 
-    /// The key whose secret is `secret`: SHA-256 and [`KeyRing::lookup`] the
-    /// first time this thread sees it in this ring, a keyed tag and one slot
-    /// of the thread's memo after that (see [`crate::verified`]).
+    /// What `secret` finds: SHA-256 and [`KeyRing::lookup`] the first time
+    /// this thread sees it in this ring, a keyed tag and one slot of the
+    /// thread's memo after that (see [`crate::verified`]).
+    ///
+    /// A secret not in the memo must first be [`crate::secret::plausible`]:
+    /// one that claims keyward's format and fails its checksum is
+    /// [`Found::Malformed`], with no digest work and no memo slot taken.
+    /// Only plausible secrets enter the memo, so a repeat skips the check.
     #[inline]
-    pub fn find(&self, secret: &[u8]) -> Option<KeyRef<'_>> {
+    pub fn find(&self, secret: &[u8]) -> Found<'_> {
         let tag = crate::verified::tag(secret);
         let index = match crate::verified::get(tag, self.uid) {
             Some(index) => index,
             None => {
+                if !crate::secret::plausible(secret) {
+                    return Found::Malformed;
+                }
                 let index = self.index_of(&crate::decide::digest_bytes(secret));
                 crate::verified::put(tag, self.uid, index);
                 index
             }
         };
-        self.key(index)
+        self.key(index).map_or(Found::Unknown, Found::Key)
     }
 
     /// The key with id `id`.
@@ -2605,7 +2634,7 @@ expires_at = 2200-01-01T00:00:00Z
             assert_eq!(k.id(), format!("k{i}"));
             assert_eq!(ring.by_id(&format!("k{i}")).unwrap().index(), k.index());
             assert_eq!(
-                ring.find(format!("s{i}").as_bytes()).unwrap().index(),
+                ring.find(format!("s{i}").as_bytes()).key().unwrap().index(),
                 k.index()
             );
         }
