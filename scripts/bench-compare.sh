@@ -7,10 +7,11 @@
 #                        server comparing x-api-key with one static token
 #   floor                target/release/bench-floor: bare hyper HTTP/2 answering a
 #                        pre-encoded OK without decoding the request
-#   floor as keyward     (Envoy parts only) the same floor answering with the
-#                        very response keyward gives an allowed check (headers
-#                        to set and remove, dynamic metadata): what Envoy
-#                        spends on keyward's answer, apart from keyward's own cost
+#   floor_kw             the same floor answering with the very response
+#                        keyward gives an allowed check (headers to set and
+#                        remove, dynamic metadata): what carrying keyward's
+#                        answer costs the server (and Envoy), apart from
+#                        keyward's own work
 #
 # Part 1 (direct): keyward-loadgen speaks gRPC to each server (closed loop,
 #   $CONNECTIONS connections x $STREAMS streams, every response verified) and
@@ -182,7 +183,10 @@ bin="target/release"
 } | tee "$OUT/machine.txt" >&2
 
 log "generating a ring of $NKEYS keys with keyward keys new"
-keys="$work/keys.toml"
+# In a directory of its own: keyward watches the key file's directory, and
+# must not be woken by the results and logs written beside it.
+mkdir "$work/ring"
+keys="$work/ring/keys.toml"
 secrets="$work/secrets.txt"
 for i in $(seq 1 "$NKEYS"); do
     "$bin/keyward" keys new --file "$keys" --client "client-$((i % 100))" \
@@ -222,11 +226,17 @@ floor_addr="$(head -n 1 "$work/floor.addr")"
 floor_kw_addr="$(head -n 1 "$work/floor_kw.addr")"
 log "keyward $keyward_addr (pid $keyward_pid), minimal $minimal_addr (pid $minimal_pid), floor $floor_addr (pid $floor_pid)"
 
-servers=(keyward minimal floor)
-declare -A addr=([keyward]="$keyward_addr" [minimal]="$minimal_addr" [floor]="$floor_addr")
-declare -A server_pid=([keyward]="$keyward_pid" [minimal]="$minimal_pid" [floor]="$floor_pid")
-# The minimal server knows one key; the others are given the whole ring.
-declare -A keyfile=([keyward]="$secrets" [minimal]="$work/one-secret.txt" [floor]="$secrets")
+# floor_kw: the floor sending keyward's answer, so the bytes the contract
+# puts in an answer (headers, metadata) are priced apart from the check.
+servers=(keyward minimal floor floor_kw)
+declare -A addr=([keyward]="$keyward_addr" [minimal]="$minimal_addr" [floor]="$floor_addr"
+    [floor_kw]="$floor_kw_addr")
+declare -A server_pid=([keyward]="$keyward_pid" [minimal]="$minimal_pid" [floor]="$floor_pid"
+    [floor_kw]="$floor_kw_pid")
+# The minimal server knows one key; the others are given the whole ring (the
+# floors allow every call).
+declare -A keyfile=([keyward]="$secrets" [minimal]="$work/one-secret.txt" [floor]="$secrets"
+    [floor_kw]="$secrets")
 
 failures=0
 : >"$OUT/direct.jsonl"
@@ -549,7 +559,7 @@ if direct:
     print("| server | req/s | spread | p50 µs | p99 µs | server CPU µs/check | loadgen CPU µs/check | server busy (CPUs) | loadgen busy (CPUs) | errors | mismatches | idle machine busy (CPUs) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     m = {}
-    for s in ["keyward", "minimal", "floor"]:
+    for s in ["keyward", "minimal", "floor", "floor_kw"]:
         rows = [r for r in direct if r.get("server") == s]
         if not rows:
             continue
@@ -566,7 +576,7 @@ if direct:
               f"| {sum(r.get('errors', 0) for r in rows)} | {sum(r.get('mismatches', 0) for r in rows)} "
               f"| {med(rows, lambda r: r.get('background_cores')):.2f} |")
     print()
-    for other in ["floor", "minimal"]:
+    for other in ["floor", "floor_kw", "minimal"]:
         if "keyward" in m and other in m:
             k, o = m["keyward"], m[other]
             print(f"- keyward/{other}: throughput {k['rps'] / o['rps']:.2f}x, CPU per check {k['cpu'] / o['cpu']:.2f}x "
@@ -583,7 +593,7 @@ if opened:
           f"{dur}s per run, median of {rrounds} rounds\n")
     print("| server | req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | send lag p99 µs | server CPU µs/check | errors | mismatches | idle machine busy (CPUs) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for s in ["keyward", "minimal", "floor"]:
+    for s in ["keyward", "minimal", "floor", "floor_kw"]:
         rows = [r for r in opened if r.get("server") == s]
         if not rows:
             continue

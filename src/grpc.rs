@@ -51,7 +51,7 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 
 // Header names parsed once: a `&str` name is parsed and validated per use.
-static GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
+static GRPC_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("grpc-accept-encoding");
 static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// gRPC status codes used here.
@@ -171,17 +171,11 @@ impl GrpcService {
             // tonic's router (an axum Router) is always ready.
             State::Other(Box::pin(other.call(req.map(tonic::body::Body::new))))
         } else if req.method() != Method::POST {
-            State::Refused(Refusal::MethodNotAllowed)
-        } else if req
-            .headers()
-            .get(&GRPC_ENCODING)
-            .is_some_and(|e| e.as_bytes() != b"identity")
-        {
-            State::Refused(Refusal::Grpc(
-                code::UNIMPLEMENTED,
-                "compressed requests are not accepted",
-            ))
+            State::MethodNotAllowed
         } else {
+            // `grpc-encoding` is not looked at: it names the algorithm of
+            // messages whose compressed flag is set, and only such a message
+            // is refused (see `finish`).
             State::Check {
                 service: Arc::clone(self),
                 body: req.into_body(),
@@ -219,30 +213,10 @@ enum State {
     /// Any other path, answered by tonic's router. Boxed: inline, its size
     /// would be part of every Check's future.
     Other(OtherFuture),
-    /// Refused before its body is read.
-    Refused(Refusal),
+    /// Not a POST: refused with HTTP 405 before its body is read.
+    MethodNotAllowed,
     /// The response has been returned.
     Done,
-}
-
-#[derive(Clone, Copy)]
-enum Refusal {
-    MethodNotAllowed,
-    /// A trailers-only gRPC error: code and message.
-    Grpc(u16, &'static str),
-}
-
-impl Refusal {
-    fn response(self) -> Response<ResponseBody> {
-        match self {
-            Refusal::MethodNotAllowed => {
-                let mut resp = Response::new(http_body_util::Either::Left(Reply::empty()));
-                *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-                resp
-            }
-            Refusal::Grpc(code, message) => error(code, message),
-        }
-    }
 }
 
 impl std::fmt::Debug for Answer {
@@ -250,7 +224,7 @@ impl std::fmt::Debug for Answer {
         let state = match self.state {
             State::Check { .. } => "check",
             State::Other(_) => "other",
-            State::Refused(_) => "refused",
+            State::MethodNotAllowed => "method not allowed",
             State::Done => "done",
         };
         f.debug_struct("Answer").field("state", &state).finish()
@@ -299,7 +273,11 @@ impl Future for Answer {
                 Ok(resp) => resp.map(http_body_util::Either::Right),
                 Err(never) => match never {},
             },
-            State::Refused(refusal) => refusal.response(),
+            State::MethodNotAllowed => {
+                let mut resp = Response::new(http_body_util::Either::Left(Reply::empty()));
+                *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+                resp
+            }
             State::Done => panic!("Answer polled after it completed"),
         };
         this.state = State::Done;
@@ -317,6 +295,13 @@ fn finish(
         Some(buf) => buf.freeze(),
         None => first.unwrap_or_default(),
     };
+    if body.first() == Some(&1) {
+        // A compressed message: UNIMPLEMENTED, naming what is accepted.
+        let mut resp = error(code::UNIMPLEMENTED, "compressed requests are not accepted");
+        resp.headers_mut()
+            .insert(&GRPC_ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        return resp;
+    }
     let message = match crate::wire::unframe(&body) {
         Ok(m) => m,
         Err(_) => return error(code::INVALID_ARGUMENT, "the body is not one gRPC message"),

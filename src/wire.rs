@@ -291,13 +291,18 @@ struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
     /// A varint. Almost every tag and length in a CheckRequest fits in one
-    /// byte, so that case is inline and the general loop is out of line.
+    /// byte and the lengths of its three outer messages in two, so those
+    /// cases are inline and the general loop is out of line.
     #[inline(always)]
     fn varint(&mut self) -> Result<u64, DecodeError> {
         match self.0 {
             [b, rest @ ..] if *b < 0x80 => {
                 self.0 = rest;
                 Ok(u64::from(*b))
+            }
+            [low, high, rest @ ..] if *high < 0x80 => {
+                self.0 = rest;
+                Ok(u64::from(low & 0x7f) | u64::from(*high) << 7)
             }
             _ => self.varint_long(),
         }

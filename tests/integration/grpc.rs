@@ -416,6 +416,8 @@ struct RawReply {
     http_status: u16,
     /// `grpc-status`, from the headers (trailers-only) or the trailers.
     grpc_status: Option<String>,
+    /// `grpc-accept-encoding`, from the headers.
+    accept_encoding: Option<String>,
     body: Vec<u8>,
 }
 
@@ -463,6 +465,10 @@ async fn raw_check(
         .headers()
         .get("grpc-status")
         .map(|v| v.to_str().unwrap().to_owned());
+    let accept_encoding = response
+        .headers()
+        .get("grpc-accept-encoding")
+        .map(|v| v.to_str().unwrap().to_owned());
     let mut stream = response.into_body();
     let mut body = Vec::new();
     while let Some(chunk) = stream.data().await {
@@ -478,6 +484,7 @@ async fn raw_check(
     RawReply {
         http_status,
         grpc_status,
+        accept_encoding,
         body,
     }
 }
@@ -512,6 +519,11 @@ async fn raw_http2_edges_get_grpc_errors_or_answers() {
     let split = answer(&raw_check(server.grpc, "POST", &[], pieces).await);
     assert_eq!(split, whole);
 
+    // A message with its compressed flag set (whatever it holds).
+    let mut compressed = framed.to_vec();
+    compressed[0] = 1;
+    let compressed = bytes::Bytes::from(compressed);
+
     // gRPC errors, trailers-only: status and code.
     // What is sent, its extra headers, its DATA frames, the grpc-status wanted.
     type Case<'a> = (
@@ -524,7 +536,7 @@ async fn raw_http2_edges_get_grpc_errors_or_answers() {
         (
             "compressed",
             &[("grpc-encoding", "gzip")],
-            vec![framed.clone()],
+            vec![compressed],
             "12",
         ),
         ("no body", &[], vec![], "3"),
@@ -555,16 +567,26 @@ async fn raw_http2_edges_get_grpc_errors_or_answers() {
             Some(code),
             "{what}: {reply:?}"
         );
+        // UNIMPLEMENTED for a compressed message names what is accepted.
+        let accepted = (code == "12").then_some("identity");
+        assert_eq!(
+            reply.accept_encoding.as_deref(),
+            accepted,
+            "{what}: {reply:?}"
+        );
     }
-    // `grpc-encoding: identity` is no compression at all.
-    let identity = raw_check(
-        server.grpc,
-        "POST",
-        &[("grpc-encoding", "identity")],
-        vec![framed.clone()],
-    )
-    .await;
-    assert_eq!(answer(&identity), whole);
+    // `grpc-encoding` names the algorithm of compressed messages only: an
+    // uncompressed message is answered whatever the header says.
+    for encoding in ["identity", "gzip"] {
+        let reply = raw_check(
+            server.grpc,
+            "POST",
+            &[("grpc-encoding", encoding)],
+            vec![framed.clone()],
+        )
+        .await;
+        assert_eq!(answer(&reply), whole, "grpc-encoding: {encoding}");
+    }
 
     // Not a POST: HTTP 405, no gRPC status.
     let get = raw_check(server.grpc, "GET", &[], vec![]).await;
