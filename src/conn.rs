@@ -27,6 +27,9 @@
 //! hides vectored writes from h2, so every answer up to 1 KiB shares the
 //! connection's next write.
 //!
+//! Each round of [`Driven`] (read, answer what is ready, write) is a
+//! [`crate::clock::batch`]: its checks are decided at one clock reading.
+//!
 //! The price: one connection's checks run on one thread. They did already in
 //! practice (the connection task itself, the framing and the system calls, is
 //! most of the work and was always serial), and with many connections the
@@ -202,6 +205,8 @@ where
     /// every stream that is ready; `Ready` once the connection and all its
     /// streams have finished.
     fn round(&mut self) -> Poll<C::Output> {
+        // The checks answered in this round share one clock reading.
+        let _batch = crate::clock::batch();
         let mut cx = Context::from_waker(&self.waker);
         if let Some(conn) = &mut self.conn
             && let Poll::Ready(outcome) = conn.as_mut().poll(&mut cx)

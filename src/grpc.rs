@@ -28,7 +28,6 @@ use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use jiff::Timestamp;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt as _};
@@ -306,7 +305,7 @@ fn finish(
         Ok(m) => m,
         Err(_) => return error(code::INVALID_ARGUMENT, "the body is not one gRPC message"),
     };
-    match service.authz.check_message(message, Timestamp::now()) {
+    match service.authz.check_message(message, crate::clock::now()) {
         Ok(reply) => ok(reply),
         Err(e) => {
             tracing::debug!(error = %e, "undecodable CheckRequest");

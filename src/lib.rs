@@ -37,6 +37,7 @@
 pub mod admin;
 pub mod bench_support;
 pub mod cli;
+pub mod clock;
 pub mod conn;
 pub mod decide;
 pub mod edit;
