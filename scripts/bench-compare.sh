@@ -34,7 +34,7 @@
 # different one each round; tables report the median over rounds.
 # Everything listens on 127.0.0.1 only. Every run is bounded with timeout(1).
 #
-#   scripts/bench-compare.sh                 # every part, about 15 minutes
+#   scripts/bench-compare.sh                 # every part, about 18 minutes
 #   PARTS=direct ROUNDS=3 scripts/bench-compare.sh
 #
 # Knobs (environment): ROUNDS DURATION WARMUP CONNECTIONS STREAMS NKEYS PARTS
