@@ -117,11 +117,14 @@ impl Lockout {
         self.enabled() && self.any.load(Ordering::Relaxed)
     }
 
-    /// Publishes the map `next` makes of the current one. Rare (a lockout
-    /// starts or is lifted), so writers take a lock; checks never do.
-    fn replace(&self, next: impl FnOnce(&AHashMap<IpAddr, u64>) -> AHashMap<IpAddr, u64>) {
+    /// Publishes the map `next` makes of the current one (`None`: no
+    /// change). Rare (a lockout starts or is lifted), so writers take a
+    /// lock; checks never do.
+    fn replace(&self, next: impl FnOnce(&AHashMap<IpAddr, u64>) -> Option<AHashMap<IpAddr, u64>>) {
         let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        let next = next(&self.locked.load());
+        let Some(next) = next(&self.locked.load()) else {
+            return;
+        };
         let any = !next.is_empty();
         if any {
             self.any.store(true, Ordering::Relaxed);
@@ -181,7 +184,7 @@ impl Lockout {
                 next.remove(&soonest);
             }
             next.insert(source, until);
-            next
+            Some(next)
         });
         self.total.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
@@ -219,9 +222,12 @@ impl Lockout {
         self.failures.remove(&source);
         let mut was = false;
         self.replace(|current| {
-            let mut next = AHashMap::clone(current);
-            was = next.remove(&source).is_some();
-            next
+            was = current.contains_key(&source);
+            was.then(|| {
+                let mut next = AHashMap::clone(current);
+                next.remove(&source);
+                next
+            })
         });
         if was {
             tracing::info!(target: "keyward::audit", %source, "lockout lifted by an operator");
@@ -327,9 +333,42 @@ mod tests {
         let l = lockout(1, 100);
         let a = ip("198.51.100.7");
         assert!(l.record_failure(a, S));
+        assert!(l.any_locked());
         assert!(l.lift(a));
         assert_eq!(l.locked_for(a, 2 * S), None);
+        assert!(
+            !l.any_locked(),
+            "no lockout left: checks skip the map again"
+        );
         assert!(!l.lift(a));
+    }
+
+    #[test]
+    fn the_any_locked_flag_follows_the_map_while_writers_race() {
+        let l = lockout(1, 10_000);
+        std::thread::scope(|s| {
+            for t in 0..4u32 {
+                let l = &l;
+                s.spawn(move || {
+                    for i in 0..300u32 {
+                        let a = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + t * 1000 + i));
+                        assert!(l.record_failure(a, S));
+                        assert!(l.any_locked());
+                        if i % 2 == 0 {
+                            assert!(l.lift(a));
+                        }
+                    }
+                });
+            }
+        });
+        let active = l.active(2 * S);
+        assert_eq!(active.len(), 4 * 150);
+        assert!(l.any_locked());
+        for locked in active {
+            assert!(l.lift(locked.source));
+        }
+        assert!(!l.any_locked());
+        assert!(l.active(2 * S).is_empty());
     }
 
     #[test]
