@@ -294,15 +294,15 @@ fn finish(
         Some(buf) => buf.freeze(),
         None => first.unwrap_or_default(),
     };
-    if body.first() == Some(&1) {
-        // A compressed message: UNIMPLEMENTED, naming what is accepted.
-        let mut resp = error(code::UNIMPLEMENTED, "compressed requests are not accepted");
-        resp.headers_mut()
-            .insert(&GRPC_ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-        return resp;
-    }
     let message = match crate::wire::unframe(&body) {
         Ok(m) => m,
+        Err(crate::wire::COMPRESSED) => {
+            // UNIMPLEMENTED, naming what is accepted.
+            let mut resp = error(code::UNIMPLEMENTED, "compressed requests are not accepted");
+            resp.headers_mut()
+                .insert(&GRPC_ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+            return resp;
+        }
         Err(_) => return error(code::INVALID_ARGUMENT, "the body is not one gRPC message"),
     };
     match service.authz.check_message(message, crate::clock::now()) {

@@ -627,21 +627,27 @@ pub fn frame_message(message: &[u8]) -> bytes::Bytes {
     frame(message.len(), |e| e.0.put_slice(message))
 }
 
-/// The message of a unary gRPC request body: one uncompressed frame.
+/// [`unframe`]'s error for one whole message whose compressed flag is set.
+pub const COMPRESSED: DecodeError = DecodeError("compressed messages are not accepted");
+
+/// The message of a unary gRPC request body: one uncompressed frame. A
+/// well-formed frame whose compressed flag is set is [`COMPRESSED`]; any
+/// other shape is another error.
 pub fn unframe(body: &[u8]) -> Result<&[u8], DecodeError> {
     let Some((prefix, rest)) = body.split_first_chunk::<FRAME_PREFIX>() else {
         return Err(DecodeError("the request body is not a gRPC message"));
     };
-    if prefix[0] != 0 {
-        return Err(DecodeError("compressed messages are not accepted"));
-    }
     let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
     if rest.len() != len {
         return Err(DecodeError(
             "the request body is not exactly one gRPC message",
         ));
     }
-    Ok(rest)
+    match prefix[0] {
+        0 => Ok(rest),
+        1 => Err(COMPRESSED),
+        _ => Err(DecodeError("the compressed flag is neither 0 nor 1")),
+    }
 }
 
 #[cfg(test)]
@@ -805,6 +811,14 @@ mod tests {
             let len = u32::try_from(message.len()).unwrap().to_be_bytes();
             assert_eq!(framed[..FRAME_PREFIX], [0, len[0], len[1], len[2], len[3]]);
             assert_eq!(unframe(&framed), Ok(message));
+            // The compressed flag set: refused as compressed, but only a
+            // whole frame; another flag, or a cut frame, is malformed.
+            let mut flagged = framed.to_vec();
+            flagged[0] = 1;
+            assert_eq!(unframe(&flagged), Err(COMPRESSED));
+            assert!(unframe(&flagged[..flagged.len() - 1]).is_err_and(|e| e != COMPRESSED));
+            flagged[0] = 2;
+            assert!(unframe(&flagged).is_err_and(|e| e != COMPRESSED));
         }
     }
 

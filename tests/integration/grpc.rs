@@ -536,8 +536,24 @@ async fn raw_http2_edges_get_grpc_errors_or_answers() {
         (
             "compressed",
             &[("grpc-encoding", "gzip")],
-            vec![compressed],
+            vec![compressed.clone()],
             "12",
+        ),
+        (
+            "a truncated compressed frame",
+            &[("grpc-encoding", "gzip")],
+            vec![compressed.slice(..compressed.len() - 1)],
+            "3",
+        ),
+        (
+            "a compressed flag of 2",
+            &[],
+            vec![{
+                let mut two = framed.to_vec();
+                two[0] = 2;
+                bytes::Bytes::from(two)
+            }],
+            "3",
         ),
         ("no body", &[], vec![], "3"),
         (
