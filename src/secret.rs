@@ -50,30 +50,27 @@ pub(crate) fn checksum(random: &str) -> String {
     String::from_utf8_lossy(&digits).into_owned()
 }
 
-/// Whether `secret` claims to be a keyward secret (starts with [`PREFIX`]).
-#[inline]
-pub fn claims_format(secret: &str) -> bool {
-    secret.starts_with(PREFIX)
-}
-
 /// Whether a secret that claims our format is well-formed: right length,
 /// base62 body, matching checksum. Allocation-free.
 pub fn checksum_ok(secret: &str) -> bool {
-    checksum_ok_bytes(secret.as_bytes())
+    secret
+        .as_bytes()
+        .strip_prefix(PREFIX.as_bytes())
+        .is_some_and(body_ok)
 }
 
 /// Whether a presented secret may be a key at all: one that claims
-/// keyward's format must pass its checksum (one that fails is a typo or a
-/// guess); keys of any other shape (issued elsewhere) may.
+/// keyward's format (starts with [`PREFIX`]) must pass its checksum (one
+/// that fails is a typo or a guess); keys of any other shape (issued
+/// elsewhere) may.
 #[inline]
 pub fn plausible(secret: &[u8]) -> bool {
-    !secret.starts_with(PREFIX.as_bytes()) || checksum_ok_bytes(secret)
+    secret.strip_prefix(PREFIX.as_bytes()).is_none_or(body_ok)
 }
 
-fn checksum_ok_bytes(secret: &[u8]) -> bool {
-    let Some(rest) = secret.strip_prefix(PREFIX.as_bytes()) else {
-        return false;
-    };
+/// Whether what follows [`PREFIX`] is a base62 body of the right length
+/// ending in the checksum of its random part.
+fn body_ok(rest: &[u8]) -> bool {
     if rest.len() != RANDOM_LEN + CHECKSUM_LEN || !all_alphanumeric(rest) {
         return false;
     }
