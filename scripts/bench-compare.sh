@@ -166,7 +166,7 @@ wait_for_line() {
 log "building release binaries"
 cargo build --release --locked --bin keyward --bin keyward-loadgen \
     --bin bench-minimal-authz --bin bench-floor
-bin="target/release"
+bin="${CARGO_TARGET_DIR:-target}/release"
 
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
