@@ -40,7 +40,8 @@
 # Knobs (environment): ROUNDS DURATION WARMUP CONNECTIONS STREAMS NKEYS PARTS
 #   RATE RATE_ROUNDS ENVOY_ROUNDS ENVOY_DURATION ENVOY_WARMUP ENVOY_CONNECTIONS
 #   ENVOY_RATE ENVOY_RATE_ROUNDS
-#   IDLE_WAIT IDLE_BUDGET KEYWARD_ENVOY OUT SERVER_CPUS CLIENT_CPUS
+#   IDLE_WAIT IDLE_BUDGET KEYWARD_ENVOY OUT SERVER_CPUS CLIENT_CPUS, and
+#   CARGO_TARGET_DIR (the binaries are built there, as cargo does)
 #
 # By default every process may run on every CPU, so on a small machine the
 # load generator (and Envoy) take CPU from the server they measure, and

@@ -20,25 +20,26 @@
 //! One answer does not wait: when a round has several requests, its first
 //! answer leaves on its own as soon as it is ready, and the rest follow
 //! together. Envoy sends a worker's checks over one connection in bursts
-//! (about 16 at a time under load), and while they are all at keyward that worker has
-//! nothing to do: through one Envoy worker, holding every answer back for
-//! the last one left the worker idle about one part in seven. With the first
-//! answer on its way at once, Envoy works on it while keyward answers the
-//! others, which are waiting in its socket when it looks again; the same
-//! load ran 5–9 % faster than the minimal tonic server instead of 7–11 %
-//! slower. A client that spends little on each answer pays for it: a
-//! closed-loop load generator answering each reply with a request at once
-//! splits its bursts in two and ran about 12 % slower (BENCHMARKS.md).
+//! (more than a dozen at a time under load), and while they are all at
+//! keyward that worker has nothing to do: through one Envoy worker, holding
+//! every answer back for the last one left the worker idle about one part
+//! in seven. With the first answer on its way at once, Envoy works on it
+//! while keyward answers the others, which are waiting in its socket when
+//! it looks again; the same load ran 5–9 % faster than the minimal tonic
+//! server instead of 7–11 % slower. A client that spends little on each
+//! answer pays for it: a closed-loop load generator that answers each reply
+//! with a request at once breaks its bursts up, and ran about 13 % slower
+//! (BENCHMARKS.md).
 //!
-//! Answers share a write only if h2 may put several frames in one write. h2 copies
-//! a DATA frame into its write buffer when it is small and otherwise
-//! "chains" it, writing the buffer and the payload with one vectored write
-//! before it will buffer anything else; "small" is under 256 bytes on a
-//! socket with vectored writes and under 1 KiB on one without. An answer
-//! with `Deprecation` and `Sunset` headers, or with rate-limit headers, is
-//! over 256 bytes, and so would cost a write of its own again. [`Unvectored`]
-//! hides vectored writes from h2, so every answer up to 1 KiB shares the
-//! connection's next write.
+//! Answers share a write only if h2 may put several frames in one write.
+//! h2 copies a DATA frame into its write buffer when it is small and
+//! otherwise "chains" it, writing the buffer and the payload with one
+//! vectored write before it will buffer anything else; "small" is under 256
+//! bytes on a socket with vectored writes and under 1 KiB on one without.
+//! An answer with `Deprecation` and `Sunset` headers, or with rate-limit
+//! headers, is over 256 bytes, and so would cost a write of its own again.
+//! [`Unvectored`] hides vectored writes from h2, so every answer up to 1 KiB
+//! shares the connection's next write.
 //!
 //! Each round of [`Driven`] (read, answer what is ready, write) is a
 //! [`crate::clock::batch`]: its checks are decided at one clock reading.
