@@ -322,8 +322,8 @@ mod tests {
     type Writes = Arc<Mutex<Vec<Vec<u8>>>>;
 
     /// The server's end of the pipe, keeping the writes that carried bytes.
-    /// It says it has vectored writes, as a TCP socket does (it writes the
-    /// first buffer only, which is allowed).
+    /// It says it has vectored writes, as a TCP socket does. The pipe takes
+    /// every write whole, so no HTTP/2 frame spans two of them.
     struct Counted {
         io: DuplexStream,
         writes: Writes,
@@ -340,13 +340,22 @@ mod tests {
     }
 
     impl Counted {
-        fn keep(&self, r: &Poll<std::io::Result<usize>>, buf: &[u8]) {
+        /// Writes `buf` with `write`, keeping what it wrote. The lock is held
+        /// across the write, so the test cannot read the bytes of a write
+        /// and then look at the list before it holds that write.
+        fn keep(
+            &mut self,
+            buf: &[u8],
+            write: impl FnOnce(Pin<&mut DuplexStream>) -> Poll<std::io::Result<usize>>,
+        ) -> Poll<std::io::Result<usize>> {
+            let mut writes = self.writes.lock().unwrap();
+            let r = write(Pin::new(&mut self.io));
             if let Poll::Ready(Ok(n)) = r
-                && *n > 0
+                && n > 0
             {
-                let mut writes = self.writes.lock().unwrap();
-                writes.push(buf[..*n].to_vec());
+                writes.push(buf[..n].to_vec());
             }
+            r
         }
     }
 
@@ -373,9 +382,7 @@ mod tests {
             cx: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<std::io::Result<usize>> {
-            let r = Pin::new(&mut self.io).poll_write(cx, buf);
-            self.keep(&r, buf);
-            r
+            self.keep(buf, |io| io.poll_write(cx, buf))
         }
 
         fn poll_write_vectored(
@@ -383,10 +390,8 @@ mod tests {
             cx: &mut Context<'_>,
             bufs: &[IoSlice<'_>],
         ) -> Poll<std::io::Result<usize>> {
-            let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
             let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
-            self.keep(&r, &all);
-            r
+            self.keep(&all, |io| io.poll_write_vectored(cx, bufs))
         }
 
         fn is_write_vectored(&self) -> bool {
