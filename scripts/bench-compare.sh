@@ -18,7 +18,7 @@
 #   reads the server's CPU time from /proc/PID/stat over the measured window.
 #   Part 1b (rate): the same at a fixed $RATE req/s (open loop), for latency
 #   without queueing in the client.
-# Part 2 (envoy): one Envoy worker (--concurrency 1) per variant, its bootstrap
+# Part 2 (envoy): one Envoy per variant with $ENVOY_WORKERS worker(s) (--concurrency), its bootstrap
 #   derived from envoy/envoy.yaml (ports rewritten, the app replaced by a
 #   direct_response 200, the access log dropped), loaded with wrk over HTTP/1.1:
 #   ext_authz to keyward / minimal / floor, no ext_authz at all, and Envoy's
@@ -39,6 +39,7 @@
 #
 # Knobs (environment): ROUNDS DURATION WARMUP CONNECTIONS STREAMS NKEYS PARTS
 #   RATE RATE_ROUNDS ENVOY_ROUNDS ENVOY_DURATION ENVOY_WARMUP ENVOY_CONNECTIONS
+#   ENVOY_WORKERS
 #   ENVOY_RATE ENVOY_RATE_ROUNDS
 #   IDLE_WAIT IDLE_BUDGET KEYWARD_ENVOY OUT SERVER_CPUS CLIENT_CPUS, and
 #   CARGO_TARGET_DIR (the binaries are built there, as cargo does)
@@ -71,6 +72,7 @@ ENVOY_ROUNDS="${ENVOY_ROUNDS:-$ROUNDS}"
 ENVOY_DURATION="${ENVOY_DURATION:-8}"
 ENVOY_WARMUP="${ENVOY_WARMUP:-2}"
 ENVOY_CONNECTIONS="${ENVOY_CONNECTIONS:-32}"
+ENVOY_WORKERS="${ENVOY_WORKERS:-1}"     # Envoy --concurrency (each worker has its own connection to the server)
 ENVOY_RATE="${ENVOY_RATE:-3200}"    # total req/s of part 2b, split evenly over the connections
 ENVOY_RATE_ROUNDS="${ENVOY_RATE_ROUNDS:-3}"
 OUT="${OUT:-target/bench-compare}"
@@ -369,7 +371,7 @@ EOF
 
     declare -A envoy_pid envoy_port
     for v in "${variants[@]}"; do
-        ${on_client[@]+"${on_client[@]}"} "$envoy" -c "$work/envoy-$v.yaml" --concurrency 1 --disable-hot-restart -l warning \
+        ${on_client[@]+"${on_client[@]}"} "$envoy" -c "$work/envoy-$v.yaml" --concurrency "$ENVOY_WORKERS" --disable-hot-restart -l warning \
             --admin-address-path "$work/envoy-$v.admin" >"$work/envoy-$v.log" 2>&1 &
         pids+=($!)
         envoy_pid[$v]=$!
@@ -513,9 +515,10 @@ PY
 fi
 
 log "summary (medians over rounds)"
-python3 - "$OUT" "$ROUNDS" "$ENVOY_ROUNDS" "$CONNECTIONS" "$STREAMS" "$DURATION" "$ENVOY_CONNECTIONS" "$ENVOY_DURATION" "$NKEYS" "$RATE" "$RATE_ROUNDS" "$ENVOY_RATE" "$ENVOY_RATE_ROUNDS" <<'EOF' | tee "$OUT/results.md"
+python3 - "$OUT" "$ROUNDS" "$ENVOY_ROUNDS" "$CONNECTIONS" "$STREAMS" "$DURATION" "$ENVOY_CONNECTIONS" "$ENVOY_DURATION" "$NKEYS" "$RATE" "$RATE_ROUNDS" "$ENVOY_RATE" "$ENVOY_RATE_ROUNDS" "$ENVOY_WORKERS" <<'EOF' | tee "$OUT/results.md"
 import json, os, statistics, sys
-out, rounds, erounds, conns, streams, dur, econns, edur, nkeys, rate, rrounds, erate, errounds = sys.argv[1:]
+out, rounds, erounds, conns, streams, dur, econns, edur, nkeys, rate, rrounds, erate, errounds, eworkers = sys.argv[1:]
+workers = "one worker" if eworkers == "1" else f"{eworkers} workers"
 
 def load(name):
     path = os.path.join(out, name)
@@ -611,7 +614,7 @@ if opened:
 
 envoy = load("envoy.jsonl")
 if envoy:
-    print(f"### Through Envoy 1.40 (one worker): wrk -t1 -c{econns}, HTTP/1.1 GET, {edur}s per run, "
+    print(f"### Through Envoy 1.40 ({workers}): wrk -t1 -c{econns}, HTTP/1.1 GET, {edur}s per run, "
           f"median of {erounds} rounds\n")
     print("| Envoy with | req/s | spread | p50 µs | p99 µs | Envoy CPU µs/req | authz server CPU µs/req | non-2xx | idle machine busy (CPUs) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -652,7 +655,7 @@ if envoy:
 
 erated = load("envoy-rate.jsonl")
 if erated:
-    print(f"### Through Envoy 1.40 (one worker) at a fixed {erate} req/s: h2load --h1 -c{econns}, one key, "
+    print(f"### Through Envoy 1.40 ({workers}) at a fixed {erate} req/s: h2load --h1 -c{econns}, one key, "
           f"{edur}s per run, median of {errounds} rounds\n")
     print("| Envoy with | req/s | mean µs | max µs | Envoy CPU µs/req | authz server CPU µs/req | non-2xx + failed | idle machine busy (CPUs) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
