@@ -4,7 +4,8 @@
 #
 #   scripts/bench-instructions.sh [CHECKS]      # default 20000
 #
-# Runs keyward, the minimal tonic server and the transport floor, one at a
+# Runs keyward, the minimal tonic server, the transport floor and the floor
+# answering with keyward's response (`bench-floor --keyward-keys`), one at a
 # time, under valgrind's callgrind, and drives each with h2load (nghttp2) over
 # 2 connections x 64 streams, every request the CheckRequest Envoy 1.40 sent
 # (tests/data/envoy-1.40-check-request.bin, carrying a valid key). After a
@@ -50,13 +51,15 @@ load() {
 }
 
 declare -A result
-for server in keyward minimal floor; do
+for server in keyward minimal floor floor_kw; do
     port="$(free_port)"
     case "$server" in
         keyward) cmd=("$bin/keyward" serve --keys "$work/keys.toml" --listen "127.0.0.1:$port"
                       --admin 127.0.0.1:0 --lockout-threshold 0) ;;
         minimal) cmd=("$bin/bench-minimal-authz" --listen "127.0.0.1:$port" --token captured-key-0123) ;;
         floor) cmd=("$bin/bench-floor" --listen "127.0.0.1:$port") ;;
+        floor_kw) cmd=("$bin/bench-floor" --listen "127.0.0.1:$port" --keyward-keys "$work/keys.toml"
+                       --keyward-key captured-key-0123) ;;
     esac
     rm -f "$out/callgrind.$server".*
     valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.$server.%p" "${cmd[@]}" \
@@ -80,8 +83,9 @@ for server in keyward minimal floor; do
     result[$server]="$((total / checks))"
     echo "$server: $((total / checks)) instructions per check ($checks checks, profile $dump)"
 done
-python3 - "${result[keyward]}" "${result[minimal]}" "${result[floor]}" <<'EOF'
+python3 - "${result[keyward]}" "${result[minimal]}" "${result[floor]}" "${result[floor_kw]}" <<'EOF'
 import sys
-k, m, f = (int(x) for x in sys.argv[1:])
-print(f"keyward/floor {k / f:.2f}x, keyward/minimal {k / m:.2f}x (user-space instructions per check)")
+k, m, f, fk = (int(x) for x in sys.argv[1:])
+print(f"keyward/floor {k / f:.2f}x, keyward/floor_kw {k / fk:.2f}x, keyward/minimal {k / m:.2f}x "
+      "(user-space instructions per check)")
 EOF
