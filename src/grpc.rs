@@ -23,7 +23,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, Incoming};
 use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -95,9 +95,11 @@ impl Body for Reply {
         self.data.is_none() && !self.ok_trailers
     }
 
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
-    }
+    // No `size_hint`: an exact one makes hyper add `content-length` to every
+    // response, which gRPC peers do not read, and which costs an allocation
+    // (the value's text), its HPACK encoding and h2's length accounting per
+    // answer: about 1,500 instructions of an allowed check's 39,000
+    // (`scripts/bench-instructions.sh`).
 }
 
 /// The response body type: a Check reply, or whatever tonic's router answers.
