@@ -18,6 +18,10 @@
 #   reads the server's CPU time from /proc/PID/stat over the measured window.
 #   Part 1b (rate): the same at a fixed $RATE req/s (open loop), for latency
 #   without queueing in the client.
+#   Part 1c (load): the same at a fixed $LOAD_RATE req/s, a rate every server
+#   sustains, for the CPU each spends per check at equal load. In closed loop
+#   a server that answers a little later also gets its requests in smaller
+#   bursts, and waking the load generator more often costs it more per check.
 # Part 2 (envoy): one Envoy per variant with $ENVOY_WORKERS worker(s) (--concurrency), its bootstrap
 #   derived from envoy/envoy.yaml (ports rewritten, the app replaced by a
 #   direct_response 200, the access log dropped), loaded with wrk over HTTP/1.1:
@@ -34,11 +38,11 @@
 # different one each round; tables report the median over rounds.
 # Everything listens on 127.0.0.1 only. Every run is bounded with timeout(1).
 #
-#   scripts/bench-compare.sh                 # every part, about 18 minutes
+#   scripts/bench-compare.sh                 # every part, about 21 minutes
 #   PARTS=direct ROUNDS=3 scripts/bench-compare.sh
 #
 # Knobs (environment): ROUNDS DURATION WARMUP CONNECTIONS STREAMS NKEYS PARTS
-#   RATE RATE_ROUNDS ENVOY_ROUNDS ENVOY_DURATION ENVOY_WARMUP ENVOY_CONNECTIONS
+#   RATE RATE_ROUNDS LOAD_RATE LOAD_ROUNDS ENVOY_ROUNDS ENVOY_DURATION ENVOY_WARMUP ENVOY_CONNECTIONS
 #   ENVOY_WORKERS
 #   ENVOY_RATE ENVOY_RATE_ROUNDS
 #   IDLE_WAIT IDLE_BUDGET KEYWARD_ENVOY OUT SERVER_CPUS CLIENT_CPUS, and
@@ -65,9 +69,11 @@ WARMUP="${WARMUP:-2}"               # seconds of warmup per direct run
 CONNECTIONS="${CONNECTIONS:-2}"
 STREAMS="${STREAMS:-64}"
 NKEYS="${NKEYS:-1000}"
-PARTS="${PARTS:-direct,rate,envoy,envoyrate}"
+PARTS="${PARTS:-direct,rate,load,envoy,envoyrate}"
 RATE="${RATE:-2000}"                # total req/s of the open-loop direct part
 RATE_ROUNDS="${RATE_ROUNDS:-3}"
+LOAD_RATE="${LOAD_RATE:-60000}"     # total req/s of the equal-load direct part (all four keep up)
+LOAD_ROUNDS="${LOAD_ROUNDS:-3}"
 ENVOY_ROUNDS="${ENVOY_ROUNDS:-$ROUNDS}"
 ENVOY_DURATION="${ENVOY_DURATION:-8}"
 ENVOY_WARMUP="${ENVOY_WARMUP:-2}"
@@ -244,6 +250,7 @@ declare -A keyfile=([keyward]="$secrets" [minimal]="$work/one-secret.txt" [floor
 failures=0
 : >"$OUT/direct.jsonl"
 : >"$OUT/rate.jsonl"
+: >"$OUT/load.jsonl"
 : >"$OUT/envoy.jsonl"
 : >"$OUT/envoy-rate.jsonl"
 
@@ -285,6 +292,10 @@ fi
 if [[ ",$PARTS," == *,rate,* ]]; then
     log "part 1b: direct gRPC, open loop at $RATE req/s, $RATE_ROUNDS rounds x ${#servers[@]} servers"
     direct_part rate "$RATE_ROUNDS" --rate "$RATE"
+fi
+if [[ ",$PARTS," == *,load,* ]]; then
+    log "part 1c: direct gRPC, open loop at $LOAD_RATE req/s (equal load), $LOAD_ROUNDS rounds x ${#servers[@]} servers"
+    direct_part load "$LOAD_ROUNDS" --rate "$LOAD_RATE"
 fi
 
 find_envoy() {
@@ -515,9 +526,9 @@ PY
 fi
 
 log "summary (medians over rounds)"
-python3 - "$OUT" "$ROUNDS" "$ENVOY_ROUNDS" "$CONNECTIONS" "$STREAMS" "$DURATION" "$ENVOY_CONNECTIONS" "$ENVOY_DURATION" "$NKEYS" "$RATE" "$RATE_ROUNDS" "$ENVOY_RATE" "$ENVOY_RATE_ROUNDS" "$ENVOY_WORKERS" <<'EOF' | tee "$OUT/results.md"
+python3 - "$OUT" "$ROUNDS" "$ENVOY_ROUNDS" "$CONNECTIONS" "$STREAMS" "$DURATION" "$ENVOY_CONNECTIONS" "$ENVOY_DURATION" "$NKEYS" "$RATE" "$RATE_ROUNDS" "$ENVOY_RATE" "$ENVOY_RATE_ROUNDS" "$ENVOY_WORKERS" "$LOAD_RATE" "$LOAD_ROUNDS" <<'EOF' | tee "$OUT/results.md"
 import json, os, statistics, sys
-out, rounds, erounds, conns, streams, dur, econns, edur, nkeys, rate, rrounds, erate, errounds, eworkers = sys.argv[1:]
+out, rounds, erounds, conns, streams, dur, econns, edur, nkeys, rate, rrounds, erate, errounds, eworkers, lrate, lrounds = sys.argv[1:]
 workers = "one worker" if eworkers == "1" else f"{eworkers} workers"
 
 def load(name):
@@ -611,6 +622,32 @@ if opened:
     print()
     print("Latency runs from each request's scheduled send time (no coordinated omission); send lag "
           "(scheduled to actually sent, in the load generator) is part of it.\n")
+
+loaded = load("load.jsonl")
+if loaded:
+    print(f"### Direct gRPC at equal load, open loop at {lrate} req/s: {conns} connections x up to {streams} streams, "
+          f"{dur}s per run, median of {lrounds} rounds\n")
+    print("| server | req/s | p50 µs | p99 µs | server CPU µs/check | server busy (CPUs) | errors | mismatches | idle machine busy (CPUs) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for s in ["keyward", "minimal", "floor", "floor_kw"]:
+        rows = [r for r in loaded if r.get("server") == s]
+        if not rows:
+            continue
+        print(f"| {s} | {med(rows, lambda r: r.get('throughput_rps')):.0f} "
+              f"| {med(rows, lambda r: r.get('latency_us', {}).get('p50')):.0f} "
+              f"| {med(rows, lambda r: r.get('latency_us', {}).get('p99')):.0f} "
+              f"| {med(rows, lambda r: r.get('server_cpu_us_per_req')):.1f} "
+              f"| {med(rows, lambda r: r.get('server_cpu_cores')):.2f} "
+              f"| {sum(r.get('errors', 0) for r in rows)} | {sum(r.get('mismatches', 0) for r in rows)} "
+              f"| {med(rows, lambda r: r.get('background_cores')):.2f} |")
+    print()
+    for other in ["floor", "floor_kw", "minimal"]:
+        print(f"- keyward/{other}, round by round, median (range): CPU per check "
+              f"{paired(loaded, 'server', 'keyward', other, lambda r: r.get('server_cpu_us_per_req'))}, p99 "
+              f"{paired(loaded, 'server', 'keyward', other, lambda r: r.get('latency_us', {}).get('p99'))}")
+    print()
+    print("Every server gets the same requests on the same schedule, so CPU per check compares them at "
+          "equal load. A server that cannot keep up shows fewer req/s than asked for.\n")
 
 envoy = load("envoy.jsonl")
 if envoy:
