@@ -646,6 +646,12 @@ if loaded:
               f"{paired(loaded, 'server', 'keyward', other, lambda r: r.get('server_cpu_us_per_req'))}, p99 "
               f"{paired(loaded, 'server', 'keyward', other, lambda r: r.get('latency_us', {}).get('p99'))}")
     print()
+    behind = [s for s in ["keyward", "minimal", "floor", "floor_kw"]
+              if any(r.get("server") == s for r in loaded)
+              and med([r for r in loaded if r.get("server") == s], lambda r: r.get("throughput_rps")) < 0.98 * float(lrate)]
+    if behind:
+        print(f"**Not equal load:** {', '.join(behind)} served less than 98 % of {lrate} req/s; "
+              "lower LOAD_RATE for a fair comparison.\n")
     print("Every server gets the same requests on the same schedule, so CPU per check compares them at "
           "equal load. A server that cannot keep up shows fewer req/s than asked for.\n")
 

@@ -98,7 +98,7 @@ impl Body for Reply {
     // No `size_hint`: an exact one makes hyper add `content-length` to every
     // response, which gRPC peers do not read, and which costs an allocation
     // (the value's text), its HPACK encoding and h2's length accounting per
-    // answer: about 1,500 instructions of an allowed check's 39,000
+    // answer: about 1,600 instructions of an allowed check's 39,000
     // (`scripts/bench-instructions.sh`).
 }
 
