@@ -228,14 +228,23 @@ where
             &mut self.taken,
         );
         let arrived = self.taken.len();
-        for stream in self.taken.drain(..) {
-            self.streams.push(stream);
-        }
         let mut first = true;
-        while let Poll::Ready(Some(())) = self.streams.poll_next_unpin(&mut cx) {
-            if std::mem::take(&mut first) && arrived > 1 {
+        // A new stream is polled here first: a check whose body came with
+        // its headers (nearly all) is answered on that poll and never needs
+        // a place in `streams`, whose node for it would be an allocation and
+        // a few atomic operations. One that cannot finish yet goes there, to
+        // be polled when it is woken.
+        for mut stream in self.taken.drain(..) {
+            if stream.as_mut().poll(&mut cx).is_pending() {
+                self.streams.push(stream);
+            } else if std::mem::take(&mut first) && arrived > 1 {
                 // The first answer of several leaves at once (see the
                 // module's documentation); the rest leave together.
+                Self::poll_conn(&mut self.conn, &mut self.outcome, &mut cx);
+            }
+        }
+        while let Poll::Ready(Some(())) = self.streams.poll_next_unpin(&mut cx) {
+            if std::mem::take(&mut first) && arrived > 1 {
                 Self::poll_conn(&mut self.conn, &mut self.outcome, &mut cx);
             }
         }
