@@ -1839,23 +1839,24 @@ pub const MMAP_THRESHOLD: usize = 1 << 20;
 
 /// Sets the allocator up for large rings that are replaced wholesale, so the
 /// resident set returns to its steady state after a reload. Call it at
-/// startup, before any thread. Two glibc settings:
+/// startup, before any thread.
 ///
-/// - Every allocation of at least [`MMAP_THRESHOLD`] (a ring's columns and
-///   tables, the file's bytes, the parser's vectors) is mapped on its own
-///   and unmapped when freed, instead of coming from a heap where it would
-///   be fragmented by the small allocations made around it. glibc does this
-///   for allocations of 128 KiB and up only until the first such block is
-///   freed, after which it raises its threshold to the size freed (up to
-///   32 MiB), so without this a reload's columns land in the heap.
-/// - No fastbins (`M_MXFAST` 0). A reload frees millions of small strings
-///   the parse threads allocated in their own arenas. Freed into fastbins,
-///   they are only merged when `malloc_trim` consolidates them, into the top
-///   of the thread's heap, which `malloc_trim` does not shrink for a thread
-///   arena: a million keys left about 56 MiB resident after each swap.
-///   Without fastbins each free merges at once, and a free that reaches the
-///   top shrinks the heap. The per-thread cache (tcache) still serves the
-///   small allocations of the serving threads.
+/// Every allocation of at least [`MMAP_THRESHOLD`] (a ring's columns and
+/// tables, the file's bytes, the parser's vectors) is mapped on its own and
+/// unmapped when freed, instead of coming from a heap where it would be
+/// fragmented by the small allocations made around it. glibc does this for
+/// allocations of 128 KiB and up only until the first such block is freed,
+/// after which it raises its threshold to the size freed (up to 32 MiB), so
+/// without this a reload's columns land in the heap.
+///
+/// glibc's fastbins stay on. Turning them off (`M_MXFAST` 0) once kept a
+/// million-key reload's small allocations from staying resident, back when
+/// the parse threads made millions of them; they no longer do, and
+/// `scripts/bench-1m.sh` finds the resident set back at its steady state
+/// after a swap either way. Off, they cost every check about 650
+/// instructions in `malloc` and `free` (`scripts/bench-instructions.sh`):
+/// a burst of streams outruns the per-thread cache, and the blocks it frees
+/// then went through the slow path, merged with their neighbours.
 pub fn configure_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `mallopt` sets a glibc tunable; it takes the allocator's own
@@ -1863,7 +1864,6 @@ pub fn configure_allocator() {
     // and changes nothing, which leaves the default behaviour.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int);
-        libc::mallopt(libc::M_MXFAST, 0);
     }
 }
 
