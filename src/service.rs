@@ -2,7 +2,7 @@
 //! to response bytes.
 //!
 //! Glue only: read the headers and route context out of the CheckRequest
-//! ([`CheckView`]), [`extract`] the credential, [`decide`] against the current
+//! ([`CheckView`]), [`extract_bytes`] the credential, [`decide`] against the current
 //! ring, and turn the [`Decision`] into an encoded CheckResponse in exactly one
 //! place ([`respond`]). A denial is a normal response; a gRPC error status is
 //! reserved for requests that are not a CheckRequest at all. The HTTP/2 side
@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use jiff::Timestamp;
 
-use crate::decide::{CredentialHeader, Decision, DenyReason, decide, extract};
+use crate::decide::{CredentialHeader, Decision, DenyReason, decide, extract_bytes};
 use crate::limit::Quota;
 use crate::ring::{HttpDate, KeyRef, RingHandle};
 use crate::stats::CheckStats;
@@ -86,8 +86,8 @@ thread_local! {
     static SEEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
-/// Header bytes as text; bytes that are not UTF-8 become a value that
-/// [`extract`] rejects as malformed and no scope or route matches.
+/// Header bytes as text; bytes that are not UTF-8 become a value that no
+/// scope or route matches.
 fn text(bytes: &[u8]) -> &str {
     std::str::from_utf8(bytes).unwrap_or("\u{fffd}")
 }
@@ -185,7 +185,7 @@ impl AuthzService {
         } else {
             None
         };
-        let cred = extract(view.api_key().map(text), view.authorization().map(text));
+        let cred = extract_bytes(view.api_key(), view.authorization());
         let ring = self.shared.ring.load();
         // Envoy's per-route `required_scopes` wins; the key file's route rules
         // apply when Envoy sends none (Istio cannot send any).
