@@ -1730,10 +1730,13 @@ impl<'r> KeyRef<'r> {
     #[inline]
     pub fn has_scopes(&self, required: &str) -> bool {
         let have = self.scopes();
+        // Split as bytes: a `char` pattern decodes UTF-8 as it goes, for
+        // separators that are ASCII.
         required
-            .split([' ', ','])
+            .as_bytes()
+            .split(|&b| b == b' ' || b == b',')
             .filter(|s| !s.is_empty())
-            .all(|need| have.iter().any(|h| **h == *need))
+            .all(|need| have.iter().any(|h| h.as_bytes() == need))
     }
 
     /// The key's live counters, linked from the registry on the first use of
