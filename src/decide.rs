@@ -229,6 +229,7 @@ pub fn extract_bytes<'a>(
     if !is_well_formed(secret) {
         return Err(DenyReason::MalformedKey);
     }
+    debug_assert!(secret.is_ascii());
     // SAFETY: every byte of a well-formed secret is visible ASCII
     // (0x21..=0x7e, checked just above), and ASCII is UTF-8. `from_utf8`
     // would walk the key a second time, byte by byte for a short one: about
@@ -271,6 +272,9 @@ fn trim_blanks_end(value: &[u8]) -> &[u8] {
 }
 
 /// At most [`MAX_KEY_LEN`] bytes, all visible ASCII (0x21..=0x7e), non-empty.
+///
+/// [`extract_bytes`] relies on this accepting ASCII only: it turns an
+/// accepted secret into text without checking the bytes again.
 #[inline]
 pub fn is_well_formed(secret: impl AsRef<[u8]>) -> bool {
     let secret = secret.as_ref();
@@ -550,6 +554,11 @@ mod tests {
             let key = format!("abc{c}def");
             assert_eq!(is_well_formed(&key), ('!'..='~').contains(&c), "{:?}", c);
         }
+        // Every byte, whether or not it could start a character.
+        for b in 0..=u8::MAX {
+            let key = [b'a', b, b'z'];
+            assert_eq!(is_well_formed(key), (0x21..=0x7e).contains(&b), "{b:#04x}");
+        }
     }
 
     #[test]
@@ -692,6 +701,28 @@ mod properties {
         ]
     }
 
+    /// An `authorization` value that is mostly a Bearer token: blanks, the
+    /// scheme in any case (or something else now and then), a separator,
+    /// then any bytes, some of them not text.
+    fn bearer() -> impl Strategy<Value = Vec<u8>> {
+        (
+            "[ \t]{0,2}",
+            prop_oneof![4 => "[bB][eE][aA][rR][eE][rR]", 1 => "[a-zA-Z]{0,8}"],
+            "[ \t]{0,2}",
+            proptest::collection::vec(prop_oneof![4 => 0x21u8..=0x7e, 1 => any::<u8>()], 0..40),
+            "[ \t]{0,2}",
+        )
+            .prop_map(|(lead, scheme, sep, token, trail)| {
+                let mut v = Vec::new();
+                v.extend_from_slice(lead.as_bytes());
+                v.extend_from_slice(scheme.as_bytes());
+                v.extend_from_slice(sep.as_bytes());
+                v.extend(token);
+                v.extend_from_slice(trail.as_bytes());
+                v
+            })
+    }
+
     proptest! {
         /// Whatever else is true, a revoked, expired, not-yet-valid or
         /// under-scoped key is never allowed, and a key that is none of
@@ -750,12 +781,12 @@ mod properties {
         }
 
         /// From raw header bytes too, which may not be UTF-8: what is
-        /// accepted is well formed and is the bytes of the header it came
-        /// from.
+        /// accepted is visible ASCII and is the bytes of the header it came
+        /// from, and a token with any other byte is a malformed key.
         #[test]
         fn extraction_from_bytes_accepts_only_well_formed_keys(
             api in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..80)),
-            auth in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..80)),
+            auth in proptest::option::of(bearer()),
         ) {
             if let Ok(c) = extract_bytes(api.as_deref(), auth.as_deref()) {
                 prop_assert!(is_well_formed(c.secret));
@@ -764,7 +795,22 @@ mod properties {
                     CredentialHeader::Authorization => auth.as_deref(),
                 };
                 let from = from.unwrap_or_default();
+                prop_assert!(c.secret.bytes().all(|b| (0x21..=0x7e).contains(&b)));
                 prop_assert!(from.windows(c.secret.len()).any(|w| w == c.secret.as_bytes()));
+            }
+            if let (None, Some(auth)) = (&api, &auth) {
+                let token = auth.trim_ascii();
+                if token.len() > 6
+                    && token[..6].eq_ignore_ascii_case(b"bearer")
+                    && matches!(token[6], b' ' | b'\t')
+                    && token[7..].trim_ascii().iter().any(|b| !(0x21..=0x7e).contains(b))
+                    && auth.iter().all(|b| !matches!(b, b'\n' | b'\r' | b'\x0c'))
+                {
+                    prop_assert_eq!(
+                        extract_bytes(None, Some(auth)),
+                        Err(DenyReason::MalformedKey)
+                    );
+                }
             }
         }
     }

@@ -1856,7 +1856,7 @@ pub const MMAP_THRESHOLD: usize = 1 << 20;
 /// million-key reload's small allocations from staying resident, back when
 /// the parse threads made millions of them; they no longer do, and
 /// `scripts/bench-1m.sh` finds the resident set back at its steady state
-/// after a swap either way. Off, they cost every check about 650
+/// after a swap either way. Off, they cost every check about 600
 /// instructions in `malloc` and `free` (`scripts/bench-instructions.sh`):
 /// a burst of streams outruns the per-thread cache, and the blocks it frees
 /// then went through the slow path, merged with their neighbours.

@@ -86,7 +86,8 @@ thread_local! {
     static SEEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
-/// Header bytes as text; bytes that are not UTF-8 become a value that no
+/// Header bytes as text (required scopes, route rules, the peer address
+/// in decision logs); bytes that are not UTF-8 become U+FFFD, which no
 /// scope or route matches.
 fn text(bytes: &[u8]) -> &str {
     std::str::from_utf8(bytes).unwrap_or("\u{fffd}")

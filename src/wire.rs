@@ -1004,6 +1004,39 @@ mod tests {
         assert!(unframe(&[0, 0]).is_err());
     }
 
+    #[test]
+    fn folded_names_agree_with_eq_ignore_ascii_case_at_every_byte() {
+        for (folded, plain) in [
+            (API_KEY_NAME, API_KEY_HEADER.as_bytes()),
+            (AUTHORIZATION_NAME, AUTHORIZATION_HEADER.as_bytes()),
+            (FORWARDED_FOR_NAME, FORWARDED_FOR_HEADER.as_bytes()),
+            (OWN_PREFIX_NAME, OWN_PREFIX),
+        ] {
+            let mut names = vec![plain.to_vec(), plain.to_ascii_uppercase()];
+            for i in 0..plain.len() {
+                for b in 0..=u8::MAX {
+                    let mut name = plain.to_vec();
+                    name[i] = b;
+                    names.push(name);
+                }
+            }
+            names.extend((0..plain.len()).map(|n| plain[..n].to_vec()));
+            names.extend((0..=u8::MAX).map(|b| [plain, &[b]].concat()));
+            for name in names {
+                assert_eq!(
+                    folded.matches(&name),
+                    name.eq_ignore_ascii_case(plain),
+                    "{name:?}"
+                );
+                assert_eq!(
+                    folded.is_prefix_of(&name),
+                    name.len() >= plain.len() && name[..plain.len()].eq_ignore_ascii_case(plain),
+                    "{name:?}"
+                );
+            }
+        }
+    }
+
     /// Names near ours: the same letters in other cases, one byte off, a
     /// byte that differs from a letter only in bit 0x20, any byte at all.
     fn near(name: &'static [u8]) -> impl Strategy<Value = Vec<u8>> {
