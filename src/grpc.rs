@@ -269,6 +269,13 @@ impl Future for Answer {
                         *joined = Some(buf);
                     }
                 }
+                // A body that ended with this frame (Envoy's always do) is
+                // complete: asking h2 once whether the stream is closed
+                // costs less than polling it for the end of the data and
+                // then for trailers.
+                if body.is_end_stream() {
+                    break finish(service, first.take(), joined.take());
+                }
             },
             State::Other(future) => match std::task::ready!(future.as_mut().poll(cx)) {
                 Ok(resp) => resp.map(http_body_util::Either::Right),

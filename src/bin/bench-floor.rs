@@ -16,7 +16,7 @@
 use bytes::Bytes;
 use clap::Parser;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use keyward::grpc::Reply;
@@ -78,10 +78,15 @@ async fn answer(req: Request<Incoming>, ok: Bytes) -> Result<Response<Reply>, hy
         *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
         return Ok(resp);
     }
-    // Drain the request without looking at it.
+    // Drain the request without looking at it, and stop as soon as h2 says
+    // the stream is closed, as keyward does (rather than polling once more
+    // for the end of the data and then for trailers).
     let mut body = req.into_body();
-    while let Some(frame) = body.frame().await {
-        frame?;
+    while !body.is_end_stream() {
+        match body.frame().await {
+            Some(frame) => drop(frame?),
+            None => break,
+        }
     }
     let mut resp = Response::new(Reply::ok(ok));
     resp.headers_mut()

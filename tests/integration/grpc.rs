@@ -431,6 +431,18 @@ async fn raw_check(
     headers: &[(&str, &str)],
     frames: Vec<bytes::Bytes>,
 ) -> RawReply {
+    raw_check_with_trailers(addr, method, headers, frames, None).await
+}
+
+/// [`raw_check`], the request ending with `trailers` (a HEADERS frame after
+/// the DATA frames) when given.
+async fn raw_check_with_trailers(
+    addr: std::net::SocketAddr,
+    method: &str,
+    headers: &[(&str, &str)],
+    frames: Vec<bytes::Bytes>,
+    trailers: Option<hyper::HeaderMap>,
+) -> RawReply {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (client, connection) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(async move {
@@ -448,15 +460,24 @@ async fn raw_check(
         request = request.header(*name, *value);
     }
     let (response, mut send) = client
-        .send_request(request.body(()).unwrap(), frames.is_empty())
+        .send_request(
+            request.body(()).unwrap(),
+            frames.is_empty() && trailers.is_none(),
+        )
         .unwrap();
     let last = frames.len();
     for (i, frame) in frames.into_iter().enumerate() {
         // The server may answer (and reset the stream) before taking all of
         // an oversized body: a refused send is not this test's concern.
-        if send.send_data(frame, i + 1 == last).is_err() {
+        if send
+            .send_data(frame, i + 1 == last && trailers.is_none())
+            .is_err()
+        {
             break;
         }
+    }
+    if let Some(trailers) = trailers {
+        let _ = send.send_trailers(trailers);
     }
     let response = tokio::time::timeout(Duration::from_secs(10), response)
         .await
@@ -530,6 +551,18 @@ async fn raw_http2_edges_get_grpc_errors_or_answers() {
     ];
     let split = answer(&raw_check(server.grpc, "POST", &[], pieces).await);
     assert_eq!(split, whole);
+    // The body, then trailers: the stream ends with them, not with the data.
+    let mut trailers = hyper::HeaderMap::new();
+    trailers.insert("x-trailer", hyper::header::HeaderValue::from_static("1"));
+    let trailed = raw_check_with_trailers(
+        server.grpc,
+        "POST",
+        &[],
+        vec![framed.clone()],
+        Some(trailers),
+    )
+    .await;
+    assert_eq!(answer(&trailed), whole);
 
     // A message with its compressed flag set (whatever it holds).
     let mut compressed = framed.to_vec();
