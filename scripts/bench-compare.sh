@@ -563,6 +563,20 @@ def spread(rows, f):
     m = statistics.median(vals)
     return f"{(max(vals) - min(vals)) / m * 100:.0f}%" if m else ""
 
+SERVERS = ["keyward", "minimal", "floor", "floor_kw"]
+
+def per_server(rows):
+    """Each direct server that has rows, with its rows."""
+    for s in SERVERS:
+        mine = [r for r in rows if r.get("server") == s]
+        if mine:
+            yield s, mine
+
+def checked(rows):
+    """The last cells of a direct row: errors, mismatches, idle machine busy."""
+    return (f"| {sum(r.get('errors', 0) for r in rows)} | {sum(r.get('mismatches', 0) for r in rows)} "
+            f"| {med(rows, lambda r: r.get('background_cores')):.2f} |")
+
 NOTES = ("spread: (max - min) / median of req/s over the rounds. idle machine busy: CPUs busy "
          "during the 0.5 s before each run, with no load applied (about 0 on a quiet machine; "
          "the script waits up to IDLE_WAIT seconds for that).")
@@ -574,10 +588,7 @@ if direct:
     print("| server | req/s | spread | p50 µs | p99 µs | server CPU µs/check | loadgen CPU µs/check | server busy (CPUs) | loadgen busy (CPUs) | errors | mismatches | idle machine busy (CPUs) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     m = {}
-    for s in ["keyward", "minimal", "floor", "floor_kw"]:
-        rows = [r for r in direct if r.get("server") == s]
-        if not rows:
-            continue
+    for s, rows in per_server(direct):
         m[s] = {
             "rps": med(rows, lambda r: r.get("throughput_rps")),
             "cpu": med(rows, lambda r: r.get("server_cpu_us_per_req")),
@@ -587,9 +598,7 @@ if direct:
               f"| {med(rows, lambda r: r.get('latency_us', {}).get('p99')):.0f} "
               f"| {m[s]['cpu']:.1f} | {med(rows, lambda r: r.get('loadgen_cpu_us_per_req')):.1f} "
               f"| {med(rows, lambda r: r.get('server_cpu_cores')):.2f} "
-              f"| {med(rows, lambda r: r.get('loadgen_cpu_cores')):.2f} "
-              f"| {sum(r.get('errors', 0) for r in rows)} | {sum(r.get('mismatches', 0) for r in rows)} "
-              f"| {med(rows, lambda r: r.get('background_cores')):.2f} |")
+              f"| {med(rows, lambda r: r.get('loadgen_cpu_cores')):.2f} " + checked(rows))
     print()
     for other in ["floor", "floor_kw", "minimal"]:
         if "keyward" in m and other in m:
@@ -608,17 +617,12 @@ if opened:
           f"{dur}s per run, median of {rrounds} rounds\n")
     print("| server | req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | send lag p99 µs | server CPU µs/check | errors | mismatches | idle machine busy (CPUs) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for s in ["keyward", "minimal", "floor", "floor_kw"]:
-        rows = [r for r in opened if r.get("server") == s]
-        if not rows:
-            continue
+    for s, rows in per_server(opened):
         lat = lambda q: med(rows, lambda r: r.get("latency_us", {}).get(q))
         print(f"| {s} | {med(rows, lambda r: r.get('throughput_rps')):.0f} | {lat('p50'):.0f} | {lat('p90'):.0f} "
               f"| {lat('p99'):.0f} | {lat('p999'):.0f} | {lat('max'):.0f} "
               f"| {med(rows, lambda r: r.get('send_lag_us', {}).get('p99')):.0f} "
-              f"| {med(rows, lambda r: r.get('server_cpu_us_per_req')):.1f} "
-              f"| {sum(r.get('errors', 0) for r in rows)} | {sum(r.get('mismatches', 0) for r in rows)} "
-              f"| {med(rows, lambda r: r.get('background_cores')):.2f} |")
+              f"| {med(rows, lambda r: r.get('server_cpu_us_per_req')):.1f} " + checked(rows))
     print()
     print("Latency runs from each request's scheduled send time (no coordinated omission); send lag "
           "(scheduled to actually sent, in the load generator) is part of it.\n")
@@ -630,10 +634,7 @@ if loaded:
     print("| server | req/s | p50 µs | p99 µs | server CPU µs/check | server busy (CPUs) | errors | mismatches | idle machine busy (CPUs) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     behind = []  # servers that did not keep up with the rate
-    for s in ["keyward", "minimal", "floor", "floor_kw"]:
-        rows = [r for r in loaded if r.get("server") == s]
-        if not rows:
-            continue
+    for s, rows in per_server(loaded):
         rps = med(rows, lambda r: r.get("throughput_rps"))
         if rps < 0.98 * float(lrate):
             behind.append(s)
@@ -641,9 +642,7 @@ if loaded:
               f"| {med(rows, lambda r: r.get('latency_us', {}).get('p50')):.0f} "
               f"| {med(rows, lambda r: r.get('latency_us', {}).get('p99')):.0f} "
               f"| {med(rows, lambda r: r.get('server_cpu_us_per_req')):.1f} "
-              f"| {med(rows, lambda r: r.get('server_cpu_cores')):.2f} "
-              f"| {sum(r.get('errors', 0) for r in rows)} | {sum(r.get('mismatches', 0) for r in rows)} "
-              f"| {med(rows, lambda r: r.get('background_cores')):.2f} |")
+              f"| {med(rows, lambda r: r.get('server_cpu_cores')):.2f} " + checked(rows))
     print()
     for other in ["floor", "floor_kw", "minimal"]:
         print(f"- keyward/{other}, round by round, median (range): CPU per check "
