@@ -1004,14 +1004,17 @@ mod tests {
         assert!(unframe(&[0, 0]).is_err());
     }
 
+    /// Each folded name, with the name it was made from.
+    const FOLDED: [(Folded, &[u8]); 4] = [
+        (API_KEY_NAME, API_KEY_HEADER.as_bytes()),
+        (AUTHORIZATION_NAME, AUTHORIZATION_HEADER.as_bytes()),
+        (FORWARDED_FOR_NAME, FORWARDED_FOR_HEADER.as_bytes()),
+        (OWN_PREFIX_NAME, OWN_PREFIX),
+    ];
+
     #[test]
     fn folded_names_agree_with_eq_ignore_ascii_case_at_every_byte() {
-        for (folded, plain) in [
-            (API_KEY_NAME, API_KEY_HEADER.as_bytes()),
-            (AUTHORIZATION_NAME, AUTHORIZATION_HEADER.as_bytes()),
-            (FORWARDED_FOR_NAME, FORWARDED_FOR_HEADER.as_bytes()),
-            (OWN_PREFIX_NAME, OWN_PREFIX),
-        ] {
+        for (folded, plain) in FOLDED {
             let mut names = vec![plain.to_vec(), plain.to_ascii_uppercase()];
             for i in 0..plain.len() {
                 for b in 0..=u8::MAX {
@@ -1064,7 +1067,7 @@ mod tests {
     proptest! {
         #[test]
         fn folded_names_match_as_eq_ignore_ascii_case_does(
-            which in 0..4usize,
+            which in 0..FOLDED.len(),
             name in prop_oneof![
                 near(API_KEY_HEADER.as_bytes()),
                 near(AUTHORIZATION_HEADER.as_bytes()),
@@ -1073,12 +1076,7 @@ mod tests {
                 proptest::collection::vec(any::<u8>(), 0..20),
             ],
         ) {
-            let (folded, plain) = [
-                (API_KEY_NAME, API_KEY_HEADER.as_bytes()),
-                (AUTHORIZATION_NAME, AUTHORIZATION_HEADER.as_bytes()),
-                (FORWARDED_FOR_NAME, FORWARDED_FOR_HEADER.as_bytes()),
-                (OWN_PREFIX_NAME, OWN_PREFIX),
-            ][which];
+            let (folded, plain) = FOLDED[which];
             prop_assert_eq!(folded.matches(&name), name.eq_ignore_ascii_case(plain));
             prop_assert_eq!(
                 folded.is_prefix_of(&name),
