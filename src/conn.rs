@@ -237,16 +237,24 @@ where
         for mut stream in self.taken.drain(..) {
             if stream.as_mut().poll(&mut cx).is_pending() {
                 self.streams.push(stream);
-            } else if std::mem::take(&mut first) && arrived > 1 {
-                // The first answer of several leaves at once (see the
-                // module's documentation); the rest leave together.
-                Self::poll_conn(&mut self.conn, &mut self.outcome, &mut cx);
+            } else {
+                Self::answered(
+                    &mut self.conn,
+                    &mut self.outcome,
+                    &mut first,
+                    arrived,
+                    &mut cx,
+                );
             }
         }
         while let Poll::Ready(Some(())) = self.streams.poll_next_unpin(&mut cx) {
-            if std::mem::take(&mut first) && arrived > 1 {
-                Self::poll_conn(&mut self.conn, &mut self.outcome, &mut cx);
-            }
+            Self::answered(
+                &mut self.conn,
+                &mut self.outcome,
+                &mut first,
+                arrived,
+                &mut cx,
+            );
         }
         if self.conn.is_none()
             && self.streams.is_empty()
@@ -255,6 +263,21 @@ where
             return Poll::Ready(outcome);
         }
         Poll::Pending
+    }
+
+    /// A stream of the round has been answered. The first answer of
+    /// several (`arrived` this round) leaves at once (see the module's
+    /// documentation); the rest leave together.
+    fn answered(
+        conn: &mut Option<Pin<Box<C>>>,
+        outcome: &mut Option<C::Output>,
+        first: &mut bool,
+        arrived: usize,
+        cx: &mut Context<'_>,
+    ) {
+        if std::mem::take(first) && arrived > 1 {
+            Self::poll_conn(conn, outcome, cx);
+        }
     }
 
     /// Polls the connection (it reads what the socket holds, hands out new
