@@ -269,7 +269,7 @@ impl Future for Answer {
                         *joined = Some(buf);
                     }
                 }
-                // A body that ended with this frame (Envoy's always do) is
+                // A body that ended with this frame (Envoy's do) is
                 // complete: asking h2 once whether the stream is closed
                 // costs less than polling it for the end of the data and
                 // then for trailers.

@@ -1853,13 +1853,12 @@ pub const MMAP_THRESHOLD: usize = 1 << 20;
 /// without this a reload's columns land in the heap.
 ///
 /// glibc's fastbins stay on. Turning them off (`M_MXFAST` 0) once kept a
-/// million-key reload's small allocations from staying resident, back when
-/// the parse threads made millions of them; they no longer do, and
+/// million-key reload's small allocations from staying resident; today
 /// `scripts/bench-1m.sh` finds the resident set back at its steady state
-/// after a swap either way. Off, they cost every check about 600
+/// after a swap with them on. Off, they cost every check about 600
 /// instructions in `malloc` and `free` (`scripts/bench-instructions.sh`):
 /// a burst of streams outruns the per-thread cache, and the blocks it frees
-/// then went through the slow path, merged with their neighbours.
+/// then go through the slow path, merged with their neighbours.
 pub fn configure_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `mallopt` sets a glibc tunable; it takes the allocator's own
