@@ -229,6 +229,10 @@ where
         );
         let arrived = self.taken.len();
         let mut first = true;
+        // A stream of the round has been answered.
+        let (conn, outcome) = (&mut self.conn, &mut self.outcome);
+        let mut answered =
+            |cx: &mut Context<'_>| Self::answered(conn, outcome, &mut first, arrived, cx);
         // A new stream is polled here first: a check whose body came with
         // its headers (nearly all) is answered on that poll and never needs
         // a place in `streams`, whose node for it would be an allocation and
@@ -238,23 +242,11 @@ where
             if stream.as_mut().poll(&mut cx).is_pending() {
                 self.streams.push(stream);
             } else {
-                Self::answered(
-                    &mut self.conn,
-                    &mut self.outcome,
-                    &mut first,
-                    arrived,
-                    &mut cx,
-                );
+                answered(&mut cx);
             }
         }
         while let Poll::Ready(Some(())) = self.streams.poll_next_unpin(&mut cx) {
-            Self::answered(
-                &mut self.conn,
-                &mut self.outcome,
-                &mut first,
-                arrived,
-                &mut cx,
-            );
+            answered(&mut cx);
         }
         if self.conn.is_none()
             && self.streams.is_empty()
