@@ -299,9 +299,12 @@ pub fn respond(
     }
 }
 
-/// Sets of the per-thread cache of encoded OK responses (a power of two),
-/// of two slots each: 4,096 responses, about 200 KiB of slots per serving
-/// thread plus the responses themselves (a few hundred bytes each).
+/// Sets of the per-thread cache of encoded OK responses to begin with (a
+/// power of two), of two slots each: 4,096 responses, about 200 KiB of
+/// slots per serving thread plus the responses themselves (a few hundred
+/// bytes each). It grows as the memo does ([`crate::verified::Growth`]),
+/// up to as many sets as the memo may have (32,768 responses, 1.5 MiB of
+/// slots), when the keys a thread answers for no longer fit.
 const OK_SETS: usize = 2048;
 
 /// One encoded OK response, and whose it is.
@@ -337,24 +340,36 @@ thread_local! {
     /// shared (a reference count, no copy). A new ring has a new uid, so
     /// nothing of an older ring is ever reused. Allocated on the thread's
     /// first allowed check.
-    static OK_CACHE: std::cell::RefCell<Box<[OkSet; OK_SETS]>> =
-        std::cell::RefCell::new(crate::verified::table(|| [OkSlot::VACANT, OkSlot::VACANT]));
+    static OK_CACHE: std::cell::RefCell<Box<[OkSet]>> = std::cell::RefCell::new(ok_sets(OK_SETS));
+    /// When to grow [`OK_CACHE`].
+    static OK_GROWTH: crate::verified::Growth = const { crate::verified::Growth::new() };
+}
+
+#[cold]
+fn ok_sets(n: usize) -> Box<[OkSet]> {
+    std::iter::repeat_with(|| [OkSlot::VACANT, OkSlot::VACANT])
+        .take(n)
+        .collect()
 }
 
 fn allowed_cached(key: KeyRef<'_>, carrier: Option<CredentialHeader>) -> Bytes {
     let (ring, index) = (key.ring_uid(), key.index());
-    // Fibonacci hashing: the top bits of the product, so that keys taken at
-    // any stride through the file (every client's newest key, say) spread
-    // over all the sets.
-    let at = ((u64::from(index) << 1 | u64::from(carrier == Some(CredentialHeader::Authorization)))
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        >> (64 - OK_SETS.trailing_zeros())) as usize;
+    OK_GROWTH.with(crate::verified::Growth::lookup);
     OK_CACHE.with(|cache| {
         let Ok(mut cache) = cache.try_borrow_mut() else {
             // Only reachable if encoding re-entered this function.
             return allowed(key, None, carrier, &[]);
         };
-        let set = &mut cache[at & (OK_SETS - 1)];
+        // Fibonacci hashing: the top bits of the product, so that keys
+        // taken at any stride through the file (every client's newest key,
+        // say) spread over all the sets. The number of sets is a power of
+        // two, at least 2.
+        let sets = cache.len();
+        let at = ((u64::from(index) << 1
+            | u64::from(carrier == Some(CredentialHeader::Authorization)))
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            >> (64 - sets.trailing_zeros())) as usize;
+        let set = &mut cache[at & (sets - 1)];
         if set[0].ring == ring && set[0].is(index, carrier) {
             return set[0].frame.clone();
         }
@@ -364,8 +379,10 @@ fn allowed_cached(key: KeyRef<'_>, carrier: Option<CredentialHeader>) -> Bytes {
         }
         // The new response replaces this key's response of an older ring
         // if the set has one in front, else the least recently used.
+        let mut pushed_out_live = false;
         if !set[0].is(index, carrier) {
             set.swap(0, 1);
+            pushed_out_live = set[0].ring == ring;
         }
         let frame = allowed(key, None, carrier, &[]);
         set[0] = OkSlot {
@@ -374,6 +391,12 @@ fn allowed_cached(key: KeyRef<'_>, carrier: Option<CredentialHeader>) -> Bytes {
             carrier,
             frame: frame.clone(),
         };
+        if pushed_out_live
+            && let Some(n) = OK_GROWTH.with(|g| g.evicted(sets, crate::verified::MAX_SETS))
+        {
+            // Every cached response goes; each is encoded again once.
+            *cache = ok_sets(n);
+        }
         frame
     })
 }
@@ -537,18 +560,20 @@ mod tests {
 
     #[test]
     fn the_ok_cache_holds_a_thousand_interleaved_keys() {
-        let mut text = String::new();
-        for i in 0..2000 {
-            text.push_str(&format!(
-                "[[keys]]\nid = \"k{i}\"\nclient = \"c{}\"\nsha256 = \"{}\"\n",
-                i % 7,
-                hex::encode(crate::decide::digest(&format!("secret-{i}")))
-            ));
-        }
-        let ring = first_ring(&text, &UsageRegistry::default());
+        let ring = ring_of(2000);
         // Every other key (a stride through the file), taken in turn.
         let keys: Vec<KeyRef<'_>> = (0..1000).filter_map(|i| ring.key_at(i * 2)).collect();
         assert_eq!(keys.len(), 1000);
+        let again = reused(&keys);
+        // About 97 % expected; a set index that ignored the key would reuse
+        // none.
+        assert!(again > 900, "only {again} of 1000 responses reused");
+    }
+
+    /// Answers the keys in turn twice; how many second answers were the
+    /// first one's bytes again, from the cache. Checks on the way that a
+    /// cached answer is the one an uncached encode gives.
+    fn reused(keys: &[KeyRef<'_>]) -> usize {
         let carrier = Some(CredentialHeader::ApiKey);
         let first: Vec<Bytes> = keys.iter().map(|k| allowed_cached(*k, carrier)).collect();
         let again = keys
@@ -556,13 +581,79 @@ mod tests {
             .zip(&first)
             .filter(|(k, f)| allowed_cached(**k, carrier).as_ptr() == f.as_ptr())
             .count();
-        // About 97 % expected; a set index that ignored the key would reuse
-        // none.
-        assert!(again > 900, "only {again} of 1000 responses reused");
-        // A cached response is the one an uncached encode gives.
-        for (k, f) in keys.iter().zip(&first).take(50) {
+        for (k, f) in keys.iter().zip(&first).step_by(keys.len() / 50 + 1) {
             assert_eq!(allowed(*k, None, carrier, &[]), *f);
         }
+        again
+    }
+
+    fn ok_sets_now() -> usize {
+        OK_CACHE.with_borrow(|c| c.len())
+    }
+
+    /// A ring of `n` keys, `secret-0` to `secret-{n-1}`.
+    fn ring_of(n: usize) -> KeyRing {
+        let mut text = String::new();
+        for i in 0..n {
+            text.push_str(&format!(
+                "[[keys]]\nid = \"k{i}\"\nclient = \"c{}\"\nsha256 = \"{}\"\n",
+                i % 7,
+                hex::encode(crate::decide::digest(&format!("secret-{i}")))
+            ));
+        }
+        first_ring(&text, &UsageRegistry::default())
+    }
+
+    /// Answers the keys in turn, `passes` times over.
+    fn answer_in_turn(keys: &[KeyRef<'_>], passes: usize) {
+        for _ in 0..passes {
+            for k in keys {
+                allowed_cached(*k, Some(CredentialHeader::ApiKey));
+            }
+        }
+    }
+
+    #[test]
+    fn the_ok_cache_grows_to_hold_more_interleaved_keys() {
+        let ring = ring_of(6000);
+        let keys: Vec<KeyRef<'_>> = ring.keys().collect();
+        assert_eq!(ok_sets_now(), OK_SETS);
+        // 6,000 keys taken in turn do not fit 4,096 slots: the cache
+        // grows until nearly all of them do.
+        answer_in_turn(&keys, 20);
+        assert!(ok_sets_now() > OK_SETS, "still {} sets", ok_sets_now());
+        let again = reused(&keys);
+        // About 95 % once grown to its cap.
+        assert!(again > 5400, "only {again} of 6000 responses reused");
+    }
+
+    #[test]
+    fn the_ok_cache_stays_small_while_the_keys_fit() {
+        let ring = ring_of(500);
+        let keys: Vec<KeyRef<'_>> = ring.keys().collect();
+        answer_in_turn(&keys, 40);
+        assert_eq!(ok_sets_now(), OK_SETS);
+    }
+
+    #[test]
+    fn the_ok_cache_stops_growing_at_its_cap() {
+        let ring = ring_of(16_000);
+        let keys: Vec<KeyRef<'_>> = ring.keys().collect();
+        answer_in_turn(&keys, 12);
+        assert_eq!(ok_sets_now(), crate::verified::MAX_SETS);
+    }
+
+    #[test]
+    fn the_ok_cache_stays_small_when_the_keys_would_not_fit_at_its_cap() {
+        let ring = ring_of(64_000);
+        let keys: Vec<KeyRef<'_>> = ring.keys().collect();
+        answer_in_turn(&keys, 4);
+        // Back at its size after each trial, or in the middle of one.
+        assert!(
+            ok_sets_now() < crate::verified::MAX_SETS,
+            "{} sets",
+            ok_sets_now()
+        );
     }
 
     fn with_http(http: HttpRequest, scopes: Option<&str>) -> CheckRequest {

@@ -24,24 +24,34 @@
 //! them: a revoked or removed key is looked up afresh in the new ring. The
 //! table is thread-local, so it takes no lock and shares no cache line.
 //!
-//! The table is two-way set-associative, with 2,048 sets of two slots on one
-//! cache line each (128 KiB per serving thread, allocated on the thread's
-//! first check). Traffic from many clients interleaves: with a thousand
-//! keys in use at once and taken in turn, a direct-mapped table of 1,024
-//! slots would put about six in ten of them in a slot shared with another
-//! key, and those would evict each other and pay a SHA-256 on every request.
-//! Two least-recently-used slots in each of 2,048 sets leave about one key
-//! in eleven without a place (three or more keys in its set).
+//! The table is two-way set-associative, with sets of two slots on one
+//! cache line each: 2,048 sets (128 KiB per serving thread, allocated on
+//! the thread's first check) to begin with. Traffic from many clients
+//! interleaves: with a thousand keys in use at once and taken in turn, a
+//! direct-mapped table of 1,024 slots would put about six in ten of them in
+//! a slot shared with another key, and those would evict each other and pay
+//! a SHA-256 on every request. Two least-recently-used slots in each of
+//! 2,048 sets leave about one key in eleven without a place (three or more
+//! keys in its set).
+//!
+//! When more keys are in use than that, the table grows ([`Growth`]):
+//! fourfold, up to [`MAX_SETS`] (32,768 keys, 1 MiB), when more than one
+//! lookup in sixteen over a window made a known key push out another one,
+//! and back if that did not help. So memory follows the number of
+//! keys a thread actually sees, not the size of the ring. A flood of
+//! unknown keys does not make it grow: only keys the ring holds count.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::hash::Hasher as _;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use siphasher::sip128::{Hasher128 as _, SipHasher13};
 
-/// Sets per thread (a power of two), of [`WAYS`] slots each.
-const SETS: usize = 2048;
+/// Sets per thread to begin with (a power of two), of [`WAYS`] slots each.
+const MIN_SETS: usize = 2048;
+/// The most sets a thread's table grows to: 32,768 slots, 1 MiB.
+pub(crate) const MAX_SETS: usize = 16 * 1024;
 /// Slots per set.
 const WAYS: usize = 2;
 
@@ -63,17 +73,15 @@ struct Set([Cell<Slot>; WAYS]);
 pub const ABSENT: u32 = u32::MAX;
 
 thread_local! {
-    static TABLE: Box<[Set; SETS]> = table(Set::default);
+    /// This thread's sets (a power of two of them).
+    static TABLE: RefCell<Box<[Set]>> = RefCell::new(sets(MIN_SETS));
+    /// When to grow [`TABLE`].
+    static GROWTH: Growth = const { Growth::new() };
 }
 
-/// A per-thread table of `N` entries made by `make`, built in place on the
-/// heap (one too large for a thread's stack to build it there first).
-pub(crate) fn table<T, const N: usize>(make: impl FnMut() -> T) -> Box<[T; N]> {
-    let entries: Box<[T]> = std::iter::repeat_with(make).take(N).collect();
-    match entries.try_into() {
-        Ok(table) => table,
-        Err(_) => unreachable!("the iterator yields exactly N entries"),
-    }
+#[cold]
+fn sets(n: usize) -> Box<[Set]> {
+    std::iter::repeat_with(Set::default).take(n).collect()
 }
 
 /// A new process-unique ring id (never 0).
@@ -112,14 +120,16 @@ pub fn tag(secret: &[u8]) -> u128 {
 
 /// The set `tag` belongs to.
 #[inline]
-fn set_of(table: &[Set; SETS], tag: u128) -> &[Cell<Slot>; WAYS] {
-    &table[tag as usize & (SETS - 1)].0
+fn set_of(table: &[Set], tag: u128) -> &[Cell<Slot>; WAYS] {
+    // The table's length is a power of two.
+    &table[tag as usize & (table.len() - 1)].0
 }
 
 /// The remembered lookup result of `tag` in ring `ring`, if any.
 #[inline]
 pub fn get(tag: u128, ring: u64) -> Option<u32> {
-    TABLE.with(|t| {
+    GROWTH.with(Growth::lookup);
+    TABLE.with_borrow(|t| {
         let [first, second] = set_of(t, tag);
         let slot = first.get();
         if slot.tag == tag && slot.ring == ring {
@@ -141,16 +151,135 @@ pub fn get(tag: u128, ring: u64) -> Option<u32> {
 /// least recently used slot.
 #[inline]
 pub fn put(tag: u128, ring: u64, index: u32) {
-    TABLE.with(|t| {
+    let resize = TABLE.with_borrow(|t| {
         let [first, second] = set_of(t, tag);
         let slot = first.get();
+        let mut pushed_out = None;
         if slot.tag != tag {
             // Either the least recently used slot goes, or (same tag) the
             // result of an older ring.
-            second.set(slot);
+            pushed_out = Some(second.replace(slot));
         }
         first.set(Slot { tag, ring, index });
-    })
+        // A known key took the place of another one of the same ring.
+        pushed_out
+            .filter(|old| old.ring == ring && old.index != ABSENT && index != ABSENT)
+            .and_then(|_| GROWTH.with(|g| g.evicted(t.len(), MAX_SETS)))
+    });
+    if let Some(n) = resize {
+        // Everything remembered goes: each key pays one SHA-256 again.
+        TABLE.with_borrow_mut(|t| *t = sets(n));
+    }
+}
+
+/// Whether a two-way per-thread cache should change size.
+///
+/// It counts lookups, and insertions that pushed out a live entry for a
+/// key of the ring being served. At the first such insertion after a
+/// window of as many lookups as the cache has slots, it judges the window
+/// (except the first two after the cache was made or resized, while it
+/// fills up again): more than one lookup in sixteen pushing out a live key
+/// means the keys in use do not fit, so the cache should grow, fourfold up
+/// to its cap. A growth is a trial: unless the next judged window's rate is
+/// at least a sixteenth lower than the rate that caused it, the keys in use
+/// are so many that growing does not help (a stream of distinct keys, say),
+/// so the cache goes back to its size and does not try again for a while
+/// (1, 2, 4, … up to 1,024 windows). Only known keys count, so a flood of
+/// unknown keys cannot make a cache grow.
+pub(crate) struct Growth {
+    lookups: Cell<u32>,
+    evictions: Cell<u32>,
+    /// The rate (per 65,536 lookups) that caused the growth on trial, or 0.
+    trial: Cell<u32>,
+    /// The number of sets before the growth on trial.
+    before: Cell<usize>,
+    /// Windows to wait before the next growth.
+    cooldown: Cell<u32>,
+    /// The wait after the next growth that does not help.
+    backoff: Cell<u32>,
+    /// Windows left before the cache is full again after it was made or
+    /// resized; until then evictions are rarer than they will be.
+    filling: Cell<u8>,
+}
+
+/// How much a growing cache grows at once. Doubling is not always enough to
+/// see a difference: keys spread evenly over the sets (the OK cache's
+/// Fibonacci hashing of positions does that) all collide until there are
+/// about as many slots as keys.
+const GROWTH_FACTOR: usize = 4;
+/// The longest wait, in windows, after growths that did not help.
+const MAX_BACKOFF: u32 = 1024;
+/// Windows not judged after a cache is made or resized.
+const FILLING: u8 = 2;
+
+impl Growth {
+    pub(crate) const fn new() -> Growth {
+        Growth {
+            lookups: Cell::new(0),
+            evictions: Cell::new(0),
+            trial: Cell::new(0),
+            before: Cell::new(0),
+            cooldown: Cell::new(0),
+            backoff: Cell::new(1),
+            filling: Cell::new(FILLING),
+        }
+    }
+
+    /// Counts a lookup. After 2^32 lookups with no eviction the count wraps,
+    /// which only delays the next judgement.
+    #[inline]
+    pub(crate) fn lookup(&self) {
+        self.lookups.set(self.lookups.get().wrapping_add(1));
+    }
+
+    /// Counts an insertion that pushed out a live key, in a cache of `sets`
+    /// sets of two slots that may grow to `max_sets`; the number of sets
+    /// the cache should have from now on, if not `sets`. Out of line: only
+    /// a miss gets here.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn evicted(&self, sets: usize, max_sets: usize) -> Option<usize> {
+        let evictions = self.evictions.get().saturating_add(1);
+        let lookups = self.lookups.get();
+        if (lookups as usize) < sets * 2 {
+            self.evictions.set(evictions);
+            return None;
+        }
+        self.lookups.set(0);
+        self.evictions.set(0);
+        if self.filling.get() > 0 {
+            self.filling.set(self.filling.get() - 1);
+            return None;
+        }
+        let rate = (u64::from(evictions) * 65_536 / u64::from(lookups.max(1))) as u32;
+        let trial = self.trial.replace(0);
+        if trial != 0 {
+            if rate > trial - trial / 16 {
+                self.cooldown.set(self.backoff.get());
+                self.backoff.set((self.backoff.get() * 2).min(MAX_BACKOFF));
+                self.filling.set(FILLING);
+                return Some(self.before.get());
+            }
+            self.backoff.set(1);
+        }
+        if self.cooldown.get() > 0 {
+            self.cooldown.set(self.cooldown.get() - 1);
+            return None;
+        }
+        if sets < max_sets && rate > 65_536 / 16 {
+            self.trial.set(rate);
+            self.before.set(sets);
+            self.filling.set(FILLING);
+            return Some((sets * GROWTH_FACTOR).min(max_sets));
+        }
+        None
+    }
+}
+
+/// This thread's number of memo sets.
+#[cfg(test)]
+fn sets_now() -> usize {
+    TABLE.with_borrow(|t| t.len())
 }
 
 #[cfg(test)]
@@ -232,6 +361,156 @@ mod tests {
         // About 96 % expected (a direct-mapped table of 1,024 would keep
         // about 60 %); a set index that ignored the tag would keep 2.
         assert!(kept > 900, "only {kept} of 1000 kept");
+    }
+
+    /// Looks every tag up in turn, remembering index `i` for tag `i` (or
+    /// [`ABSENT`] for all when `absent`) where the memo had forgotten it;
+    /// how many it remembered.
+    fn pass(tags: &[u128], ring: u64, absent: bool) -> usize {
+        let mut hits = 0;
+        for (i, t) in (0u32..).zip(tags) {
+            let want = if absent { ABSENT } else { i };
+            if get(*t, ring) == Some(want) {
+                hits += 1;
+            } else {
+                put(*t, ring, want);
+            }
+        }
+        hits
+    }
+
+    /// [`pass`] `times` times.
+    fn in_turn(tags: &[u128], ring: u64, absent: bool, times: usize) {
+        for _ in 0..times {
+            pass(tags, ring, absent);
+        }
+    }
+
+    fn tags(n: u32) -> Vec<u128> {
+        (0..n).map(|i| tag(&i.to_le_bytes())).collect()
+    }
+
+    #[test]
+    fn grows_when_more_known_keys_interleave_than_fit() {
+        let ring = next_ring_id();
+        let tags = tags(6000);
+        assert_eq!(sets_now(), MIN_SETS);
+        in_turn(&tags, ring, false, 20);
+        assert!(sets_now() > MIN_SETS, "still {} sets", sets_now());
+        let hits = pass(&tags, ring, false);
+        // About 95 % once grown to its cap; 57 % at 4,096 sets.
+        assert!(hits > 5400, "only {hits} of 6000 remembered");
+    }
+
+    #[test]
+    fn unknown_keys_and_keys_that_fit_do_not_make_it_grow() {
+        let ring = next_ring_id();
+        // 500 known keys in turn, many times over: they fit.
+        let known = tags(500);
+        in_turn(&known, ring, false, 40);
+        // A flood of distinct unknown keys.
+        let unknown: Vec<u128> = (0..50_000u32)
+            .map(|i| tag(format!("unknown-{i}").as_bytes()))
+            .collect();
+        in_turn(&unknown, ring, true, 2);
+        assert_eq!(sets_now(), MIN_SETS);
+    }
+
+    #[test]
+    fn growth_stops_at_the_cap() {
+        let ring = next_ring_id();
+        // Growing helps 16,000 keys taken in turn: about 99.7 %, 58 % and
+        // 26 % of lookups miss at 2,048, 8,192 and 16,384 sets.
+        let tags = tags(16_000);
+        in_turn(&tags, ring, false, 12);
+        assert_eq!(sets_now(), MAX_SETS);
+    }
+
+    #[test]
+    fn more_keys_than_would_fit_at_the_cap_leave_it_small() {
+        let ring = next_ring_id();
+        // 64,000 keys in turn: nearly every lookup misses at 8,192 sets as
+        // at 2,048, so a growth does not help and is undone.
+        let tags = tags(64_000);
+        in_turn(&tags, ring, false, 4);
+        // Back at its size after each trial, or in the middle of one.
+        assert!(
+            sets_now() <= GROWTH_FACTOR * MIN_SETS,
+            "{} sets",
+            sets_now()
+        );
+        assert!(GROWTH.with(|g| g.backoff.get()) > 2, "trials undone");
+    }
+
+    /// A window of 100 lookups (a cache of 50 sets that may grow to 800)
+    /// with `evictions` evictions, judged at the last.
+    fn window(g: &Growth, evictions: u32) -> Option<usize> {
+        for _ in 0..100 {
+            g.lookup();
+        }
+        for _ in 1..evictions {
+            assert_eq!(g.evicted(1_000_000, 1_000_000), None);
+        }
+        g.evicted(50, 800)
+    }
+
+    /// The windows after a cache was made or resized, never judged.
+    fn fill(g: &Growth) {
+        for _ in 0..FILLING {
+            assert_eq!(window(g, 99), None, "filling");
+        }
+    }
+
+    #[test]
+    fn growth_is_judged_over_windows_of_lookups() {
+        let g = Growth::new();
+        fill(&g);
+        // Before a window of 100 lookups is over, nothing.
+        for _ in 0..99 {
+            g.lookup();
+        }
+        assert_eq!(g.evicted(50, 800), None);
+        // 100 lookups with 2 evictions: not more than one in sixteen.
+        g.lookup();
+        assert_eq!(g.evicted(50, 800), None);
+        // 7 in 100 is.
+        assert_eq!(window(&g, 7), Some(200));
+        fill(&g);
+        // The growth lowered the rate: it stays, and the next may follow.
+        assert_eq!(window(&g, 6), None);
+        assert_eq!(window(&g, 20), Some(200));
+    }
+
+    #[test]
+    fn a_cache_at_its_cap_does_not_grow() {
+        let g = Growth::new();
+        for _ in 0..=FILLING {
+            for _ in 0..100 {
+                g.lookup();
+            }
+            for _ in 0..99 {
+                assert_eq!(g.evicted(50, 50), None);
+            }
+        }
+    }
+
+    #[test]
+    fn a_growth_that_does_not_help_is_undone_and_tried_ever_less_often() {
+        let g = Growth::new();
+        fill(&g);
+        let mut waits = Vec::new();
+        for _ in 0..5 {
+            let mut wait = 0;
+            while window(&g, 90).is_none() {
+                wait += 1;
+            }
+            waits.push(wait);
+            fill(&g);
+            // Nearly as bad after growing: back, and wait.
+            assert_eq!(window(&g, 86), Some(50));
+            fill(&g);
+        }
+        assert_eq!(waits, [0, 1, 2, 4, 8]);
     }
 
     #[test]
