@@ -7,6 +7,12 @@
 //! no further request came. A request at `t` is allowed when
 //! `max(TAT, t) - t <= tolerance`, where `tolerance = (burst - 1) × interval`
 //! and `interval = per / requests`; allowing it advances TAT by `interval`.
+//!
+//! Checks are decided on the wall clock (the time the validity windows are
+//! judged by), which can step back when it is corrected. A backlog longer
+//! than `tolerance + interval` cannot arise from requests alone, so a longer
+//! one is what a backward step left: it is cut to that bound, and a key whose
+//! clock went back by an hour waits at most one interval, not an hour.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -45,6 +51,13 @@ struct Params {
     tolerance: u64,
 }
 
+impl Params {
+    /// The longest backlog requests can leave: a full burst just taken.
+    fn most(self) -> u64 {
+        self.tolerance.saturating_add(self.interval)
+    }
+}
+
 fn params(spec: &RateLimitSpec) -> Params {
     let per = u64::try_from(spec.per.as_nanos()).unwrap_or(u64::MAX);
     let interval = (per / spec.requests.max(1)).max(1);
@@ -68,12 +81,32 @@ impl Limiter {
         let quota = |backlog: u64, retry: u64| Quota {
             limit: spec.burst,
             window_secs: ceil_secs(u64::try_from(spec.per.as_nanos()).unwrap_or(u64::MAX)).max(1),
-            remaining: (p.tolerance + p.interval).saturating_sub(backlog) / p.interval,
+            remaining: p.most().saturating_sub(backlog) / p.interval,
             reset_secs: ceil_secs(backlog),
             retry_after_secs: retry,
         };
         let mut current = self.tat_ns.load(Ordering::Relaxed);
         loop {
+            let ceiling = now_ns.saturating_add(p.most());
+            if current > ceiling {
+                // The clock stepped back (see the module documentation):
+                // keep the bound, so that time passing from here counts.
+                // Checks decided a moment apart may also see a ceiling a
+                // little below what another just stored; that only gives
+                // back those few microseconds of budget.
+                match self.tat_ns.compare_exchange_weak(
+                    current,
+                    ceiling,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => current = ceiling,
+                    Err(actual) => {
+                        current = actual;
+                        continue;
+                    }
+                }
+            }
             let tat = current.max(now_ns);
             let backlog = tat - now_ns;
             if backlog > p.tolerance {
@@ -162,6 +195,41 @@ mod tests {
             Limiter::default().acquire(&s, 0).map(|q| q.window_secs),
             Ok(1)
         );
+    }
+
+    #[test]
+    fn a_burst_near_the_largest_tolerance_does_not_overflow() {
+        // interval × (burst − 1) is over u64::MAX nanoseconds: the tolerance
+        // saturates, and so must everything derived from it.
+        let s = spec(1, Duration::from_secs(7 * 86_400), 40_000);
+        let l = Limiter::default();
+        let q = l.acquire(&s, 5 * S).unwrap();
+        // The saturated tolerance holds about 30,500 weeks' worth of
+        // intervals: fewer than the burst, still a burst no client reaches.
+        assert!((30_000..40_000).contains(&q.remaining), "{q:?}");
+        assert!(l.acquire(&s, 5 * S).is_ok());
+    }
+
+    #[test]
+    fn a_clock_stepping_back_costs_at_most_one_interval() {
+        let l = Limiter::default();
+        let s = spec(100, Duration::from_secs(1), 200);
+        let t = 10_000 * S;
+        for _ in 0..200 {
+            assert!(l.acquire(&s, t).is_ok());
+        }
+        assert!(l.acquire(&s, t).is_err(), "the burst is spent");
+        // The clock goes back ten seconds: without the bound, the key would
+        // be denied for those ten seconds.
+        let back = t - 10 * S;
+        let denied = l.acquire(&s, back).unwrap_err();
+        assert_eq!(denied.retry_after_secs, 1, "one interval, rounded up");
+        assert!(l.acquire(&s, back + S / 100).is_ok(), "after one interval");
+        // The clock going forward still refills the budget as time passes.
+        let later = t + 10 * S;
+        for _ in 0..200 {
+            assert!(l.acquire(&s, later).is_ok());
+        }
     }
 
     #[test]
