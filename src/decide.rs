@@ -339,7 +339,6 @@ pub fn decide<'r>(
     match ring.find(cred.secret.as_bytes()) {
         Found::Key(key) => decide_key(key, now, required),
         Found::Unknown => Decision::deny(DenyReason::UnknownKey),
-        Found::Malformed => Decision::deny(DenyReason::MalformedKey),
     }
 }
 
@@ -582,11 +581,12 @@ mod tests {
             assert_eq!(check(&ring, Some(&good), None, ""), Ok("good".into()));
             assert_eq!(
                 check(&ring, Some(&bad), None, ""),
-                Err(DenyReason::MalformedKey)
+                Err(DenyReason::UnknownKey),
+                "the contract's malformed is about length and characters"
             );
             assert_eq!(
                 check(&ring, Some("kw_short"), None, ""),
-                Err(DenyReason::MalformedKey)
+                Err(DenyReason::UnknownKey)
             );
             // Keys issued elsewhere are looked up whatever their shape.
             assert_eq!(

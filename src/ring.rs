@@ -126,10 +126,10 @@ impl KeyUsage {
 pub enum Found<'r> {
     /// The key whose secret it is.
     Key(KeyRef<'r>),
-    /// No key: a plausible secret the ring does not hold.
+    /// No key: the ring does not hold the secret. A secret that claims
+    /// keyward's format and fails its checksum is one, found without a
+    /// lookup.
     Unknown,
-    /// It claims keyward's format but fails its checksum.
-    Malformed,
 }
 
 impl<'r> Found<'r> {
@@ -137,7 +137,7 @@ impl<'r> Found<'r> {
     pub fn key(self) -> Option<KeyRef<'r>> {
         match self {
             Found::Key(k) => Some(k),
-            Found::Unknown | Found::Malformed => None,
+            Found::Unknown => None,
         }
     }
 }
@@ -1086,7 +1086,8 @@ impl KeyRing {
     ///
     /// A secret not in the memo must first be [`crate::secret::plausible`]:
     /// one that claims keyward's format and fails its checksum is
-    /// [`Found::Malformed`], with no digest work and no memo slot taken.
+    /// [`Found::Unknown`] (no key can have it), with no digest work and no
+    /// memo slot taken.
     /// Only plausible secrets enter the memo, so a repeat skips the check.
     #[inline]
     pub fn find(&self, secret: &[u8]) -> Found<'_> {
@@ -1095,7 +1096,7 @@ impl KeyRing {
             Some(index) => index,
             None => {
                 if !crate::secret::plausible(secret) {
-                    return Found::Malformed;
+                    return Found::Unknown;
                 }
                 let index = self.index_of(&crate::decide::digest_bytes(secret));
                 crate::verified::put(tag, self.uid, index);

@@ -78,7 +78,7 @@ pub async fn decision_suite(envoy: &Envoy) {
                 "kw_notAValidChecksum000000000000000000000000000000",
             )],
             401,
-            "malformed_key",
+            "unknown_key",
         ),
         (
             "/v1/prices",
