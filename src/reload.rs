@@ -108,14 +108,14 @@ impl ReloadStats {
 
 /// Identity of the file's current contents as far as metadata tells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
+pub(crate) struct Stamp {
     len: u64,
     modified: Option<SystemTime>,
     ino: u64,
     dev: u64,
 }
 
-fn stamp(path: &Path) -> Option<Stamp> {
+pub(crate) fn stamp(path: &Path) -> Option<Stamp> {
     // `metadata` follows symlinks, so a Kubernetes `..data` swap shows up as a
     // new inode even though `keys.toml` itself never changes.
     let m = std::fs::metadata(path).ok()?;
@@ -200,6 +200,13 @@ impl Reloader {
     /// Whether the file's metadata changed since the last attempt.
     pub fn changed_on_disk(&self) -> bool {
         stamp(&self.path) != self.memory().stamp
+    }
+
+    /// Records the file's metadata as it was before the serving ring was
+    /// read (taken by whoever read it), so that a change made while that
+    /// ring was being read and built shows as a change to the poll.
+    pub(crate) fn note_read_stamp(&self, stamp: Option<Stamp>) {
+        self.memory().stamp = stamp;
     }
 
     /// Records that the serving ring (of `generation`) came from a file
@@ -1318,6 +1325,19 @@ mod tests {
         assert!(r.changed_on_disk());
         r.reload(Trigger::Poll);
         assert!(!r.changed_on_disk());
+    }
+
+    #[test]
+    fn a_change_while_the_first_ring_was_read_is_noticed() {
+        // The server takes the stamp before its first read, and the file
+        // changes before the reloader exists: the poll must still see it.
+        let (_d, path, r, _shared) = setup(&key("a", "sa", ""));
+        let before = stamp(&path);
+        std::fs::write(&path, key("a", "sa", "") + "# written during startup\n").unwrap();
+        let r2 = Reloader::new(path.clone(), ParseOptions::default(), Arc::clone(&r.shared));
+        assert!(!r2.changed_on_disk(), "a stamp taken now sees no change");
+        r2.note_read_stamp(before);
+        assert!(r2.changed_on_disk());
     }
 
     #[test]

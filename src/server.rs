@@ -138,6 +138,9 @@ impl Server {
         };
         let started = std::time::Instant::now();
         let options = config.parse_options();
+        // Before the read: a change written while the ring is read and built
+        // (seconds, for a large file) must look like a change to the poll.
+        let read_stamp = crate::reload::stamp(&config.keys);
         let bytes = keyfile::read_on(&config.keys, options.threads)?;
         let read = started.elapsed();
         let fingerprint = keyfile::fingerprint(&bytes);
@@ -186,6 +189,7 @@ impl Server {
             config.reload_options(),
             Arc::clone(&shared),
         ));
+        reloader.note_read_stamp(read_stamp);
         reloader.note_serving(1, fingerprint);
         // The parsed file is garbage now. It borrows the file's bytes, so it
         // is freed here: quickly for the fast path's compact form (a few
