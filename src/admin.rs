@@ -150,7 +150,7 @@ async fn lockouts(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> 
                 .map(|t| t.to_string())
                 .unwrap_or_default();
             serde_json::json!({
-                "source": l.source.to_string(),
+                "source": crate::lockout::label(l.source),
                 "until": until,
                 "remaining_seconds": (l.until_ns - now).div_ceil(1_000_000_000),
             })
@@ -181,7 +181,9 @@ async fn lift_lockout(
     if shared.lockout.lift(ip) {
         (
             StatusCode::OK,
-            Json(serde_json::json!({ "lifted": ip.to_string() })),
+            Json(
+                serde_json::json!({ "lifted": crate::lockout::label(crate::lockout::source_of(ip)) }),
+            ),
         )
     } else {
         (

@@ -1,23 +1,35 @@
 //! Brute-force lockout: too many failed checks (unknown or malformed keys)
-//! from one source address within a window lock that source out for a
-//! cool-down, denied with `too_many_failures` before any digest work.
+//! from one source within a window lock that source out for a cool-down,
+//! denied with `too_many_failures` before any digest work.
+//!
+//! A source is an IPv4 address, or an IPv6 /64 network ([`source_of`]): one
+//! host usually holds a whole /64, and could otherwise take a fresh address
+//! for every hundred guesses.
 //!
 //! Two structures, so the success path stays lock-free:
 //!
 //! * the set of **locked** sources is an immutable map behind an `ArcSwap`,
-//!   replaced copy-on-write (by one writer at a time) when a lockout starts
-//!   or is lifted, which is rare. A flag says whether the map is empty: while
-//!   it is, a check reads that one flag and nothing more;
+//!   replaced (by one writer at a time) when a lockout starts or is lifted.
+//!   It is a persistent hash map: the next version shares all but a few
+//!   nodes with the current one, so starting a lockout costs the same with
+//!   a hundred thousand sources locked as with one (a copied map made each
+//!   one cost the whole map, a way to tie up a serving thread for
+//!   milliseconds). A flag says whether the map is empty: while it is, a
+//!   check reads that one flag and nothing more;
 //! * the **failure counters** live in a `DashMap`, touched only by checks that
 //!   already failed. It is bounded: when full, expired windows are swept and,
 //!   if still full, the oldest tenth is evicted.
+//!
+//! Times are the wall clock's, like every other time a check is decided
+//! at. When it steps back, a counting window that seems to start in the
+//! future starts again, and a lockout never has more than its duration
+//! left.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use ahash::AHashMap;
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 
@@ -54,7 +66,8 @@ struct Tracker {
 /// One active lockout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Locked {
-    /// The source.
+    /// The source ([`source_of`]): an IPv4 address, or the first address of
+    /// an IPv6 /64.
     pub source: IpAddr,
     /// Unix nanoseconds at which it ends.
     pub until_ns: u64,
@@ -64,12 +77,36 @@ fn ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// The source a client address counts for: an IPv4 address (also when
+/// written as IPv4-mapped IPv6) as it is, an IPv6 address as its /64.
+pub fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+    }
+}
+
+/// How a source is shown: `192.0.2.7`, `2001:db8:1:2::/64`.
+pub fn label(source: IpAddr) -> String {
+    match source {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("{v6}/64"),
+    }
+}
+
+/// The locked sources and when each lockout ends (Unix nanoseconds).
+type LockedMap =
+    imbl::GenericHashMap<IpAddr, u64, ahash::RandomState, imbl::shared_ptr::DefaultSharedPtr>;
+
 /// Lockout state for the whole process.
 #[derive(Debug)]
 pub struct Lockout {
     config: LockoutConfig,
     failures: DashMap<IpAddr, Tracker, ahash::RandomState>,
-    locked: ArcSwap<AHashMap<IpAddr, u64>>,
+    locked: ArcSwap<LockedMap>,
     /// Whether `locked` is non-empty: set before a non-empty map is
     /// published, cleared after an empty one is.
     any: AtomicBool,
@@ -91,7 +128,7 @@ impl Lockout {
         Lockout {
             config,
             failures: DashMap::with_hasher(ahash::RandomState::new()),
-            locked: ArcSwap::from_pointee(AHashMap::new()),
+            locked: ArcSwap::from_pointee(LockedMap::with_hasher(ahash::RandomState::new())),
             any: AtomicBool::new(false),
             writer: Mutex::new(()),
             total: AtomicU64::new(0),
@@ -120,7 +157,7 @@ impl Lockout {
     /// Publishes the map `next` makes of the current one (`None`: no
     /// change). Rare (a lockout starts or is lifted), so writers take a
     /// lock; checks never do.
-    fn replace(&self, next: impl FnOnce(&AHashMap<IpAddr, u64>) -> Option<AHashMap<IpAddr, u64>>) {
+    fn replace(&self, next: impl FnOnce(&LockedMap) -> Option<LockedMap>) {
         let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(next) = next(&self.locked.load()) else {
             return;
@@ -135,19 +172,41 @@ impl Lockout {
         }
     }
 
-    /// Seconds left on `source`'s lockout, if it is locked out at `now_ns`.
+    /// Seconds left on the lockout of `ip`'s source, if it is locked out at
+    /// `now_ns`.
     #[inline]
-    pub fn locked_for(&self, source: IpAddr, now_ns: u64) -> Option<u64> {
+    pub fn locked_for(&self, ip: IpAddr, now_ns: u64) -> Option<u64> {
+        let source = source_of(ip);
         let locked = self.locked.load();
         let until = *locked.get(&source)?;
-        (until > now_ns).then(|| (until - now_ns).div_ceil(1_000_000_000).max(1))
+        if until <= now_ns {
+            return None;
+        }
+        let mut left = until - now_ns;
+        let duration = ns(self.config.duration);
+        if left > duration {
+            // The clock stepped back: end the lockout a duration from now.
+            left = duration;
+            self.shorten(source, now_ns.saturating_add(duration));
+        }
+        Some(left.div_ceil(1_000_000_000).max(1))
     }
 
-    /// Counts a failed check from `source`; returns true if it started a lockout.
-    pub fn record_failure(&self, source: IpAddr, now_ns: u64) -> bool {
+    #[cold]
+    fn shorten(&self, source: IpAddr, until: u64) {
+        self.replace(|current| {
+            let end = *current.get(&source)?;
+            (end > until).then(|| current.update(source, until))
+        });
+    }
+
+    /// Counts a failed check from `ip`'s source; returns true if it started
+    /// a lockout.
+    pub fn record_failure(&self, ip: IpAddr, now_ns: u64) -> bool {
         if !self.enabled() {
             return false;
         }
+        let source = source_of(ip);
         let window = ns(self.config.window);
         if !self.failures.contains_key(&source) && self.failures.len() >= self.config.max_sources {
             self.make_room(now_ns);
@@ -157,7 +216,9 @@ impl Lockout {
                 window_start_ns: now_ns,
                 failures: 0,
             });
-            if now_ns.saturating_sub(t.window_start_ns) >= window {
+            // A window that starts in the future is one the clock stepped
+            // back from: it starts again.
+            if now_ns < t.window_start_ns || now_ns - t.window_start_ns >= window {
                 *t = Tracker {
                     window_start_ns: now_ns,
                     failures: 0,
@@ -173,15 +234,19 @@ impl Lockout {
         let until = now_ns.saturating_add(ns(self.config.duration));
         let max = self.config.max_sources;
         self.replace(|current| {
-            let mut next: AHashMap<IpAddr, u64> = current
-                .iter()
-                .filter(|(_, u)| **u > now_ns)
-                .map(|(k, v)| (*k, *v))
-                .collect();
-            if next.len() >= max
-                && let Some(soonest) = next.iter().min_by_key(|(_, u)| **u).map(|(k, _)| *k)
-            {
-                next.remove(&soonest);
+            let mut next = current.clone();
+            if !next.contains_key(&source) && next.len() >= max {
+                // Full: a sweep of the ended lockouts, and if that frees
+                // nothing, the tenth that end soonest make room (a pass
+                // over the map per tenth of it, not per lockout).
+                next.retain(|_, u| *u > now_ns);
+                if next.len() >= max {
+                    let mut ends: Vec<(u64, IpAddr)> = next.iter().map(|(s, u)| (*u, *s)).collect();
+                    ends.sort_unstable();
+                    for (_, s) in ends.into_iter().take((max / 10).max(1)) {
+                        next.remove(&s);
+                    }
+                }
             }
             next.insert(source, until);
             Some(next)
@@ -217,17 +282,15 @@ impl Lockout {
         }
     }
 
-    /// Lifts `source`'s lockout (and forgets its failures); true if it was locked.
-    pub fn lift(&self, source: IpAddr) -> bool {
+    /// Lifts the lockout of `ip`'s source (and forgets its failures); true
+    /// if it was locked.
+    pub fn lift(&self, ip: IpAddr) -> bool {
+        let source = source_of(ip);
         self.failures.remove(&source);
         let mut was = false;
         self.replace(|current| {
             was = current.contains_key(&source);
-            was.then(|| {
-                let mut next = AHashMap::clone(current);
-                next.remove(&source);
-                next
-            })
+            was.then(|| current.without(&source))
         });
         if was {
             tracing::info!(target: "keyward::audit", %source, "lockout lifted by an operator");
@@ -235,11 +298,12 @@ impl Lockout {
         was
     }
 
-    /// Lockouts in force at `now_ns`, soonest to end first.
+    /// Lockouts in force at `now_ns`, soonest to end first. Drops the
+    /// lockouts that ended from the map (each scrape of the metrics asks),
+    /// so that checks skip it again once none is left.
     pub fn active(&self, now_ns: u64) -> Vec<Locked> {
-        let mut v: Vec<Locked> = self
-            .locked
-            .load()
+        let locked = self.locked.load_full();
+        let mut v: Vec<Locked> = locked
             .iter()
             .filter(|(_, u)| **u > now_ns)
             .map(|(s, u)| Locked {
@@ -247,6 +311,13 @@ impl Lockout {
                 until_ns: *u,
             })
             .collect();
+        if v.len() < locked.len() {
+            self.replace(|current| {
+                let mut next = current.clone();
+                next.retain(|_, u| *u > now_ns);
+                (next.len() < current.len()).then_some(next)
+            });
+        }
         v.sort_by_key(|l| l.until_ns);
         v
     }
@@ -265,12 +336,17 @@ impl Lockout {
 /// The client address of a check: the `hops`-th `x-forwarded-for` entry from
 /// the right when `hops > 0` and the header has that many entries (each
 /// trusted proxy appends the address it saw), else the peer address Envoy
-/// reports. Allocation-free.
+/// reports. An entry may carry a port (`203.0.113.9:4711`,
+/// `[2001:db8::1]:443`), as some proxies write it. Allocation-free.
 pub fn client_address(peer: Option<&str>, xff: Option<&str>, hops: usize) -> Option<IpAddr> {
     if hops > 0
         && let Some(entry) = xff.and_then(|x| x.rsplit(',').nth(hops - 1))
     {
-        return entry.trim().parse().ok();
+        let entry = entry.trim();
+        return entry
+            .parse()
+            .ok()
+            .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()));
     }
     peer?.parse().ok()
 }
@@ -371,6 +447,64 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_host_counts_as_its_64() {
+        let l = lockout(3, 100);
+        // Three addresses of one /64: one source.
+        assert!(!l.record_failure(ip("2001:db8:1:2::1"), S));
+        assert!(!l.record_failure(ip("2001:db8:1:2:aaaa::7"), S));
+        assert!(l.record_failure(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"), S));
+        assert!(l.locked_for(ip("2001:db8:1:2::99"), S).is_some());
+        assert!(
+            l.locked_for(ip("2001:db8:1:3::1"), S).is_none(),
+            "the next /64"
+        );
+        let active = l.active(S);
+        assert_eq!(label(active[0].source), "2001:db8:1:2::/64");
+        // IPv4, also written IPv4-mapped, is one address.
+        assert_eq!(source_of(ip("::ffff:192.0.2.1")), ip("192.0.2.1"));
+        assert_eq!(label(ip("192.0.2.1")), "192.0.2.1");
+        assert!(l.lift(ip("2001:db8:1:2::5")), "any address of it lifts it");
+        assert!(!l.any_locked());
+    }
+
+    #[test]
+    fn a_clock_stepping_back_neither_extends_a_lockout_nor_a_window() {
+        let l = lockout(3, 100);
+        let a = ip("192.0.2.10");
+        let t = 10_000 * S;
+        assert!(!l.record_failure(a, t));
+        assert!(!l.record_failure(a, t + S));
+        // Back an hour: the window starts again rather than lasting an hour
+        // more.
+        let back = t - 3_600 * S;
+        assert!(!l.record_failure(a, back), "a new window");
+        assert!(!l.record_failure(a, back + S));
+        assert!(l.record_failure(a, back + 2 * S));
+        // Locked until back + 2 s + 300 s. Another hour back: still 300 s
+        // left, not 3,900, and the lockout ends 300 s from then.
+        let again = back - 3_600 * S;
+        assert_eq!(l.locked_for(a, again), Some(300));
+        assert_eq!(l.locked_for(a, again + 300 * S), None);
+    }
+
+    #[test]
+    fn a_full_map_of_lockouts_makes_room_for_new_ones() {
+        let l = lockout(1, 100);
+        for i in 0..1_000u32 {
+            let a = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            assert!(l.record_failure(a, S + u64::from(i)));
+            assert!(
+                l.locked_for(a, S + u64::from(i)).is_some(),
+                "the newest is locked"
+            );
+        }
+        assert!(l.active(S).len() <= 100);
+        // All ended: the scrape drops them, and checks skip the map again.
+        assert!(l.active(S + 1_000 * S).is_empty());
+        assert!(!l.any_locked());
+    }
+
+    #[test]
     fn zero_threshold_turns_lockout_off() {
         let l = lockout(0, 100);
         for i in 0..1000 {
@@ -418,6 +552,15 @@ mod tests {
             client_address(Some("10.0.0.5"), xff, 4),
             Some(ip("10.0.0.5")),
             "too few entries"
+        );
+        assert_eq!(
+            client_address(Some("10.0.0.5"), Some("203.0.113.9:4711"), 1),
+            Some(ip("203.0.113.9")),
+            "with a port"
+        );
+        assert_eq!(
+            client_address(Some("10.0.0.5"), Some("[2001:db8::1]:443, 10.0.0.2"), 2),
+            Some(ip("2001:db8::1"))
         );
         assert_eq!(client_address(Some("/run/envoy.sock"), None, 0), None);
         assert_eq!(client_address(None, Some("garbage"), 1), None);
