@@ -496,6 +496,60 @@ impl FileDigest {
     }
 }
 
+/// `path` as a normalising upstream sees it (RFC 3986 section 6, as Envoy's
+/// `normalize_path` and `merge_slashes` do): the query and fragment cut
+/// off, percent-encoded unreserved characters decoded (`%74` is `t`; an
+/// encoded `/` stays encoded), runs of `/` merged, and `.` and `..`
+/// segments resolved. Borrowed, with no work beyond three scans, when the
+/// path is already normal, as nearly every path is.
+pub fn normalized_path(path: &str) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    if !path.contains('%') && !path.contains("//") && !path.contains("/.") {
+        return Cow::Borrowed(path);
+    }
+    let mut decoded = Vec::with_capacity(path.len());
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(hex) = bytes.get(i + 1..i + 3)
+            && let Ok(hex) = std::str::from_utf8(hex)
+            && let Ok(b) = u8::from_str_radix(hex, 16)
+            && (b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+        {
+            decoded.push(b);
+            i += 3;
+        } else {
+            decoded.push(bytes[i]);
+            i += 1;
+        }
+    }
+    // Only ASCII bytes were decoded, each in place of three ASCII bytes.
+    let decoded = String::from_utf8_lossy(&decoded);
+    let mut segments: Vec<&str> = Vec::new();
+    let mut trailing = false;
+    for segment in decoded.split('/') {
+        trailing = matches!(segment, "" | "." | "..");
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if trailing || segments.is_empty() {
+        out.push('/');
+    }
+    Cow::Owned(out)
+}
+
 /// Keys per page of lazily linked usage counters.
 const USAGE_PAGE: usize = 64;
 
@@ -872,7 +926,7 @@ impl KeyRing {
             .route_specs()
             .iter()
             .map(|r| Route {
-                prefix: r.path_prefix.as_str().into(),
+                prefix: normalized_path(&r.path_prefix).into(),
                 methods: r.methods.iter().map(|m| m.as_str().into()).collect(),
                 scopes: r.required_scopes.join(" ").into_boxed_str(),
             })
@@ -1021,13 +1075,17 @@ impl KeyRing {
     }
 
     /// The scopes the route rules require for `method` and `path` (the query
-    /// string is ignored), or `None` when no rule matches.
+    /// string is ignored), or `None` when no rule matches. The path is
+    /// matched as an upstream that normalises it would route it
+    /// ([`normalized_path`]), so `//trade`, `/%74rade` and `/x/../trade`
+    /// need what `/trade` needs.
     #[inline]
     pub fn route_scopes(&self, method: &str, path: &str) -> Option<&str> {
         if self.routes.is_empty() {
             return None;
         }
-        let path = path.split(['?', '#']).next().unwrap_or(path);
+        let path = normalized_path(path);
+        let path = &*path;
         self.routes
             .iter()
             .find(|r| {
@@ -2387,6 +2445,34 @@ expires_at = 2027-02-27T00:00:00Z
     }
 
     #[test]
+    fn paths_are_normalised_as_upstreams_do() {
+        for (path, want) in [
+            ("/", "/"),
+            ("/v1/prices", "/v1/prices"),
+            ("/v1/prices?x=1#f", "/v1/prices"),
+            ("", ""),
+            ("//", "/"),
+            ("/a//b///c", "/a/b/c"),
+            ("/a/b/", "/a/b/"),
+            ("/a/./b/.", "/a/b/"),
+            ("/a/../../b", "/b"),
+            ("/a/..", "/"),
+            ("/%41%7e%2D", "/A~-"),
+            ("/a%2Fb", "/a%2Fb"),
+            ("/a%2", "/a%2"),
+            ("/%zz/.", "/%zz/"),
+            ("/caf%C3%A9/./x", "/caf%C3%A9/x"),
+            ("/.hidden/x", "/.hidden/x"),
+        ] {
+            assert_eq!(normalized_path(path), want, "{path:?}");
+        }
+        assert!(matches!(
+            normalized_path("/v1/orders/17?all"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
     fn route_rules_pick_the_most_specific_prefix() {
         let text = two_keys()
             + r#"
@@ -2423,6 +2509,23 @@ required_scopes = []
             Some("trade admin")
         );
         assert_eq!(ring.route_scopes("GET", "/public/x"), Some(""));
+        // Paths that a normalising upstream routes to /trade/admin need
+        // what /trade/admin needs.
+        for sneaky in [
+            "//trade/admin/x",
+            "/trade//admin",
+            "/%74rade/admin",
+            "/%74rade/%61dmin?q",
+            "/public/../trade/admin/",
+            "/./trade/./admin",
+            "/public/%2e%2e/trade/admin",
+        ] {
+            assert_eq!(
+                ring.route_scopes("GET", sneaky),
+                Some("trade admin"),
+                "{sneaky}"
+            );
+        }
         let no_routes = KeyRing::build(
             &file(&two_keys()),
             source(1),

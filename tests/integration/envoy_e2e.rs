@@ -116,6 +116,20 @@ pub async fn decision_suite(envoy: &Envoy) {
             403,
             "insufficient_scope",
         ),
+        // The bootstraps normalise paths, so a route cannot be dodged by
+        // spelling its path differently.
+        (
+            "//trade/orders",
+            vec![("x-api-key", Secrets::READER)],
+            403,
+            "insufficient_scope",
+        ),
+        (
+            "/%74rade/orders",
+            vec![("x-api-key", Secrets::READER)],
+            403,
+            "insufficient_scope",
+        ),
     ];
     for (path, headers, status, error) in denials {
         let r = get(envoy, path, &headers).await;
