@@ -1,7 +1,8 @@
 //! The key file: parsing and validation, with every problem reported at its
 //! `file:line:column`.
 //!
-//! The file is TOML (see the README for the format). Parsing walks a
+//! The file is TOML (see the README for the format), or the same structure
+//! in JSON when its name ends in `.json` ([`json`]). Parsing walks a
 //! span-preserving document rather than deserialising through serde, for two
 //! reasons: serde stops at the first error, and an operator fixing a broken
 //! file wants *all* of its problems at once; and every diagnostic must point at
@@ -31,6 +32,7 @@ use toml_edit::{Item, Table, Value};
 use crate::ring::{Digest, DigestPrefix, FileDigest};
 
 mod fast;
+pub mod json;
 
 pub use fast::{
     FastFile, parse_fast, parse_fast_compact, parse_fast_compact_threads, parse_fast_threads,
@@ -853,17 +855,52 @@ fn utf8<'t>(path: &Path, bytes: &'t [u8]) -> Result<&'t str, KeyFileError> {
     })
 }
 
-/// [`parse_bytes`] for building a ring: a file the fast path accepts stays
-/// in its compact form, borrowing from `bytes`.
+/// [`parse_bytes`] for building a ring: a TOML file the fast path accepts
+/// stays in its compact form, borrowing from `bytes`. A file whose name
+/// ends in `.json` is read as JSON ([`parse_json_str`]).
 pub fn parse_bytes_for_ring<'t>(
     path: &Path,
     bytes: &'t [u8],
     opts: ParseOptions,
 ) -> Result<Parsed<'t>, KeyFileError> {
-    parse_str_for_ring(utf8(path, bytes)?, opts).map_err(|diagnostics| KeyFileError::Invalid {
+    let text = utf8(path, bytes)?;
+    let parsed = if is_json(path) {
+        parse_json_str(text, opts).map(Parsed::Full)
+    } else {
+        parse_str_for_ring(text, opts)
+    };
+    parsed.map_err(|diagnostics| KeyFileError::Invalid {
         path: path.to_owned(),
         diagnostics,
     })
+}
+
+/// Whether `path` names a JSON key file: its name ends in `.json` (in any
+/// case). Every other file is TOML.
+pub fn is_json(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+}
+
+/// Validates a JSON key file: the structure of the TOML file, in JSON, read
+/// by the same validator ([`json`]); every problem is reported at its JSON
+/// line and column.
+pub fn parse_json_str(text: &str, opts: ParseOptions) -> Result<KeyFile, Vec<Diagnostic>> {
+    let translated = json::translate(text).map_err(|d| vec![d])?;
+    match parse_str(&translated.toml, opts) {
+        Ok(mut file) if translated.problems.is_empty() => {
+            let lines = translated.lines(text);
+            for key in &mut file.keys {
+                key.line = lines.json_line(key.line);
+            }
+            for route in &mut file.routes {
+                route.line = lines.json_line(route.line);
+            }
+            Ok(file)
+        }
+        Ok(_) => Err(translated.diagnostics_in(text, Vec::new())),
+        Err(diagnostics) => Err(translated.diagnostics_in(text, diagnostics)),
+    }
 }
 
 /// Validates key file text, returning every problem found.
