@@ -377,11 +377,23 @@ fn keys_command(cmd: KeysCommand) -> ExitCode {
             Err(e) => fail(&e),
         },
         KeysCommand::Rollback { file } => match keys::rollback(&file) {
-            Ok(entry) => {
+            Ok(done) => {
                 eprintln!(
-                    "keyward: restored {} from history entry {entry}",
-                    file.display()
+                    "keyward: restored {} from history entry {}",
+                    file.display(),
+                    done.entry
                 );
+                if let Some(undone) = done.undone {
+                    eprintln!(
+                        "keyward: the version it replaced is kept as {}",
+                        undone.display()
+                    );
+                }
+                for id in &done.revived {
+                    eprintln!(
+                        "keyward: warning: {id} works again (it was revoked or absent before the rollback)"
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => fail(&e),
@@ -404,9 +416,10 @@ fn keys_command(cmd: KeysCommand) -> ExitCode {
                 Ok((f, _)) => {
                     let count = |s| f.keys.iter().filter(|k| k.state == s).count();
                     println!(
-                        "{}: OK, {} keys ({} active, {} deprecated, {} revoked)",
+                        "{}: OK, {} key{} ({} active, {} deprecated, {} revoked)",
                         file.display(),
                         f.keys.len(),
+                        if f.keys.len() == 1 { "" } else { "s" },
                         count(crate::keyfile::KeyState::Active),
                         count(crate::keyfile::KeyState::Deprecated),
                         count(crate::keyfile::KeyState::Revoked),

@@ -4,7 +4,16 @@
 //! Every edit runs as: lock → read → change → validate → save the previous
 //! version to the history → write a temporary file in the same directory →
 //! fsync → rename over the key file → fsync the directory → unlock. A change
-//! that does not validate leaves the file untouched.
+//! that does not validate leaves the file untouched, and so does one that
+//! changes nothing.
+//!
+//! A key file reached through a symlink is edited where the link points
+//! (the link stays), and the replaced file's owner, group and permissions
+//! carry over to the new one where the system allows it.
+//!
+//! A JSON key file (`.json`) is edited as the TOML document it stands for
+//! ([`keyfile::json`]) and written back as JSON, its members in their order
+//! and indented as before.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
@@ -31,7 +40,7 @@ pub enum EditError {
     /// The edited file would not validate; nothing was written.
     #[error("the edit was not saved because the result would be invalid:\n{0}")]
     Invalid(String),
-    /// The file was not valid TOML to begin with.
+    /// The file was not valid TOML (or JSON) to begin with.
     #[error("{0}")]
     Unparsable(String),
     /// The request does not make sense for this file (unknown id, …).
@@ -57,8 +66,16 @@ pub struct Editor {
 
 impl Editor {
     /// Locks `path` for editing (waiting for other editors) and reads it.
-    /// A missing file reads as `None`.
+    /// A missing file reads as `None`. A symlink is followed: the file it
+    /// points to is the one locked, kept in the history and replaced.
     pub fn open(path: &Path) -> Result<Editor, EditError> {
+        let resolved = match fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                fs::canonicalize(path).map_err(io(path, "cannot follow the symlink"))?
+            }
+            _ => path.to_owned(),
+        };
+        let path = resolved.as_path();
         let lock_path = sibling(path, ".lock");
         let lock = OpenOptions::new()
             .create(true)
@@ -84,21 +101,78 @@ impl Editor {
         self.original.as_deref()
     }
 
+    /// The file being edited (where a symlink pointed).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The current text parsed for editing (an empty document if missing).
+    /// A JSON file comes as the TOML document it stands for.
     pub fn document(&self) -> Result<toml_edit::DocumentMut, EditError> {
-        self.original
-            .as_deref()
-            .unwrap_or("")
+        let original = self.original.as_deref().unwrap_or("");
+        if keyfile::is_json(&self.path) && !original.trim().is_empty() {
+            return self.json_document(original);
+        }
+        original.parse::<toml_edit::DocumentMut>().map_err(|e| {
+            let at = e.span().map_or(0, |s| s.start);
+            let (line, col) = keyfile::position(original, at);
+            EditError::Unparsable(format!(
+                "{}:{line}:{col}: invalid TOML: {}",
+                self.path.display(),
+                e.message().trim_end()
+            ))
+        })
+    }
+
+    fn json_document(&self, json: &str) -> Result<toml_edit::DocumentMut, EditError> {
+        let unparsable = |diagnostics: &[keyfile::Diagnostic]| {
+            EditError::Unparsable(
+                diagnostics
+                    .iter()
+                    .map(|d| {
+                        format!(
+                            "{}:{}:{}: {}",
+                            self.path.display(),
+                            d.line,
+                            d.column,
+                            d.message
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            )
+        };
+        let translated =
+            keyfile::json::translate(json).map_err(|d| unparsable(std::slice::from_ref(&d)))?;
+        if !translated.problems.is_empty() {
+            return Err(unparsable(&translated.problems));
+        }
+        translated
+            .toml
             .parse::<toml_edit::DocumentMut>()
             .map_err(|e| {
-                let at = e.span().map_or(0, |s| s.start);
-                let (line, col) = keyfile::position(self.original.as_deref().unwrap_or(""), at);
-                EditError::Unparsable(format!(
-                    "{}:{line}:{col}: invalid TOML: {}",
-                    self.path.display(),
-                    e.message().trim_end()
-                ))
+                let (line, column) =
+                    keyfile::position(&translated.toml, e.span().map_or(0, |s| s.start));
+                let diagnostic = keyfile::Diagnostic {
+                    line,
+                    column,
+                    message: format!("invalid TOML: {}", e.message().trim_end()),
+                };
+                unparsable(&translated.diagnostics_in(json, vec![diagnostic]))
             })
+    }
+
+    /// `doc` as the file's text: TOML as it is, JSON in the file's
+    /// indentation.
+    pub fn render(&self, doc: &toml_edit::DocumentMut) -> String {
+        if keyfile::is_json(&self.path) {
+            keyfile::json::to_json(
+                doc,
+                &keyfile::json::indent_of(self.original.as_deref().unwrap_or("")),
+            )
+        } else {
+            doc.to_string()
+        }
     }
 
     /// Validates `text` as the server would, saves the current version to the
@@ -113,8 +187,10 @@ impl Editor {
     }
 
     /// Restores the newest history entry (validated first) and drops it from
-    /// the history; returns the entry's name.
-    pub fn rollback(self, opts: ParseOptions) -> Result<String, EditError> {
+    /// the history. The version it replaces is kept beside the history as
+    /// `undone-…` (the last [`HISTORY_LEN`]), so a rollback loses nothing,
+    /// not even edits made by hand since the last `keyward keys` edit.
+    pub fn rollback(self, opts: ParseOptions) -> Result<RolledBack, EditError> {
         let entries = history(&self.path)?;
         let Some(newest) = entries.last() else {
             return Err(EditError::Refused(format!(
@@ -123,15 +199,64 @@ impl Editor {
             )));
         };
         let text = fs::read(newest).map_err(io(newest, "cannot read the history entry"))?;
-        keyfile::parse_bytes(&self.path, &text, opts)
+        let restored = keyfile::parse_bytes(&self.path, &text, opts)
             .map_err(|e| EditError::Invalid(e.to_string()))?;
+        let revived = self
+            .original
+            .as_deref()
+            .and_then(|current| keyfile::parse_bytes(&self.path, current.as_bytes(), opts).ok())
+            .map(|current| revived(&current, &restored))
+            .unwrap_or_default();
+        let undone = match &self.original {
+            Some(current) => Some(keep_undone(&self.path, current)?),
+            None => None,
+        };
         write_atomically(&self.path, &text)?;
         fs::remove_file(newest).map_err(io(newest, "cannot remove the restored history entry"))?;
-        Ok(newest
+        let entry = newest
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default())
+            .unwrap_or_default();
+        Ok(RolledBack {
+            entry,
+            undone,
+            revived,
+        })
     }
+}
+
+/// What a rollback did.
+#[derive(Debug)]
+pub struct RolledBack {
+    /// The history entry restored.
+    pub entry: String,
+    /// Where the version it replaced is kept.
+    pub undone: Option<PathBuf>,
+    /// Keys that were revoked, or not in the file, and that the restored
+    /// version lets in again: worth a second look after a leak.
+    pub revived: Vec<String>,
+}
+
+/// Ids of keys `restored` accepts (not revoked) that `current` revokes or
+/// does not hold.
+fn revived(current: &keyfile::KeyFile, restored: &keyfile::KeyFile) -> Vec<String> {
+    use keyfile::KeyState;
+    let states: std::collections::HashMap<&str, KeyState> = current
+        .keys
+        .iter()
+        .map(|k| (k.id.as_str(), k.state))
+        .collect();
+    restored
+        .keys
+        .iter()
+        .filter(|k| {
+            k.state != KeyState::Revoked
+                && states
+                    .get(k.id.as_str())
+                    .is_none_or(|s| *s == KeyState::Revoked)
+        })
+        .map(|k| k.id.clone())
+        .collect()
 }
 
 /// `dir/.name<suffix>` for `dir/name`.
@@ -148,8 +273,29 @@ pub fn history_dir(path: &Path) -> PathBuf {
     sibling(path, ".history")
 }
 
-/// History entries, oldest first.
+/// The extension of history entries: the key file's format.
+fn format_extension(path: &Path) -> &'static str {
+    if keyfile::is_json(path) {
+        "json"
+    } else {
+        "toml"
+    }
+}
+
+/// Prefix of the versions that rollbacks replaced.
+const UNDONE: &str = "undone-";
+
+/// History entries, oldest first (not the versions rollbacks replaced).
 pub fn history(path: &Path) -> Result<Vec<PathBuf>, EditError> {
+    entries(path, false)
+}
+
+/// The versions that rollbacks replaced, oldest first.
+pub fn undone(path: &Path) -> Result<Vec<PathBuf>, EditError> {
+    entries(path, true)
+}
+
+fn entries(path: &Path, undone: bool) -> Result<Vec<PathBuf>, EditError> {
     let dir = history_dir(path);
     let read = match fs::read_dir(&dir) {
         Ok(r) => r,
@@ -159,7 +305,11 @@ pub fn history(path: &Path) -> Result<Vec<PathBuf>, EditError> {
     let mut entries: Vec<PathBuf> = read
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .filter(|p| p.extension().is_some_and(|x| x == format_extension(path)))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(UNDONE) == undone)
+        })
         .collect();
     // Names start with a zero-padded sequence number, so they sort by age.
     entries.sort();
@@ -177,9 +327,29 @@ fn push_history(path: &Path, text: &str) -> Result<(), EditError> {
         .and_then(|n| n.parse::<u64>().ok())
         .map_or(1, |n| n + 1);
     let stamp = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ");
-    let entry = dir.join(format!("{next:010}-{stamp}.toml"));
+    let entry = dir.join(format!("{next:010}-{stamp}.{}", format_extension(path)));
     write_atomically(&entry, text.as_bytes())?;
-    let entries = history(path)?;
+    prune(history(path)?)
+}
+
+/// Keeps `text`, the version a rollback replaces, as the newest `undone-…`
+/// entry.
+fn keep_undone(path: &Path, text: &str) -> Result<PathBuf, EditError> {
+    let dir = history_dir(path);
+    fs::create_dir_all(&dir).map_err(io(&dir, "cannot create the history directory"))?;
+    let stamp = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ");
+    let n = undone(path)?.len();
+    let entry = (n..)
+        .map(|i| dir.join(format!("{UNDONE}{stamp}-{i:04}.{}", format_extension(path))))
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| dir.join(format!("{UNDONE}{stamp}.{}", format_extension(path))));
+    write_atomically(&entry, text.as_bytes())?;
+    prune(undone(path)?)?;
+    Ok(entry)
+}
+
+/// Removes all but the newest [`HISTORY_LEN`] of `entries` (oldest first).
+fn prune(entries: Vec<PathBuf>) -> Result<(), EditError> {
     if entries.len() > HISTORY_LEN {
         for old in &entries[..entries.len() - HISTORY_LEN] {
             fs::remove_file(old).map_err(io(old, "cannot prune the history"))?;
@@ -190,7 +360,8 @@ fn push_history(path: &Path, text: &str) -> Result<(), EditError> {
 
 /// Writes `bytes` to a temporary file beside `path`, fsyncs it, renames it
 /// over `path` and fsyncs the directory. Keeps the permissions of an existing
-/// file; new files are private (0600).
+/// file, and its owner and group where the system allows (as root, or a
+/// group the user is in); new files are private (0600).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), EditError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
@@ -209,6 +380,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), EditError> {
             .open(&tmp)
             .map_err(io(&tmp, "cannot create a temporary file"))?;
         if let Ok(meta) = fs::metadata(path) {
+            keep_owner(&f, &meta, path);
             f.set_permissions(meta.permissions())
                 .map_err(io(&tmp, "cannot copy permissions"))?;
         }
@@ -224,6 +396,33 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), EditError> {
     }
     result
 }
+
+/// Gives `new` the owner and group of the file it replaces, or as much of
+/// them as the system allows; says so on stderr when the new file cannot
+/// keep them (a server running as the old owner may then fail to read it,
+/// and keeps serving its current ring until it can).
+#[cfg(unix)]
+fn keep_owner(new: &File, old: &fs::Metadata, path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(now) = new.metadata() else { return };
+    if (now.uid(), now.gid()) == (old.uid(), old.gid()) {
+        return;
+    }
+    if std::os::unix::fs::fchown(new, Some(old.uid()), Some(old.gid())).is_ok() {
+        return;
+    }
+    let group = std::os::unix::fs::fchown(new, None, Some(old.gid())).is_ok();
+    eprintln!(
+        "keyward: warning: {} was owned by {}:{}; the new version belongs to you{}",
+        path.display(),
+        old.uid(),
+        old.gid(),
+        if group { " (the group is kept)" } else { "" }
+    );
+}
+
+#[cfg(not(unix))]
+fn keep_owner(_: &File, _: &fs::Metadata, _: &Path) {}
 
 #[cfg(test)]
 mod tests {
@@ -280,6 +479,89 @@ mod tests {
             .rollback(ParseOptions::default())
             .unwrap_err();
         assert!(err.to_string().contains("no earlier version"), "{err}");
+    }
+
+    #[test]
+    fn a_rollback_keeps_the_version_it_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        fs::write(&path, format!("# v1\n{KEY}")).unwrap();
+        Editor::open(&path)
+            .unwrap()
+            .commit(&format!("# v2\n{KEY}"), ParseOptions::default())
+            .unwrap();
+        // Edited by hand after the last keyward edit.
+        fs::write(&path, format!("# by hand\n{KEY}")).unwrap();
+        let undone = Editor::open(&path)
+            .unwrap()
+            .rollback(ParseOptions::default())
+            .unwrap()
+            .undone;
+        assert_eq!(fs::read_to_string(&path).unwrap(), format!("# v1\n{KEY}"));
+        let undone = undone.expect("the replaced version is kept");
+        assert_eq!(
+            fs::read_to_string(&undone).unwrap(),
+            format!("# by hand\n{KEY}")
+        );
+        assert_eq!(super::undone(&path).unwrap(), vec![undone]);
+        assert!(history(&path).unwrap().is_empty(), "not a rollback target");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn an_edit_through_a_symlink_changes_the_target_and_keeps_the_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let real_dir = dir.path().join("real");
+        fs::create_dir(&real_dir).unwrap();
+        let target = real_dir.join("prod.toml");
+        fs::write(&target, KEY).unwrap();
+        let link = dir.path().join("keys.toml");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let ed = Editor::open(&link).unwrap();
+        assert_eq!(ed.path(), fs::canonicalize(&target).unwrap());
+        ed.commit(&format!("# edited\n{KEY}"), ParseOptions::default())
+            .unwrap();
+        assert!(
+            fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(
+            fs::read_to_string(&target).unwrap(),
+            format!("# edited\n{KEY}")
+        );
+        assert_eq!(history(&target).unwrap().len(), 1, "kept beside the target");
+    }
+
+    #[test]
+    fn a_json_file_is_edited_as_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        let json = "{\n\t\"keys\": [\n\t\t{\n\t\t\t\"id\": \"a\",\n\t\t\t\"client\": \"c\",\n\t\t\t\
+                    \"sha256\": \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n\t\t}\n\t]\n}\n";
+        fs::write(&path, json).unwrap();
+        let ed = Editor::open(&path).unwrap();
+        let mut doc = ed.document().unwrap();
+        assert_eq!(ed.render(&doc), json, "unchanged, byte for byte");
+        let keys = doc["keys"].as_array_of_tables_mut().unwrap();
+        keys.get_mut(0).unwrap()["state"] = toml_edit::value("revoked");
+        let text = ed.render(&doc);
+        assert!(text.contains("\t\t\t\"state\": \"revoked\"\n"), "{text}");
+        ed.commit(&text, ParseOptions::default()).unwrap();
+        let file = keyfile::load(&path, ParseOptions::default()).unwrap().0;
+        assert_eq!(file.keys[0].state, keyfile::KeyState::Revoked);
+        let entries = history(&path).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert!(
+            entries[0].to_string_lossy().ends_with(".json"),
+            "{entries:?}"
+        );
+        assert_eq!(fs::read_to_string(&entries[0]).unwrap(), json);
+
+        fs::write(&path, "{\"keys\": [{\"id\": null}]}").unwrap();
+        let err = Editor::open(&path).unwrap().document().unwrap_err();
+        assert!(err.to_string().contains("keys.json:1:"), "{err}");
     }
 
     #[cfg(unix)]

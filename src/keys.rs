@@ -311,21 +311,27 @@ pub fn parse_scopes(s: &str) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
-/// Runs an edit under the file lock and commits it.
+/// Runs an edit under the file lock and commits it. An edit that leaves
+/// the document as it was (revoking a revoked key) writes nothing and adds
+/// no history entry, so the next rollback undoes a real change.
 pub fn edit<T>(
     path: &Path,
     change: impl FnOnce(&mut DocumentMut) -> Result<T, EditError>,
 ) -> Result<T, EditError> {
     let editor = Editor::open(path)?;
     let mut doc = editor.document()?;
+    let before = doc.to_string();
     let out = change(&mut doc)?;
-    let text = doc.to_string();
+    if editor.original().is_some() && doc.to_string() == before {
+        return Ok(out);
+    }
+    let text = editor.render(&doc);
     editor.commit(&text, ParseOptions::default())?;
     Ok(out)
 }
 
 /// `keys rollback`: restores the version before the last edit.
-pub fn rollback(path: &Path) -> Result<String, EditError> {
+pub fn rollback(path: &Path) -> Result<crate::edit::RolledBack, EditError> {
     Editor::open(path)?.rollback(ParseOptions {
         allow_empty: true,
         ..ParseOptions::default()

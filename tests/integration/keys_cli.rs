@@ -170,12 +170,25 @@ async fn the_whole_lifecycle_against_a_running_server() {
         let hist = keyward::edit::history(file).unwrap();
         std::fs::read_to_string(hist.last().unwrap()).unwrap()
     };
-    ok(&keyward(&["rollback"], file));
+    let out = keyward(&["rollback"], file);
+    ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("warning: acme-1 works again (it was revoked or absent before the rollback)"),
+        "a rollback that undoes a revocation says so: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(std::fs::read_to_string(file).unwrap(), before_revoke_text);
     within_a_second(&c, "acme-original-secret", Ok("acme-1")).await;
 
     // rollback again: back to before the rotation, byte for byte.
-    ok(&keyward(&["rollback"], file));
+    let out = keyward(&["rollback"], file);
+    ok(&out);
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(std::fs::read_to_string(file).unwrap(), before_rotate);
     within_a_second(&c, &acme2, Err("unknown_key")).await;
 
@@ -197,6 +210,87 @@ async fn the_whole_lifecycle_against_a_running_server() {
 
     // check: OK here.
     assert!(ok(&keyward(&["check"], file)).contains("OK, 2 keys"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_json_key_file_is_served_edited_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.json");
+    let seed = format!(
+        "{{\n  \"keys\": [\n    {{\n      \"id\": \"acme-1\",\n      \"client\": \"acme\",\n      \
+         \"sha256\": \"{}\",\n      \"scopes\": [\"read\", \"trade\"]\n    }}\n  ]\n}}\n",
+        sha("acme-original-secret")
+    );
+    std::fs::write(&file, &seed).unwrap();
+    let server = Running::start(&file).await;
+    let c = AuthorizationClient::connect(server.endpoint())
+        .await
+        .unwrap();
+    within_a_second(&c, "acme-original-secret", Ok("acme-1")).await;
+
+    let acme2 = secret_of(&keyward(
+        &[
+            "rotate", "--client", "acme", "--id", "acme-2", "--grace", "1d",
+        ],
+        &file,
+    ));
+    within_a_second(&c, &acme2, Ok("acme-2")).await;
+    let old = within_a_second(&c, "acme-original-secret", Ok("acme-1")).await;
+    assert!(old.deprecation);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).expect("still JSON");
+    assert_eq!(json["keys"][0]["state"], "deprecated", "{text}");
+    assert!(
+        json["keys"][0]["expires_at"].is_string(),
+        "times are RFC 3339 strings: {text}"
+    );
+    assert!(
+        text.starts_with("{\n  \"keys\": [\n    {\n      \"id\""),
+        "two-space indentation kept: {text}"
+    );
+
+    ok(&keyward(&["revoke", "--id", "acme-1"], &file));
+    within_a_second(&c, "acme-original-secret", Err("revoked_key")).await;
+    let history = keyward::edit::history(&file).unwrap();
+    assert_eq!(history.len(), 2, "{history:?}");
+    // Revoking it again changes nothing, and keeps no history entry.
+    ok(&keyward(&["revoke", "--id", "acme-1"], &file));
+    assert_eq!(keyward::edit::history(&file).unwrap(), history);
+
+    ok(&keyward(&["rollback"], &file));
+    within_a_second(&c, "acme-original-secret", Ok("acme-1")).await;
+    ok(&keyward(&["rollback"], &file));
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        seed,
+        "byte for byte"
+    );
+    within_a_second(&c, &acme2, Err("unknown_key")).await;
+
+    let table = ok(&keyward(&["list"], &file));
+    assert!(table.contains("acme-1"), "{table}");
+    assert!(ok(&keyward(&["check"], &file)).contains("OK, 1 key (1 active,"));
+
+    // A broken JSON file is reported at its line and column, and the
+    // running ring keeps serving.
+    std::fs::write(&file, seed.replace("\"scopes\"", "\"scope\"")).unwrap();
+    let out = keyward(&["check"], &file);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "{}:7:7: unknown field `scope` in a key",
+            file.display()
+        )),
+        "{stdout}"
+    );
+    eventually(Duration::from_secs(2), "the reload failure", || {
+        let failures = server.shared.reloads.last_error().is_some();
+        async move { failures.then_some(()) }
+    })
+    .await;
+    within_a_second(&c, "acme-original-secret", Ok("acme-1")).await;
     server.stop().await;
 }
 
