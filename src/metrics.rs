@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -94,8 +96,8 @@ impl Collector for SharedCollector {
             )?;
             for k in ring.keys() {
                 let labels = [
-                    ("key_id", k.id().joined(&mut id_buf)),
-                    ("client", k.client()),
+                    ("key_id", Label(k.id().joined(&mut id_buf))),
+                    ("client", Label(k.client())),
                 ];
                 ConstCounter::new(
                     k.usage_if_used()
@@ -117,8 +119,8 @@ impl Collector for SharedCollector {
                     .map_or(0, |u| u.last_used.load(Ordering::Relaxed));
                 if t > 0 {
                     let labels = [
-                        ("key_id", k.id().joined(&mut id_buf)),
-                        ("client", k.client()),
+                        ("key_id", Label(k.id().joined(&mut id_buf))),
+                        ("client", Label(k.client())),
                     ];
                     ConstGauge::new(i64::try_from(t).unwrap_or(i64::MAX))
                         .encode(last.encode_family(&labels)?)?;
@@ -140,9 +142,9 @@ impl Collector for SharedCollector {
                             .map_or(0, |u| u.denied[i].load(Ordering::Relaxed));
                         if v > 0 {
                             let labels = [
-                                ("key_id", k.id().joined(&mut id_buf)),
-                                ("client", k.client()),
-                                ("reason", reason.code()),
+                                ("key_id", Label(k.id().joined(&mut id_buf))),
+                                ("client", Label(k.client())),
+                                ("reason", Label(reason.code())),
                             ];
                             ConstCounter::new(v).encode(denials.encode_family(&labels)?)?;
                         }
@@ -159,9 +161,9 @@ impl Collector for SharedCollector {
             )?;
             for k in ring.keys() {
                 let labels = [
-                    ("key_id", k.id().joined(&mut id_buf)),
-                    ("client", k.client()),
-                    ("state", k.state().as_str()),
+                    ("key_id", Label(k.id().joined(&mut id_buf))),
+                    ("client", Label(k.client())),
+                    ("state", Label(k.state().as_str())),
                 ];
                 ConstGauge::new(1i64).encode(info.encode_family(&labels)?)?;
             }
@@ -176,8 +178,8 @@ impl Collector for SharedCollector {
             for k in ring.keys() {
                 if let Some(e) = k.expires_at() {
                     let labels = [
-                        ("key_id", k.id().joined(&mut id_buf)),
-                        ("client", k.client()),
+                        ("key_id", Label(k.id().joined(&mut id_buf))),
+                        ("client", Label(k.client())),
                     ];
                     ConstGauge::new(e.as_second()).encode(expires.encode_family(&labels)?)?;
                 }
@@ -194,8 +196,8 @@ impl Collector for SharedCollector {
             let i = DenyReason::RateLimited.key_index().unwrap_or_default();
             for k in ring.keys().filter(|k| k.rate_limit().is_some()) {
                 let labels = [
-                    ("key_id", k.id().joined(&mut id_buf)),
-                    ("client", k.client()),
+                    ("key_id", Label(k.id().joined(&mut id_buf))),
+                    ("client", Label(k.client())),
                 ];
                 ConstCounter::new(
                     k.usage_if_used()
@@ -273,15 +275,40 @@ impl Collector for SharedCollector {
     }
 }
 
+/// A label value with the escapes the text format requires (backslash,
+/// double quote, line feed), which the client library leaves to its
+/// caller: a client name is free text, and one unescaped `"` would make
+/// Prometheus refuse the whole scrape.
+#[derive(Debug, Clone, Copy)]
+struct Label<'a>(&'a str);
+
+impl EncodeLabelValue for Label<'_> {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        let mut rest = self.0;
+        while let Some(i) = rest.find(['\\', '"', '\n']) {
+            encoder.write_str(&rest[..i])?;
+            encoder.write_str(match rest.as_bytes()[i] {
+                b'\\' => "\\\\",
+                b'"' => "\\\"",
+                _ => "\\n",
+            })?;
+            rest = &rest[i + 1..];
+        }
+        encoder.write_str(rest)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ring::{FileDigest, KeyRing, UsageRegistry};
 
-    #[test]
-    fn ring_info_appears_once_the_digest_is_known() {
+    /// Shared state serving one key of `client` (a TOML string), with the
+    /// ring's file digest still to come.
+    fn one_key(client: &str) -> (Arc<Shared>, FileDigest) {
         let text = format!(
-            "[[keys]]\nid = \"a\"\nclient = \"c\"\nsha256 = \"{}\"\n",
+            "[[keys]]\nid = \"a\"\nclient = {client}\nsha256 = \"{}\"\n",
             hex::encode(crate::decide::digest("s"))
         );
         let file = crate::keyfile::parse_str(&text, Default::default()).unwrap();
@@ -296,7 +323,31 @@ mod tests {
             None,
             crate::keyfile::Threads::all(),
         );
-        let shared = Arc::new(Shared::new(ring, usage, Default::default()));
+        (
+            Arc::new(Shared::new(ring, usage, Default::default())),
+            digest,
+        )
+    }
+
+    #[test]
+    fn free_text_label_values_are_escaped() {
+        let (shared, _) = one_key(r#"'acme "eu" \ desk'"#);
+        assert_eq!(
+            shared.ring.load().keys().next().unwrap().client(),
+            r#"acme "eu" \ desk"#
+        );
+        let body = render(&shared).unwrap();
+        assert!(
+            body.contains(
+                r#"keyward_key_requests_total{key_id="a",client="acme \"eu\" \\ desk"} 0"#
+            ),
+            "{body}"
+        );
+    }
+
+    #[test]
+    fn ring_info_appears_once_the_digest_is_known() {
+        let (shared, digest) = one_key("\"c\"");
         let body = render(&shared).unwrap();
         assert!(body.contains("# TYPE keyward_ring_info gauge"), "{body}");
         assert!(!body.contains("keyward_ring_info{"), "{body}");
