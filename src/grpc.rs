@@ -48,6 +48,71 @@ pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// Largest request header block accepted (Envoy's gRPC headers are small).
 pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+/// Most bytes of split CheckRequests (bodies that came in more than one
+/// DATA frame) held at once, over every stream of every connection of a
+/// server. Envoy
+/// sends a CheckRequest in one frame, so this binds only bodies sent in
+/// pieces; without it, streams that each sent most of [`MAX_MESSAGE_BYTES`]
+/// and never finished could make the process hold any amount of memory.
+pub const MAX_SPLIT_BYTES: usize = 64 << 20;
+
+/// The bytes of split bodies held at once, against a limit.
+#[derive(Debug)]
+pub struct Budget {
+    held: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+impl Budget {
+    /// A budget of `max` bytes.
+    pub const fn new(max: usize) -> Budget {
+        Budget {
+            held: std::sync::atomic::AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// What one stream holds of a [`Budget`], given back when it is dropped.
+#[derive(Debug)]
+struct Held {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Held {
+    fn new(budget: Arc<Budget>) -> Held {
+        Held { budget, bytes: 0 }
+    }
+
+    /// Counts `n` more bytes; false, counting nothing, if the budget has
+    /// not that much left.
+    fn take(&mut self, n: usize) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let before = self.budget.held.fetch_add(n, Relaxed);
+        if before.saturating_add(n) > self.budget.max {
+            self.budget.held.fetch_sub(n, Relaxed);
+            return false;
+        }
+        self.bytes += n;
+        true
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.budget
+                .held
+                .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
 
 // Header names parsed once: a `&str` name is parsed and validated per use.
 static GRPC_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("grpc-accept-encoding");
@@ -149,6 +214,8 @@ fn error(code: u16, message: &'static str) -> Response<ResponseBody> {
 pub struct GrpcService {
     authz: AuthzService,
     other: tonic::service::Routes,
+    /// The bytes split bodies may hold ([`MAX_SPLIT_BYTES`]).
+    split: Arc<Budget>,
 }
 
 impl std::fmt::Debug for GrpcService {
@@ -162,7 +229,11 @@ impl std::fmt::Debug for GrpcService {
 impl GrpcService {
     /// Check answered by `authz`; every other path by `other`.
     pub fn new(authz: AuthzService, other: tonic::service::Routes) -> GrpcService {
-        GrpcService { authz, other }
+        GrpcService {
+            authz,
+            other,
+            split: Arc::new(Budget::new(MAX_SPLIT_BYTES)),
+        }
     }
 
     /// Answers one request.
@@ -182,6 +253,7 @@ impl GrpcService {
                 body: req.into_body(),
                 first: None,
                 joined: None,
+                held: None,
             }
         };
         Answer { state }
@@ -210,6 +282,9 @@ enum State {
         body: Incoming,
         first: Option<Bytes>,
         joined: Option<BytesMut>,
+        /// What `joined` holds of the server's budget for split bodies
+        /// (taken at the first split).
+        held: Option<Held>,
     },
     /// Any other path, answered by tonic's router. Boxed: inline, its size
     /// would be part of every Check's future.
@@ -243,6 +318,7 @@ impl Future for Answer {
                 body,
                 first,
                 joined,
+                held,
             } => loop {
                 let data = match std::task::ready!(Pin::new(&mut *body).poll_frame(cx)) {
                     None => break finish(service, first.take(), joined.take()),
@@ -258,6 +334,21 @@ impl Future for Answer {
                     + data.len();
                 if total > MAX_MESSAGE_BYTES + crate::wire::FRAME_PREFIX {
                     break error(code::RESOURCE_EXHAUSTED, "CheckRequest too large");
+                }
+                let split = match (&*joined, &*first) {
+                    (Some(_), _) => data.len(),
+                    (None, Some(head)) => head.len() + data.len(),
+                    (None, None) => 0,
+                };
+                if split > 0
+                    && !held
+                        .get_or_insert_with(|| Held::new(Arc::clone(&service.split)))
+                        .take(split)
+                {
+                    break error(
+                        code::RESOURCE_EXHAUSTED,
+                        "too many split CheckRequests in progress",
+                    );
                 }
                 match (&mut *joined, first.take()) {
                     (Some(buf), _) => buf.extend_from_slice(&data),
@@ -363,7 +454,9 @@ fn http2(streams: Streams) -> hyper::server::conn::http2::Builder<Streams> {
 }
 
 /// Serves connections from `incoming` until `stop` turns true, then stops
-/// accepting and drains open connections for at most `drain`.
+/// accepting and drains open connections for at most `drain`; those still
+/// open then are closed (their tasks aborted), so nothing is answered after
+/// this returns.
 pub async fn serve<S, IO>(
     mut incoming: S,
     service: GrpcService,
@@ -375,7 +468,10 @@ pub async fn serve<S, IO>(
 {
     let graceful = GracefulShutdown::new();
     let service = Arc::new(service);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        // Forget the connections that ended.
+        while connections.try_join_next().is_some() {}
         let conn = tokio::select! {
             conn = incoming.next() => conn,
             _ = stop.wait_for(|stop| *stop) => break,
@@ -396,7 +492,7 @@ pub async fn serve<S, IO>(
             hyper::service::service_fn(move |req| service.answer(req)),
         );
         let conn = streams.drive(graceful.watch(conn));
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "gRPC connection ended with an error");
             }
@@ -409,5 +505,29 @@ pub async fn serve<S, IO>(
         () = tokio::time::sleep(drain) => {
             tracing::warn!("drain timed out after {drain:?}; closing remaining connections");
         }
+    }
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_bodies_share_one_budget() {
+        let budget = Arc::new(Budget::new(100));
+        let mut a = Held::new(Arc::clone(&budget));
+        let mut b = Held::new(Arc::clone(&budget));
+        assert!(a.take(60));
+        assert!(!b.take(41), "over the budget: refused, nothing counted");
+        assert_eq!(budget.held(), 60);
+        assert!(b.take(40));
+        assert_eq!(budget.held(), 100);
+        drop(a);
+        assert_eq!(budget.held(), 40, "a finished stream gives its bytes back");
+        assert!(b.take(60));
+        drop(b);
+        assert_eq!(budget.held(), 0);
     }
 }

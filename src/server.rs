@@ -318,6 +318,19 @@ impl Server {
             "keyward serving"
         );
 
+        // Health turns NOT_SERVING as soon as shutdown begins, while the
+        // connections drain: a client watching it learns before they close.
+        {
+            let health = health.clone();
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                if stop.wait_for(|stop| *stop).await.is_ok() {
+                    health
+                        .set_service_status(CHECK_SERVICE, ServingStatus::NotServing)
+                        .await;
+                }
+            });
+        }
         match grpc {
             GrpcListener::Tcp(l) => {
                 let incoming = TcpListenerStream::new(l).map(|conn| {
@@ -340,9 +353,6 @@ impl Server {
                 crate::grpc::serve(incoming, service, stop_rx.clone(), DRAIN_TIMEOUT).await;
             }
         }
-        health
-            .set_service_status(CHECK_SERVICE, ServingStatus::NotServing)
-            .await;
         reload_task.abort();
         drop(self.watch);
         if let Some(task) = admin_task {

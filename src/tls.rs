@@ -234,6 +234,8 @@ impl AsyncWrite for TlsConn {
 /// Accepts TCP connections and completes TLS handshakes off the accept loop
 /// (a slow or hostile client cannot stall others); yields finished
 /// connections. Failed handshakes are logged at debug level and dropped.
+/// The listening socket closes as soon as the stream of connections is
+/// dropped (the server stopped), not at the next connection attempt.
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<TlsReloader>,
@@ -241,7 +243,11 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = tx.closed() => return,
+            };
+            let (tcp, peer) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     // Transient (e.g. EMFILE): back off instead of spinning.
@@ -262,9 +268,6 @@ pub fn incoming(
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
             });
-            if tx.is_closed() {
-                return;
-            }
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)

@@ -253,7 +253,20 @@ async fn central_service_over_mutual_tls() {
         .await
         .unwrap();
     assert_eq!(r.status(), 503);
+    let addr = server.grpc;
     server.stop().await;
+    // Stopped: the TLS listener closes now, not at the next connection.
+    crate::util::eventually(
+        Duration::from_secs(2),
+        "the TLS listener to close",
+        || async {
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test]

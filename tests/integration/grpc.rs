@@ -292,6 +292,45 @@ async fn shutdown_drains_and_closes_listeners() {
     .await;
 }
 
+#[tokio::test]
+async fn a_health_watcher_learns_of_shutdown_before_the_connections_close() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let keys = KeyDir::new(&standard_ring());
+    let server = Running::start(&keys.path).await;
+    let mut health = HealthClient::new(
+        tonic::transport::Channel::from_shared(server.endpoint())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "envoy.service.auth.v3.Authorization".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    let stopping = tokio::spawn(server.stop());
+    let next = tokio::time::timeout(Duration::from_secs(2), watch.message())
+        .await
+        .expect("NOT_SERVING within 2 s of the shutdown")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status, ServingStatus::NotServing as i32);
+    // The watcher goes away; the drain ends with it, well before its limit.
+    drop(watch);
+    drop(health);
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("stopped within 5 s")
+        .unwrap();
+}
+
 fn keyward() -> Command {
     Command::new(env!("CARGO_BIN_EXE_keyward"))
 }
@@ -657,6 +696,79 @@ async fn raw_http2_edges_get_grpc_errors_or_answers() {
     // The server still answers normally afterwards.
     let again = answer(&raw_check(server.grpc, "POST", &[], vec![framed]).await);
     assert_eq!(again, whole);
+}
+
+#[tokio::test]
+async fn unfinished_split_bodies_cannot_hold_unbounded_memory() {
+    // Twenty streams each send most of a 4 MiB CheckRequest in pieces and
+    // never finish: 78 MiB, over the 64 MiB that split bodies may hold.
+    // Some are refused with RESOURCE_EXHAUSTED; checks in one frame (as
+    // Envoy sends them) go on being answered meanwhile.
+    static PIECE: [u8; 256 * 1024] = [0; 256 * 1024];
+    let keys = KeyDir::new(&standard_ring());
+    let server = Running::start(&keys.path).await;
+    let tcp = tokio::net::TcpStream::connect(server.grpc).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut responses = tokio::task::JoinSet::new();
+    let mut senders = Vec::new();
+    for _ in 0..20 {
+        let mut client = client.clone().ready().await.unwrap();
+        let request = hyper::Request::builder()
+            .method("POST")
+            .uri(format!(
+                "http://{}/envoy.service.auth.v3.Authorization/Check",
+                server.grpc
+            ))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (response, mut send) = client.send_request(request, false).unwrap();
+        // A message of 4 MiB - 1 declared; 15 pieces of 256 KiB sent.
+        let mut prefix = vec![0u8];
+        prefix.extend_from_slice(&((4u32 << 20) - 1).to_be_bytes());
+        send.send_data(bytes::Bytes::from(prefix), false).unwrap();
+        for _ in 0..15 {
+            send.send_data(bytes::Bytes::from_static(&PIECE), false)
+                .unwrap();
+        }
+        senders.push(send);
+        responses.spawn(async move {
+            let response = response.await.ok()?;
+            response
+                .headers()
+                .get("grpc-status")
+                .map(|v| v.to_str().unwrap().to_owned())
+        });
+    }
+    let refused = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(status) = responses.join_next().await {
+            if status.unwrap().as_deref() == Some("8") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .expect("a stream refused within 20 s");
+    assert!(refused, "a stream past the budget gets RESOURCE_EXHAUSTED");
+    let mut c = AuthorizationClient::connect(server.endpoint())
+        .await
+        .unwrap();
+    let resp = c
+        .check(request(&[("x-api-key", Secrets::ACTIVE)], None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        resp.http_response,
+        Some(HttpResponse::OkResponse(_))
+    ));
+    drop(senders);
+    server.stop().await;
 }
 
 /// `bench-floor --keyward-keys FILE --keyward-key SECRET` answers every call
