@@ -1078,13 +1078,18 @@ impl KeyRing {
     /// string is ignored), or `None` when no rule matches. The path is
     /// matched as an upstream that normalises it would route it
     /// ([`normalized_path`]), so `//trade`, `/%74rade` and `/x/../trade`
-    /// need what `/trade` needs.
+    /// need what `/trade` needs; a path not starting with `/` (`*` of
+    /// `OPTIONS *`) is matched as `/`.
     #[inline]
     pub fn route_scopes(&self, method: &str, path: &str) -> Option<&str> {
         if self.routes.is_empty() {
             return None;
         }
-        let path = normalized_path(path);
+        let path = if path.starts_with('/') {
+            normalized_path(path)
+        } else {
+            std::borrow::Cow::Borrowed("/")
+        };
         let path = &*path;
         self.routes
             .iter()
@@ -2509,6 +2514,8 @@ required_scopes = []
             Some("trade admin")
         );
         assert_eq!(ring.route_scopes("GET", "/public/x"), Some(""));
+        assert_eq!(ring.route_scopes("OPTIONS", "*"), Some("read"), "as /");
+        assert_eq!(ring.route_scopes("GET", ""), Some("read"));
         // Paths that a normalising upstream routes to /trade/admin need
         // what /trade/admin needs.
         for sneaky in [
@@ -2519,6 +2526,7 @@ required_scopes = []
             "/public/../trade/admin/",
             "/./trade/./admin",
             "/public/%2e%2e/trade/admin",
+            "/trade/admin\u{fffd}",
         ] {
             assert_eq!(
                 ring.route_scopes("GET", sneaky),

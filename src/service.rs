@@ -86,9 +86,9 @@ thread_local! {
     static SEEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
-/// Header bytes as text (required scopes, route rules, the peer address
-/// in decision logs); bytes that are not UTF-8 become U+FFFD, which no
-/// scope or route matches.
+/// Header bytes as text (required scopes, the method, the peer address in
+/// decision logs); bytes that are not UTF-8 become U+FFFD, which no scope
+/// or method matches.
 fn text(bytes: &[u8]) -> &str {
     std::str::from_utf8(bytes).unwrap_or("\u{fffd}")
 }
@@ -192,8 +192,10 @@ impl AuthzService {
         // apply when Envoy sends none (Istio cannot send any).
         let required = match view.required_scopes {
             Some(s) => text(s),
+            // A path that is not UTF-8 keeps its valid part (`/trade\xff`
+            // is under `/trade`), so no rule is dodged by a stray byte.
             None => ring
-                .route_scopes(text(view.method), text(view.path))
+                .route_scopes(text(view.method), &String::from_utf8_lossy(view.path))
                 .unwrap_or(""),
         };
         let decision = match (&cred, locked_for) {
