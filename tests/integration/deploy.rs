@@ -218,8 +218,23 @@ fn kubernetes_and_istio_manifests_are_sound() {
     );
     let policy = docs
         .iter()
-        .find(|(_, d)| d["kind"].as_str() == Some("AuthorizationPolicy"))
-        .expect("an AuthorizationPolicy");
+        .find(|(_, d)| d["metadata"]["name"].as_str() == Some("exchange-api-keys"))
+        .expect("the AuthorizationPolicy sending requests through keyward");
+    // The shared service is in the mesh and takes mutual TLS only.
+    let kind_in = |kind: &str, namespace: &str| {
+        docs.iter().find(|(_, d)| {
+            d["kind"].as_str() == Some(kind)
+                && (d["metadata"]["namespace"].as_str() == Some(namespace)
+                    || d["metadata"]["name"].as_str() == Some(namespace))
+        })
+    };
+    let ns = kind_in("Namespace", "keyward").expect("the keyward namespace");
+    assert_eq!(
+        ns.1["metadata"]["labels"]["istio-injection"].as_str(),
+        Some("enabled")
+    );
+    let peer = kind_in("PeerAuthentication", "keyward").expect("a PeerAuthentication");
+    assert_eq!(peer.1["spec"]["mtls"]["mode"].as_str(), Some("STRICT"));
     assert_eq!(policy.1["spec"]["action"].as_str(), Some("CUSTOM"));
     assert_eq!(
         policy.1["spec"]["provider"]["name"].as_str(),
