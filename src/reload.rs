@@ -13,7 +13,10 @@
 //!    current ring and remember why (for the log, the admin API and metrics).
 //!
 //! A polling fallback (file metadata on an interval, then the content digest)
-//! covers filesystems where inotify does not deliver, and SIGHUP forces an
+//! covers filesystems where inotify does not deliver; every
+//! [`CONTENT_POLL_EVERY`] ticks the content digest of a file of up to
+//! [`CONTENT_POLL_MAX_BYTES`] is compared even when its metadata did not
+//! change (a tool that restores the modification time). SIGHUP forces an
 //! attempt.
 
 use std::path::{Path, PathBuf};
@@ -28,6 +31,14 @@ use tokio::sync::Notify;
 use crate::keyfile::{self, Fingerprint, ParseOptions};
 use crate::ring::{Digest, InPlace, KeyRef, KeyRing};
 use crate::service::Shared;
+
+/// Every this many poll ticks that saw no change in the file's metadata,
+/// its content is hashed and compared with the serving ring's.
+pub const CONTENT_POLL_EVERY: u32 = 6;
+/// Files up to this size have their content polled (a few milliseconds of
+/// SHA-256, on a blocking thread); larger ones (tens of thousands of keys
+/// and up) rely on metadata, inotify and SIGHUP.
+pub const CONTENT_POLL_MAX_BYTES: u64 = 4 << 20;
 
 /// Quiet time after the last filesystem event before reloading.
 pub const DEBOUNCE: Duration = Duration::from_millis(20);
@@ -200,6 +211,38 @@ impl Reloader {
     /// Whether the file's metadata changed since the last attempt.
     pub fn changed_on_disk(&self) -> bool {
         stamp(&self.path) != self.memory().stamp
+    }
+
+    /// Whether the file's content differs from both the serving ring's and
+    /// the last file that failed, by SHA-256. Blocking. False when it
+    /// cannot tell: a file over [`CONTENT_POLL_MAX_BYTES`], one that cannot
+    /// be read (the next attempt reports that), a serving digest still
+    /// being computed.
+    pub fn content_changed(&self) -> bool {
+        use std::io::Read as _;
+        let Some(serving) = self.shared.ring.load().file_digest().get() else {
+            return false;
+        };
+        let Ok(file) = std::fs::File::open(&self.path) else {
+            return false;
+        };
+        if !file
+            .metadata()
+            .is_ok_and(|m| m.is_file() && m.len() <= CONTENT_POLL_MAX_BYTES)
+        {
+            return false;
+        }
+        let mut bytes = Vec::new();
+        if file
+            .take(CONTENT_POLL_MAX_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .is_err()
+            || bytes.len() as u64 > CONTENT_POLL_MAX_BYTES
+        {
+            return false;
+        }
+        let digest = keyfile::file_digest(&bytes);
+        digest != serving && self.memory().failed_digest != Some(digest)
     }
 
     /// Records the file's metadata as it was before the serving ring was
@@ -647,6 +690,8 @@ pub async fn run(
     #[cfg(unix)]
     let mut hup = settings.sighup;
     let mut thread = ReloadThread::default();
+    // Poll ticks since the content was last compared.
+    let mut quiet_ticks = 0u32;
     let mut poll = settings.poll_interval.map(|every| {
         // The first tick is one interval from now, not immediately.
         let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -680,10 +725,20 @@ pub async fn run(
                 Trigger::Watch
             }
             () = tick => {
-                if !reloader.changed_on_disk() {
+                quiet_ticks += 1;
+                if reloader.changed_on_disk() {
+                    quiet_ticks = 0;
+                    Trigger::Poll
+                } else if quiet_ticks >= CONTENT_POLL_EVERY {
+                    quiet_ticks = 0;
+                    let r = Arc::clone(&reloader);
+                    match tokio::task::spawn_blocking(move || r.content_changed()).await {
+                        Ok(true) => Trigger::Poll,
+                        _ => continue,
+                    }
+                } else {
                     continue;
                 }
-                Trigger::Poll
             }
             () = hup_recv => Trigger::Signal,
         };
@@ -1325,6 +1380,35 @@ mod tests {
         assert!(r.changed_on_disk());
         r.reload(Trigger::Poll);
         assert!(!r.changed_on_disk());
+    }
+
+    #[test]
+    fn a_change_that_keeps_the_metadata_is_found_by_its_content() {
+        let (_d, path, r, _shared) = setup(&key("a", "sa", ""));
+        assert!(!r.content_changed(), "the serving file");
+        // Same length, same modification time: only the content tells.
+        let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let edited = text.replacen("id = \"a\"", "id = \"b\"", 1);
+        assert_eq!(edited.len(), text.len());
+        std::fs::write(&path, &edited).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(modified)
+            .unwrap();
+        assert!(r.content_changed());
+        assert_eq!(
+            r.reload(Trigger::Poll),
+            Outcome::Published { generation: 2 }
+        );
+        assert!(!r.content_changed(), "now serving");
+        // A broken file is looked at once, not at every content poll.
+        std::fs::write(&path, "[[keys]]\nid = \"b\"\n").unwrap();
+        assert!(r.content_changed());
+        assert!(matches!(r.reload(Trigger::Poll), Outcome::Failed(_)));
+        assert!(!r.content_changed(), "the file that failed");
     }
 
     #[test]

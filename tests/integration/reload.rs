@@ -275,6 +275,31 @@ async fn polling_fallback_without_inotify() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn polling_finds_a_change_that_kept_the_metadata() {
+    // Same length and modification time, as a tool that restores the time
+    // leaves it: only the content poll sees the new key.
+    let keys = KeyDir::new(&key("a", "secret-a"));
+    let mut config = Config::new(&keys.path);
+    config.watch = false;
+    config.poll_interval = Some(Duration::from_millis(50));
+    let server = Running::start_with(config).await;
+    let mut c = client(&server).await;
+    let modified = std::fs::metadata(&keys.path).unwrap().modified().unwrap();
+    let next = key("b", "secret-b");
+    assert_eq!(next.len(), key("a", "secret-a").len());
+    std::fs::write(&keys.path, next).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&keys.path)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    let took = until_allowed(&mut c, "secret-b").await;
+    eprintln!("content poll (every 6 x 50ms) serving after {took:?}");
+    server.stop().await;
+}
+
 #[cfg(unix)]
 #[test]
 fn sighup_reloads() {
