@@ -496,12 +496,13 @@ impl FileDigest {
     }
 }
 
-/// `path` as a normalising upstream sees it (RFC 3986 section 6, as Envoy's
-/// `normalize_path` and `merge_slashes` do): the query and fragment cut
-/// off, percent-encoded unreserved characters decoded (`%74` is `t`; an
-/// encoded `/` stays encoded), runs of `/` merged, and `.` and `..`
-/// segments resolved. Borrowed, with no work beyond three scans, when the
-/// path is already normal, as nearly every path is.
+/// `path` as a normalising upstream sees it (RFC 3986 sections 5.2.4 and
+/// 6, then merged slashes, as Envoy's `normalize_path` and `merge_slashes`
+/// do, in that order): the query and fragment cut off, percent-encoded
+/// unreserved characters decoded (`%74` is `t`; an encoded `/` stays
+/// encoded), `.` and `..` segments resolved (a `..` after `//` removes the
+/// empty segment), then runs of `/` merged. Borrowed, with no work beyond
+/// three scans, when the path is already normal, as nearly every path is.
 pub fn normalized_path(path: &str) -> std::borrow::Cow<'_, str> {
     use std::borrow::Cow;
     let path = path.split(['?', '#']).next().unwrap_or(path);
@@ -527,24 +528,27 @@ pub fn normalized_path(path: &str) -> std::borrow::Cow<'_, str> {
     }
     // Only ASCII bytes were decoded, each in place of three ASCII bytes.
     let decoded = String::from_utf8_lossy(&decoded);
+    // Dot segments first, empty segments counting as segments.
     let mut segments: Vec<&str> = Vec::new();
-    let mut trailing = false;
-    for segment in decoded.split('/') {
-        trailing = matches!(segment, "" | "." | "..");
+    let mut dot_last = false;
+    for segment in decoded.strip_prefix('/').unwrap_or(&decoded).split('/') {
+        dot_last = matches!(segment, "." | "..");
         match segment {
-            "" | "." => {}
+            "." => {}
             ".." => {
                 segments.pop();
             }
             s => segments.push(s),
         }
     }
+    // Then runs of `/` merged: empty segments dropped, a trailing `/` kept.
+    let trailing = dot_last || segments.last().is_some_and(|s| s.is_empty());
     let mut out = String::with_capacity(decoded.len());
-    for s in &segments {
+    for s in segments.iter().filter(|s| !s.is_empty()) {
         out.push('/');
         out.push_str(s);
     }
-    if trailing || segments.is_empty() {
+    if trailing || out.is_empty() {
         out.push('/');
     }
     Cow::Owned(out)
@@ -1075,22 +1079,36 @@ impl KeyRing {
     }
 
     /// The scopes the route rules require for `method` and `path` (the query
-    /// string is ignored), or `None` when no rule matches. The path is
-    /// matched as an upstream that normalises it would route it
-    /// ([`normalized_path`]), so `//trade`, `/%74rade` and `/x/../trade`
-    /// need what `/trade` needs; a path not starting with `/` (`*` of
-    /// `OPTIONS *`) is matched as `/`.
+    /// string is ignored), or `None` when no rule matches. A path is matched
+    /// both as it is and as an upstream that normalises it would route it
+    /// ([`normalized_path`]), and needs the scopes of both: `//trade`,
+    /// `/%74rade` and `/x/../trade` need what `/trade` needs, and
+    /// normalising can only add to what a path needs, whatever an upstream
+    /// does. A path not starting with `/` (`*` of `OPTIONS *`) is matched
+    /// as `/`.
     #[inline]
-    pub fn route_scopes(&self, method: &str, path: &str) -> Option<&str> {
+    pub fn route_scopes(&self, method: &str, path: &str) -> Option<std::borrow::Cow<'_, str>> {
+        use std::borrow::Cow;
         if self.routes.is_empty() {
             return None;
         }
-        let path = if path.starts_with('/') {
-            normalized_path(path)
-        } else {
-            std::borrow::Cow::Borrowed("/")
-        };
-        let path = &*path;
+        let raw = path.split(['?', '#']).next().unwrap_or(path);
+        let raw = if raw.starts_with('/') { raw } else { "/" };
+        let normal = normalized_path(raw);
+        let as_is = self.route_for(method, raw);
+        if *normal == *raw {
+            return as_is.map(Cow::Borrowed);
+        }
+        match (as_is, self.route_for(method, &normal)) {
+            (Some(a), Some(b)) if a == b || b.is_empty() => Some(Cow::Borrowed(a)),
+            (Some(""), Some(b)) => Some(Cow::Borrowed(b)),
+            (Some(a), Some(b)) => Some(Cow::Owned(format!("{a} {b}"))),
+            (a, b) => a.or(b).map(Cow::Borrowed),
+        }
+    }
+
+    /// The scopes of the most specific rule matching `method` and `path`.
+    fn route_for(&self, method: &str, path: &str) -> Option<&str> {
         self.routes
             .iter()
             .find(|r| {
@@ -2468,6 +2486,9 @@ expires_at = 2027-02-27T00:00:00Z
             ("/%zz/.", "/%zz/"),
             ("/caf%C3%A9/./x", "/caf%C3%A9/x"),
             ("/.hidden/x", "/.hidden/x"),
+            // RFC order: the `..` removes the empty segment, not `admin`.
+            ("/trade/admin//..", "/trade/admin/"),
+            ("/a//../b", "/a/b"),
         ] {
             assert_eq!(normalized_path(path), want, "{path:?}");
         }
@@ -2499,23 +2520,33 @@ path_prefix = "/public"
 required_scopes = []
 "#;
         let ring = KeyRing::build(&file(&text), source(1), &UsageRegistry::default(), None);
-        assert_eq!(ring.route_scopes("GET", "/prices"), Some("read"));
+        assert_eq!(ring.route_scopes("GET", "/prices").as_deref(), Some("read"));
         assert_eq!(
-            ring.route_scopes("POST", "/trade/orders?x=1"),
+            ring.route_scopes("POST", "/trade/orders?x=1").as_deref(),
             Some("trade")
         );
         assert_eq!(
-            ring.route_scopes("GET", "/trade/orders"),
+            ring.route_scopes("GET", "/trade/orders").as_deref(),
             Some("read"),
             "method not listed"
         );
         assert_eq!(
-            ring.route_scopes("GET", "/trade/admin/x"),
+            ring.route_scopes("GET", "/trade/admin/x").as_deref(),
             Some("trade admin")
         );
-        assert_eq!(ring.route_scopes("GET", "/public/x"), Some(""));
-        assert_eq!(ring.route_scopes("OPTIONS", "*"), Some("read"), "as /");
-        assert_eq!(ring.route_scopes("GET", ""), Some("read"));
+        assert_eq!(ring.route_scopes("GET", "/public/x").as_deref(), Some(""));
+        assert_eq!(
+            ring.route_scopes("OPTIONS", "*").as_deref(),
+            Some("read"),
+            "as /"
+        );
+        // A path that normalises to a laxer rule still needs its own: an
+        // upstream that does not decode `%2e` routes it under /trade/admin.
+        assert_eq!(
+            ring.route_scopes("GET", "/trade/admin/%2e%2e").as_deref(),
+            Some("trade admin read")
+        );
+        assert_eq!(ring.route_scopes("GET", "").as_deref(), Some("read"));
         // Paths that a normalising upstream routes to /trade/admin need
         // what /trade/admin needs.
         for sneaky in [
@@ -2527,11 +2558,13 @@ required_scopes = []
             "/./trade/./admin",
             "/public/%2e%2e/trade/admin",
             "/trade/admin\u{fffd}",
+            "/trade/admin//..",
         ] {
-            assert_eq!(
-                ring.route_scopes("GET", sneaky),
-                Some("trade admin"),
-                "{sneaky}"
+            let need = ring.route_scopes("GET", sneaky).unwrap();
+            let need: Vec<&str> = need.split(' ').collect();
+            assert!(
+                need.contains(&"trade") && need.contains(&"admin"),
+                "{sneaky}: {need:?}"
             );
         }
         let no_routes = KeyRing::build(
@@ -2540,7 +2573,7 @@ required_scopes = []
             &UsageRegistry::default(),
             None,
         );
-        assert_eq!(no_routes.route_scopes("GET", "/"), None);
+        assert_eq!(no_routes.route_scopes("GET", "/").as_deref(), None);
     }
 
     #[test]

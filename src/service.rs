@@ -191,12 +191,12 @@ impl AuthzService {
         // Envoy's per-route `required_scopes` wins; the key file's route rules
         // apply when Envoy sends none (Istio cannot send any).
         let required = match view.required_scopes {
-            Some(s) => text(s),
+            Some(s) => std::borrow::Cow::Borrowed(text(s)),
             // A path that is not UTF-8 keeps its valid part (`/trade\xff`
             // is under `/trade`), so no rule is dodged by a stray byte.
             None => ring
                 .route_scopes(text(view.method), &String::from_utf8_lossy(view.path))
-                .unwrap_or(""),
+                .unwrap_or_default(),
         };
         let decision = match (&cred, locked_for) {
             (_, Some(retry_after)) => Decision::Deny {
@@ -205,7 +205,7 @@ impl AuthzService {
                 quota: None,
                 retry_after,
             },
-            (Ok(c), None) => decide(&ring, c, now, required),
+            (Ok(c), None) => decide(&ring, c, now, &required),
             (Err(reason), None) => Decision::deny(*reason),
         };
         if decision.reason().is_some_and(DenyReason::is_failure)
