@@ -579,9 +579,15 @@ impl Watch {
             && let Some(target_dir) = canonical.parent()
         {
             let parent_canonical = std::fs::canonicalize(&parent).unwrap_or(parent.clone());
-            // Kubernetes volumes point into a timestamped subdirectory of the
-            // same volume: the `..data` swap is seen from the parent already.
-            if !target_dir.starts_with(&parent_canonical) {
+            // Kubernetes volumes point into a timestamped `..` subdirectory
+            // that each update replaces: the `..data` swap is seen from the
+            // parent already. Any other directory the link points into
+            // (beside or below the parent) is where edits land.
+            let kubernetes = target_dir.starts_with(&parent_canonical)
+                && target_dir
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(".."));
+            if target_dir != parent_canonical && !kubernetes {
                 dirs.push(target_dir.to_owned());
                 target_name = canonical.file_name().map(|n| n.to_owned());
             }

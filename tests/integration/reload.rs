@@ -275,6 +275,29 @@ async fn polling_fallback_without_inotify() {
     server.stop().await;
 }
 
+#[cfg(unix)]
+#[tokio::test]
+async fn a_file_behind_a_symlink_into_a_subdirectory_is_followed() {
+    // keys.toml -> real/prod.toml, edited where the link points (as
+    // `keyward keys` does): inotify alone must see it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("real")).unwrap();
+    let target = dir.path().join("real/prod.toml");
+    std::fs::write(&target, key("a", "secret-a")).unwrap();
+    let link = dir.path().join("keys.toml");
+    std::os::unix::fs::symlink("real/prod.toml", &link).unwrap();
+    let mut config = Config::new(&link);
+    config.poll_interval = None;
+    let server = Running::start_with(config).await;
+    let mut c = client(&server).await;
+    let tmp = dir.path().join("real/.prod.toml.tmp");
+    std::fs::write(&tmp, key("b", "secret-b")).unwrap();
+    std::fs::rename(&tmp, &target).unwrap();
+    let took = until_allowed(&mut c, "secret-b").await;
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn polling_finds_a_change_that_kept_the_metadata() {
     // Same length and modification time, as a tool that restores the time
@@ -288,13 +311,16 @@ async fn polling_finds_a_change_that_kept_the_metadata() {
     let modified = std::fs::metadata(&keys.path).unwrap().modified().unwrap();
     let next = key("b", "secret-b");
     assert_eq!(next.len(), key("a", "secret-a").len());
-    std::fs::write(&keys.path, next).unwrap();
-    std::fs::File::options()
+    // One handle, so that the new content and the old time land a few
+    // microseconds apart, between two polls.
+    let mut file = std::fs::File::options()
         .write(true)
+        .truncate(true)
         .open(&keys.path)
-        .unwrap()
-        .set_modified(modified)
         .unwrap();
+    std::io::Write::write_all(&mut file, next.as_bytes()).unwrap();
+    file.set_modified(modified).unwrap();
+    drop(file);
     let took = until_allowed(&mut c, "secret-b").await;
     eprintln!("content poll (every 6 x 50ms) serving after {took:?}");
     server.stop().await;
