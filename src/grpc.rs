@@ -48,12 +48,12 @@ pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// Largest request header block accepted (Envoy's gRPC headers are small).
 pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
-/// Most bytes of split CheckRequests (bodies that came in more than one
-/// DATA frame) held at once, over every stream of every connection of a
-/// server. Envoy
-/// sends a CheckRequest in one frame, so this binds only bodies sent in
-/// pieces; without it, streams that each sent most of [`MAX_MESSAGE_BYTES`]
-/// and never finished could make the process hold any amount of memory.
+/// Most bytes that unfinished CheckRequests (bodies still waiting for
+/// their last DATA frame) may hold at once, reserved memory included, over
+/// every stream of every connection of a server. Envoy sends a CheckRequest
+/// in one frame, which never counts; without this, streams that each sent
+/// part of a message and never finished could make the process hold any
+/// amount of memory.
 pub const MAX_SPLIT_BYTES: usize = 64 << 20;
 
 /// The bytes of split bodies held at once, against a limit.
@@ -335,37 +335,42 @@ impl Future for Answer {
                 if total > MAX_MESSAGE_BYTES + crate::wire::FRAME_PREFIX {
                     break error(code::RESOURCE_EXHAUSTED, "CheckRequest too large");
                 }
-                let split = match (&*joined, &*first) {
-                    (Some(_), _) => data.len(),
-                    (None, Some(head)) => head.len() + data.len(),
-                    (None, None) => 0,
-                };
-                if split > 0
-                    && !held
-                        .get_or_insert_with(|| Held::new(Arc::clone(&service.split)))
-                        .take(split)
-                {
-                    break error(
-                        code::RESOURCE_EXHAUSTED,
-                        "too many split CheckRequests in progress",
-                    );
-                }
+                // A body that ended with this frame (Envoy's do) is
+                // complete: asking h2 once whether the stream is closed
+                // costs less than polling it for the end of the data and
+                // then for trailers.
+                let complete = body.is_end_stream();
                 match (&mut *joined, first.take()) {
                     (Some(buf), _) => buf.extend_from_slice(&data),
                     (None, None) => *first = Some(data),
                     (None, Some(head)) => {
-                        let mut buf = BytesMut::with_capacity(head.len() + data.len());
+                        // Room for the whole message its prefix declares
+                        // (within the limit), so it is not copied as it grows.
+                        let declared = declared_len(&head, &data)
+                            .unwrap_or(0)
+                            .min(MAX_MESSAGE_BYTES)
+                            + crate::wire::FRAME_PREFIX;
+                        let mut buf =
+                            BytesMut::with_capacity(declared.max(head.len() + data.len()));
                         buf.extend_from_slice(&head);
                         buf.extend_from_slice(&data);
                         *joined = Some(buf);
                     }
                 }
-                // A body that ended with this frame (Envoy's do) is
-                // complete: asking h2 once whether the stream is closed
-                // costs less than polling it for the end of the data and
-                // then for trailers.
-                if body.is_end_stream() {
+                if complete {
                     break finish(service, first.take(), joined.take());
+                }
+                // Everything an unfinished body holds counts against the
+                // server's budget: the memory reserved for it, not only the
+                // bytes received.
+                let holding = first.as_ref().map_or(0, Bytes::len)
+                    + joined.as_ref().map_or(0, BytesMut::capacity);
+                let held = held.get_or_insert_with(|| Held::new(Arc::clone(&service.split)));
+                if holding > held.bytes && !held.take(holding - held.bytes) {
+                    break error(
+                        code::RESOURCE_EXHAUSTED,
+                        "too many unfinished CheckRequests in progress",
+                    );
                 }
             },
             State::Other(future) => match std::task::ready!(future.as_mut().poll(cx)) {
@@ -382,6 +387,19 @@ impl Future for Answer {
         this.state = State::Done;
         Poll::Ready(Ok(response))
     }
+}
+
+/// The message length the gRPC frame prefix declares, read from the
+/// start of a body that came as `head` and then `rest`; `None` while fewer
+/// than the prefix's five bytes have come.
+fn declared_len(head: &[u8], rest: &[u8]) -> Option<usize> {
+    let mut prefix = [0u8; crate::wire::FRAME_PREFIX];
+    let from_head = head.len().min(prefix.len());
+    prefix[..from_head].copy_from_slice(&head[..from_head]);
+    let from_rest = (prefix.len() - from_head).min(rest.len());
+    prefix[from_head..from_head + from_rest].copy_from_slice(&rest[..from_rest]);
+    (from_head + from_rest == prefix.len())
+        .then(|| u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize)
 }
 
 /// Answers a Check whose whole body has been read.
@@ -513,6 +531,14 @@ pub async fn serve<S, IO>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_declared_length_is_read_across_the_first_frames() {
+        let prefix = [0u8, 0, 0, 1, 2];
+        assert_eq!(declared_len(&prefix, b"xyz"), Some(258));
+        assert_eq!(declared_len(&prefix[..2], &prefix[2..]), Some(258));
+        assert_eq!(declared_len(&prefix[..2], &prefix[2..4]), None);
+    }
 
     #[test]
     fn split_bodies_share_one_budget() {
