@@ -141,6 +141,7 @@ fn now_ns() -> u64 {
 /// Sources locked out right now.
 async fn lockouts(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     let now = now_ns();
+    let cfg = shared.lockout.config();
     let list: Vec<serde_json::Value> = shared
         .lockout
         .active(now)
@@ -150,13 +151,16 @@ async fn lockouts(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> 
                 .map(|t| t.to_string())
                 .unwrap_or_default();
             serde_json::json!({
-                "source": crate::lockout::label(l.source),
+                "source": crate::lockout::label(l.source, cfg.ipv6_prefix),
                 "until": until,
-                "remaining_seconds": (l.until_ns - now).div_ceil(1_000_000_000),
+                // Never more than a lockout lasts (the clock may have
+                // stepped back since it started).
+                "remaining_seconds": (l.until_ns - now)
+                    .div_ceil(1_000_000_000)
+                    .min(cfg.duration.as_secs().max(1)),
             })
         })
         .collect();
-    let cfg = shared.lockout.config();
     Json(serde_json::json!({
         "enabled": shared.lockout.enabled(),
         "threshold": cfg.threshold,
@@ -167,12 +171,15 @@ async fn lockouts(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> 
     }))
 }
 
-/// `DELETE /lockouts/{source}`: lifts a lockout.
+/// `DELETE /lockouts/{source}`: lifts a lockout. `source` is an address
+/// (for an IPv6 network, any address in it), or the network as
+/// `/lockouts` shows it with its `/` percent-encoded (`2001:db8::%2F64`).
 async fn lift_lockout(
     State(shared): State<Arc<Shared>>,
     axum::extract::Path(source): axum::extract::Path<String>,
 ) -> (StatusCode, Json<serde_json::Value>) {
-    let Ok(ip) = source.parse::<std::net::IpAddr>() else {
+    let address = source.split_once('/').map_or(source.as_str(), |(a, _)| a);
+    let Ok(ip) = address.parse::<std::net::IpAddr>() else {
         return (
             StatusCode::BAD_REQUEST,
             Json(serde_json::json!({ "error": format!("{source:?} is not an IP address") })),
@@ -181,9 +188,10 @@ async fn lift_lockout(
     if shared.lockout.lift(ip) {
         (
             StatusCode::OK,
-            Json(
-                serde_json::json!({ "lifted": crate::lockout::label(crate::lockout::source_of(ip)) }),
-            ),
+            Json(serde_json::json!({ "lifted": crate::lockout::label(
+                    crate::lockout::source_of(ip, shared.lockout.config().ipv6_prefix),
+                    shared.lockout.config().ipv6_prefix,
+                ) })),
         )
     } else {
         (

@@ -183,6 +183,11 @@ pub struct ServeArgs {
     /// Most sources tracked for lockout at once (memory bound).
     #[arg(long, value_name = "N", default_value_t = 100_000)]
     pub lockout_max_sources: usize,
+    /// Count an IPv6 client by its network of this many bits (64: a host's
+    /// /64; 128: each address).
+    #[arg(long, value_name = "BITS", default_value_t = 64,
+          value_parser = clap::value_parser!(u8).range(0..=128))]
+    pub lockout_ipv6_prefix: u8,
     /// Take the client address from the N-th x-forwarded-for entry from the
     /// right (the proxies in front of Envoy that you trust); 0 uses the peer
     /// address Envoy reports.
@@ -470,6 +475,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         window: args.lockout_window,
         duration: args.lockout_duration,
         max_sources: args.lockout_max_sources.max(1),
+        ipv6_prefix: args.lockout_ipv6_prefix,
     };
     config.xff_trusted_hops = args.xff_trusted_hops;
     config.poll_interval = (!args.poll_interval.is_zero()).then_some(args.poll_interval);

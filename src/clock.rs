@@ -15,6 +15,12 @@ use std::marker::PhantomData;
 
 use jiff::Timestamp;
 
+/// How far back a reading must be, against one another check already
+/// used, to count as the wall clock stepping back: checks decided a moment
+/// apart on different threads routinely read times a few microseconds out
+/// of order, which is not a step.
+pub const STEP_NS: u64 = 1_000_000_000;
+
 #[derive(Clone, Copy)]
 enum State {
     /// No batch on this thread: read the clock every time.

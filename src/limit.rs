@@ -10,9 +10,11 @@
 //!
 //! Checks are decided on the wall clock (the time the validity windows are
 //! judged by), which can step back when it is corrected. A backlog longer
-//! than `tolerance + interval` cannot arise from requests alone, so a longer
-//! one is what a backward step left: it is cut to that bound, and a key whose
-//! clock went back by an hour waits at most one interval, not an hour.
+//! than `tolerance + interval` cannot arise from requests alone, so one
+//! longer by more than [`crate::clock::STEP_NS`] (checks a moment apart read
+//! times a little out of order) is what a backward step left: it is cut to
+//! that bound, and a key whose clock went back by an hour waits at most one
+//! interval, not an hour.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -88,12 +90,9 @@ impl Limiter {
         let mut current = self.tat_ns.load(Ordering::Relaxed);
         loop {
             let ceiling = now_ns.saturating_add(p.most());
-            if current > ceiling {
+            if current > ceiling.saturating_add(crate::clock::STEP_NS) {
                 // The clock stepped back (see the module documentation):
                 // keep the bound, so that time passing from here counts.
-                // Checks decided a moment apart may also see a ceiling a
-                // little below what another just stored; that only gives
-                // back those few microseconds of budget.
                 match self.tat_ns.compare_exchange_weak(
                     current,
                     ceiling,

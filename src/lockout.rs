@@ -44,6 +44,9 @@ pub struct LockoutConfig {
     pub duration: Duration,
     /// Most sources tracked at once (failure counters and lockouts each).
     pub max_sources: usize,
+    /// The IPv6 prefix length a source is counted by (64: a host's /64;
+    /// 128: each address).
+    pub ipv6_prefix: u8,
 }
 
 impl Default for LockoutConfig {
@@ -53,6 +56,7 @@ impl Default for LockoutConfig {
             window: Duration::from_secs(60),
             duration: Duration::from_secs(300),
             max_sources: 100_000,
+            ipv6_prefix: 64,
         }
     }
 }
@@ -78,22 +82,28 @@ fn ns(d: Duration) -> u64 {
 }
 
 /// The source a client address counts for: an IPv4 address (also when
-/// written as IPv4-mapped IPv6) as it is, an IPv6 address as its /64.
-pub fn source_of(ip: IpAddr) -> IpAddr {
+/// written as IPv4-mapped IPv6) as it is, an IPv6 address as its network
+/// of `ipv6_prefix` bits (64 by default: a host's /64).
+pub fn source_of(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+            None => {
+                let bits = u32::from(ipv6_prefix.min(128));
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
         },
     }
 }
 
 /// How a source is shown: `192.0.2.7`, `2001:db8:1:2::/64`.
-pub fn label(source: IpAddr) -> String {
+pub fn label(source: IpAddr, ipv6_prefix: u8) -> String {
     match source {
         IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("{v6}/64"),
+        IpAddr::V6(v6) if ipv6_prefix >= 128 => v6.to_string(),
+        IpAddr::V6(v6) => format!("{v6}/{ipv6_prefix}"),
     }
 }
 
@@ -176,7 +186,7 @@ impl Lockout {
     /// `now_ns`.
     #[inline]
     pub fn locked_for(&self, ip: IpAddr, now_ns: u64) -> Option<u64> {
-        let source = source_of(ip);
+        let source = source_of(ip, self.config.ipv6_prefix);
         let locked = self.locked.load();
         let until = *locked.get(&source)?;
         if until <= now_ns {
@@ -184,12 +194,12 @@ impl Lockout {
         }
         let mut left = until - now_ns;
         let duration = ns(self.config.duration);
-        if left > duration {
+        if left > duration.saturating_add(crate::clock::STEP_NS) {
             // The clock stepped back: end the lockout a duration from now.
             left = duration;
             self.shorten(source, now_ns.saturating_add(duration));
         }
-        Some(left.div_ceil(1_000_000_000).max(1))
+        Some(left.min(duration).div_ceil(1_000_000_000).max(1))
     }
 
     #[cold]
@@ -206,7 +216,7 @@ impl Lockout {
         if !self.enabled() {
             return false;
         }
-        let source = source_of(ip);
+        let source = source_of(ip, self.config.ipv6_prefix);
         let window = ns(self.config.window);
         if !self.failures.contains_key(&source) && self.failures.len() >= self.config.max_sources {
             self.make_room(now_ns);
@@ -216,9 +226,12 @@ impl Lockout {
                 window_start_ns: now_ns,
                 failures: 0,
             });
-            // A window that starts in the future is one the clock stepped
-            // back from: it starts again.
-            if now_ns < t.window_start_ns || now_ns - t.window_start_ns >= window {
+            // A window that starts well in the future is one the clock
+            // stepped back from: it starts again. (A moment ahead is a
+            // check decided a moment earlier on another thread.)
+            if t.window_start_ns > now_ns.saturating_add(crate::clock::STEP_NS)
+                || now_ns.saturating_sub(t.window_start_ns) >= window
+            {
                 *t = Tracker {
                     window_start_ns: now_ns,
                     failures: 0,
@@ -285,7 +298,7 @@ impl Lockout {
     /// Lifts the lockout of `ip`'s source (and forgets its failures); true
     /// if it was locked.
     pub fn lift(&self, ip: IpAddr) -> bool {
-        let source = source_of(ip);
+        let source = source_of(ip, self.config.ipv6_prefix);
         self.failures.remove(&source);
         let mut was = false;
         self.replace(|current| {
@@ -363,6 +376,7 @@ mod tests {
             window: Duration::from_secs(60),
             duration: Duration::from_secs(300),
             max_sources: max,
+            ipv6_prefix: 64,
         })
     }
 
@@ -459,10 +473,15 @@ mod tests {
             "the next /64"
         );
         let active = l.active(S);
-        assert_eq!(label(active[0].source), "2001:db8:1:2::/64");
+        assert_eq!(label(active[0].source, 64), "2001:db8:1:2::/64");
         // IPv4, also written IPv4-mapped, is one address.
-        assert_eq!(source_of(ip("::ffff:192.0.2.1")), ip("192.0.2.1"));
-        assert_eq!(label(ip("192.0.2.1")), "192.0.2.1");
+        assert_eq!(source_of(ip("::ffff:192.0.2.1"), 64), ip("192.0.2.1"));
+        assert_eq!(label(ip("192.0.2.1"), 64), "192.0.2.1");
+        // Other prefix lengths.
+        assert_eq!(source_of(ip("2001:db8:1:2::7"), 128), ip("2001:db8:1:2::7"));
+        assert_eq!(label(ip("2001:db8:1:2::7"), 128), "2001:db8:1:2::7");
+        assert_eq!(source_of(ip("2001:db8:1:2::7"), 48), ip("2001:db8:1::"));
+        assert_eq!(source_of(ip("2001:db8:1:2::7"), 0), ip("::"));
         assert!(l.lift(ip("2001:db8:1:2::5")), "any address of it lifts it");
         assert!(!l.any_locked());
     }

@@ -191,6 +191,7 @@ async fn lockout_triggers_at_the_threshold_and_expires() {
         window: Duration::from_secs(60),
         duration: Duration::from_secs(2),
         max_sources: 1000,
+        ipv6_prefix: 64,
     };
     let server = Running::start_with(config).await;
     let mut c = AuthorizationClient::connect(server.endpoint())
@@ -258,6 +259,7 @@ async fn an_operator_can_lift_a_lockout() {
         window: Duration::from_secs(60),
         duration: Duration::from_secs(3600),
         max_sources: 1000,
+        ipv6_prefix: 64,
     };
     let server = Running::start_with(config).await;
     let mut c = AuthorizationClient::connect(server.endpoint())
