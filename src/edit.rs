@@ -60,6 +60,8 @@ fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> 
 #[derive(Debug)]
 pub struct Editor {
     path: PathBuf,
+    /// Whether the file is JSON (by its name or the name it was reached by).
+    json: bool,
     _lock: File,
     original: Option<String>,
 }
@@ -69,12 +71,7 @@ impl Editor {
     /// A missing file reads as `None`. A symlink is followed: the file it
     /// points to is the one locked, kept in the history and replaced.
     pub fn open(path: &Path) -> Result<Editor, EditError> {
-        let resolved = match fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_symlink() => {
-                fs::canonicalize(path).map_err(io(path, "cannot follow the symlink"))?
-            }
-            _ => path.to_owned(),
-        };
+        let (resolved, json) = resolve(path)?;
         let path = resolved.as_path();
         let lock_path = sibling(path, ".lock");
         let lock = OpenOptions::new()
@@ -91,6 +88,7 @@ impl Editor {
         };
         Ok(Editor {
             path: path.to_owned(),
+            json,
             _lock: lock,
             original,
         })
@@ -110,7 +108,7 @@ impl Editor {
     /// A JSON file comes as the TOML document it stands for.
     pub fn document(&self) -> Result<toml_edit::DocumentMut, EditError> {
         let original = self.original.as_deref().unwrap_or("");
-        if keyfile::is_json(&self.path) && !original.trim().is_empty() {
+        if self.json && !original.trim().is_empty() {
             return self.json_document(original);
         }
         original.parse::<toml_edit::DocumentMut>().map_err(|e| {
@@ -165,7 +163,7 @@ impl Editor {
     /// `doc` as the file's text: TOML as it is, JSON in the file's
     /// indentation.
     pub fn render(&self, doc: &toml_edit::DocumentMut) -> String {
-        if keyfile::is_json(&self.path) {
+        if self.json {
             keyfile::json::to_json(
                 doc,
                 &keyfile::json::indent_of(self.original.as_deref().unwrap_or("")),
@@ -181,7 +179,7 @@ impl Editor {
         keyfile::parse_bytes(&self.path, text.as_bytes(), opts)
             .map_err(|e| EditError::Invalid(e.to_string()))?;
         if let Some(old) = &self.original {
-            push_history(&self.path, old)?;
+            push_history(&self.path, self.json, old)?;
         }
         write_atomically(&self.path, text.as_bytes())
     }
@@ -191,7 +189,7 @@ impl Editor {
     /// `undone-…` (the last [`HISTORY_LEN`]), so a rollback loses nothing,
     /// not even edits made by hand since the last `keyward keys` edit.
     pub fn rollback(self, opts: ParseOptions) -> Result<RolledBack, EditError> {
-        let entries = history(&self.path)?;
+        let entries = entries(&self.path, self.json, false)?;
         let Some(newest) = entries.last() else {
             return Err(EditError::Refused(format!(
                 "{}: no earlier version to roll back to (keyward keeps the last {HISTORY_LEN} versions it replaced)",
@@ -208,7 +206,7 @@ impl Editor {
             .map(|current| revived(&current, &restored))
             .unwrap_or_default();
         let undone = match &self.original {
-            Some(current) => Some(keep_undone(&self.path, current)?),
+            Some(current) => Some(keep_undone(&self.path, self.json, current)?),
             None => None,
         };
         write_atomically(&self.path, &text)?;
@@ -273,29 +271,45 @@ pub fn history_dir(path: &Path) -> PathBuf {
     sibling(path, ".history")
 }
 
+/// The file a key file's path names (where a symlink at it points), and
+/// whether it is JSON: by the name it was given or by its own (a
+/// `keys.json` link to `keys.v3` is JSON, as the server reads it).
+fn resolve(path: &Path) -> Result<(PathBuf, bool), EditError> {
+    let resolved = match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            fs::canonicalize(path).map_err(io(path, "cannot follow the symlink"))?
+        }
+        _ => path.to_owned(),
+    };
+    let json = keyfile::is_json(path) || keyfile::is_json(&resolved);
+    Ok((resolved, json))
+}
+
 /// The extension of history entries: the key file's format.
-fn format_extension(path: &Path) -> &'static str {
-    if keyfile::is_json(path) {
-        "json"
-    } else {
-        "toml"
-    }
+fn extension(json: bool) -> &'static str {
+    if json { "json" } else { "toml" }
 }
 
 /// Prefix of the versions that rollbacks replaced.
 const UNDONE: &str = "undone-";
 
-/// History entries, oldest first (not the versions rollbacks replaced).
+/// History entries of the key file at `path`, oldest first (not the
+/// versions rollbacks replaced).
 pub fn history(path: &Path) -> Result<Vec<PathBuf>, EditError> {
-    entries(path, false)
+    let (path, json) = resolve(path)?;
+    entries(&path, json, false)
 }
 
-/// The versions that rollbacks replaced, oldest first.
+/// The versions that rollbacks of the key file at `path` replaced, oldest
+/// first.
 pub fn undone(path: &Path) -> Result<Vec<PathBuf>, EditError> {
-    entries(path, true)
+    let (path, json) = resolve(path)?;
+    entries(&path, json, true)
 }
 
-fn entries(path: &Path, undone: bool) -> Result<Vec<PathBuf>, EditError> {
+/// The history entries (or `undone` versions) of the key file `path`
+/// (already resolved).
+fn entries(path: &Path, json: bool, undone: bool) -> Result<Vec<PathBuf>, EditError> {
     let dir = history_dir(path);
     let read = match fs::read_dir(&dir) {
         Ok(r) => r,
@@ -305,7 +319,7 @@ fn entries(path: &Path, undone: bool) -> Result<Vec<PathBuf>, EditError> {
     let mut entries: Vec<PathBuf> = read
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == format_extension(path)))
+        .filter(|p| p.extension().is_some_and(|x| x == extension(json)))
         .filter(|p| {
             p.file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with(UNDONE) == undone)
@@ -316,10 +330,10 @@ fn entries(path: &Path, undone: bool) -> Result<Vec<PathBuf>, EditError> {
     Ok(entries)
 }
 
-fn push_history(path: &Path, text: &str) -> Result<(), EditError> {
+fn push_history(path: &Path, json: bool, text: &str) -> Result<(), EditError> {
     let dir = history_dir(path);
     fs::create_dir_all(&dir).map_err(io(&dir, "cannot create the history directory"))?;
-    let entries = history(path)?;
+    let entries = entries(path, json, false)?;
     let next = entries
         .last()
         .and_then(|p| p.file_name())
@@ -327,24 +341,25 @@ fn push_history(path: &Path, text: &str) -> Result<(), EditError> {
         .and_then(|n| n.parse::<u64>().ok())
         .map_or(1, |n| n + 1);
     let stamp = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ");
-    let entry = dir.join(format!("{next:010}-{stamp}.{}", format_extension(path)));
+    let entry = dir.join(format!("{next:010}-{stamp}.{}", extension(json)));
     write_atomically(&entry, text.as_bytes())?;
-    prune(history(path)?)
+    prune(self::entries(path, json, false)?)
 }
 
 /// Keeps `text`, the version a rollback replaces, as the newest `undone-…`
 /// entry.
-fn keep_undone(path: &Path, text: &str) -> Result<PathBuf, EditError> {
+fn keep_undone(path: &Path, json: bool, text: &str) -> Result<PathBuf, EditError> {
     let dir = history_dir(path);
     fs::create_dir_all(&dir).map_err(io(&dir, "cannot create the history directory"))?;
     let stamp = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ");
-    let n = undone(path)?.len();
+    let n = entries(path, json, true)?.len();
+    let ext = extension(json);
     let entry = (n..)
-        .map(|i| dir.join(format!("{UNDONE}{stamp}-{i:04}.{}", format_extension(path))))
+        .map(|i| dir.join(format!("{UNDONE}{stamp}-{i:04}.{ext}")))
         .find(|p| !p.exists())
-        .unwrap_or_else(|| dir.join(format!("{UNDONE}{stamp}.{}", format_extension(path))));
+        .unwrap_or_else(|| dir.join(format!("{UNDONE}{stamp}.{ext}")));
     write_atomically(&entry, text.as_bytes())?;
-    prune(undone(path)?)?;
+    prune(entries(path, json, true)?)?;
     Ok(entry)
 }
 
