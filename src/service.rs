@@ -349,9 +349,7 @@ thread_local! {
 
 #[cold]
 fn ok_sets(n: usize) -> Box<[OkSet]> {
-    std::iter::repeat_with(|| [OkSlot::VACANT, OkSlot::VACANT])
-        .take(n)
-        .collect()
+    crate::verified::table(n, || [OkSlot::VACANT, OkSlot::VACANT])
 }
 
 fn allowed_cached(key: KeyRef<'_>, carrier: Option<CredentialHeader>) -> Bytes {

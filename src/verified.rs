@@ -79,9 +79,16 @@ thread_local! {
     static GROWTH: Growth = const { Growth::new() };
 }
 
+/// A per-thread table of `n` entries made by `make` (the memo's sets, the
+/// OK cache's), built on the heap: made once per thread and at each resize.
+#[cold]
+pub(crate) fn table<T>(n: usize, make: impl FnMut() -> T) -> Box<[T]> {
+    std::iter::repeat_with(make).take(n).collect()
+}
+
 #[cold]
 fn sets(n: usize) -> Box<[Set]> {
-    std::iter::repeat_with(Set::default).take(n).collect()
+    table(n, Set::default)
 }
 
 /// A new process-unique ring id (never 0).
