@@ -123,21 +123,14 @@ impl Editor {
     }
 
     fn json_document(&self, json: &str) -> Result<toml_edit::DocumentMut, EditError> {
+        // `path:line:column: message` lines, as every key file problem is shown.
         let unparsable = |diagnostics: &[keyfile::Diagnostic]| {
             EditError::Unparsable(
-                diagnostics
-                    .iter()
-                    .map(|d| {
-                        format!(
-                            "{}:{}:{}: {}",
-                            self.path.display(),
-                            d.line,
-                            d.column,
-                            d.message
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n"),
+                keyfile::KeyFileError::Invalid {
+                    path: self.path.clone(),
+                    diagnostics: diagnostics.to_vec(),
+                }
+                .to_string(),
             )
         };
         let translated =
@@ -160,16 +153,17 @@ impl Editor {
             })
     }
 
-    /// `doc` as the file's text: TOML as it is, JSON in the file's
-    /// indentation.
-    pub fn render(&self, doc: &toml_edit::DocumentMut) -> String {
+    /// `doc` as the file's text, given `toml`, the document's TOML text
+    /// (which the caller has made already): a TOML file is that text, a
+    /// JSON file is written in its own indentation.
+    pub fn render(&self, doc: &toml_edit::DocumentMut, toml: String) -> String {
         if self.json {
             keyfile::json::to_json(
                 doc,
                 &keyfile::json::indent_of(self.original.as_deref().unwrap_or("")),
             )
         } else {
-            doc.to_string()
+            toml
         }
     }
 
@@ -558,10 +552,14 @@ mod tests {
         fs::write(&path, json).unwrap();
         let ed = Editor::open(&path).unwrap();
         let mut doc = ed.document().unwrap();
-        assert_eq!(ed.render(&doc), json, "unchanged, byte for byte");
+        assert_eq!(
+            ed.render(&doc, doc.to_string()),
+            json,
+            "unchanged, byte for byte"
+        );
         let keys = doc["keys"].as_array_of_tables_mut().unwrap();
         keys.get_mut(0).unwrap()["state"] = toml_edit::value("revoked");
-        let text = ed.render(&doc);
+        let text = ed.render(&doc, doc.to_string());
         assert!(text.contains("\t\t\t\"state\": \"revoked\"\n"), "{text}");
         ed.commit(&text, ParseOptions::default()).unwrap();
         let file = keyfile::load(&path, ParseOptions::default()).unwrap().0;

@@ -322,10 +322,11 @@ pub fn edit<T>(
     let mut doc = editor.document()?;
     let before = doc.to_string();
     let out = change(&mut doc)?;
-    if editor.original().is_some() && doc.to_string() == before {
+    let after = doc.to_string();
+    if editor.original().is_some() && after == before {
         return Ok(out);
     }
-    let text = editor.render(&doc);
+    let text = editor.render(&doc, after);
     editor.commit(&text, ParseOptions::default())?;
     Ok(out)
 }
