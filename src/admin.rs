@@ -185,18 +185,16 @@ async fn lift_lockout(
             Json(serde_json::json!({ "error": format!("{source:?} is not an IP address") })),
         );
     };
-    if shared.lockout.lift(ip) {
-        (
+    match shared.lockout.lift(ip) {
+        Some(lifted) => (
             StatusCode::OK,
-            Json(serde_json::json!({ "lifted": crate::lockout::label(
-                    crate::lockout::source_of(ip, shared.lockout.config().ipv6_prefix),
-                    shared.lockout.config().ipv6_prefix,
-                ) })),
-        )
-    } else {
-        (
+            Json(serde_json::json!({
+                "lifted": crate::lockout::label(lifted, shared.lockout.config().ipv6_prefix)
+            })),
+        ),
+        None => (
             StatusCode::NOT_FOUND,
             Json(serde_json::json!({ "error": format!("{ip} is not locked out") })),
-        )
+        ),
     }
 }

@@ -295,9 +295,9 @@ impl Lockout {
         }
     }
 
-    /// Lifts the lockout of `ip`'s source (and forgets its failures); true
-    /// if it was locked.
-    pub fn lift(&self, ip: IpAddr) -> bool {
+    /// Lifts the lockout of `ip`'s source (and forgets its failures); the
+    /// source, if it was locked.
+    pub fn lift(&self, ip: IpAddr) -> Option<IpAddr> {
         let source = source_of(ip, self.config.ipv6_prefix);
         self.failures.remove(&source);
         let mut was = false;
@@ -308,7 +308,7 @@ impl Lockout {
         if was {
             tracing::info!(target: "keyward::audit", %source, "lockout lifted by an operator");
         }
-        was
+        was.then_some(source)
     }
 
     /// Lockouts in force at `now_ns`, soonest to end first. Drops the
@@ -424,13 +424,13 @@ mod tests {
         let a = ip("198.51.100.7");
         assert!(l.record_failure(a, S));
         assert!(l.any_locked());
-        assert!(l.lift(a));
+        assert_eq!(l.lift(a), Some(a));
         assert_eq!(l.locked_for(a, 2 * S), None);
         assert!(
             !l.any_locked(),
             "no lockout left: checks skip the map again"
         );
-        assert!(!l.lift(a));
+        assert_eq!(l.lift(a), None);
     }
 
     #[test]
@@ -448,7 +448,7 @@ mod tests {
                         let a = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + t * 1000 + i));
                         assert!(l.record_failure(a, S));
                         assert!(l.any_locked(), "{a} is locked out, the flag must say so");
-                        assert!(l.lift(a));
+                        assert!(l.lift(a).is_some());
                     }
                 });
             }
@@ -482,7 +482,11 @@ mod tests {
         assert_eq!(label(ip("2001:db8:1:2::7"), 128), "2001:db8:1:2::7");
         assert_eq!(source_of(ip("2001:db8:1:2::7"), 48), ip("2001:db8:1::"));
         assert_eq!(source_of(ip("2001:db8:1:2::7"), 0), ip("::"));
-        assert!(l.lift(ip("2001:db8:1:2::5")), "any address of it lifts it");
+        assert_eq!(
+            l.lift(ip("2001:db8:1:2::5")),
+            Some(ip("2001:db8:1:2::")),
+            "any address of it lifts it"
+        );
         assert!(!l.any_locked());
     }
 
