@@ -310,6 +310,18 @@ pub fn digest_bytes(bytes: &[u8]) -> crate::ring::Digest {
     digest_ring(bytes)
 }
 
+/// Whether this CPU computes SHA-256 with its own instructions (x86's SHA
+/// extensions, the ARMv8 cryptography extension), several times as fast as
+/// without.
+pub fn sha_in_hardware() -> bool {
+    #[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
+    return std::is_x86_feature_detected!("sha");
+    #[cfg(target_arch = "aarch64")]
+    return std::arch::is_aarch64_feature_detected!("sha2");
+    #[allow(unreachable_code)]
+    false
+}
+
 /// SHA-256 through `sha2`, which picks its SHA-extensions code at run time.
 #[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
 #[inline]

@@ -1163,7 +1163,9 @@ impl KeyRing {
 
     /// What `secret` finds: SHA-256 and [`KeyRing::lookup`] the first time
     /// this thread sees it in this ring, a keyed tag and one slot of the
-    /// thread's memo after that (see [`crate::verified`]).
+    /// thread's memo after that (see [`crate::verified`]). While the memo
+    /// answers too few of the thread's lookups to pay, most lookups skip
+    /// it and go straight to SHA-256.
     ///
     /// A secret not in the memo must first be [`crate::secret::plausible`]:
     /// one that claims keyward's format and fails its checksum is
@@ -1172,19 +1174,35 @@ impl KeyRing {
     /// Only plausible secrets enter the memo, so a repeat skips the check.
     #[inline]
     pub fn find(&self, secret: &[u8]) -> Found<'_> {
-        let tag = crate::verified::tag(secret);
-        let index = match crate::verified::get(tag, self.uid) {
-            Some(index) => index,
-            None => {
-                if !crate::secret::plausible(secret) {
-                    return Found::Unknown;
+        let index = if crate::verified::consult() {
+            let tag = crate::verified::tag(secret);
+            match crate::verified::get(tag, self.uid) {
+                Some(index) => index,
+                None => {
+                    let Some(index) = self.digest_lookup(secret) else {
+                        return Found::Unknown;
+                    };
+                    crate::verified::put(tag, self.uid, index);
+                    index
                 }
-                let index = self.index_of(&crate::decide::digest_bytes(secret));
-                crate::verified::put(tag, self.uid, index);
-                index
+            }
+        } else {
+            match self.digest_lookup(secret) {
+                Some(index) => index,
+                None => return Found::Unknown,
             }
         };
         self.key(index).map_or(Found::Unknown, Found::Key)
+    }
+
+    /// The index of the key `secret`'s SHA-256 finds ([`EMPTY`] for none),
+    /// or `None` for a secret no key can have.
+    #[inline(always)]
+    fn digest_lookup(&self, secret: &[u8]) -> Option<u32> {
+        if !crate::secret::plausible(secret) {
+            return None;
+        }
+        Some(self.index_of(&crate::decide::digest_bytes(secret)))
     }
 
     /// The key with id `id`.

@@ -40,6 +40,18 @@
 //! and back if that did not help. So memory follows the number of
 //! keys a thread actually sees, not the size of the ring. A flood of
 //! unknown keys does not make it grow: only keys the ring holds count.
+//!
+//! A lookup the memo cannot answer costs the tag and a set on top of the
+//! SHA-256: 125 ns instead of 108 ns for a first sight at 100k keys on the
+//! machine in BENCHMARKS.md, where an answer saves 37 ns (35 ns instead of
+//! 72 ns). So the memo pays only when more than about three lookups in ten
+//! are repeats; without SHA instructions, where an answer saves several
+//! hundred nanoseconds, one in twenty is enough. Most traffic repeats its
+//! keys all the time, but a stream of distinct keys does not: guessed keys
+//! in a brute-force flood, or more keys in turn than the table can hold.
+//! Each thread therefore judges its memo ([`Worth`]) and, while it answers
+//! too few lookups, skips it for all but one lookup in [`SAMPLE`], which
+//! keeps judging it.
 
 use std::cell::{Cell, RefCell};
 use std::hash::Hasher as _;
@@ -77,6 +89,99 @@ thread_local! {
     static TABLE: RefCell<Box<[Set]>> = RefCell::new(sets(MIN_SETS));
     /// When to grow [`TABLE`].
     static GROWTH: Growth = const { Growth::new() };
+    /// Whether [`TABLE`] is worth consulting.
+    static WORTH: Worth = const { Worth::new() };
+}
+
+/// Lookups through the memo over which a thread judges whether it pays.
+const WINDOW: u32 = 1024;
+/// While the memo does not pay, one lookup in this many still goes through
+/// it, to judge whether it would again.
+pub(crate) const SAMPLE: u32 = 16;
+
+/// Whether a thread's memo answers enough lookups to pay for itself.
+///
+/// Over each [`WINDOW`] of lookups through the memo it counts the answers.
+/// The memo is skipped from the end of a window with fewer than one answer
+/// in [`Worth::needed`] until the end of one with at least that many;
+/// meanwhile one lookup in [`SAMPLE`] goes through it. Those sampled
+/// lookups put fewer keys in the table, which then keeps each one longer,
+/// so they judge the memo a little more kindly than a full stream would:
+/// in doubt it comes back.
+pub(crate) struct Worth {
+    lookups: Cell<u32>,
+    answers: Cell<u32>,
+    /// Lookups that skip the memo before the next sampled one; `u32::MAX`
+    /// while the memo is consulted every time.
+    skip: Cell<u32>,
+    skipping: Cell<bool>,
+}
+
+impl Worth {
+    pub(crate) const fn new() -> Worth {
+        Worth {
+            lookups: Cell::new(0),
+            answers: Cell::new(0),
+            skip: Cell::new(0),
+            skipping: Cell::new(false),
+        }
+    }
+
+    /// Whether this lookup goes through the memo.
+    #[inline]
+    fn consult(&self) -> bool {
+        if !self.skipping.get() {
+            return true;
+        }
+        let skip = self.skip.get();
+        if skip > 0 {
+            self.skip.set(skip - 1);
+            return false;
+        }
+        self.skip.set(SAMPLE - 1);
+        true
+    }
+
+    /// Counts a lookup through the memo, answered or not, and judges the
+    /// memo at the end of a window.
+    #[inline]
+    fn counted(&self, answered: bool) {
+        let lookups = self.lookups.get() + 1;
+        let answers = self.answers.get() + u32::from(answered);
+        if lookups < WINDOW {
+            self.lookups.set(lookups);
+            self.answers.set(answers);
+            return;
+        }
+        self.lookups.set(0);
+        self.answers.set(0);
+        let skipping = answers.saturating_mul(Self::needed()) < lookups;
+        if skipping && !self.skipping.get() {
+            self.skip.set(SAMPLE - 1);
+        }
+        self.skipping.set(skipping);
+    }
+
+    /// One lookup in this many must be answered for the memo to pay: a
+    /// quarter with SHA instructions (the break-even is about three in
+    /// ten; in doubt the memo stays), a thirty-second without.
+    fn needed() -> u32 {
+        static NEEDED: OnceLock<u32> = OnceLock::new();
+        *NEEDED.get_or_init(|| {
+            if crate::decide::sha_in_hardware() {
+                4
+            } else {
+                32
+            }
+        })
+    }
+}
+
+/// Whether this thread's next lookup should go through the memo ([`tag`],
+/// [`get`], and [`put`] after a miss) rather than straight to SHA-256.
+#[inline]
+pub fn consult() -> bool {
+    WORTH.with(Worth::consult)
 }
 
 /// A per-thread table of `n` entries made by `make` (the memo's sets, the
@@ -136,7 +241,7 @@ fn set_of(table: &[Set], tag: u128) -> &[Cell<Slot>; WAYS] {
 #[inline]
 pub fn get(tag: u128, ring: u64) -> Option<u32> {
     GROWTH.with(Growth::lookup);
-    TABLE.with_borrow(|t| {
+    let found = TABLE.with_borrow(|t| {
         let [first, second] = set_of(t, tag);
         let slot = first.get();
         if slot.tag == tag && slot.ring == ring {
@@ -150,7 +255,9 @@ pub fn get(tag: u128, ring: u64) -> Option<u32> {
             return Some(other.index);
         }
         None
-    })
+    });
+    WORTH.with(|w| w.counted(found.is_some()));
+    found
 }
 
 /// Remembers that `tag` looked up `index` ([`ABSENT`] for none) in `ring`,
@@ -526,5 +633,99 @@ mod tests {
         assert_eq!(tag(b"a"), tag(b"a"));
         assert_ne!(tag(b"a"), tag(b"b"));
         assert_ne!(tag(b""), tag(b"\0"));
+    }
+
+    /// Runs `lookups` lookups through `w`, each going through the memo
+    /// answered when `answered` says so; how many went through it.
+    fn judge(w: &Worth, lookups: u32, answered: impl Fn(u32) -> bool) -> u32 {
+        let mut consulted = 0;
+        for i in 0..lookups {
+            if w.consult() {
+                w.counted(answered(i));
+                consulted += 1;
+            }
+        }
+        consulted
+    }
+
+    #[test]
+    fn a_memo_that_answers_too_few_lookups_is_skipped_but_for_samples() {
+        let w = Worth::new();
+        assert_eq!(
+            judge(&w, WINDOW, |_| false),
+            WINDOW,
+            "consulted to begin with"
+        );
+        assert_eq!(
+            judge(&w, WINDOW * SAMPLE, |_| false),
+            WINDOW,
+            "then one in SAMPLE"
+        );
+        // The sampled lookups find repeats again: after one window of them
+        // every lookup goes through the memo.
+        assert_eq!(judge(&w, WINDOW * SAMPLE, |_| true), WINDOW);
+        assert_eq!(judge(&w, 1000, |_| true), 1000);
+    }
+
+    #[test]
+    fn a_memo_that_answers_enough_lookups_is_kept() {
+        let w = Worth::new();
+        // One in three answered: above a quarter, and above a thirty-second.
+        assert_eq!(judge(&w, WINDOW * 8, |i| i % 3 == 0), WINDOW * 8);
+        // The share needed is judged per window, not per lookup.
+        assert_eq!(
+            judge(&w, WINDOW * 8, |i| i % WINDOW < WINDOW / 2),
+            WINDOW * 8
+        );
+    }
+
+    #[test]
+    fn skipping_the_memo_finds_the_same_keys() {
+        use crate::keyfile::{KeyFile, KeySpec, KeyState};
+        let keys = (0..100)
+            .map(|i| KeySpec {
+                id: format!("k{i}"),
+                client: "c".into(),
+                digest: crate::decide::digest(&format!("secret-{i}")),
+                scopes: Vec::new(),
+                state: KeyState::Active,
+                not_before: None,
+                expires_at: None,
+                deprecated_at: None,
+                description: None,
+                rate_limit: None,
+                line: i + 1,
+            })
+            .collect();
+        let file = KeyFile {
+            keys,
+            routes: Vec::new(),
+        };
+        let ring = crate::ring::KeyRing::build(
+            &file,
+            crate::ring::RingSource {
+                generation: 1,
+                sha256: [0; 32],
+                loaded_at: jiff::Timestamp::now(),
+            },
+            &crate::ring::UsageRegistry::default(),
+            None,
+        );
+        let find = |s: &str| ring.find(s.as_bytes()).key().map(|k| k.index());
+        let check = || {
+            for i in 0..100u32 {
+                assert_eq!(find(&format!("secret-{i}")), Some(i));
+            }
+            assert_eq!(find("secret-100"), None);
+        };
+        check();
+        assert!(!WORTH.with(|w| w.skipping.get()));
+        // A flood of distinct unknown keys: the memo answers none of them.
+        for i in 0..WINDOW * 2 {
+            assert_eq!(find(&format!("guess-{i}")), None);
+        }
+        assert!(WORTH.with(|w| w.skipping.get()));
+        check();
+        check();
     }
 }
