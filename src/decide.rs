@@ -223,7 +223,7 @@ pub fn extract_bytes<'a>(
     } else {
         return Err(DenyReason::MissingKey);
     };
-    // A key that claims keyward's format but fails its checksum is refused
+    // A key with the shape of keyward's that fails its checksum is refused
     // by the lookup (`KeyRing::find`), before any digest work and only when
     // the key is not remembered from an earlier check.
     if !is_well_formed(secret) {
@@ -583,10 +583,12 @@ mod tests {
         let text = format!(
             "[[keys]]\nid = \"good\"\nclient = \"c\"\nsha256 = \"{}\"\n\
              [[keys]]\nid = \"bad\"\nclient = \"c\"\nsha256 = \"{}\"\n\
-             [[keys]]\nid = \"legacy\"\nclient = \"c\"\nsha256 = \"{}\"\n",
+             [[keys]]\nid = \"legacy\"\nclient = \"c\"\nsha256 = \"{}\"\n\
+             [[keys]]\nid = \"imported\"\nclient = \"c\"\nsha256 = \"{}\"\n",
             hex::encode(digest(&good)),
             hex::encode(digest(&bad)),
             hex::encode(digest("legacy-0123456789")),
+            hex::encode(digest("kw_legacy-0123456789")),
         );
         let ring = ring_of(&text);
         for _ in 0..3 {
@@ -599,6 +601,11 @@ mod tests {
             assert_eq!(
                 check(&ring, Some("kw_short"), None, ""),
                 Err(DenyReason::UnknownKey)
+            );
+            // Not our shape, though it starts with our prefix: looked up.
+            assert_eq!(
+                check(&ring, Some("kw_legacy-0123456789"), None, ""),
+                Ok("imported".into())
             );
             // Keys issued elsewhere are looked up whatever their shape.
             assert_eq!(

@@ -407,7 +407,10 @@ pub fn render_table<const N: usize>(rows: &[[String; N]]) -> String {
 }
 
 /// `keys hash`: SHA-256 hex of the secret on `input` (one trailing newline
-/// ignored, so `echo "$SECRET" | keyward keys hash` works).
+/// ignored, so `echo "$SECRET" | keyward keys hash` works). Refuses what
+/// no check could ever present as a key: nothing at all, or a secret of
+/// keyward's shape whose checksum fails (a copying mistake: keyward refuses
+/// it before any lookup).
 pub fn hash(mut input: impl std::io::Read) -> std::io::Result<String> {
     let mut buf = Vec::new();
     input.read_to_end(&mut buf)?;
@@ -471,6 +474,16 @@ sha256 = "fcde2b2edba56bf408601fb721fe9b5c338d10ee429ea04fae5511b68fbf8fb9"
             scopes: vec!["read".into()],
             expires_in: Some(Duration::from_secs(86_400)),
             ..NewKey::default()
+    let refuse = |why: &str| Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, why));
+    if buf.is_empty() {
+        return refuse("no secret on standard input");
+    }
+    if !secret::plausible(&buf) {
+        return refuse(
+            "this secret has the shape of a keyward secret but its checksum fails: \
+             it was probably copied wrong, and keyward would refuse it",
+        );
+    }
         };
         let added = new_key(&mut d, &spec, now()).unwrap();
         let text = d.to_string();
@@ -628,3 +641,11 @@ sha256 = "fcde2b2edba56bf408601fb721fe9b5c338d10ee429ea04fae5511b68fbf8fb9"
         assert!(parse_scopes("a,b\u{1}").is_err());
     }
 }
+        assert!(hash(&b""[..]).is_err(), "nothing");
+        assert!(hash(&b"\n"[..]).is_err(), "nothing but a newline");
+        let good = secret::generate().unwrap();
+        assert!(hash(good.as_bytes()).is_ok());
+        let last = if good.ends_with('0') { "1" } else { "0" };
+        let typo = format!("{}{last}", &good[..good.len() - 1]);
+        let e = hash(typo.as_bytes()).unwrap_err().to_string();
+        assert!(e.contains("checksum fails"), "{e}");

@@ -59,21 +59,32 @@ pub fn checksum_ok(secret: &str) -> bool {
         .is_some_and(body_ok)
 }
 
-/// Whether a presented secret may be a key at all: one that claims
-/// keyward's format (starts with [`PREFIX`]) must pass its checksum (one
-/// that fails is a typo or a guess); keys of any other shape (issued
-/// elsewhere) may.
+/// Whether a presented secret may be a key at all: one with the exact shape
+/// of a keyward secret ([`PREFIX`], then [`RANDOM_LEN`] + [`CHECKSUM_LEN`]
+/// base62 characters) must pass its checksum (one that fails is a typo or
+/// a guess). Anything else may be a key issued elsewhere, even one that
+/// happens to start with `kw_`, and is looked up as it is.
 #[inline]
 pub fn plausible(secret: &[u8]) -> bool {
-    secret.strip_prefix(PREFIX.as_bytes()).is_none_or(body_ok)
+    match secret.strip_prefix(PREFIX.as_bytes()) {
+        Some(rest) if is_shaped(rest) => sum_matches(rest),
+        _ => true,
+    }
 }
 
 /// Whether what follows [`PREFIX`] is a base62 body of the right length
 /// ending in the checksum of its random part.
 fn body_ok(rest: &[u8]) -> bool {
-    if rest.len() != RANDOM_LEN + CHECKSUM_LEN || !all_alphanumeric(rest) {
-        return false;
-    }
+    is_shaped(rest) && sum_matches(rest)
+}
+
+/// Whether `rest` has the length and alphabet of what follows [`PREFIX`].
+fn is_shaped(rest: &[u8]) -> bool {
+    rest.len() == RANDOM_LEN + CHECKSUM_LEN && all_alphanumeric(rest)
+}
+
+/// Whether a shaped body ends in the checksum of its random part.
+fn sum_matches(rest: &[u8]) -> bool {
     let (random, sum) = rest.split_at(RANDOM_LEN);
     let mut n = crc32fast::hash(random);
     for &d in sum.iter().rev() {
@@ -144,12 +155,25 @@ mod tests {
     #[test]
     fn other_shapes_fail() {
         assert!(!checksum_ok("kw_short"));
-        assert!(!plausible(b"kw_short"));
+        assert!(plausible(b"kw_short"), "not our shape: looked up as it is");
+        assert!(
+            plausible(b"kw_live_abc123"),
+            "issued elsewhere, with our prefix"
+        );
         assert!(plausible(b"ghp_0000"), "not ours: looked up as it is");
         assert!(!checksum_ok("ghp_0000"));
         let s = generate().unwrap();
         assert!(!checksum_ok(&s[..s.len() - 1]));
         assert!(!checksum_ok(&format!("{s}0")));
+        assert!(
+            plausible(format!("{s}0").as_bytes()),
+            "one character too long"
+        );
+        // Our shape with a wrong checksum: a typo or a guess.
+        let last = if s.ends_with('0') { "1" } else { "0" };
+        let typo = format!("{}{last}", &s[..s.len() - 1]);
+        assert!(!plausible(typo.as_bytes()));
+        assert!(plausible(s.as_bytes()));
     }
 
     #[test]
