@@ -65,7 +65,7 @@ pub enum KeysCommand {
         #[arg(long, value_name = "A,B", value_parser = crate::keys::parse_scope_list)]
         scopes: Option<crate::keys::ScopeList>,
         /// Expire this long after it becomes valid (e.g. 90d).
-        #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+        #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
         expires_in: Option<Duration>,
         /// Not valid before this time (RFC 3339).
         #[arg(long, value_name = "TIME", value_parser = crate::keyfile::parse_time)]
@@ -88,7 +88,9 @@ pub enum KeysCommand {
         /// How long the old keys keep working.
         #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_duration_arg)]
         grace: Duration,
-        /// Scopes of the new key (default: inherited from the client's newest active key).
+        /// Scopes of the new key (default: the scopes of the client's newest
+        /// active key, or of its newest key when none is active; the new key
+        /// also takes that key's rate limit).
         #[arg(long, value_name = "A,B", value_parser = crate::keys::parse_scope_list)]
         scopes: Option<crate::keys::ScopeList>,
     },
@@ -138,7 +140,7 @@ pub enum LogFormat {
 /// `keyward serve`.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// The key file (TOML).
+    /// The key file (TOML; JSON when its name ends in `.json`).
     #[arg(long, value_name = "FILE")]
     pub keys: PathBuf,
     /// gRPC listen address: HOST:PORT or unix:PATH.
@@ -157,7 +159,8 @@ pub struct ServeArgs {
     /// overlay filesystems); `0s` turns polling off.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration_arg)]
     pub poll_interval: Duration,
-    /// Do not watch the key file's directory with inotify (poll only).
+    /// Do not watch the key file's directory with inotify (poll only; with
+    /// `--poll-interval 0s`, reload only on SIGHUP).
     #[arg(long)]
     pub no_watch: bool,
     /// Threads a reload of a large key file may keep busy at once (reading,
@@ -175,10 +178,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub lockout_threshold: u32,
     /// The window in which failures are counted.
-    #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = parse_duration_arg)]
+    #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = parse_positive_duration)]
     pub lockout_window: Duration,
     /// How long a locked-out source is denied.
-    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration_arg)]
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_positive_duration)]
     pub lockout_duration: Duration,
     /// Most sources tracked for lockout at once (memory bound).
     #[arg(long, value_name = "N", default_value_t = 100_000)]
@@ -226,6 +229,51 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     crate::keyfile::parse_duration(s)
 }
 
+/// A duration that must not be zero: a key that expires as it is made, a
+/// lockout window or a lockout that lasts no time (`--lockout-threshold 0`
+/// turns lockout off).
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration_arg(s)? {
+        d if d.is_zero() => Err(format!("{s:?} is no time at all; give a longer duration")),
+        d => Ok(d),
+    }
+}
+
+/// Writes `text` to standard output and flushes it.
+fn emit(text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
+}
+
+/// [`emit`]; the exit code: a failure is reported (a closed pipe, as in
+/// `keyward keys list | head -1`, only in the code).
+fn emit_or_fail(text: &str, code: ExitCode) -> ExitCode {
+    match emit(text) {
+        Ok(()) => code,
+        Err(e) => {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                eprintln!("keyward: cannot write to standard output: {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints a new key's secret before its edit is written
+/// ([`crate::keys::edit_when`]), so a secret that cannot be handed over
+/// (a full disk behind `> acme.secret`) is never a key; sets `printed`.
+fn hand_over(secret: &str, printed: &mut bool) -> Result<(), crate::edit::EditError> {
+    emit(&format!("{secret}\n")).map_err(|e| {
+        crate::edit::EditError::Refused(format!(
+            "cannot write the new secret to standard output ({e}); the key file was not changed"
+        ))
+    })?;
+    *printed = true;
+    Ok(())
+}
+
 /// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -264,13 +312,10 @@ pub fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(crate::status::fetch(&admin)));
             match report {
-                Ok(r) => {
-                    print!(
-                        "{}",
-                        crate::status::render(&r, jiff::Timestamp::now(), idle)
-                    );
-                    ExitCode::SUCCESS
-                }
+                Ok(r) => emit_or_fail(
+                    &crate::status::render(&r, jiff::Timestamp::now(), idle),
+                    ExitCode::SUCCESS,
+                ),
                 Err(e) => {
                     eprintln!("keyward: {e:#}");
                     ExitCode::FAILURE
@@ -318,9 +363,14 @@ fn keys_command(cmd: KeysCommand) -> ExitCode {
                 not_before,
                 description,
             };
-            match keys::edit(&file, |doc| keys::new_key(doc, &spec, now)) {
+            let mut printed = false;
+            let result = keys::edit_when(
+                &file,
+                |doc| keys::new_key(doc, &spec, now),
+                |added| hand_over(&added.secret, &mut printed),
+            );
+            match result {
                 Ok(added) => {
-                    println!("{}", added.secret);
                     eprintln!(
                         "keyward: added key {} for client {} to {} (scopes: {}; expires: {})",
                         added.id,
@@ -331,17 +381,14 @@ fn keys_command(cmd: KeysCommand) -> ExitCode {
                         } else {
                             spec.scopes.join(",")
                         },
-                        fmt_expiry(expires_in.map(|d| {
-                            spec.not_before.unwrap_or(now).max(now)
-                                + jiff::SignedDuration::try_from(d).unwrap_or_default()
-                        })),
+                        fmt_expiry(added.expires_at),
                     );
                     eprintln!(
                         "keyward: the secret above is shown only once; hand it to the client now"
                     );
                     ExitCode::SUCCESS
                 }
-                Err(e) => fail(&e),
+                Err(e) => not_saved(&e, printed),
             }
         }
         KeysCommand::Rotate {
@@ -350,26 +397,36 @@ fn keys_command(cmd: KeysCommand) -> ExitCode {
             id,
             grace,
             scopes,
-        } => match keys::edit(&file, |doc| {
-            keys::rotate(doc, &client, id, scopes.map(|s| s.0), grace, now)
-        }) {
-            Ok(added) => {
-                println!("{}", added.secret);
-                eprintln!(
-                    "keyward: added key {} for client {client} to {}",
-                    added.id,
-                    file.display()
-                );
-                for (id, until) in &added.deprecated {
-                    eprintln!("keyward: deprecated {id}; it keeps working until {until}");
+        } => {
+            let mut printed = false;
+            let result = keys::edit_when(
+                &file,
+                |doc| keys::rotate(doc, &client, id, scopes.map(|s| s.0), grace, now),
+                |added| hand_over(&added.secret, &mut printed),
+            );
+            match result {
+                Ok(added) => {
+                    eprintln!(
+                        "keyward: added key {} for client {client} to {}",
+                        added.id,
+                        file.display()
+                    );
+                    for (id, until) in &added.deprecated {
+                        eprintln!("keyward: deprecated {id}; it keeps working until {until}");
+                    }
+                    for id in &added.scheduled {
+                        eprintln!(
+                            "keyward: left {id} as it is: it is not valid yet, so it does not rotate"
+                        );
+                    }
+                    eprintln!(
+                        "keyward: the secret above is shown only once; hand it to the client now"
+                    );
+                    ExitCode::SUCCESS
                 }
-                eprintln!(
-                    "keyward: the secret above is shown only once; hand it to the client now"
-                );
-                ExitCode::SUCCESS
+                Err(e) => not_saved(&e, printed),
             }
-            Err(e) => fail(&e),
-        },
+        }
         KeysCommand::Revoke { file, id } => match keys::edit(&file, |doc| keys::revoke(doc, &id)) {
             Ok(true) => {
                 eprintln!("keyward: revoked {id} in {}", file.display());
@@ -404,10 +461,7 @@ fn keys_command(cmd: KeysCommand) -> ExitCode {
             Err(e) => fail(&e),
         },
         KeysCommand::List { file } => match keys::list(&file, now) {
-            Ok(table) => {
-                print!("{table}");
-                ExitCode::SUCCESS
-            }
+            Ok(table) => emit_or_fail(&table, ExitCode::SUCCESS),
             Err(e) => fail(&e),
         },
         KeysCommand::Check { file, allow_empty } => {
@@ -420,8 +474,8 @@ fn keys_command(cmd: KeysCommand) -> ExitCode {
             ) {
                 Ok((f, _)) => {
                     let count = |s| f.keys.iter().filter(|k| k.state == s).count();
-                    println!(
-                        "{}: OK, {} key{} ({} active, {} deprecated, {} revoked)",
+                    let report = format!(
+                        "{}: OK, {} key{} ({} active, {} deprecated, {} revoked)\n",
                         file.display(),
                         f.keys.len(),
                         if f.keys.len() == 1 { "" } else { "s" },
@@ -429,22 +483,28 @@ fn keys_command(cmd: KeysCommand) -> ExitCode {
                         count(crate::keyfile::KeyState::Deprecated),
                         count(crate::keyfile::KeyState::Revoked),
                     );
-                    ExitCode::SUCCESS
+                    emit_or_fail(&report, ExitCode::SUCCESS)
                 }
-                Err(e) => {
-                    println!("{e}");
-                    ExitCode::FAILURE
-                }
+                Err(e) => emit_or_fail(&format!("{e}\n"), ExitCode::FAILURE),
             }
         }
         KeysCommand::Hash => match keys::hash(keys::stdin()) {
-            Ok(h) => {
-                println!("{h}");
-                ExitCode::SUCCESS
-            }
+            Ok(h) => emit_or_fail(&format!("{h}\n"), ExitCode::SUCCESS),
             Err(e) => fail(&e),
         },
     }
+}
+
+/// Reports a `keys new` or `keys rotate` that failed; `printed` says whether
+/// its secret reached standard output before the file could be written.
+fn not_saved(e: &crate::edit::EditError, printed: bool) -> ExitCode {
+    eprintln!("keyward: {e}");
+    if printed {
+        eprintln!(
+            "keyward: the key was not saved: the secret printed above works nowhere; discard it"
+        );
+    }
+    ExitCode::FAILURE
 }
 
 fn init_logging(format: LogFormat) {
@@ -480,7 +540,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.xff_trusted_hops = args.xff_trusted_hops;
     config.poll_interval = (!args.poll_interval.is_zero()).then_some(args.poll_interval);
     if !config.watch && config.poll_interval.is_none() {
-        anyhow::bail!("--no-watch with --poll-interval 0s would never reload: allow one of them");
+        tracing::info!(
+            "--no-watch with --poll-interval 0s: the key file is reloaded only on SIGHUP"
+        );
     }
     // Everything that depends on the key file happens before any listener is
     // bound, so a bad file is a startup error, not a server with no keys.

@@ -170,8 +170,20 @@ impl Editor {
     /// Validates `text` as the server would, saves the current version to the
     /// history, and atomically replaces the file.
     pub fn commit(self, text: &str, opts: ParseOptions) -> Result<(), EditError> {
+        self.commit_when(text, opts, || Ok(()))
+    }
+
+    /// [`Editor::commit`], calling `ready` once `text` has validated and
+    /// before anything is written: an error from it writes nothing.
+    pub fn commit_when(
+        self,
+        text: &str,
+        opts: ParseOptions,
+        ready: impl FnOnce() -> Result<(), EditError>,
+    ) -> Result<(), EditError> {
         keyfile::parse_bytes(&self.path, text.as_bytes(), opts)
             .map_err(|e| EditError::Invalid(e.to_string()))?;
+        ready()?;
         if let Some(old) = &self.original {
             push_history(&self.path, self.json, old)?;
         }

@@ -44,6 +44,9 @@ pub struct Added {
     pub expires_at: Option<Timestamp>,
     /// Keys deprecated by a rotation: (id, new expiry).
     pub deprecated: Vec<(String, Timestamp)>,
+    /// Active keys a rotation left alone because they are not valid yet
+    /// (`not_before` in the future): issued ahead for a later rotation.
+    pub scheduled: Vec<String>,
 }
 
 /// Default grace window for `keys rotate`.
@@ -192,6 +195,7 @@ fn add(doc: &mut DocumentMut, spec: &NewKey, now: Timestamp) -> Result<Added, Ed
         secret,
         expires_at,
         deprecated: Vec::new(),
+        scheduled: Vec::new(),
     })
 }
 
@@ -202,8 +206,11 @@ pub fn new_key(doc: &mut DocumentMut, spec: &NewKey, now: Timestamp) -> Result<A
 
 /// `keys rotate`: adds a new key for an existing client and deprecates the
 /// client's active keys with `expires_at = now + grace` (never later than an
-/// expiry they already had). Scopes are inherited from the client's newest
-/// active key unless given.
+/// expiry they already had). An active key that is not valid yet was issued
+/// ahead of time and is left as it is: deprecating it would end it before
+/// it began. The new key takes the scopes (unless given) and the rate limit
+/// of the client's newest active key (one in effect if there is one), or
+/// of its newest key when none is active (a rotation after a revocation).
 pub fn rotate(
     doc: &mut DocumentMut,
     client: &str,
@@ -225,13 +232,20 @@ pub fn rotate(
              use `keyward keys new --client {client}` for a new client"
         )));
     }
-    let inherited = || -> Vec<String> {
-        let pick = of_client
+    let active = |t: &Table| state_of(t) == Some(KeyState::Active);
+    let in_effect = |t: &Table| time_field(t, "not_before").is_none_or(|nb| nb <= now);
+    let newest = |pick: &dyn Fn(&Table) -> bool| {
+        of_client
             .iter()
             .rev()
-            .find(|&&i| aot.get(i).and_then(state_of) == Some(KeyState::Active))
-            .or(of_client.last());
-        pick.and_then(|&i| aot.get(i))
+            .filter_map(|&i| aot.get(i))
+            .find(|t| pick(t))
+    };
+    let model = newest(&|t| active(t) && in_effect(t))
+        .or_else(|| newest(&active))
+        .or_else(|| newest(&|_| true));
+    let scopes = scopes.unwrap_or_else(|| {
+        model
             .and_then(|t| t.get("scopes"))
             .and_then(Item::as_array)
             .map(|a| {
@@ -240,19 +254,31 @@ pub fn rotate(
                     .collect()
             })
             .unwrap_or_default()
-    };
-    let scopes = scopes.unwrap_or_else(inherited);
+    });
+    let rate_limit = model
+        .and_then(|t| t.get("rate_limit"))
+        .and_then(Item::as_value)
+        .cloned()
+        .map(|mut limit| {
+            // Not the model's comment or spacing.
+            limit.decor_mut().clear();
+            limit
+        });
     let grace =
         SignedDuration::try_from(grace).map_err(|e| EditError::Refused(format!("--grace: {e}")))?;
     let sunset = now
         .checked_add(grace)
         .map_err(|e| EditError::Refused(format!("--grace: {e}")))?;
     let sunset = sunset.round(Unit::Second).unwrap_or(sunset);
-    let now = now.round(Unit::Second).unwrap_or(now);
     let mut deprecated = Vec::new();
+    let mut scheduled = Vec::new();
     for &i in &of_client {
         let Some(t) = aot.get_mut(i) else { continue };
         if state_of(t) != Some(KeyState::Active) {
+            continue;
+        }
+        if time_field(t, "not_before").is_some_and(|nb| nb > now) {
+            scheduled.push(str_field(t, "id").unwrap_or_default().to_owned());
             continue;
         }
         let expires = match time_field(t, "expires_at") {
@@ -260,7 +286,16 @@ pub fn rotate(
             _ => sunset,
         };
         set(t, "state", Value::from("deprecated"));
-        set(t, "deprecated_at", toml_time(now));
+        // Whole seconds, and not after the rotation: a deprecation date
+        // in the future would announce one to come.
+        let since = now
+            .round(
+                jiff::TimestampRound::new()
+                    .smallest(Unit::Second)
+                    .mode(jiff::RoundMode::Trunc),
+            )
+            .unwrap_or(now);
+        set(t, "deprecated_at", toml_time(since));
         set(t, "expires_at", toml_time(expires));
         deprecated.push((str_field(t, "id").unwrap_or_default().to_owned(), expires));
     }
@@ -271,7 +306,13 @@ pub fn rotate(
         ..NewKey::default()
     };
     let mut added = add(doc, &spec, now)?;
+    if let Some(limit) = rate_limit
+        && let Some(t) = keys_mut(doc)?.iter_mut().last()
+    {
+        t["rate_limit"] = Item::Value(limit);
+    }
     added.deprecated = deprecated;
+    added.scheduled = scheduled;
     Ok(added)
 }
 
@@ -318,16 +359,29 @@ pub fn edit<T>(
     path: &Path,
     change: impl FnOnce(&mut DocumentMut) -> Result<T, EditError>,
 ) -> Result<T, EditError> {
+    edit_when(path, change, |_| Ok(()))
+}
+
+/// [`edit`], calling `ready` with the change's result once the edited file
+/// has validated and before it is written; an error from `ready` leaves
+/// the file as it was. `keys new` and `keys rotate` print the secret there,
+/// so a secret that cannot be handed over is never a key.
+pub fn edit_when<T>(
+    path: &Path,
+    change: impl FnOnce(&mut DocumentMut) -> Result<T, EditError>,
+    ready: impl FnOnce(&T) -> Result<(), EditError>,
+) -> Result<T, EditError> {
     let editor = Editor::open(path)?;
     let mut doc = editor.document()?;
     let before = doc.to_string();
     let out = change(&mut doc)?;
     let after = doc.to_string();
     if editor.original().is_some() && after == before {
+        ready(&out)?;
         return Ok(out);
     }
     let text = editor.render(&doc, after);
-    editor.commit(&text, ParseOptions::default())?;
+    editor.commit_when(&text, ParseOptions::default(), || ready(&out))?;
     Ok(out)
 }
 
@@ -420,6 +474,16 @@ pub fn hash(mut input: impl std::io::Read) -> std::io::Result<String> {
             buf.pop();
         }
     }
+    let refuse = |why: &str| Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, why));
+    if buf.is_empty() {
+        return refuse("no secret on standard input");
+    }
+    if !secret::plausible(&buf) {
+        return refuse(
+            "this secret has the shape of a keyward secret but its checksum fails: \
+             it was probably copied wrong, and keyward would refuse it",
+        );
+    }
     Ok(hex::encode(crate::decide::digest_bytes(&buf)))
 }
 
@@ -474,16 +538,6 @@ sha256 = "fcde2b2edba56bf408601fb721fe9b5c338d10ee429ea04fae5511b68fbf8fb9"
             scopes: vec!["read".into()],
             expires_in: Some(Duration::from_secs(86_400)),
             ..NewKey::default()
-    let refuse = |why: &str| Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, why));
-    if buf.is_empty() {
-        return refuse("no secret on standard input");
-    }
-    if !secret::plausible(&buf) {
-        return refuse(
-            "this secret has the shape of a keyward secret but its checksum fails: \
-             it was probably copied wrong, and keyward would refuse it",
-        );
-    }
         };
         let added = new_key(&mut d, &spec, now()).unwrap();
         let text = d.to_string();
@@ -601,6 +655,44 @@ sha256 = "fcde2b2edba56bf408601fb721fe9b5c338d10ee429ea04fae5511b68fbf8fb9"
     }
 
     #[test]
+    fn rotate_leaves_keys_issued_ahead_and_passes_on_the_rate_limit() {
+        let mut d: DocumentMut = r#"[[keys]]
+id = "bot-1"
+client = "bot"
+sha256 = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752"
+scopes = ["read"]
+rate_limit = { requests = 5, per = "1s" } # tight
+
+[[keys]]
+id = "bot-next"
+client = "bot"
+sha256 = "fcde2b2edba56bf408601fb721fe9b5c338d10ee429ea04fae5511b68fbf8fb9"
+scopes = ["read"]
+not_before = 2026-12-31T00:00:00Z
+"#
+        .parse()
+        .unwrap();
+        // Half a second past the second: the deprecation is not dated after it.
+        let at = now() + SignedDuration::from_millis(600);
+        let added = rotate(&mut d, "bot", Some("bot-2".into()), None, DEFAULT_GRACE, at).unwrap();
+        assert_eq!(added.scheduled, vec!["bot-next".to_owned()]);
+        assert_eq!(added.deprecated.len(), 1);
+        let file = valid(&d);
+        let key = |id: &str| file.keys.iter().find(|k| k.id == id).unwrap();
+        assert_eq!(key("bot-next").state, KeyState::Active, "left alone");
+        assert_eq!(key("bot-next").expires_at, None);
+        assert_eq!(key("bot-1").state, KeyState::Deprecated);
+        assert_eq!(
+            key("bot-1").deprecated_at.unwrap().to_string(),
+            "2026-11-27T12:00:00Z"
+        );
+        assert_eq!(key("bot-2").rate_limit, key("bot-1").rate_limit);
+        assert!(key("bot-2").rate_limit.is_some());
+        let text = d.to_string();
+        assert_eq!(text.matches("# tight").count(), 1, "{text}");
+    }
+
+    #[test]
     fn rotate_of_an_unknown_client_is_refused() {
         let err = rotate(&mut doc(), "hooli", None, None, DEFAULT_GRACE, now()).unwrap_err();
         assert!(
@@ -630,6 +722,14 @@ sha256 = "fcde2b2edba56bf408601fb721fe9b5c338d10ee429ea04fae5511b68fbf8fb9"
         assert_eq!(hash(&b"test\n"[..]).unwrap(), expected);
         assert_eq!(hash(&b"test\r\n"[..]).unwrap(), expected);
         assert_ne!(hash(&b"test\n\n"[..]).unwrap(), expected);
+        assert!(hash(&b""[..]).is_err(), "nothing");
+        assert!(hash(&b"\n"[..]).is_err(), "nothing but a newline");
+        let good = secret::generate().unwrap();
+        assert!(hash(good.as_bytes()).is_ok());
+        let last = if good.ends_with('0') { "1" } else { "0" };
+        let typo = format!("{}{last}", &good[..good.len() - 1]);
+        let e = hash(typo.as_bytes()).unwrap_err().to_string();
+        assert!(e.contains("checksum fails"), "{e}");
     }
 
     #[test]
@@ -641,11 +741,3 @@ sha256 = "fcde2b2edba56bf408601fb721fe9b5c338d10ee429ea04fae5511b68fbf8fb9"
         assert!(parse_scopes("a,b\u{1}").is_err());
     }
 }
-        assert!(hash(&b""[..]).is_err(), "nothing");
-        assert!(hash(&b"\n"[..]).is_err(), "nothing but a newline");
-        let good = secret::generate().unwrap();
-        assert!(hash(good.as_bytes()).is_ok());
-        let last = if good.ends_with('0') { "1" } else { "0" };
-        let typo = format!("{}{last}", &good[..good.len() - 1]);
-        let e = hash(typo.as_bytes()).unwrap_err().to_string();
-        assert!(e.contains("checksum fails"), "{e}");

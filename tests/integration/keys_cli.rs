@@ -332,6 +332,83 @@ fn hash_prints_the_digest_of_stdin() {
 }
 
 #[test]
+fn hash_refuses_nothing_and_mistyped_secrets() {
+    use std::io::Write;
+    let good = keyward::secret::generate().unwrap();
+    let last = if good.ends_with('0') { "1" } else { "0" };
+    let typo = format!("{}{last}", &good[..good.len() - 1]);
+    for (input, expect) in [
+        ("", "no secret"),
+        ("\n", "no secret"),
+        (&typo, "checksum fails"),
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+            .args(["keys", "hash"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{input:?}");
+        assert!(out.stdout.is_empty(), "{input:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "{input:?}: {err}");
+    }
+}
+
+/// `keys new` and `keys rotate` print the secret before the file is
+/// written: when it cannot be printed (`> secret` on a full disk), nothing
+/// is saved and the old keys keep their expiry.
+#[test]
+fn a_secret_that_cannot_be_handed_over_is_never_a_key() {
+    let keys = KeyDir::new(&seed());
+    for args in [
+        &["new", "--client", "acme"][..],
+        &["rotate", "--client", "acme"][..],
+    ] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full");
+        let out = Command::new(env!("CARGO_BIN_EXE_keyward"))
+            .arg("keys")
+            .args(args)
+            .arg("--file")
+            .arg(&keys.path)
+            .stdin(Stdio::null())
+            .stdout(full)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("cannot write the new secret") && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(std::fs::read_to_string(&keys.path).unwrap(), seed());
+        assert!(keyward::edit::history(&keys.path).unwrap().is_empty());
+    }
+}
+
+#[test]
+fn durations_of_no_time_are_refused() {
+    let keys = KeyDir::new(&seed());
+    let out = keyward(&["new", "--client", "x", "--expires-in", "0s"], &keys.path);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no time at all"), "{err}");
+    assert_eq!(std::fs::read_to_string(&keys.path).unwrap(), seed());
+}
+
+#[test]
 fn rotate_of_an_unknown_client_is_a_clear_error() {
     let keys = KeyDir::new(&seed());
     let out = keyward(&["rotate", "--client", "hooli"], &keys.path);
