@@ -944,6 +944,7 @@ pub fn parse_str_full(text: &str, opts: ParseOptions) -> Result<KeyFile, Vec<Dia
         line_starts: std::iter::once(0)
             .chain(text.match_indices('\n').map(|(i, _)| i + 1))
             .collect(),
+        names: Vec::new(),
     };
     let (keys, routes) = v.document(doc.as_table());
     if keys.is_empty() && v.diags.is_empty() && !opts.allow_empty {
@@ -1030,6 +1031,17 @@ struct Validator<'t> {
     diags: Vec<Diagnostic>,
     /// Byte offset of the start of each line, for O(log n) positions.
     line_starts: Vec<usize>,
+    /// Every key's id and digest as far as they could be read, for the
+    /// uniqueness checks: a key with other problems is compared too, so
+    /// every problem is reported at once.
+    names: Vec<Named>,
+}
+
+/// What tells a [`KeySpec`] apart from the others, as far as it was read.
+struct Named {
+    id: Option<String>,
+    digest: Option<Digest>,
+    line: usize,
 }
 
 impl Validator<'_> {
@@ -1265,10 +1277,15 @@ impl Validator<'_> {
             },
         };
         let rate_limit = self.rate_limit(t);
+        let line = self.pos(table_span.map(|s| s.start).unwrap_or(0)).0;
+        self.names.push(Named {
+            id: id.as_ref().map(|(id, _)| id.clone()),
+            digest,
+            line,
+        });
         if self.diags.len() != before {
             return None;
         }
-        let line = self.pos(table_span.map(|s| s.start).unwrap_or(0)).0;
         Some(KeySpec {
             id: id?.0,
             client: client?.0,
@@ -1442,36 +1459,41 @@ impl Validator<'_> {
 
     fn cross_checks(&mut self, keys: &[KeySpec]) {
         self.diags.extend(too_many_keys(keys, MAX_KEYS));
+        let names = std::mem::take(&mut self.names);
         let mut ids: ahash::AHashMap<&str, usize> = ahash::AHashMap::new();
         // Keyed by what a ring keeps of a digest (see `DigestPrefix`).
-        let mut digests: ahash::AHashMap<crate::ring::DigestPrefix, &KeySpec> =
+        let mut digests: ahash::AHashMap<crate::ring::DigestPrefix, (&Named, &Digest)> =
             ahash::AHashMap::new();
         let mut found = Vec::new();
-        for k in keys {
-            if let Some(first) = ids.insert(&k.id, k.line) {
+        // A key whose id could not be read is named by its line.
+        let name = |k: &Named| match &k.id {
+            Some(id) => format!("key {id:?}"),
+            None => format!("the key on line {}", k.line),
+        };
+        for k in &names {
+            if let Some(id) = &k.id
+                && let Some(first) = ids.insert(id, k.line)
+            {
                 found.push(Diagnostic {
                     line: k.line,
                     column: 1,
-                    message: format!("duplicate id {:?} (first defined on line {first})", k.id),
+                    message: format!("duplicate id {id:?} (first defined on line {first})"),
                 });
             }
+            let Some(digest) = &k.digest else { continue };
             // Each key is compared with the first key of its prefix, so a
             // repeated digest is named as such even after a near miss.
-            let prefix = crate::ring::digest_prefix(&k.digest);
-            let first = *digests.entry(prefix).or_insert(k);
+            let prefix = crate::ring::digest_prefix(digest);
+            let (first, first_digest) = *digests.entry(prefix).or_insert((k, digest));
             if !std::ptr::eq(first, k) {
-                let other = &first.id;
-                let message = if first.digest == k.digest {
-                    format!(
-                        "key {:?} has the same sha256 as key {other:?}: digests must be unique",
-                        k.id
-                    )
+                let (this, other) = (name(k), name(first));
+                let message = if first_digest == digest {
+                    format!("{this} has the same sha256 as {other}: digests must be unique")
                 } else {
                     format!(
-                        "key {:?} has a sha256 whose first 32 hex digits are those of key \
-                         {other:?}'s: keys are told apart by them, so they must be unique \
-                         (two real SHA-256 digests never share them)",
-                        k.id
+                        "{this} has a sha256 whose first 32 hex digits are those of {other}'s: \
+                         keys are told apart by them, so they must be unique \
+                         (two real SHA-256 digests never share them)"
                     )
                 };
                 found.push(Diagnostic {
@@ -1713,7 +1735,10 @@ deprecated_at = 2026-01-01
             "12:30: each scope must be a string",
             "13:27: `rate_limit.requests` must be a positive integer",
             "13:36: `rate_limit.per`: duration \"1 fortnight\"",
+            // Keys with other problems are compared too.
+            "15:1: key \"dup\" has the same sha256 as key \"bad id!\"",
             "19:1: duplicate id \"dup\" (first defined on line 15)",
+            "23:1: key \"x\" has the same sha256 as key \"dup\"",
             "25:10: `client` must be a string",
             "27:17: `deprecated_at` must be a full date-time",
         ];
@@ -1914,6 +1939,25 @@ deprecated_at = 2026-01-01
     }
 
     #[test]
+    fn keys_with_other_problems_are_still_compared() {
+        let text = format!(
+            "[[keys]]\nid = \"a\"\nclient = \"c\"\nsha256 = \"{D1}\"\n\
+             [[keys]]\nid = \"a\"\nclient = \"c\"\nsha256 = \"{D1}\"\nstate = \"bogus\"\n\
+             [[keys]]\nclient = \"c\"\nsha256 = \"{D1}\"\n"
+        );
+        assert_eq!(
+            errors(&text),
+            vec![
+                "5:1: duplicate id \"a\" (first defined on line 1)",
+                "5:1: key \"a\" has the same sha256 as key \"a\": digests must be unique",
+                "9:9: unknown state \"bogus\" (expected active, deprecated or revoked)",
+                "10:1: missing required field `id` in [[keys]]",
+                "10:1: the key on line 10 has the same sha256 as key \"a\": digests must be unique",
+            ]
+        );
+    }
+
+    #[test]
     fn duplicate_digests_are_refused() {
         let text = format!(
             "[[keys]]\nid = \"a\"\nclient = \"c\"\nsha256 = \"{D1}\"\n[[keys]]\nid = \"b\"\nclient = \"c\"\nsha256 = \"{}\"\n",
@@ -2104,6 +2148,7 @@ path_prefix = "/x"
                 line_starts: std::iter::once(0)
                     .chain(text.match_indices('\n').map(|(i, _)| i + 1))
                     .collect(),
+                names: Vec::new(),
             };
             for at in 0..=text.len() + 1 {
                 assert_eq!(v.pos(at), position(text, at), "{text:?} at {at}");
