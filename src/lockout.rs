@@ -20,6 +20,14 @@
 //!   already failed. It is bounded: when full, expired windows are swept and,
 //!   if still full, the oldest tenth is evicted.
 //!
+//! The window slides: each source counts its failures in [`SPANS`] spans
+//! of an eighth of the window each, and the count is what its spans hold,
+//! the current one included. That covers the whole window and at most an
+//! eighth more, so no stretch of one window ever holds `threshold` failures
+//! from a source that is not locked out. (Windows that restart, as a
+//! fixed window does, let nearly twice the threshold through across the
+//! moment one ends and the next begins.)
+//!
 //! Times are the wall clock's, like every other time a check is decided
 //! at. When it steps back, a counting window that seems to start in the
 //! future starts again, and a lockout never has more than its duration
@@ -61,10 +69,48 @@ impl Default for LockoutConfig {
     }
 }
 
+/// Spans a source's failures are counted in: eight make a window, and the
+/// ninth is the one under way.
+const SPANS: usize = 9;
+
+/// A source's failures in the spans that cover its window, the newest in
+/// `counts[newest % SPANS]`.
 #[derive(Debug, Clone, Copy)]
 struct Tracker {
-    window_start_ns: u64,
-    failures: u32,
+    /// Number of the newest span (time / span length).
+    newest: u64,
+    counts: [u32; SPANS],
+}
+
+impl Tracker {
+    fn new(span: u64) -> Tracker {
+        Tracker {
+            newest: span,
+            counts: [0; SPANS],
+        }
+    }
+
+    /// Counts one failure in span `span`; the failures in the window.
+    fn count(&mut self, span: u64) -> u32 {
+        if span > self.newest {
+            // Spans that ended a window ago or more are forgotten.
+            let gone = (span - self.newest).min(SPANS as u64);
+            for s in span + 1 - gone..=span {
+                self.counts[(s % SPANS as u64) as usize] = 0;
+            }
+            self.newest = span;
+        }
+        // A failure a moment older than the newest (decided on another
+        // thread) counts as the newest's: remembered a little longer.
+        let slot = &mut self.counts[(self.newest % SPANS as u64) as usize];
+        *slot = slot.saturating_add(1);
+        self.counts.iter().fold(0u32, |n, &c| n.saturating_add(c))
+    }
+
+    /// Whether every failure counted has left the window at span `span`.
+    fn ended(&self, span: u64) -> bool {
+        span.saturating_sub(self.newest) >= SPANS as u64
+    }
 }
 
 /// One active lockout.
@@ -217,28 +263,23 @@ impl Lockout {
             return false;
         }
         let source = source_of(ip, self.config.ipv6_prefix);
-        let window = ns(self.config.window);
         if !self.failures.contains_key(&source) && self.failures.len() >= self.config.max_sources {
             self.make_room(now_ns);
         }
+        let span_ns = self.span_ns();
+        let span = now_ns / span_ns;
         let reached = {
-            let mut t = self.failures.entry(source).or_insert(Tracker {
-                window_start_ns: now_ns,
-                failures: 0,
-            });
-            // A window that starts well in the future is one the clock
-            // stepped back from: it starts again. (A moment ahead is a
-            // check decided a moment earlier on another thread.)
-            if t.window_start_ns > now_ns.saturating_add(crate::clock::STEP_NS)
-                || now_ns.saturating_sub(t.window_start_ns) >= window
-            {
-                *t = Tracker {
-                    window_start_ns: now_ns,
-                    failures: 0,
-                };
+            let mut t = self
+                .failures
+                .entry(source)
+                .or_insert_with(|| Tracker::new(span));
+            // Failures counted well in the future were counted before the
+            // clock stepped back: the count starts again. (A moment ahead
+            // is a check decided a moment earlier on another thread.)
+            if t.newest.saturating_mul(span_ns) > now_ns.saturating_add(crate::clock::STEP_NS) {
+                *t = Tracker::new(span);
             }
-            t.failures += 1;
-            t.failures >= self.config.threshold
+            t.count(span) >= self.config.threshold
         };
         if !reached {
             return false;
@@ -276,17 +317,21 @@ impl Lockout {
         true
     }
 
+    /// The length of a counting span: an eighth of the window, rounded up.
+    fn span_ns(&self) -> u64 {
+        ns(self.config.window).div_ceil(SPANS as u64 - 1).max(1)
+    }
+
     fn make_room(&self, now_ns: u64) {
-        let window = ns(self.config.window);
-        self.failures
-            .retain(|_, t| now_ns.saturating_sub(t.window_start_ns) < window);
+        let span = now_ns / self.span_ns();
+        self.failures.retain(|_, t| !t.ended(span));
         if self.failures.len() < self.config.max_sources {
             return;
         }
         let mut ages: Vec<(u64, IpAddr)> = self
             .failures
             .iter()
-            .map(|e| (e.value().window_start_ns, *e.key()))
+            .map(|e| (e.value().newest, *e.key()))
             .collect();
         ages.sort_unstable();
         let evict = (ages.len() / 10).max(1);
@@ -416,6 +461,52 @@ mod tests {
         assert!(!l.record_failure(a, 70 * S), "window restarted");
         assert!(!l.record_failure(a, 80 * S));
         assert!(l.record_failure(a, 90 * S));
+    }
+
+    /// A fixed window that restarts let a source fail `threshold - 1`
+    /// times at the end of one window and again at the start of the next.
+    #[test]
+    fn the_window_slides() {
+        let l = lockout(100, 100);
+        let a = ip("192.0.2.20");
+        let t = 6_000 * S;
+        assert!(!l.record_failure(a, t));
+        for _ in 0..98 {
+            assert!(!l.record_failure(a, t + 59_900_000_000));
+        }
+        // 99 in the last minute; the next failure, right after the first
+        // one's minute ended, is the hundredth within a minute.
+        assert!(l.record_failure(a, t + 60 * S));
+
+        // Evenly spread, 86 a minute (96 in a window and an eighth) never
+        // add up to a hundred.
+        let b = ip("192.0.2.21");
+        for i in 0..1_000u64 {
+            assert!(!l.record_failure(b, t + i * 700_000_000), "failure {i}");
+        }
+        // Whatever the rhythm, no stretch of one window holds a hundred
+        // failures of a source that is not locked out; this one, about a
+        // hundred a minute on average, gets locked out in the end.
+        let c = ip("192.0.2.22");
+        let mut times = Vec::new();
+        let (mut now, mut seed) = (t, 7u64);
+        let mut locked = false;
+        for _ in 0..100_000 {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            now += (seed >> 33) % 1_200_000_000;
+            times.push(now);
+            if l.record_failure(c, now) {
+                locked = true;
+                break;
+            }
+            let in_window = times
+                .iter()
+                .rev()
+                .take_while(|&&x| x + 60 * S > now)
+                .count();
+            assert!(in_window < 100, "{in_window} failures within a minute");
+        }
+        assert!(locked);
     }
 
     #[test]
