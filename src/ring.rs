@@ -1108,12 +1108,16 @@ impl KeyRing {
     }
 
     /// The scopes of the most specific rule matching `method` and `path`.
+    /// A rule for GET also covers HEAD: a HEAD request is a GET without the
+    /// body (RFC 9110, 9.3.2), and upstreams answer it with their GET
+    /// handlers.
     fn route_for(&self, method: &str, path: &str) -> Option<&str> {
+        let listed = |m: &str| m == method || (method == "HEAD" && m == "GET");
         self.routes
             .iter()
             .find(|r| {
                 path.starts_with(&*r.prefix)
-                    && (r.methods.is_empty() || r.methods.iter().any(|m| **m == *method))
+                    && (r.methods.is_empty() || r.methods.iter().any(|m| listed(m)))
             })
             .map(|r| &*r.scopes)
     }
@@ -2536,9 +2540,23 @@ required_scopes = ["trade", "admin"]
 [[routes]]
 path_prefix = "/public"
 required_scopes = []
+
+[[routes]]
+path_prefix = "/reports"
+methods = ["GET"]
+required_scopes = ["reports"]
 "#;
         let ring = KeyRing::build(&file(&text), source(1), &UsageRegistry::default(), None);
         assert_eq!(ring.route_scopes("GET", "/prices").as_deref(), Some("read"));
+        assert_eq!(
+            ring.route_scopes("HEAD", "/reports/q3").as_deref(),
+            Some("reports"),
+            "a rule for GET covers HEAD"
+        );
+        assert_eq!(
+            ring.route_scopes("HEAD", "/trade/orders").as_deref(),
+            Some("read")
+        );
         assert_eq!(
             ring.route_scopes("POST", "/trade/orders?x=1").as_deref(),
             Some("trade")
