@@ -233,7 +233,9 @@ impl<'a> CheckView<'a> {
             13 if AUTHORIZATION_NAME.matches(name) => &mut self.authorization,
             15 if FORWARDED_FOR_NAME.matches(name) => &mut self.forwarded_for,
             _ => {
-                if name.len() > OWN_PREFIX.len() && OWN_PREFIX_NAME.is_prefix_of(name) {
+                if name.len() >= OWN_PREFIX.len()
+                    && (OWN_PREFIX_NAME.is_prefix_of(name) || underscored_own(name))
+                {
                     self.own_headers.push(name);
                 }
                 return;
@@ -245,6 +247,20 @@ impl<'a> CheckView<'a> {
             slot.map = Some(value);
         }
     }
+}
+
+/// Whether `name` is [`OWN_PREFIX`] with underscores for some of its
+/// dashes (`x_keyward_client`). Envoy passes such names on by default, and
+/// upstreams behind CGI, WSGI or Rack fold `_` and `-` into the same
+/// variable, so a client could set an identity header that way. Rare: the
+/// second and the tenth bytes tell them apart from almost every name.
+#[cold]
+fn underscored_own(name: &[u8]) -> bool {
+    (name.get(1) == Some(&b'_') || name.get(9) == Some(&b'_'))
+        && name
+            .iter()
+            .zip(OWN_PREFIX)
+            .all(|(&n, &o)| n.to_ascii_lowercase() == o || (o == b'-' && n == b'_'))
 }
 
 const API_KEY_NAME: Folded = Folded::new(API_KEY_HEADER.as_bytes());
@@ -795,6 +811,10 @@ mod tests {
                 ("authorization", "Bearer b"),
                 ("x-forwarded-for", "1.2.3.4"),
                 ("x-keyward-debug", "1"),
+                ("x_keyward_client", "admin"),
+                ("x_keyward-scopes", "admin"),
+                ("x-keyward_key-id", "admin-key"),
+                ("x_other", "1"),
                 ("user-agent", "curl"),
             ],
             &[],
@@ -804,7 +824,17 @@ mod tests {
         assert_eq!(v.api_key(), Some(&b"k1"[..]));
         assert_eq!(v.authorization(), Some(&b"Bearer b"[..]));
         assert_eq!(v.forwarded_for(), Some(&b"1.2.3.4"[..]));
-        assert_eq!(v.own_headers, vec![&b"x-keyward-debug"[..]]);
+        let mut own = v.own_headers.clone();
+        own.sort();
+        assert_eq!(
+            own,
+            vec![
+                &b"x-keyward-debug"[..],
+                b"x-keyward_key-id",
+                b"x_keyward-scopes",
+                b"x_keyward_client",
+            ]
+        );
         assert_eq!(v.required_scopes, Some(&b"read trade"[..]));
         assert_eq!(v.method, b"GET");
         assert_eq!(v.path, b"/v1/orders");

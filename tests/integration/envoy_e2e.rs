@@ -154,10 +154,17 @@ pub async fn decision_suite(envoy: &Envoy) {
             ("x-keyward-client", "mallory"),
             ("x-keyward-key-id", "forged"),
             ("x-keyward-role", "admin"),
+            // Upstreams behind CGI, WSGI or Rack read this as x-keyward-client.
+            ("x_keyward_client", "mallory"),
         ],
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.upstream_header("x_keyward_client"),
+        None,
+        "spoofed header removed, underscores and all"
+    );
     assert_eq!(
         r.upstream_header("x-keyward-client").as_deref(),
         Some("acme")
