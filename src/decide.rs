@@ -200,7 +200,9 @@ impl<'r> Decision<'r> {
 /// Finds the credential: `x-api-key` first, then `authorization: Bearer <key>`.
 ///
 /// A header that is present but empty counts as a malformed key (the client
-/// tried to authenticate); an `authorization` header with another scheme is
+/// tried to authenticate), except an empty `x-api-key` beside a Bearer
+/// token (clients that always send the header, empty when unset), which
+/// yields to the token; an `authorization` header with another scheme is
 /// not ours and counts as no credential.
 pub fn extract<'a>(
     api_key: Option<&'a str>,
@@ -216,12 +218,17 @@ pub fn extract_bytes<'a>(
     api_key: Option<&'a [u8]>,
     authorization: Option<&'a [u8]>,
 ) -> Result<Credential<'a>, DenyReason> {
-    let (secret, header) = if let Some(secret) = api_key {
-        (secret, CredentialHeader::ApiKey)
-    } else if let Some(secret) = authorization.and_then(bearer_token) {
-        (secret, CredentialHeader::Authorization)
-    } else {
-        return Err(DenyReason::MissingKey);
+    let bearer = || authorization.and_then(bearer_token);
+    let (secret, header) = match api_key {
+        Some(secret) if !secret.is_empty() => (secret, CredentialHeader::ApiKey),
+        Some(empty) => match bearer() {
+            Some(secret) => (secret, CredentialHeader::Authorization),
+            None => (empty, CredentialHeader::ApiKey),
+        },
+        None => match bearer() {
+            Some(secret) => (secret, CredentialHeader::Authorization),
+            None => return Err(DenyReason::MissingKey),
+        },
     };
     // A key with the shape of keyward's that fails its checksum is refused
     // by the lookup (`KeyRing::find`), before any digest work and only when
@@ -656,6 +663,22 @@ mod tests {
             extract(None, Some("Bearer a b")),
             Err(DenyReason::MalformedKey)
         );
+        // An empty x-api-key yields to a Bearer token, and only to one.
+        let c = extract(Some(""), Some("Bearer k1")).unwrap();
+        assert_eq!(
+            (c.secret, c.header),
+            ("k1", CredentialHeader::Authorization)
+        );
+        assert_eq!(
+            extract(Some(""), Some("Basic dXNlcg==")),
+            Err(DenyReason::MalformedKey)
+        );
+        assert_eq!(
+            extract(Some(""), Some("Bearer ")),
+            Err(DenyReason::MalformedKey)
+        );
+        let c = extract(Some("k2"), Some("Bearer k1")).unwrap();
+        assert_eq!(c.secret, "k2", "x-api-key first");
     }
 
     #[test]
