@@ -73,15 +73,31 @@ async fn ring(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> axum::response::Response {
+/// Prometheus' own scrapes ask for OpenMetrics; anyone else gets the
+/// classic text format (see [`crate::metrics::wants_openmetrics`]).
+async fn metrics(
+    State(shared): State<Arc<Shared>>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
     use axum::response::IntoResponse;
+    let accept = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
     match crate::metrics::render(&shared) {
-        Ok(body) => (
+        Ok(body) if crate::metrics::wants_openmetrics(accept) => (
             [(
                 axum::http::header::CONTENT_TYPE,
                 crate::metrics::CONTENT_TYPE,
             )],
             body,
+        )
+            .into_response(),
+        Ok(body) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                crate::metrics::TEXT_CONTENT_TYPE,
+            )],
+            crate::metrics::to_prometheus_text(&body),
         )
             .into_response(),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n").into_response(),

@@ -34,6 +34,79 @@ pub fn render(shared: &Arc<Shared>) -> Result<String, std::fmt::Error> {
 /// The content type of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// The content type of [`to_prometheus_text`]'s output.
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether a scraper that sent `accept` takes OpenMetrics (Prometheus asks
+/// for it first). Any other client, `curl` or an agent that reads only the
+/// classic format, gets the Prometheus text format.
+pub fn wants_openmetrics(accept: Option<&str>) -> bool {
+    accept.is_some_and(|accept| {
+        accept.split(',').any(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            parts
+                .next()
+                .is_some_and(|t| t.eq_ignore_ascii_case("application/openmetrics-text"))
+                && !parts.any(|p| {
+                    p.strip_prefix("q=")
+                        .and_then(|q| q.parse::<f32>().ok())
+                        .is_some_and(|q| q <= 0.0)
+                })
+        })
+    })
+}
+
+/// `openmetrics`, as [`render`] writes it, in the Prometheus text format
+/// 0.0.4: a counter's `# HELP` and `# TYPE` name it with its `_total`
+/// suffix, as its samples do; `# HELP` text escapes only backslashes and
+/// line feeds; and there is no `# EOF`. Samples are the same in both.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        let Some((prefix, rest)) = meta else {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        };
+        let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+        out.push_str(prefix);
+        out.push_str(name);
+        if counters.contains(name) {
+            out.push_str("_total");
+        }
+        out.push(' ');
+        if prefix == "# HELP " {
+            // OpenMetrics escapes `"` in help text too; 0.0.4 does not.
+            let mut chars = text.chars();
+            while let Some(c) = chars.next() {
+                match (c, chars.clone().next()) {
+                    ('\\', Some('"')) => {}
+                    ('\\', Some(next)) => {
+                        out.push('\\');
+                        out.push(next);
+                        chars.next();
+                    }
+                    _ => out.push(c),
+                }
+            }
+        } else {
+            out.push_str(text);
+        }
+        out.push('\n');
+    }
+    out
+}
+
 fn gauge(
     encoder: &mut DescriptorEncoder,
     name: &str,
@@ -303,6 +376,70 @@ impl EncodeLabelValue for Label<'_> {
 mod tests {
     use super::*;
     use crate::ring::{FileDigest, KeyRing, UsageRegistry};
+
+    #[test]
+    fn openmetrics_is_what_prometheus_asks_for() {
+        let prometheus = "application/openmetrics-text;version=1.0.0;q=0.5,\
+                          application/openmetrics-text;version=0.0.1;q=0.4,\
+                          text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
+        assert!(wants_openmetrics(Some(prometheus)));
+        assert!(wants_openmetrics(Some("Application/OpenMetrics-Text")));
+        assert!(!wants_openmetrics(None));
+        assert!(!wants_openmetrics(Some("*/*")));
+        assert!(!wants_openmetrics(Some("text/plain;version=0.0.4")));
+        assert!(!wants_openmetrics(Some(
+            "application/openmetrics-text; q=0, text/plain"
+        )));
+    }
+
+    #[test]
+    fn the_classic_text_format_names_counters_with_their_suffix() {
+        let (shared, _) = one_key("\"acme\"");
+        let om = render(&shared).unwrap();
+        let text = to_prometheus_text(&om);
+        assert!(om.contains("# TYPE keyward_checks counter\n"), "{om}");
+        assert!(
+            text.contains("# TYPE keyward_checks_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP keyward_checks_total Checks decided"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE keyward_ring_keys gauge\n"), "{text}");
+        assert!(text.contains("# TYPE keyward_check_duration_seconds histogram\n"));
+        assert!(om.ends_with("# EOF\n") && !text.contains("# EOF"));
+        // Every sample belongs to the family a `# TYPE` line names.
+        let families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+            .collect();
+        for sample in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = sample.split(['{', ' ']).next().unwrap();
+            assert!(
+                families.iter().any(|f| name == *f
+                    || ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .any(|s| name.strip_suffix(s) == Some(f))),
+                "{name} has no # TYPE line"
+            );
+        }
+        // The samples themselves are the same.
+        let samples = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(samples(&om), samples(&text));
+        // Help text: 0.0.4 escapes only backslashes and line feeds.
+        assert_eq!(
+            to_prometheus_text(
+                "# HELP a_b say \\\"hi\\\" \\\\ \\n\n# TYPE a_b gauge\na_b 1\n# EOF\n"
+            ),
+            "# HELP a_b say \"hi\" \\\\ \\n\n# TYPE a_b gauge\na_b 1\n"
+        );
+    }
 
     /// Shared state serving one key of `client` (a TOML string), with the
     /// ring's file digest still to come.

@@ -84,10 +84,31 @@ async fn metrics_and_keys_count_exactly_and_survive_reloads() {
     }
     call(&mut c, None, None).await;
 
+    // Prometheus asks for OpenMetrics; anyone else gets the classic format,
+    // whose `# TYPE` lines name counters with their `_total` suffix.
+    let openmetrics = reqwest::Client::new()
+        .get(format!("http://{}/metrics", server.admin))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        openmetrics.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let openmetrics = openmetrics.text().await.unwrap();
+    assert!(has_line(&openmetrics, "# TYPE keyward_checks counter"));
+    assert!(has_line(&openmetrics, "# EOF"));
     let (status, m) = get(&server, "/metrics").await;
     assert_eq!(status, 200);
+    assert!(!has_line(&m, "# EOF"));
     for line in [
-        "# TYPE keyward_checks counter",
+        "# TYPE keyward_checks_total counter",
         r#"keyward_checks_total{result="allowed",reason="active_key"} 7"#,
         r#"keyward_checks_total{result="allowed",reason="deprecated_key"} 3"#,
         r#"keyward_checks_total{result="denied",reason="insufficient_scope"} 1"#,
