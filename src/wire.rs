@@ -233,8 +233,11 @@ impl<'a> CheckView<'a> {
             13 if AUTHORIZATION_NAME.matches(name) => &mut self.authorization,
             15 if FORWARDED_FOR_NAME.matches(name) => &mut self.forwarded_for,
             _ => {
+                // The second or the tenth byte an underscore: rare enough
+                // to look further out of line.
                 if name.len() >= OWN_PREFIX.len()
-                    && (OWN_PREFIX_NAME.is_prefix_of(name) || underscored_own(name))
+                    && (OWN_PREFIX_NAME.is_prefix_of(name)
+                        || ((name[1] == b'_' || name[9] == b'_') && underscored_own(name)))
                 {
                     self.own_headers.push(name);
                 }
@@ -252,11 +255,11 @@ impl<'a> CheckView<'a> {
 /// Whether `name` is [`OWN_PREFIX`] with underscores for some of its
 /// dashes (`x_keyward_client`). Envoy passes such names on by default, and
 /// upstreams behind CGI, WSGI or Rack fold `_` and `-` into the same
-/// variable, so a client could set an identity header that way. Rare: the
-/// second and the tenth bytes tell them apart from almost every name.
+/// variable, so a client could set an identity header that way.
 #[cold]
+#[inline(never)]
 fn underscored_own(name: &[u8]) -> bool {
-    (name.get(1) == Some(&b'_') || name.get(9) == Some(&b'_'))
+    name.len() >= OWN_PREFIX.len()
         && name
             .iter()
             .zip(OWN_PREFIX)
