@@ -408,9 +408,17 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), EditError> {
         f.write_all(bytes).map_err(io(&tmp, "cannot write"))?;
         f.sync_all().map_err(io(&tmp, "cannot fsync"))?;
         fs::rename(&tmp, path).map_err(io(path, "cannot replace"))?;
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&dir, "cannot fsync the directory"))
+        // The new version is in place: from here on the edit has happened,
+        // so a directory that cannot be synced (not readable, or a file
+        // system that refuses) is a warning, not a failure.
+        if let Err(e) = File::open(&dir).and_then(|d| d.sync_all()) {
+            eprintln!(
+                "keyward: warning: {} was replaced, but its directory could not be synced \
+                 ({e}): a crash in the next moments could bring the old version back",
+                path.display()
+            );
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
