@@ -99,23 +99,23 @@ impl Lines<'_> {
     /// turned into JSON lines.
     fn reword(&self, message: &str) -> String {
         let message = for_json(message);
-        let Some(at) = message.find("on line ") else {
-            return message;
-        };
-        let digits_at = at + "on line ".len();
-        let digits = message[digits_at..]
-            .bytes()
-            .take_while(u8::is_ascii_digit)
-            .count();
-        match message[digits_at..digits_at + digits].parse::<usize>() {
-            Ok(line) => format!(
-                "{}{}{}",
-                &message[..digits_at],
-                self.json_line(line),
-                &message[digits_at + digits..]
-            ),
-            Err(_) => message,
+        let mut out = String::with_capacity(message.len());
+        let mut rest = message.as_str();
+        while let Some(at) = rest.find("on line ") {
+            let digits_at = at + "on line ".len();
+            let digits = rest[digits_at..]
+                .bytes()
+                .take_while(u8::is_ascii_digit)
+                .count();
+            out.push_str(&rest[..digits_at]);
+            match rest[digits_at..digits_at + digits].parse::<usize>() {
+                Ok(line) => out.push_str(&self.json_line(line).to_string()),
+                Err(_) => out.push_str(&rest[digits_at..digits_at + digits]),
+            }
+            rest = &rest[digits_at + digits..];
         }
+        out.push_str(rest);
+        out
     }
 }
 
@@ -597,6 +597,21 @@ required_scopes = ["trade"]
         assert!(
             !p.iter()
                 .any(|(_, _, m)| m.contains("TOML") || m.contains("[[")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn every_line_a_message_names_is_a_json_line() {
+        let json = format!(
+            "{{\n  \"keys\": [\n    {{ \"client\": \"c\", \"sha256\": \"{D1}\" }},\n\n    \
+             {{ \"client\": \"c\", \"sha256\": \"{D1}\" }}\n  ]\n}}\n"
+        );
+        let p = problems(&json);
+        assert!(
+            p.iter().any(|(l, _, m)| *l == 5
+                && m == "the key on line 5 has the same sha256 as the key on line 3: \
+                         digests must be unique"),
             "{p:?}"
         );
     }
