@@ -1110,16 +1110,23 @@ impl KeyRing {
     /// The scopes of the most specific rule matching `method` and `path`.
     /// A rule for GET also covers HEAD: a HEAD request is a GET without the
     /// body (RFC 9110, 9.3.2), and upstreams answer it with their GET
-    /// handlers.
+    /// handlers. A rule of the same prefix that lists HEAD itself still
+    /// comes first.
     fn route_for(&self, method: &str, path: &str) -> Option<&str> {
-        let listed = |m: &str| m == method || (method == "HEAD" && m == "GET");
-        self.routes
-            .iter()
-            .find(|r| {
-                path.starts_with(&*r.prefix)
-                    && (r.methods.is_empty() || r.methods.iter().any(|m| listed(m)))
-            })
-            .map(|r| &*r.scopes)
+        let lists = |r: &Route, m: &str| r.methods.iter().any(|l| **l == *m);
+        for r in self.routes.iter().filter(|r| path.starts_with(&*r.prefix)) {
+            if r.methods.is_empty() || lists(r, method) {
+                return Some(&r.scopes);
+            }
+            if method == "HEAD" && lists(r, "GET") {
+                let own = self
+                    .routes
+                    .iter()
+                    .find(|o| o.prefix == r.prefix && lists(o, "HEAD"));
+                return Some(&own.unwrap_or(r).scopes);
+            }
+        }
+        None
     }
 
     /// The route rules, most specific first.
@@ -2545,13 +2552,32 @@ required_scopes = []
 path_prefix = "/reports"
 methods = ["GET"]
 required_scopes = ["reports"]
+
+[[routes]]
+path_prefix = "/reports"
+methods = ["HEAD"]
+required_scopes = ["audit"]
+
+[[routes]]
+path_prefix = "/exports"
+methods = ["GET"]
+required_scopes = ["exports"]
 "#;
         let ring = KeyRing::build(&file(&text), source(1), &UsageRegistry::default(), None);
         assert_eq!(ring.route_scopes("GET", "/prices").as_deref(), Some("read"));
         assert_eq!(
-            ring.route_scopes("HEAD", "/reports/q3").as_deref(),
-            Some("reports"),
+            ring.route_scopes("HEAD", "/exports/q3").as_deref(),
+            Some("exports"),
             "a rule for GET covers HEAD"
+        );
+        assert_eq!(
+            ring.route_scopes("HEAD", "/reports/q3").as_deref(),
+            Some("audit"),
+            "unless a rule of the same prefix lists HEAD, even after it"
+        );
+        assert_eq!(
+            ring.route_scopes("GET", "/reports/q3").as_deref(),
+            Some("reports")
         );
         assert_eq!(
             ring.route_scopes("HEAD", "/trade/orders").as_deref(),
