@@ -64,8 +64,8 @@ pub enum KeysCommand {
         /// Scopes to grant, comma-separated.
         #[arg(long, value_name = "A,B", value_parser = crate::keys::parse_scope_list)]
         scopes: Option<crate::keys::ScopeList>,
-        /// Expire this long after it becomes valid (e.g. 90d).
-        #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
+        /// Expire this long after it becomes valid (e.g. 90d; at least 1s).
+        #[arg(long, value_name = "DURATION", value_parser = parse_lifetime)]
         expires_in: Option<Duration>,
         /// Not valid before this time (RFC 3339).
         #[arg(long, value_name = "TIME", value_parser = crate::keyfile::parse_time)]
@@ -89,8 +89,8 @@ pub enum KeysCommand {
         #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_duration_arg)]
         grace: Duration,
         /// Scopes of the new key (default: the scopes of the client's newest
-        /// active key, or of its newest key when none is active; the new key
-        /// also takes that key's rate limit).
+        /// active key in effect, else of its newest active key, else of its
+        /// newest key; the new key also takes that key's rate limit).
         #[arg(long, value_name = "A,B", value_parser = crate::keys::parse_scope_list)]
         scopes: Option<crate::keys::ScopeList>,
     },
@@ -229,12 +229,22 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     crate::keyfile::parse_duration(s)
 }
 
-/// A duration that must not be zero: a key that expires as it is made, a
-/// lockout window or a lockout that lasts no time (`--lockout-threshold 0`
-/// turns lockout off).
+/// A duration that must not be zero: a lockout window or a lockout that
+/// lasts no time (`--lockout-threshold 0` turns lockout off).
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     match parse_duration_arg(s)? {
         d if d.is_zero() => Err(format!("{s:?} is no time at all; give a longer duration")),
+        d => Ok(d),
+    }
+}
+
+/// A key's lifetime: at least a second, since expiry times are kept in
+/// whole seconds (a shorter one could end before the key is written).
+fn parse_lifetime(s: &str) -> Result<Duration, String> {
+    match parse_duration_arg(s)? {
+        d if d < Duration::from_secs(1) => Err(format!(
+            "{s:?} is shorter than a second, and expiry times are whole seconds"
+        )),
         d => Ok(d),
     }
 }

@@ -255,13 +255,23 @@ pub fn rotate(
             })
             .unwrap_or_default()
     });
+    // Written inline, as a `[keys.rate_limit]` section or as dotted keys:
+    // the new key gets it inline, without the model's comments.
     let rate_limit = model
         .and_then(|t| t.get("rate_limit"))
-        .and_then(Item::as_value)
-        .cloned()
+        .and_then(|item| match item {
+            Item::Value(v) => Some(v.clone()),
+            Item::Table(t) => Some(Value::InlineTable(t.clone().into_inline_table())),
+            _ => None,
+        })
         .map(|mut limit| {
-            // Not the model's comment or spacing.
             limit.decor_mut().clear();
+            if let Value::InlineTable(t) = &mut limit {
+                for (_, v) in t.iter_mut() {
+                    v.decor_mut().clear();
+                }
+                t.fmt();
+            }
             limit
         });
     let grace =
@@ -675,6 +685,24 @@ not_before = 2026-12-31T00:00:00Z
         // Half a second past the second: the deprecation is not dated after it.
         let at = now() + SignedDuration::from_millis(600);
         let added = rotate(&mut d, "bot", Some("bot-2".into()), None, DEFAULT_GRACE, at).unwrap();
+        // Also when the limit is written as a section of its own.
+        let mut sectioned: DocumentMut = "[[keys]]\nid = \"s-1\"\nclient = \"s\"\n\
+            sha256 = \"60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752\"\n\
+            [keys.rate_limit] # per key\nrequests = 5\nper = \"1s\"\n"
+            .parse()
+            .unwrap();
+        rotate(
+            &mut sectioned,
+            "s",
+            Some("s-2".into()),
+            None,
+            DEFAULT_GRACE,
+            at,
+        )
+        .unwrap();
+        let file = valid(&sectioned);
+        assert!(file.keys[1].rate_limit.is_some(), "{sectioned}");
+        assert_eq!(file.keys[1].rate_limit, file.keys[0].rate_limit);
         assert_eq!(added.scheduled, vec!["bot-next".to_owned()]);
         assert_eq!(added.deprecated.len(), 1);
         let file = valid(&d);

@@ -404,7 +404,12 @@ fn durations_of_no_time_are_refused() {
     assert_eq!(out.status.code(), Some(2), "a usage error");
     assert!(out.stdout.is_empty());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no time at all"), "{err}");
+    assert!(err.contains("shorter than a second"), "{err}");
+    let out = keyward(
+        &["new", "--client", "x", "--expires-in", "400ms"],
+        &keys.path,
+    );
+    assert_eq!(out.status.code(), Some(2), "a usage error");
     assert_eq!(std::fs::read_to_string(&keys.path).unwrap(), seed());
 }
 
