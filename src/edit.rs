@@ -216,7 +216,15 @@ impl Editor {
             None => None,
         };
         write_atomically(&self.path, &text)?;
-        fs::remove_file(newest).map_err(io(newest, "cannot remove the restored history entry"))?;
+        // The rollback has happened: an entry that cannot be removed is a
+        // warning (the next rollback would restore it again).
+        if let Err(e) = fs::remove_file(newest) {
+            eprintln!(
+                "keyward: warning: cannot remove the restored history entry {} ({e}): \
+                 remove it before the next rollback, which would restore it again",
+                newest.display()
+            );
+        }
         let entry = newest
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
