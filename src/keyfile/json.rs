@@ -36,6 +36,9 @@ pub struct Translated {
     /// Problems the TOML cannot express (a `null`, a member twice), at
     /// their JSON positions.
     pub problems: Vec<Diagnostic>,
+    /// (JSON offset of the object, name) of each member left out for being
+    /// `null`: already reported, so not again as missing.
+    nulls: Vec<(usize, String)>,
 }
 
 impl Translated {
@@ -53,14 +56,24 @@ impl Translated {
         let lines = self.lines(json);
         let mut out: Vec<Diagnostic> = toml_diags
             .into_iter()
-            .map(|d| {
+            .filter_map(|d| {
                 let at = self.json_offset(offset_of(&self.toml, &lines.toml, d.line, d.column));
+                let said_null = self.nulls.iter().any(|(object, name)| {
+                    *object == at
+                        && d.message
+                            .strip_prefix("missing required field `")
+                            .and_then(|m| m.strip_prefix(name.as_str()))
+                            .is_some_and(|m| m.starts_with('`'))
+                });
+                if said_null {
+                    return None;
+                }
                 let (line, column) = position(json, at);
-                Diagnostic {
+                Some(Diagnostic {
                     line,
                     column,
                     message: lines.reword(&d.message),
-                }
+                })
             })
             .chain(self.problems.iter().cloned())
             .collect();
@@ -195,6 +208,7 @@ pub fn translate(json: &str) -> Result<Translated, Diagnostic> {
             toml: String::with_capacity(json.len()),
             marks: Vec::new(),
             problems: Vec::new(),
+            nulls: Vec::new(),
         },
     };
     t.root(&root);
@@ -238,6 +252,7 @@ impl Writer<'_> {
                     n.range.start,
                     format!("`{name}` is null: leave the field out instead"),
                 );
+                self.out.nulls.push((object.range.start, name.to_owned()));
                 continue;
             }
             out.push((name, at, &prop.value));
@@ -597,6 +612,22 @@ required_scopes = ["trade"]
         assert!(
             !p.iter()
                 .any(|(_, _, m)| m.contains("TOML") || m.contains("[[")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn a_null_is_reported_once() {
+        let json =
+            format!("{{\"keys\": [{{\"id\": \"a\", \"client\": null, \"sha256\": \"{D1}\"}}]}}\n");
+        let p = problems(&json);
+        assert_eq!(
+            p,
+            vec![(
+                1,
+                33,
+                "`client` is null: leave the field out instead".into()
+            )],
             "{p:?}"
         );
     }
