@@ -89,7 +89,7 @@ pub enum KeysCommand {
         #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_duration_arg)]
         grace: Duration,
         /// Scopes of the new key (default: the scopes of the client's newest
-        /// active key in effect, else of its newest active key, else of its
+        /// active key valid now, else of its newest active key, else of its
         /// newest key; the new key also takes that key's rate limit).
         #[arg(long, value_name = "A,B", value_parser = crate::keys::parse_scope_list)]
         scopes: Option<crate::keys::ScopeList>,

@@ -209,8 +209,9 @@ pub fn new_key(doc: &mut DocumentMut, spec: &NewKey, now: Timestamp) -> Result<A
 /// expiry they already had). An active key that is not valid yet was issued
 /// ahead of time and is left as it is: deprecating it would end it before
 /// it began. The new key takes the scopes (unless given) and the rate limit
-/// of the client's newest active key (one in effect if there is one), or
-/// of its newest key when none is active (a rotation after a revocation).
+/// of the client's newest active key in effect (valid now), else of its
+/// newest active key, else of its newest key (a rotation after a
+/// revocation).
 pub fn rotate(
     doc: &mut DocumentMut,
     client: &str,
@@ -233,7 +234,10 @@ pub fn rotate(
         )));
     }
     let active = |t: &Table| state_of(t) == Some(KeyState::Active);
-    let in_effect = |t: &Table| time_field(t, "not_before").is_none_or(|nb| nb <= now);
+    let in_effect = |t: &Table| {
+        time_field(t, "not_before").is_none_or(|nb| nb <= now)
+            && time_field(t, "expires_at").is_none_or(|exp| exp > now)
+    };
     let newest = |pick: &dyn Fn(&Table) -> bool| {
         of_client
             .iter()
@@ -703,6 +707,24 @@ not_before = 2026-12-31T00:00:00Z
         let file = valid(&sectioned);
         assert!(file.keys[1].rate_limit.is_some(), "{sectioned}");
         assert_eq!(file.keys[1].rate_limit, file.keys[0].rate_limit);
+        // A newer active key that has expired is not the model.
+        let mut expired: DocumentMut = "[[keys]]\nid = \"e-1\"\nclient = \"e\"\n\
+            sha256 = \"60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752\"\n\
+            scopes = [\"read\"]\n\n[[keys]]\nid = \"e-2\"\nclient = \"e\"\n\
+            sha256 = \"fcde2b2edba56bf408601fb721fe9b5c338d10ee429ea04fae5511b68fbf8fb9\"\n\
+            scopes = [\"old\"]\nexpires_at = 2026-01-01T00:00:00Z\n"
+            .parse()
+            .unwrap();
+        rotate(
+            &mut expired,
+            "e",
+            Some("e-3".into()),
+            None,
+            DEFAULT_GRACE,
+            at,
+        )
+        .unwrap();
+        assert_eq!(valid(&expired).keys[2].scopes, vec!["read"]);
         assert_eq!(added.scheduled, vec!["bot-next".to_owned()]);
         assert_eq!(added.deprecated.len(), 1);
         let file = valid(&d);

@@ -295,10 +295,10 @@ impl Folded {
         Folded::folding(name, false)
     }
 
-    /// [`Folded::new`], where each `-` of `name` also matches `_` (and a
-    /// few other bytes: `/ = ? M O ] m o }`, whose bits OR-ed with 0x72 make
-    /// 0x7F too), a filter that every name it lets through is then
-    /// checked against exactly.
+    /// [`Folded::new`], where each `-` of `name` also matches `_` (and the
+    /// other bytes that OR-ed with 0x72 make 0x7F: `/ = ? M O ] m o }`,
+    /// DEL and a few control bytes), a filter that every name it lets
+    /// through is then checked against exactly.
     const fn loose(name: &[u8]) -> Folded {
         Folded::folding(name, true)
     }
