@@ -271,17 +271,36 @@ fn emit_or_fail(text: &str, code: ExitCode) -> ExitCode {
     }
 }
 
-/// Prints a new key's secret before its edit is written
-/// ([`crate::keys::edit_when`]), so a secret that cannot be handed over
-/// (a full disk behind `> acme.secret`) is never a key; sets `printed`.
-fn hand_over(secret: &str, printed: &mut bool) -> Result<(), crate::edit::EditError> {
-    emit(&format!("{secret}\n")).map_err(|e| {
-        crate::edit::EditError::Refused(format!(
-            "cannot write the new secret to standard output ({e}); the key file was not changed"
-        ))
-    })?;
-    *printed = true;
-    Ok(())
+/// Runs a `keys new` or `keys rotate` edit, printing the new key's secret
+/// once the edit has validated and before it is written
+/// ([`crate::keys::edit_when`]), so a secret that cannot be handed over (a
+/// full disk behind `> acme.secret`) is never a key. A failure is reported
+/// here, with a word on a secret already printed; the exit code.
+fn issue(
+    file: &std::path::Path,
+    change: impl FnOnce(
+        &mut toml_edit::DocumentMut,
+    ) -> Result<crate::keys::Added, crate::edit::EditError>,
+) -> Result<crate::keys::Added, ExitCode> {
+    let mut printed = false;
+    let result = crate::keys::edit_when(file, change, |added| {
+        emit(&format!("{}\n", added.secret)).map_err(|e| {
+            crate::edit::EditError::Refused(format!(
+                "cannot write the new secret to standard output ({e}); the key file was not changed"
+            ))
+        })?;
+        printed = true;
+        Ok(())
+    });
+    result.map_err(|e| {
+        eprintln!("keyward: {e}");
+        if printed {
+            eprintln!(
+                "keyward: the key was not saved: the secret printed above works nowhere; discard it"
+            );
+        }
+        ExitCode::FAILURE
+    })
 }
 
 /// Runs the command line; returns the process exit code.
@@ -373,13 +392,7 @@ fn keys_command(cmd: KeysCommand) -> ExitCode {
                 not_before,
                 description,
             };
-            let mut printed = false;
-            let result = keys::edit_when(
-                &file,
-                |doc| keys::new_key(doc, &spec, now),
-                |added| hand_over(&added.secret, &mut printed),
-            );
-            match result {
+            match issue(&file, |doc| keys::new_key(doc, &spec, now)) {
                 Ok(added) => {
                     eprintln!(
                         "keyward: added key {} for client {} to {} (scopes: {}; expires: {})",
@@ -398,7 +411,7 @@ fn keys_command(cmd: KeysCommand) -> ExitCode {
                     );
                     ExitCode::SUCCESS
                 }
-                Err(e) => not_saved(&e, printed),
+                Err(code) => code,
             }
         }
         KeysCommand::Rotate {
@@ -408,13 +421,9 @@ fn keys_command(cmd: KeysCommand) -> ExitCode {
             grace,
             scopes,
         } => {
-            let mut printed = false;
-            let result = keys::edit_when(
-                &file,
-                |doc| keys::rotate(doc, &client, id, scopes.map(|s| s.0), grace, now),
-                |added| hand_over(&added.secret, &mut printed),
-            );
-            match result {
+            match issue(&file, |doc| {
+                keys::rotate(doc, &client, id, scopes.map(|s| s.0), grace, now)
+            }) {
                 Ok(added) => {
                     eprintln!(
                         "keyward: added key {} for client {client} to {}",
@@ -434,7 +443,7 @@ fn keys_command(cmd: KeysCommand) -> ExitCode {
                     );
                     ExitCode::SUCCESS
                 }
-                Err(e) => not_saved(&e, printed),
+                Err(code) => code,
             }
         }
         KeysCommand::Revoke { file, id } => match keys::edit(&file, |doc| keys::revoke(doc, &id)) {
@@ -503,18 +512,6 @@ fn keys_command(cmd: KeysCommand) -> ExitCode {
             Err(e) => fail(&e),
         },
     }
-}
-
-/// Reports a `keys new` or `keys rotate` that failed; `printed` says whether
-/// its secret reached standard output before the file could be written.
-fn not_saved(e: &crate::edit::EditError, printed: bool) -> ExitCode {
-    eprintln!("keyward: {e}");
-    if printed {
-        eprintln!(
-            "keyward: the key was not saved: the secret printed above works nowhere; discard it"
-        );
-    }
-    ExitCode::FAILURE
 }
 
 fn init_logging(format: LogFormat) {
