@@ -234,10 +234,8 @@ pub fn rotate(
         )));
     }
     let active = |t: &Table| state_of(t) == Some(KeyState::Active);
-    let in_effect = |t: &Table| {
-        time_field(t, "not_before").is_none_or(|nb| nb <= now)
-            && time_field(t, "expires_at").is_none_or(|exp| exp > now)
-    };
+    let begun = |t: &Table| time_field(t, "not_before").is_none_or(|nb| nb <= now);
+    let in_effect = |t: &Table| begun(t) && time_field(t, "expires_at").is_none_or(|exp| exp > now);
     let newest = |pick: &dyn Fn(&Table) -> bool| {
         of_client
             .iter()
@@ -284,14 +282,23 @@ pub fn rotate(
         .checked_add(grace)
         .map_err(|e| EditError::Refused(format!("--grace: {e}")))?;
     let sunset = sunset.round(Unit::Second).unwrap_or(sunset);
+    // Whole seconds, and not after the rotation: a deprecation date in the
+    // future would announce one to come.
+    let since = now
+        .round(
+            jiff::TimestampRound::new()
+                .smallest(Unit::Second)
+                .mode(jiff::RoundMode::Trunc),
+        )
+        .unwrap_or(now);
     let mut deprecated = Vec::new();
     let mut scheduled = Vec::new();
     for &i in &of_client {
         let Some(t) = aot.get_mut(i) else { continue };
-        if state_of(t) != Some(KeyState::Active) {
+        if !active(t) {
             continue;
         }
-        if time_field(t, "not_before").is_some_and(|nb| nb > now) {
+        if !begun(t) {
             scheduled.push(str_field(t, "id").unwrap_or_default().to_owned());
             continue;
         }
@@ -300,15 +307,6 @@ pub fn rotate(
             _ => sunset,
         };
         set(t, "state", Value::from("deprecated"));
-        // Whole seconds, and not after the rotation: a deprecation date
-        // in the future would announce one to come.
-        let since = now
-            .round(
-                jiff::TimestampRound::new()
-                    .smallest(Unit::Second)
-                    .mode(jiff::RoundMode::Trunc),
-            )
-            .unwrap_or(now);
         set(t, "deprecated_at", toml_time(since));
         set(t, "expires_at", toml_time(expires));
         deprecated.push((str_field(t, "id").unwrap_or_default().to_owned(), expires));
