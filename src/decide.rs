@@ -218,17 +218,11 @@ pub fn extract_bytes<'a>(
     api_key: Option<&'a [u8]>,
     authorization: Option<&'a [u8]>,
 ) -> Result<Credential<'a>, DenyReason> {
-    let bearer = || authorization.and_then(bearer_token);
-    let (secret, header) = match api_key {
-        Some(secret) if !secret.is_empty() => (secret, CredentialHeader::ApiKey),
-        Some(empty) => match bearer() {
-            Some(secret) => (secret, CredentialHeader::Authorization),
-            None => (empty, CredentialHeader::ApiKey),
-        },
-        None => match bearer() {
-            Some(secret) => (secret, CredentialHeader::Authorization),
-            None => return Err(DenyReason::MissingKey),
-        },
+    let (secret, header) = match (api_key, authorization.and_then(bearer_token)) {
+        (Some(secret), _) if !secret.is_empty() => (secret, CredentialHeader::ApiKey),
+        (_, Some(secret)) => (secret, CredentialHeader::Authorization),
+        (Some(empty), None) => (empty, CredentialHeader::ApiKey),
+        (None, None) => return Err(DenyReason::MissingKey),
     };
     // A key with the shape of keyward's that fails its checksum is refused
     // by the lookup (`KeyRing::find`), before any digest work and only when
@@ -311,7 +305,7 @@ pub fn digest(secret: &str) -> crate::ring::Digest {
 #[inline]
 pub fn digest_bytes(bytes: &[u8]) -> crate::ring::Digest {
     #[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
-    if std::is_x86_feature_detected!("sha") {
+    if sha_in_hardware() {
         return digest_sha_extensions(bytes);
     }
     digest_ring(bytes)
