@@ -97,7 +97,7 @@ thread_local! {
 const WINDOW: u32 = 1024;
 /// While the memo does not pay, one lookup in this many still goes through
 /// it, to judge whether it would again.
-pub(crate) const SAMPLE: u32 = 16;
+const SAMPLE: u32 = 16;
 
 /// Whether a thread's memo answers enough lookups to pay for itself.
 ///
@@ -108,17 +108,18 @@ pub(crate) const SAMPLE: u32 = 16;
 /// lookups put fewer keys in the table, which then keeps each one longer,
 /// so they judge the memo a little more kindly than a full stream would:
 /// in doubt it comes back.
-pub(crate) struct Worth {
+struct Worth {
     lookups: Cell<u32>,
     answers: Cell<u32>,
-    /// Lookups that skip the memo before the next sampled one; `u32::MAX`
-    /// while the memo is consulted every time.
+    /// While `skipping`: lookups that skip the memo before the next
+    /// sampled one.
     skip: Cell<u32>,
+    /// Whether the last window judged the memo not worth consulting.
     skipping: Cell<bool>,
 }
 
 impl Worth {
-    pub(crate) const fn new() -> Worth {
+    const fn new() -> Worth {
         Worth {
             lookups: Cell::new(0),
             answers: Cell::new(0),
