@@ -682,26 +682,13 @@ mod tests {
 
     #[test]
     fn skipping_the_memo_finds_the_same_keys() {
-        use crate::keyfile::{KeyFile, KeySpec, KeyState};
-        let keys = (0..100)
-            .map(|i| KeySpec {
-                id: format!("k{i}"),
-                client: "c".into(),
-                digest: crate::decide::digest(&format!("secret-{i}")),
-                scopes: Vec::new(),
-                state: KeyState::Active,
-                not_before: None,
-                expires_at: None,
-                deprecated_at: None,
-                description: None,
-                rate_limit: None,
-                line: i + 1,
+        let text: String = (0..100)
+            .map(|i| {
+                let digest = hex::encode(crate::decide::digest(&format!("secret-{i}")));
+                format!("[[keys]]\nid = \"k{i}\"\nclient = \"c\"\nsha256 = \"{digest}\"\n")
             })
             .collect();
-        let file = KeyFile {
-            keys,
-            routes: Vec::new(),
-        };
+        let file = crate::keyfile::parse_str(&text, Default::default()).unwrap();
         let ring = crate::ring::KeyRing::build(
             &file,
             crate::ring::RingSource {

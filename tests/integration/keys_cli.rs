@@ -50,6 +50,12 @@ fn ok(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
+/// The key file still holds the seed, and no edit was saved to history.
+fn untouched(keys: &KeyDir) {
+    assert_eq!(std::fs::read_to_string(&keys.path).unwrap(), seed());
+    assert!(keyward::edit::history(&keys.path).unwrap().is_empty());
+}
+
 /// A secret printed by `new`/`rotate`: alone on stdout.
 fn secret_of(out: &Output) -> String {
     let stdout = ok(out);
@@ -392,8 +398,7 @@ fn a_secret_that_cannot_be_handed_over_is_never_a_key() {
             err.contains("cannot write the new secret") && !err.contains("panicked"),
             "{args:?}: {err}"
         );
-        assert_eq!(std::fs::read_to_string(&keys.path).unwrap(), seed());
-        assert!(keyward::edit::history(&keys.path).unwrap().is_empty());
+        untouched(&keys);
     }
 }
 
@@ -410,7 +415,7 @@ fn durations_of_no_time_are_refused() {
         &keys.path,
     );
     assert_eq!(out.status.code(), Some(2), "a usage error");
-    assert_eq!(std::fs::read_to_string(&keys.path).unwrap(), seed());
+    untouched(&keys);
 }
 
 #[test]
@@ -445,8 +450,7 @@ fn an_invalid_result_leaves_the_file_untouched() {
         err.contains("not saved") && err.contains("invalid id"),
         "{err}"
     );
-    assert_eq!(std::fs::read_to_string(&keys.path).unwrap(), seed());
-    assert!(keyward::edit::history(&keys.path).unwrap().is_empty());
+    untouched(&keys);
 }
 
 #[test]
