@@ -95,8 +95,8 @@ thread_local! {
 
 /// Lookups through the memo over which a thread judges whether it pays.
 const WINDOW: u32 = 1024;
-/// While the memo does not pay, one lookup in this many still goes through
-/// it, to judge whether it would again.
+/// While the memo does not pay, one lookup in this many (on average) still
+/// goes through it, to judge whether it would again.
 const SAMPLE: u32 = 16;
 
 /// Whether a thread's memo answers enough lookups to pay for itself.
@@ -108,6 +108,12 @@ const SAMPLE: u32 = 16;
 /// lookups put fewer keys in the table, which then keeps each one longer,
 /// so they judge the memo a little more kindly than a full stream would:
 /// in doubt it comes back.
+///
+/// The gaps between samples are random (0 to `2 × (SAMPLE - 1)` skipped
+/// lookups). With a fixed gap, traffic that cycles through a multiple of
+/// [`SAMPLE`] keys would sample the same few keys every time round; they
+/// fit in the table, so the memo would look worth consulting for the whole
+/// stream, which it is not.
 struct Worth {
     lookups: Cell<u32>,
     answers: Cell<u32>,
@@ -116,6 +122,8 @@ struct Worth {
     skip: Cell<u32>,
     /// Whether the last window judged the memo not worth consulting.
     skipping: Cell<bool>,
+    /// State of the xorshift generator that draws the gaps between samples.
+    gaps: Cell<u32>,
 }
 
 impl Worth {
@@ -125,7 +133,21 @@ impl Worth {
             answers: Cell::new(0),
             skip: Cell::new(0),
             skipping: Cell::new(false),
+            gaps: Cell::new(0x9E37_79B9),
         }
+    }
+
+    /// The lookups to skip before the next sampled one: on average
+    /// `SAMPLE - 1`, drawn afresh each time by xorshift32 (whose state
+    /// never becomes 0).
+    #[inline]
+    fn gap(&self) -> u32 {
+        let mut x = self.gaps.get();
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        self.gaps.set(x);
+        x % (2 * SAMPLE - 1)
     }
 
     /// Whether this lookup goes through the memo.
@@ -139,7 +161,7 @@ impl Worth {
             self.skip.set(skip - 1);
             return false;
         }
-        self.skip.set(SAMPLE - 1);
+        self.skip.set(self.gap());
         true
     }
 
@@ -158,7 +180,7 @@ impl Worth {
         self.answers.set(0);
         let skipping = answers.saturating_mul(Self::needed()) < lookups;
         if skipping && !self.skipping.get() {
-            self.skip.set(SAMPLE - 1);
+            self.skip.set(self.gap());
         }
         self.skipping.set(skipping);
     }
@@ -657,15 +679,41 @@ mod tests {
             WINDOW,
             "consulted to begin with"
         );
-        assert_eq!(
-            judge(&w, WINDOW * SAMPLE, |_| false),
-            WINDOW,
-            "then one in SAMPLE"
+        let sampled = judge(&w, WINDOW * SAMPLE, |_| false);
+        assert!(
+            (WINDOW * 9 / 10..=WINDOW * 11 / 10).contains(&sampled),
+            "then about one in SAMPLE: {sampled}"
         );
-        // The sampled lookups find repeats again: after one window of them
-        // every lookup goes through the memo.
-        assert_eq!(judge(&w, WINDOW * SAMPLE, |_| true), WINDOW);
+        // The sampled lookups find repeats again: after the window under
+        // way and one more, every lookup goes through the memo.
+        let mut lookups = 0;
+        let mut consulted = 0;
+        while w.skipping.get() {
+            lookups += 1;
+            if w.consult() {
+                w.counted(true);
+                consulted += 1;
+            }
+        }
+        assert!(consulted <= 2 * WINDOW, "{consulted}");
+        assert!(lookups <= 2 * WINDOW * SAMPLE * 11 / 10, "{lookups}");
         assert_eq!(judge(&w, 1000, |_| true), 1000);
+    }
+
+    #[test]
+    fn samples_do_not_follow_the_rhythm_of_the_traffic() {
+        // Traffic cycling through 64 keys: a fixed gap of SAMPLE would
+        // sample the same 4 of them every time round.
+        let w = Worth::new();
+        judge(&w, WINDOW, |_| false);
+        assert!(w.skipping.get());
+        let mut seen = [false; 64];
+        for i in 0..64 * SAMPLE as usize * 8 {
+            if w.consult() {
+                seen[i % 64] = true;
+            }
+        }
+        assert!(seen.iter().all(|&s| s), "{seen:?}");
     }
 
     #[test]
