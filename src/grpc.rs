@@ -51,10 +51,17 @@ pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 /// Most bytes that unfinished CheckRequests (bodies still waiting for
 /// their last DATA frame) may hold at once, reserved memory included, over
 /// every stream of every connection of a server. Envoy sends a CheckRequest
-/// in one frame, which never counts; without this, streams that each sent
-/// part of a message and never finished could make the process hold any
-/// amount of memory.
+/// of ordinary size in one frame, which never counts; without this, streams
+/// that each sent part of a message and never finished could make the
+/// process hold any amount of memory. A split body holds only what has
+/// arrived (as its buffer grows), never the length its prefix declares, so
+/// filling the budget takes sending 64 MiB, not a few prefixes.
 pub const MAX_SPLIT_BYTES: usize = 64 << 20;
+/// How long a split CheckRequest may take to arrive in full, from its first
+/// frame; after that it is refused with DEADLINE_EXCEEDED and what it held
+/// is given back. Envoy's whole check times out after 200 ms by default, so
+/// a body still unfinished after this is stalled, or held on purpose.
+pub const SPLIT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The bytes of split bodies held at once, against a limit.
 #[derive(Debug)]
@@ -78,16 +85,22 @@ impl Budget {
     }
 }
 
-/// What one stream holds of a [`Budget`], given back when it is dropped.
+/// What one stream holds of a [`Budget`], given back when it is dropped,
+/// and when it must have finished.
 #[derive(Debug)]
 struct Held {
     budget: Arc<Budget>,
     bytes: usize,
+    deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Held {
-    fn new(budget: Arc<Budget>) -> Held {
-        Held { budget, bytes: 0 }
+    fn new(budget: Arc<Budget>, timeout: Duration) -> Held {
+        Held {
+            budget,
+            bytes: 0,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+        }
     }
 
     /// Counts `n` more bytes; false, counting nothing, if the budget has
@@ -121,6 +134,7 @@ static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 /// gRPC status codes used here.
 mod code {
     pub const INVALID_ARGUMENT: u16 = 3;
+    pub const DEADLINE_EXCEEDED: u16 = 4;
     pub const RESOURCE_EXHAUSTED: u16 = 8;
     pub const UNIMPLEMENTED: u16 = 12;
     pub const INTERNAL: u16 = 13;
@@ -216,6 +230,8 @@ pub struct GrpcService {
     other: tonic::service::Routes,
     /// The bytes split bodies may hold ([`MAX_SPLIT_BYTES`]).
     split: Arc<Budget>,
+    /// How long a split body may take ([`SPLIT_BODY_TIMEOUT`]).
+    split_timeout: Duration,
 }
 
 impl std::fmt::Debug for GrpcService {
@@ -233,7 +249,14 @@ impl GrpcService {
             authz,
             other,
             split: Arc::new(Budget::new(MAX_SPLIT_BYTES)),
+            split_timeout: SPLIT_BODY_TIMEOUT,
         }
+    }
+
+    /// Split bodies must arrive in full within `timeout` of their first frame.
+    pub fn with_split_timeout(mut self, timeout: Duration) -> GrpcService {
+        self.split_timeout = timeout;
+        self
     }
 
     /// Answers one request.
@@ -320,7 +343,22 @@ impl Future for Answer {
                 joined,
                 held,
             } => loop {
-                let data = match std::task::ready!(Pin::new(&mut *body).poll_frame(cx)) {
+                let frame = match Pin::new(&mut *body).poll_frame(cx) {
+                    Poll::Ready(frame) => frame,
+                    Poll::Pending => {
+                        // Only a split body has a deadline.
+                        if let Some(held) = held
+                            && held.deadline.as_mut().poll(cx).is_ready()
+                        {
+                            break error(
+                                code::DEADLINE_EXCEEDED,
+                                "the CheckRequest did not arrive in time",
+                            );
+                        }
+                        return Poll::Pending;
+                    }
+                };
+                let data = match frame {
                     None => break finish(service, first.take(), joined.take()),
                     Some(Err(_)) => break error(code::INTERNAL, "request body failed"),
                     // Trailers on a request carry nothing for us.
@@ -344,14 +382,11 @@ impl Future for Answer {
                     (Some(buf), _) => buf.extend_from_slice(&data),
                     (None, None) => *first = Some(data),
                     (None, Some(head)) => {
-                        // Room for the whole message its prefix declares
-                        // (within the limit), so it is not copied as it grows.
-                        let declared = declared_len(&head, &data)
-                            .unwrap_or(0)
-                            .min(MAX_MESSAGE_BYTES)
-                            + crate::wire::FRAME_PREFIX;
-                        let mut buf =
-                            BytesMut::with_capacity(declared.max(head.len() + data.len()));
+                        // Room for what has come, growing as more does:
+                        // reserving the declared length would let a few
+                        // prefixes, each followed by nothing, fill the
+                        // budget.
+                        let mut buf = BytesMut::with_capacity(head.len() + data.len());
                         buf.extend_from_slice(&head);
                         buf.extend_from_slice(&data);
                         *joined = Some(buf);
@@ -360,12 +395,20 @@ impl Future for Answer {
                 if complete {
                     break finish(service, first.take(), joined.take());
                 }
+                // A body that declares more than is accepted is refused as
+                // soon as its prefix has come, not once it has.
+                let head = joined.as_deref().or(first.as_deref()).unwrap_or_default();
+                if declared_len(head).is_some_and(|n| n > MAX_MESSAGE_BYTES) {
+                    break error(code::RESOURCE_EXHAUSTED, "CheckRequest too large");
+                }
                 // Everything an unfinished body holds counts against the
                 // server's budget: the memory reserved for it, not only the
                 // bytes received.
                 let holding = first.as_ref().map_or(0, Bytes::len)
                     + joined.as_ref().map_or(0, BytesMut::capacity);
-                let held = held.get_or_insert_with(|| Held::new(Arc::clone(&service.split)));
+                let held = held.get_or_insert_with(|| {
+                    Held::new(Arc::clone(&service.split), service.split_timeout)
+                });
                 if holding > held.bytes && !held.take(holding - held.bytes) {
                     break error(
                         code::RESOURCE_EXHAUSTED,
@@ -389,17 +432,11 @@ impl Future for Answer {
     }
 }
 
-/// The message length the gRPC frame prefix declares, read from the
-/// start of a body that came as `head` and then `rest`; `None` while fewer
-/// than the prefix's five bytes have come.
-fn declared_len(head: &[u8], rest: &[u8]) -> Option<usize> {
-    let mut prefix = [0u8; crate::wire::FRAME_PREFIX];
-    let from_head = head.len().min(prefix.len());
-    prefix[..from_head].copy_from_slice(&head[..from_head]);
-    let from_rest = (prefix.len() - from_head).min(rest.len());
-    prefix[from_head..from_head + from_rest].copy_from_slice(&rest[..from_rest]);
-    (from_head + from_rest == prefix.len())
-        .then(|| u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize)
+/// The message length the gRPC frame prefix at the start of `body`
+/// declares; `None` while fewer than the prefix's five bytes have come.
+fn declared_len(body: &[u8]) -> Option<usize> {
+    let prefix = body.get(..crate::wire::FRAME_PREFIX)?;
+    Some(u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize)
 }
 
 /// Answers a Check whose whole body has been read.
@@ -533,18 +570,131 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_declared_length_is_read_across_the_first_frames() {
-        let prefix = [0u8, 0, 0, 1, 2];
-        assert_eq!(declared_len(&prefix, b"xyz"), Some(258));
-        assert_eq!(declared_len(&prefix[..2], &prefix[2..]), Some(258));
-        assert_eq!(declared_len(&prefix[..2], &prefix[2..4]), None);
+    fn the_declared_length_needs_the_whole_prefix() {
+        assert_eq!(declared_len(&[0, 0, 0, 1, 2, 9]), Some(258));
+        assert_eq!(declared_len(&[0, 0, 0, 1, 2]), Some(258));
+        assert_eq!(declared_len(&[0, 0, 0, 1]), None);
     }
 
-    #[test]
-    fn split_bodies_share_one_budget() {
+    /// A server of `service` on one end of a pipe, an h2 client on the other.
+    async fn client_of(service: GrpcService) -> h2::client::SendRequest<Bytes> {
+        let (client_io, server_io) = tokio::io::duplex(1 << 16);
+        let service = Arc::new(service);
+        let (streams, conn) = serve_connection(
+            server_io,
+            hyper::service::service_fn(move |req| service.answer(req)),
+        );
+        tokio::spawn(streams.drive(conn));
+        let (client, connection) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        client
+    }
+
+    fn empty_service() -> GrpcService {
+        let source = crate::ring::RingSource {
+            generation: 1,
+            sha256: [0; 32],
+            loaded_at: jiff::Timestamp::now(),
+        };
+        let shared = crate::service::Shared::new(
+            crate::ring::KeyRing::empty(source),
+            crate::ring::UsageRegistry::default(),
+            Default::default(),
+        );
+        GrpcService::new(
+            AuthzService::new(Arc::new(shared)),
+            tonic::service::Routes::default(),
+        )
+    }
+
+    fn check_request() -> Request<()> {
+        Request::post(format!("http://test{CHECK_PATH}"))
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap()
+    }
+
+    /// The grpc-status of `response`, from its headers or trailers.
+    async fn grpc_status(response: h2::client::ResponseFuture) -> String {
+        let response = response.await.unwrap();
+        if let Some(status) = response.headers().get("grpc-status") {
+            return status.to_str().unwrap().to_owned();
+        }
+        let mut body = response.into_body();
+        while body.data().await.is_some() {}
+        let trailers = body.trailers().await.unwrap().unwrap();
+        trailers["grpc-status"].to_str().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn a_split_body_that_stalls_is_refused_and_gives_its_bytes_back() {
+        let service = empty_service().with_split_timeout(Duration::from_millis(200));
+        let budget = Arc::clone(&service.split);
+        let mut client = client_of(service).await;
+        let (response, mut send) = client.send_request(check_request(), false).unwrap();
+        // A prefix declaring 4 MiB - 1, then 10 bytes, then nothing.
+        let mut start = vec![0u8];
+        start.extend_from_slice(&((4u32 << 20) - 1).to_be_bytes());
+        start.extend_from_slice(&[0; 10]);
+        send.send_data(Bytes::from(start), false).unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(10), grpc_status(response))
+            .await
+            .expect("refused long before 10 s");
+        assert_eq!(status, "4", "DEADLINE_EXCEEDED");
+        assert_eq!(budget.held(), 0);
+        // The connection goes on serving: a whole request (an empty
+        // CheckRequest, denied) is answered.
+        let mut client = client.ready().await.unwrap();
+        let (response, mut send) = client.send_request(check_request(), false).unwrap();
+        send.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+            .unwrap();
+        assert_eq!(grpc_status(response).await, "0");
+        drop(send);
+    }
+
+    #[tokio::test]
+    async fn a_split_body_holds_what_arrived_not_what_it_declared() {
+        let service = empty_service();
+        let budget = Arc::clone(&service.split);
+        let client = client_of(service).await;
+        let mut sends = Vec::new();
+        let mut responses = Vec::new();
+        for _ in 0..32 {
+            let mut ready = client.clone().ready().await.unwrap();
+            let (response, mut send) = ready.send_request(check_request(), false).unwrap();
+            // A prefix declaring 4 MiB - 1, then one byte of it.
+            let mut prefix = vec![0u8];
+            prefix.extend_from_slice(&((4u32 << 20) - 1).to_be_bytes());
+            send.send_data(Bytes::from(prefix), false).unwrap();
+            send.send_data(Bytes::from_static(&[0]), false).unwrap();
+            sends.push(send);
+            responses.push(response);
+        }
+        // Each stream holds about its 6 bytes; 32 declared 4 MiB messages
+        // would be 128 MiB, twice the budget.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while budget.held() < 32 * 6 {
+            assert!(tokio::time::Instant::now() < deadline, "{}", budget.held());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(budget.held() < 32 * 1024, "{}", budget.held());
+        // A message declared over the limit is refused at once.
+        let mut ready = client.ready().await.unwrap();
+        let (response, mut send) = ready.send_request(check_request(), false).unwrap();
+        let mut start = vec![0u8];
+        start.extend_from_slice(&((4u32 << 20) + 1).to_be_bytes());
+        send.send_data(Bytes::from(start), false).unwrap();
+        assert_eq!(grpc_status(response).await, "8", "RESOURCE_EXHAUSTED");
+        drop((sends, responses));
+    }
+
+    #[tokio::test]
+    async fn split_bodies_share_one_budget() {
         let budget = Arc::new(Budget::new(100));
-        let mut a = Held::new(Arc::clone(&budget));
-        let mut b = Held::new(Arc::clone(&budget));
+        let mut a = Held::new(Arc::clone(&budget), SPLIT_BODY_TIMEOUT);
+        let mut b = Held::new(Arc::clone(&budget), SPLIT_BODY_TIMEOUT);
         assert!(a.take(60));
         assert!(!b.take(41), "over the budget: refused, nothing counted");
         assert_eq!(budget.held(), 60);

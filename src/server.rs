@@ -25,6 +25,8 @@ use crate::service::{AuthzService, Shared};
 
 /// How long in-flight checks may take to drain after shutdown is requested.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest `grpc.health.v1` request accepted: a service name, with room.
+pub const HEALTH_MESSAGE_BYTES: usize = 4096;
 
 /// What `serve` needs to know.
 #[derive(Debug, Clone)]
@@ -278,6 +280,9 @@ impl Server {
         let authz = AuthzService::new(Arc::clone(&self.shared))
             .with_decision_log(self.config.decision_log_every)
             .with_xff_trusted_hops(self.config.xff_trusted_hops);
+        // A HealthCheckRequest is a service name: tonic would otherwise
+        // reserve up to its 4 MiB default for each one a prefix declares.
+        let health_service = health_service.max_decoding_message_size(HEALTH_MESSAGE_BYTES);
         let service = GrpcService::new(authz, tonic::service::Routes::new(health_service));
 
         let admin_addr = admin

@@ -256,6 +256,17 @@ async fn health_and_admin_endpoints() {
             .status;
         assert_eq!(status, 1, "SERVING for {service:?}");
     }
+    // A health request is a service name: one of 8 KiB is refused (tonic's
+    // OUT_OF_RANGE for a message over the limit), and the channel goes on.
+    let err = health
+        .check(HealthCheckRequest {
+            service: "x".repeat(8192),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+    let again = health.check(HealthCheckRequest::default()).await.unwrap();
+    assert_eq!(again.into_inner().status, 1);
     let http = reqwest::Client::new();
     let r = http
         .get(format!("http://{}/healthz", server.admin))
