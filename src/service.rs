@@ -412,19 +412,19 @@ fn allowed(
     // client-sent x-keyward-* names that we do not set ourselves. Envoy
     // sends names in lower case; anything else is lowered (and allocates,
     // which only such a request pays for).
-    let mut lowered: Vec<Vec<u8>> = Vec::new();
-    for name in own_headers {
-        if OWN
-            .iter()
-            .any(|own| own.as_bytes().eq_ignore_ascii_case(name))
-        {
-            continue;
-        }
-        let lower = name.to_ascii_lowercase();
-        if !lowered.contains(&lower) {
-            lowered.push(lower);
-        }
-    }
+    // Sorted to drop repeats: a request sent past Envoy may carry any
+    // number of names, and comparing each with every other would take
+    // quadratic time.
+    let mut lowered: Vec<Vec<u8>> = own_headers
+        .iter()
+        .filter(|name| {
+            !OWN.iter()
+                .any(|own| own.as_bytes().eq_ignore_ascii_case(name))
+        })
+        .map(|name| name.to_ascii_lowercase())
+        .collect();
+    lowered.sort_unstable();
+    lowered.dedup();
     let mut all: Vec<&[u8]> = Vec::new();
     let remove: &[&[u8]] = if lowered.is_empty() {
         carrier_name.as_slice()
