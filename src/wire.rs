@@ -547,10 +547,11 @@ fn header_value_len(key: &[u8], value: &[u8]) -> usize {
     field_len(key.len()) + field_len(value.len())
 }
 
-/// Bytes of a `HeaderValueOption { header, append_action: overwrite }`.
+/// Bytes of a `HeaderValueOption { header, append_action: overwrite }`,
+/// with `keep_empty_value: true` when the value is empty.
 #[inline]
 fn header_option_len(key: &[u8], value: &[u8]) -> usize {
-    field_len(header_value_len(key, value)) + 2
+    field_len(header_value_len(key, value)) + 2 + if value.is_empty() { 2 } else { 0 }
 }
 
 /// Bytes of a `Struct.FieldsEntry { key, Value { string_value } }`.
@@ -604,6 +605,12 @@ impl Encoder<'_> {
         self.bytes(1, key);
         self.bytes(2, value);
         self.uint(3, OVERWRITE_IF_EXISTS_OR_ADD);
+        if value.is_empty() {
+            // An empty value (a key without scopes) must still overwrite
+            // what the client sent: say so rather than rely on Envoy
+            // applying empty values by default.
+            self.uint(4, 1);
+        }
     }
 
     #[inline]
@@ -994,6 +1001,7 @@ mod tests {
             headers: &[
                 (b"x-keyward-client", b"acme"),
                 (b"x-keyward-key-id", long.as_bytes()),
+                (b"x-keyward-scopes", b""),
             ],
             remove: &[b"x-api-key", b"x-keyward-debug"],
             response_headers: &[(b"deprecation", b"@1700000000")],
@@ -1010,6 +1018,8 @@ mod tests {
             .map(|o| {
                 assert_eq!(o.append_action, 2);
                 let h = o.header.as_ref().unwrap();
+                // Only an empty value says it must be kept.
+                assert_eq!(o.keep_empty_value, h.value.is_empty(), "{}", h.key);
                 (h.key.as_str(), h.value.as_str())
             })
             .collect();
@@ -1017,7 +1027,8 @@ mod tests {
             h,
             [
                 ("x-keyward-client", "acme"),
-                ("x-keyward-key-id", long.as_str())
+                ("x-keyward-key-id", long.as_str()),
+                ("x-keyward-scopes", ""),
             ]
         );
         assert_eq!(r.headers_to_remove, ["x-api-key", "x-keyward-debug"]);

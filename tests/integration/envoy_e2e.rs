@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use reqwest::header::HeaderMap;
 
-use crate::util::{Envoy, KeyDir, Running, Secrets, Upstream, eventually, standard_ring};
+use crate::util::{Envoy, KeyDir, Running, Secrets, Upstream, eventually, sha, standard_ring};
 
 struct Reply {
     status: u16,
@@ -231,6 +231,40 @@ pub async fn decision_suite(envoy: &Envoy) {
         },
     )
     .await;
+}
+
+/// A key without scopes, on a route that requires none: keyward sets
+/// `x-keyward-scopes` to the empty value, and that must still replace the
+/// value a client sent, not leave it in place.
+#[tokio::test]
+async fn an_empty_scopes_header_replaces_a_spoofed_one() {
+    let secret = "test-scopeless-key-0007";
+    let ring = format!(
+        "{}\n[[keys]]\nid = \"wayne-bot\"\nclient = \"wayne\"\nsha256 = \"{}\"\n",
+        standard_ring(),
+        sha(secret)
+    );
+    let keys = KeyDir::new(&ring);
+    let server = Running::start(&keys.path).await;
+    let upstream = Upstream::start().await;
+    let bootstrap = Envoy::bootstrap("envoy.yaml", server.grpc.port(), upstream.addr.port());
+    // Everything but /trade requires no scope.
+    let config = bootstrap.replace("required_scopes: \"read\"", "required_scopes: \"\"");
+    assert_ne!(config, bootstrap);
+    let envoy = Envoy::start_config(&config).await;
+    let r = get(
+        &envoy,
+        "/v1/prices",
+        &[("x-api-key", secret), ("x-keyward-scopes", "admin trade")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.upstream_header("x-keyward-client").as_deref(),
+        Some("wayne")
+    );
+    assert_eq!(r.upstream_header("x-keyward-scopes").as_deref(), Some(""));
+    server.stop().await;
 }
 
 #[tokio::test]

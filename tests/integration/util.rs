@@ -251,16 +251,20 @@ pub struct Envoy {
 }
 
 impl Envoy {
-    /// Starts `envoy/<name>` with its keyward and app ports pointed at ours.
-    /// The listener and admin ports become 0 and are discovered.
+    /// Starts `envoy/<name>` ([`Envoy::bootstrap`]).
     pub async fn start(name: &str, keyward_port: u16, app_port: u16) -> Envoy {
+        Envoy::start_config(&Envoy::bootstrap(name, keyward_port, app_port)).await
+    }
+
+    /// `envoy/<name>` with its keyward and app ports pointed at ours. The
+    /// listener and admin ports become 0 and are discovered.
+    pub fn bootstrap(name: &str, keyward_port: u16, app_port: u16) -> String {
         let template = std::fs::read_to_string(repo().join("envoy").join(name)).expect("bootstrap");
-        let config = template
+        template
             .replace("port_value: 10000", "port_value: 0")
             .replace("port_value: 9901", "port_value: 0")
             .replace("port_value: 50051", &format!("port_value: {keyward_port}"))
-            .replace("port_value: 8080", &format!("port_value: {app_port}"));
-        Envoy::start_config(&config).await
+            .replace("port_value: 8080", &format!("port_value: {app_port}"))
     }
 
     /// Starts Envoy with a complete bootstrap.
