@@ -1471,14 +1471,24 @@ impl Validator<'_> {
             None => format!("the key on line {}", k.line),
         };
         for k in &names {
-            if let Some(id) = &k.id
-                && let Some(first) = ids.insert(id, k.line)
-            {
-                found.push(Diagnostic {
-                    line: k.line,
-                    column: 1,
-                    message: format!("duplicate id {id:?} (first defined on line {first})"),
-                });
+            // The line of an id's first key is kept: a third key with it
+            // names the first too.
+            if let Some(id) = &k.id {
+                match ids.entry(id) {
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(k.line);
+                    }
+                    std::collections::hash_map::Entry::Occupied(first) => {
+                        found.push(Diagnostic {
+                            line: k.line,
+                            column: 1,
+                            message: format!(
+                                "duplicate id {id:?} (first defined on line {})",
+                                first.get()
+                            ),
+                        });
+                    }
+                }
             }
             let Some(digest) = &k.digest else { continue };
             // Each key is compared with the first key of its prefix, so a
@@ -1936,6 +1946,22 @@ deprecated_at = 2026-01-01
         let d = too_many_keys(&file.keys, 2).expect("over the limit");
         assert_eq!((d.line, d.column), (file.keys[2].line, 1));
         assert!(d.message.starts_with("more than 2 keys"), "{}", d.message);
+    }
+
+    #[test]
+    fn every_repeat_of_an_id_names_its_first_line() {
+        let key = |i: usize| {
+            let digest = hex::encode(crate::decide::digest(&format!("secret-{i}")));
+            format!("[[keys]]\nid = \"a\"\nclient = \"c\"\nsha256 = \"{digest}\"\n")
+        };
+        let text: String = (0..3).map(key).collect();
+        assert_eq!(
+            errors(&text),
+            vec![
+                "5:1: duplicate id \"a\" (first defined on line 1)",
+                "9:1: duplicate id \"a\" (first defined on line 1)",
+            ]
+        );
     }
 
     #[test]
