@@ -81,7 +81,12 @@ impl Editor {
             .open(&lock_path)
             .map_err(io(&lock_path, "cannot open the lock file"))?;
         lock.lock().map_err(io(&lock_path, "cannot lock"))?;
-        let original = match fs::read_to_string(path) {
+        // Never blocks: a FIFO in the file's place is refused.
+        let read = crate::keyfile::open_regular(path).and_then(|(mut file, _)| {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut file, &mut text).map(|_| text)
+        });
+        let original = match read {
             Ok(s) => Some(s),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(io(path, "cannot read the key file")(e)),
@@ -466,6 +471,15 @@ mod tests {
     use super::*;
 
     const KEY: &str = "[[keys]]\nid = \"a\"\nclient = \"c\"\nsha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n";
+
+    #[test]
+    fn a_fifo_in_place_of_the_file_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crate::keyfile::tests::fifo(dir.path(), "keys.toml");
+        let err =
+            crate::keyfile::tests::promptly(move || Editor::open(&path).map(|_| ())).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
 
     #[test]
     fn commit_validates_before_writing() {

@@ -406,6 +406,28 @@ pub fn load(path: &Path, opts: ParseOptions) -> Result<(KeyFile, Vec<u8>), KeyFi
 /// Largest key file read (a million keys take about 150 MB).
 pub const MAX_FILE_BYTES: u64 = 512 * 1024 * 1024;
 
+/// Opens `path` for reading if it is a regular file (symlinks followed).
+///
+/// The file is opened without blocking and its type read from the open
+/// handle: opening a FIFO for reading would otherwise wait for a writer
+/// (before any check of its type could run), and a check by path before
+/// opening could be raced. On a regular file the flag changes nothing.
+pub fn open_regular(path: &Path) -> std::io::Result<(std::fs::File, std::fs::Metadata)> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    let file = options.open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok((file, meta))
+}
+
 /// Reads a key file: a regular file (symlinks followed) of at most
 /// [`MAX_FILE_BYTES`], so a FIFO, a device or a runaway file can neither
 /// block the reloader nor exhaust memory.
@@ -419,14 +441,7 @@ pub fn read_on(path: &Path, threads: Threads) -> Result<Vec<u8>, KeyFileError> {
         path: path.to_owned(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    if !meta.is_file() {
-        return Err(io(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file",
-        )));
-    }
+    let (file, meta) = open_regular(path).map_err(io)?;
     if meta.len() > MAX_FILE_BYTES {
         return Err(io(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -1565,8 +1580,38 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A FIFO at `dir/name`, made with `mkfifo`.
+    pub(crate) fn fifo(dir: &Path, name: &str) -> std::path::PathBuf {
+        let path = dir.join(name);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .expect("run mkfifo");
+        assert!(made.success());
+        path
+    }
+
+    /// What `f` returns, or a panic if it takes more than ten seconds (it
+    /// would have blocked).
+    pub(crate) fn promptly<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("returned instead of blocking")
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = fifo(dir.path(), "keys.toml");
+        let err = promptly(move || read(&path)).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
 
     #[test]
     fn paced_passes_agree_with_the_one_shot_ones() {

@@ -223,13 +223,10 @@ impl Reloader {
         let Some(serving) = self.shared.ring.load().file_digest().get() else {
             return false;
         };
-        let Ok(file) = std::fs::File::open(&self.path) else {
+        let Ok((file, meta)) = keyfile::open_regular(&self.path) else {
             return false;
         };
-        if !file
-            .metadata()
-            .is_ok_and(|m| m.is_file() && m.len() <= CONTENT_POLL_MAX_BYTES)
-        {
+        if meta.len() > CONTENT_POLL_MAX_BYTES {
             return false;
         }
         let mut bytes = Vec::new();
@@ -1386,6 +1383,22 @@ mod tests {
         assert!(r.changed_on_disk());
         r.reload(Trigger::Poll);
         assert!(!r.changed_on_disk());
+    }
+
+    #[test]
+    fn a_fifo_in_place_of_the_file_fails_the_reload_without_blocking() {
+        let (dir, path, r, shared) = setup(&key("a", "sa", ""));
+        std::fs::remove_file(&path).unwrap();
+        crate::keyfile::tests::fifo(dir.path(), "keys.toml");
+        let r = Arc::new(r);
+        let (changed, outcome) = crate::keyfile::tests::promptly({
+            let r = Arc::clone(&r);
+            move || (r.content_changed(), r.reload(Trigger::Poll))
+        });
+        assert!(!changed);
+        assert!(matches!(outcome, Outcome::Failed(_)), "{outcome:?}");
+        assert_eq!(shared.ring.load().generation(), 1, "still serving");
+        assert!(shared.ring.load().by_id("a").is_some());
     }
 
     #[test]
