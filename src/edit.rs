@@ -189,27 +189,71 @@ impl Editor {
         keyfile::parse_bytes(&self.path, text.as_bytes(), opts)
             .map_err(|e| EditError::Invalid(e.to_string()))?;
         ready()?;
-        if let Some(old) = &self.original {
-            push_history(&self.path, self.json, old)?;
+        let saved = match &self.original {
+            Some(old) => Some(push_history(&self.path, self.json, old)?),
+            None => None,
+        };
+        if let Err(e) = write_atomically(&self.path, text.as_bytes()) {
+            // Nothing changed: the saved entry is the file as it still is,
+            // which a rollback would restore as if it undid something.
+            if let Some(entry) = saved {
+                let _ = fs::remove_file(entry);
+            }
+            return Err(e);
         }
-        write_atomically(&self.path, text.as_bytes())
+        // Only once the edit has happened does the oldest version go.
+        if let Err(e) = entries(&self.path, self.json, false).and_then(prune) {
+            eprintln!("keyward: warning: {e}");
+        }
+        Ok(())
     }
 
-    /// Restores the newest history entry (validated first) and drops it from
-    /// the history. The version it replaces is kept beside the history as
-    /// `undone-…` (the last [`HISTORY_LEN`]), so a rollback loses nothing,
-    /// not even edits made by hand since the last `keyward keys` edit.
+    /// Restores the newest history entry that differs from the file and is
+    /// valid, and drops it from the history. The version it replaces is
+    /// kept beside the history as `undone-…` (the last [`HISTORY_LEN`]), so
+    /// a rollback loses nothing, not even edits made by hand since the last
+    /// `keyward keys` edit.
+    ///
+    /// Newer entries identical to the file (a version edited back by hand)
+    /// would change nothing: they are dropped too. Newer entries that are
+    /// not valid key files (a broken file that an edit then mended) cannot
+    /// be served: they are passed over with a warning, and stay.
     pub fn rollback(self, opts: ParseOptions) -> Result<RolledBack, EditError> {
         let entries = entries(&self.path, self.json, false)?;
-        let Some(newest) = entries.last() else {
+        let mut same = Vec::new();
+        let mut invalid = None;
+        let mut found = None;
+        for entry in entries.iter().rev() {
+            let text = fs::read(entry).map_err(io(entry, "cannot read the history entry"))?;
+            if self.original.as_deref().map(str::as_bytes) == Some(&text[..]) {
+                same.push(entry);
+                continue;
+            }
+            match keyfile::parse_bytes(&self.path, &text, opts) {
+                Ok(restored) => {
+                    found = Some((entry, text, restored));
+                    break;
+                }
+                Err(e) => {
+                    eprintln!(
+                        "keyward: warning: passing over history entry {}, which is not a valid key file:\n{e}",
+                        entry.display()
+                    );
+                    invalid.get_or_insert(e);
+                }
+            }
+        }
+        let Some((newest, text, restored)) = found else {
+            if let Some(e) = invalid {
+                return Err(EditError::Invalid(format!(
+                    "no earlier version is a valid key file; the newest that differs from the file:\n{e}"
+                )));
+            }
             return Err(EditError::Refused(format!(
                 "{}: no earlier version to roll back to (keyward keeps the last {HISTORY_LEN} versions it replaced)",
                 self.path.display()
             )));
         };
-        let text = fs::read(newest).map_err(io(newest, "cannot read the history entry"))?;
-        let restored = keyfile::parse_bytes(&self.path, &text, opts)
-            .map_err(|e| EditError::Invalid(e.to_string()))?;
         let revived = self
             .original
             .as_deref()
@@ -229,6 +273,9 @@ impl Editor {
                  remove it before the next rollback, which would restore it again",
                 newest.display()
             );
+        }
+        for entry in same {
+            let _ = fs::remove_file(entry);
         }
         let entry = newest
             .file_name()
@@ -349,7 +396,9 @@ fn entries(path: &Path, json: bool, undone: bool) -> Result<Vec<PathBuf>, EditEr
     Ok(entries)
 }
 
-fn push_history(path: &Path, json: bool, text: &str) -> Result<(), EditError> {
+/// Saves `text` as the newest history entry, and returns its path. The
+/// caller prunes the history once its edit has happened.
+fn push_history(path: &Path, json: bool, text: &str) -> Result<PathBuf, EditError> {
     let dir = history_dir(path);
     fs::create_dir_all(&dir).map_err(io(&dir, "cannot create the history directory"))?;
     let entries = entries(path, json, false)?;
@@ -362,7 +411,7 @@ fn push_history(path: &Path, json: bool, text: &str) -> Result<(), EditError> {
     let stamp = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ");
     let entry = dir.join(format!("{next:010}-{stamp}.{}", extension(json)));
     write_atomically(&entry, text.as_bytes())?;
-    prune(self::entries(path, json, false)?)
+    Ok(entry)
 }
 
 /// Keeps `text`, the version a rollback replaces, as the newest `undone-…`
@@ -530,6 +579,74 @@ mod tests {
             .rollback(ParseOptions::default())
             .unwrap_err();
         assert!(err.to_string().contains("no earlier version"), "{err}");
+    }
+
+    #[test]
+    fn an_edit_that_cannot_be_written_leaves_the_history_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        fs::write(&path, format!("# v1\n{KEY}")).unwrap();
+        Editor::open(&path)
+            .unwrap()
+            .commit(&format!("# v2\n{KEY}"), ParseOptions::default())
+            .unwrap();
+        // The temporary file's name taken by a directory: the write fails.
+        let tmp = sibling(&path, &format!(".tmp-{}", std::process::id()));
+        fs::create_dir(&tmp).unwrap();
+        let err = Editor::open(&path)
+            .unwrap()
+            .commit(&format!("# v3\n{KEY}"), ParseOptions::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("temporary file"), "{err}");
+        fs::remove_dir(&tmp).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), format!("# v2\n{KEY}"));
+        assert_eq!(history(&path).unwrap().len(), 1);
+        // So a rollback undoes the edit that happened.
+        Editor::open(&path)
+            .unwrap()
+            .rollback(ParseOptions::default())
+            .unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), format!("# v1\n{KEY}"));
+    }
+
+    #[test]
+    fn a_rollback_passes_over_versions_that_are_the_file_or_are_invalid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let commit = |text: &str| {
+            Editor::open(&path)
+                .unwrap()
+                .commit(text, ParseOptions::default())
+                .unwrap()
+        };
+        let v1 = format!("# v1\n{KEY}");
+        let v2 = format!("# v2\n{KEY}");
+        fs::write(&path, &v1).unwrap();
+        commit(&v2);
+        // Broken by hand, then mended by an edit: the broken version is
+        // saved. Then an edit, and the file put back to v2 by hand.
+        fs::write(&path, "[[keys]]\nid = \"a\"\n").unwrap();
+        commit(&v2);
+        commit(&format!("# v3\n{KEY}"));
+        fs::write(&path, &v2).unwrap();
+        assert_eq!(history(&path).unwrap().len(), 3);
+        let rolled = Editor::open(&path)
+            .unwrap()
+            .rollback(ParseOptions::default())
+            .unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), v1, "{rolled:?}");
+        // The v2 entry that was the file went with the restored one; the
+        // broken one stays.
+        assert_eq!(history(&path).unwrap().len(), 1);
+        let err = Editor::open(&path)
+            .unwrap()
+            .rollback(ParseOptions::default())
+            .unwrap_err();
+        assert!(matches!(err, EditError::Invalid(_)), "{err}");
+        assert!(
+            err.to_string().contains("no earlier version is a valid"),
+            "{err}"
+        );
     }
 
     #[test]
