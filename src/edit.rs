@@ -581,8 +581,8 @@ mod tests {
         assert!(err.to_string().contains("no earlier version"), "{err}");
     }
 
-    #[test]
-    fn an_edit_that_cannot_be_written_leaves_the_history_as_it_was() {
+    /// A key file written as `# v1` and edited to `# v2`.
+    fn edited_once() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.toml");
         fs::write(&path, format!("# v1\n{KEY}")).unwrap();
@@ -590,6 +590,12 @@ mod tests {
             .unwrap()
             .commit(&format!("# v2\n{KEY}"), ParseOptions::default())
             .unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn an_edit_that_cannot_be_written_leaves_the_history_as_it_was() {
+        let (_dir, path) = edited_once();
         // The temporary file's name taken by a directory: the write fails.
         let tmp = sibling(&path, &format!(".tmp-{}", std::process::id()));
         fs::create_dir(&tmp).unwrap();
@@ -651,13 +657,7 @@ mod tests {
 
     #[test]
     fn a_rollback_keeps_the_version_it_replaces() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys.toml");
-        fs::write(&path, format!("# v1\n{KEY}")).unwrap();
-        Editor::open(&path)
-            .unwrap()
-            .commit(&format!("# v2\n{KEY}"), ParseOptions::default())
-            .unwrap();
+        let (_dir, path) = edited_once();
         // Edited by hand after the last keyward edit.
         fs::write(&path, format!("# by hand\n{KEY}")).unwrap();
         let undone = Editor::open(&path)
