@@ -5,8 +5,11 @@
 //! 1. **watch** ([`Watch`]): inotify (via `notify`) on the key file's parent
 //!    directory — not the file, because editors, config management and
 //!    Kubernetes Secret volumes replace files by rename and through the
-//!    `..data` symlink swap. The watcher only *signals*.
-//! 2. **debounce** ([`run`]): bursts of events become one attempt.
+//!    `..data` symlink swap. The watcher only *signals*, and says whether
+//!    the file is being written in place ([`Signal`]). It is set up afresh
+//!    when the directories it watches are replaced ([`Watch::refresh`]).
+//! 2. **debounce** ([`run`]): bursts of events become one attempt; a file
+//!    being written in place is waited for until its writer closes it.
 //! 3. **read → parse → validate → build** ([`Reloader::reload`]): off the
 //!    serving threads; a file whose digest matches the serving ring is skipped.
 //! 4. **publish or keep**: one `ArcSwap` store of a complete ring, or keep the
@@ -44,6 +47,13 @@ pub const CONTENT_POLL_MAX_BYTES: u64 = 4 << 20;
 pub const DEBOUNCE: Duration = Duration::from_millis(20);
 /// Longest a burst of events can postpone a reload.
 pub const MAX_DEBOUNCE: Duration = Duration::from_millis(60);
+/// While the file is being written in place (written into and not yet
+/// closed), the quiet time after the last event before reloading anyway: a
+/// writer that paused that long, or a file system that does not report
+/// closes. A poll also leaves alone a file modified less than this ago.
+pub const WRITE_QUIET: Duration = Duration::from_secs(1);
+/// Longest a file being written in place can postpone a reload.
+pub const MAX_WRITE_WAIT: Duration = Duration::from_secs(10);
 
 /// What caused a reload attempt (for logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +89,10 @@ pub enum Outcome {
     Unchanged,
     /// The file could not be loaded; the previous ring keeps serving.
     Failed(String),
+    /// The file changed while it was read, or (found by a poll) was
+    /// modified a moment ago: it may be half written. Nothing is published
+    /// or reported; it is read again once it settles.
+    Changing,
 }
 
 /// The last failed reload, kept for the admin API.
@@ -126,6 +140,15 @@ pub(crate) struct Stamp {
     dev: u64,
 }
 
+impl Stamp {
+    /// Whether the file was modified less than `quiet` ago.
+    fn modified_within(self, quiet: Duration) -> bool {
+        self.modified
+            .and_then(|m| SystemTime::now().duration_since(m).ok())
+            .is_some_and(|ago| ago < quiet)
+    }
+}
+
 pub(crate) fn stamp(path: &Path) -> Option<Stamp> {
     // `metadata` follows symlinks, so a Kubernetes `..data` swap shows up as a
     // new inode even though `keys.toml` itself never changes.
@@ -171,6 +194,8 @@ pub struct Reloader {
     defer_digest_min: usize,
     /// How long a replaced ring is waited for ([`RELEASE_WAIT`]).
     release_wait: Duration,
+    /// A poll leaves a file modified less than this ago ([`WRITE_QUIET`]).
+    write_quiet: Duration,
 }
 
 impl Reloader {
@@ -189,7 +214,15 @@ impl Reloader {
             memory: Mutex::new(memory),
             defer_digest_min: keyfile::DEFER_DIGEST_MIN_BYTES,
             release_wait: RELEASE_WAIT,
+            write_quiet: WRITE_QUIET,
         }
+    }
+
+    /// A poll leaves alone a file modified less than `quiet` ago (normally
+    /// [`WRITE_QUIET`]; tests that poll right after writing lower it).
+    pub fn write_quiet(mut self, quiet: Duration) -> Reloader {
+        self.write_quiet = quiet;
+        self
     }
 
     /// Hashes files of at least `bytes` after publishing their ring
@@ -271,7 +304,13 @@ impl Reloader {
     pub fn reload(&self, trigger: Trigger) -> Outcome {
         let started = std::time::Instant::now();
         let mut memory = self.memory();
-        memory.stamp = stamp(&self.path);
+        let before = stamp(&self.path);
+        memory.stamp = before;
+        // Without a watch to say when a write in place ends, a file
+        // modified a moment ago may be half written.
+        if trigger == Trigger::Poll && before.is_some_and(|s| s.modified_within(self.write_quiet)) {
+            return self.changing(&mut memory);
+        }
         let threads = self.options.threads;
         // The file's bytes and the parser's records live for this reload
         // only: ordinary pages (see `pages::transient`).
@@ -282,6 +321,9 @@ impl Reloader {
                 return self.fail(trigger, err.to_string());
             }
         };
+        if stamp(&self.path) != before {
+            return self.changing(&mut memory);
+        }
         let fingerprint = keyfile::fingerprint(&bytes);
         let current = self.shared.ring.load_full();
         // The serving file's fingerprint, if this reloader knows it.
@@ -403,6 +445,13 @@ impl Reloader {
             self.shared.reloads.set_error(None);
         }
         Outcome::Unchanged
+    }
+
+    fn changing(&self, memory: &mut Memory) -> Outcome {
+        // The next poll tick looks again.
+        memory.stamp = None;
+        tracing::debug!("the key file is being written; reading it once it settles");
+        Outcome::Changing
     }
 
     fn fail(&self, trigger: Trigger, message: String) -> Outcome {
@@ -548,78 +597,246 @@ fn changes(old: KeyRef<'_>, new: KeyRef<'_>) -> Vec<String> {
     what
 }
 
-/// A filesystem watch that signals `notify` on relevant events.
-pub struct Watch {
-    _watcher: notify::RecommendedWatcher,
-    /// Directories being watched.
-    pub dirs: Vec<PathBuf>,
+/// What a [`Watch`] tells the reload loop: that something changed, and
+/// whether the file is being written in place at the moment.
+#[derive(Debug, Default)]
+pub struct Signal {
+    notify: Notify,
+    /// A write into a followed file was seen, and not yet the file's close
+    /// after writing: the file may be half written (a script's `>`
+    /// redirection, a slow copy). Renames and new files clear it.
+    writing: std::sync::atomic::AtomicBool,
 }
 
-impl std::fmt::Debug for Watch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Watch").field("dirs", &self.dirs).finish()
+impl Signal {
+    /// A signal no one has raised.
+    pub fn new() -> Signal {
+        Signal::default()
+    }
+
+    /// Asks for a reload attempt.
+    pub fn notify(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Waits for the next [`Signal::notify`] (or one made before this call
+    /// and not yet waited for).
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Whether a followed file is being written in place.
+    pub fn writing(&self) -> bool {
+        self.writing.load(Ordering::Relaxed)
+    }
+
+    fn set_writing(&self, writing: bool) {
+        self.writing.store(writing, Ordering::Relaxed);
     }
 }
 
-impl Watch {
-    /// Watches the directory holding `path` (and, if `path` is a symlink into
-    /// another directory tree, the directory of its target).
-    pub fn start(path: &Path, signal: Arc<Notify>) -> notify::Result<Watch> {
+/// The directories to watch for a file, and the names in them that matter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Plan {
+    /// The file's directory first, then where links on its way point.
+    dirs: Vec<PathBuf>,
+    /// The file's name, its target's name (if a link), and the names of
+    /// directory links on its path.
+    names: Vec<std::ffi::OsString>,
+    /// Each directory's identity (device and inode, through links) when
+    /// the plan was made: a directory renamed away, replaced, or a link
+    /// re-pointed, changes it.
+    ids: Vec<Option<(u64, u64)>>,
+}
+
+fn dir_id(dir: &Path) -> Option<(u64, u64)> {
+    let m = std::fs::metadata(dir).ok()?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Some((m.dev(), m.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = m;
+        Some((0, 0))
+    }
+}
+
+impl Plan {
+    fn of(path: &Path) -> Plan {
         let path = absolute(path);
         let parent = path
             .parent()
             .map_or_else(|| PathBuf::from("/"), Path::to_owned);
-        let name = path.file_name().map(|n| n.to_owned()).unwrap_or_default();
         let mut dirs = vec![parent.clone()];
-        let mut target_name = None;
+        let mut names: Vec<std::ffi::OsString> =
+            path.file_name().map(|n| n.to_owned()).into_iter().collect();
+        // A directory link on the way (`current -> v2`): re-pointing it
+        // moves the file, and shows only in the link's own directory.
+        let mut prefix = PathBuf::new();
+        for component in parent.components() {
+            prefix.push(component);
+            if std::fs::symlink_metadata(&prefix).is_ok_and(|m| m.file_type().is_symlink())
+                && let (Some(dir), Some(name)) = (prefix.parent(), prefix.file_name())
+            {
+                dirs.push(dir.to_owned());
+                names.push(name.to_owned());
+            }
+        }
         if let Ok(canonical) = std::fs::canonicalize(&path)
             && let Some(target_dir) = canonical.parent()
         {
             let parent_canonical = std::fs::canonicalize(&parent).unwrap_or(parent.clone());
-            // Kubernetes volumes point into a timestamped `..` subdirectory
-            // that each update replaces: the `..data` swap is seen from the
-            // parent already. Any other directory the link points into
-            // (beside or below the parent) is where edits land.
-            let kubernetes = target_dir.starts_with(&parent_canonical)
-                && target_dir
+            if target_dir != parent_canonical {
+                // Kubernetes volumes point into a timestamped `..` directory
+                // that each update replaces by swapping the `..data` link
+                // beside it: that is where to look, not inside the
+                // directory about to go.
+                let kubernetes = target_dir
                     .file_name()
                     .is_some_and(|n| n.to_string_lossy().starts_with(".."));
-            if target_dir != parent_canonical && !kubernetes {
-                dirs.push(target_dir.to_owned());
-                target_name = canonical.file_name().map(|n| n.to_owned());
+                match target_dir.parent() {
+                    Some(volume) if kubernetes => {
+                        if volume != parent_canonical {
+                            dirs.push(volume.to_owned());
+                        }
+                    }
+                    _ => {
+                        dirs.push(target_dir.to_owned());
+                        names.extend(canonical.file_name().map(|n| n.to_owned()));
+                    }
+                }
             }
         }
-        let mut watcher =
-            notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-                let relevant = match res {
-                    // An error may mean lost events: reload to be safe.
-                    Err(_) => true,
-                    Ok(ev) => {
-                        !matches!(ev.kind, EventKind::Access(_))
-                            && (ev.need_rescan()
-                                || ev.paths.is_empty()
-                                || ev.paths.iter().any(|p| {
-                                    p.file_name().is_some_and(|n| {
-                                        n == name.as_os_str()
-                                        || target_name.as_deref() == Some(n)
-                                        // Kubernetes atomic writer: `..data`, `..data_tmp`.
-                                        || n.to_string_lossy().starts_with("..")
-                                    })
-                                }))
-                    }
-                };
-                if relevant {
-                    signal.notify_one();
-                }
-            })?;
-        for dir in &dirs {
-            watcher.watch(dir, RecursiveMode::NonRecursive)?;
-        }
+        let mut seen = std::collections::HashSet::new();
+        dirs.retain(|d| seen.insert(d.clone()));
+        let ids = dirs.iter().map(|d| dir_id(d)).collect();
+        Plan { dirs, names, ids }
+    }
+
+    /// Whether `path`, named in an event, is a followed file (not one of
+    /// the directories).
+    fn is_file(&self, path: &Path) -> bool {
+        path.file_name()
+            .is_some_and(|n| self.names.iter().any(|m| m == n))
+            && !self.dirs.iter().any(|d| d == path)
+    }
+
+    /// Whether an event about `path` may change what the file holds.
+    fn matters(&self, path: &Path) -> bool {
+        self.dirs.iter().any(|d| d == path)
+            || path.file_name().is_some_and(|n| {
+                self.names.iter().any(|m| m == n)
+                    // Kubernetes atomic writer: `..data`, `..data_tmp`.
+                    || n.to_string_lossy().starts_with("..")
+            })
+    }
+}
+
+/// A filesystem watch that signals on relevant events, and follows the
+/// file's directories when they are replaced ([`Watch::refresh`]).
+pub struct Watch {
+    path: PathBuf,
+    signal: Arc<Signal>,
+    current: Mutex<(notify::RecommendedWatcher, Arc<Plan>)>,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch")
+            .field("dirs", &self.dirs())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Watch {
+    /// Watches the directory holding `path`; if `path` is a symlink into
+    /// another directory tree, the directory of its target too (for a
+    /// Kubernetes volume, the volume's directory); and the directory of
+    /// every directory link on its way.
+    pub fn start(path: &Path, signal: Arc<Signal>) -> notify::Result<Watch> {
+        let current = Mutex::new(watch(Plan::of(path), Arc::clone(&signal))?);
         Ok(Watch {
-            _watcher: watcher,
-            dirs,
+            path: path.to_owned(),
+            signal,
+            current,
         })
     }
+
+    /// Directories being watched.
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        self.lock().1.dirs.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (notify::RecommendedWatcher, Arc<Plan>)> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Watches afresh if the directories to watch are no longer those
+    /// watched (a directory renamed away or replaced, a link re-pointed,
+    /// a Kubernetes volume's data directory swapped) and signals then, as
+    /// a change may have gone unseen. Whether it did. Blocking (a few
+    /// `stat`s); call it off the serving threads.
+    pub fn refresh(&self) -> notify::Result<bool> {
+        let plan = Plan::of(&self.path);
+        if *self.lock().1 == plan {
+            return Ok(false);
+        }
+        tracing::info!(dirs = ?plan.dirs, "the key file's directories changed; watching them afresh");
+        let fresh = watch(plan, Arc::clone(&self.signal))?;
+        *self.lock() = fresh;
+        self.signal.notify();
+        Ok(true)
+    }
+}
+
+/// A watcher of `plan`'s directories, raising `signal`.
+fn watch(
+    plan: Plan,
+    signal: Arc<Signal>,
+) -> notify::Result<(notify::RecommendedWatcher, Arc<Plan>)> {
+    use notify::event::{AccessKind, AccessMode, ModifyKind};
+    let plan = Arc::new(plan);
+    let seen = Arc::clone(&plan);
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let ev = match res {
+            Ok(ev) => ev,
+            // An error may mean lost events: reload to be safe.
+            Err(_) => return signal.notify(),
+        };
+        if ev.need_rescan() || ev.paths.is_empty() {
+            signal.set_writing(false);
+            return signal.notify();
+        }
+        let file = ev.paths.iter().any(|p| seen.is_file(p));
+        match ev.kind {
+            // Written into: more may follow until the writer closes it.
+            EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) if file => {
+                signal.set_writing(true);
+            }
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) if file => {
+                signal.set_writing(false);
+            }
+            EventKind::Access(_) => return,
+            // Renamed into place, created, removed: whole files.
+            EventKind::Create(_)
+            | EventKind::Remove(_)
+            | EventKind::Modify(ModifyKind::Name(_))
+                if file =>
+            {
+                signal.set_writing(false);
+            }
+            _ => {}
+        }
+        if ev.paths.iter().any(|p| seen.matters(p)) {
+            signal.notify();
+        }
+    })?;
+    for dir in &plan.dirs {
+        watcher.watch(dir, RecursiveMode::NonRecursive)?;
+    }
+    Ok((watcher, plan))
 }
 
 fn absolute(path: &Path) -> PathBuf {
@@ -629,6 +846,9 @@ fn absolute(path: &Path) -> PathBuf {
 /// How the reloader learns about changes.
 #[derive(Debug)]
 pub struct ReloadSettings {
+    /// The watch raising the loop's signal, refreshed after every attempt
+    /// and poll tick ([`Watch::refresh`]); `None` when not watching.
+    pub watch: Option<Arc<Watch>>,
     /// Poll the file's metadata this often (`None` disables polling).
     pub poll_interval: Option<Duration>,
     /// Reload on SIGHUP (see [`listen_sighup`]).
@@ -686,7 +906,7 @@ pub const RAISE_ANYWAY_AFTER: Duration = Duration::from_secs(10);
 /// priority (raised when it starves; see [`wait_for_reload`]).
 pub async fn run(
     reloader: Arc<Reloader>,
-    signal: Arc<Notify>,
+    signal: Arc<Signal>,
     settings: ReloadSettings,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -729,6 +949,7 @@ pub async fn run(
             }
             () = tick => {
                 quiet_ticks += 1;
+                refresh(settings.watch.as_ref()).await;
                 if reloader.changed_on_disk() {
                     quiet_ticks = 0;
                     Trigger::Poll
@@ -746,13 +967,30 @@ pub async fn run(
             () = hup_recv => Trigger::Signal,
         };
         match thread.start(&reloader, trigger) {
-            Ok(mut rx) => {
-                if wait_for_reload(&mut rx).await.is_err() {
-                    tracing::error!("reload thread failed");
-                }
-            }
+            Ok(mut rx) => match wait_for_reload(&mut rx).await {
+                // Half written, most likely: once more after the next
+                // quiet spell (a poll's next tick looks again by itself).
+                Ok(Outcome::Changing) if trigger != Trigger::Poll => signal.notify(),
+                Ok(_) => {}
+                Err(_) => tracing::error!("reload thread failed"),
+            },
             Err(e) => tracing::error!(error = %e, "cannot start a reload thread"),
         }
+        refresh(settings.watch.as_ref()).await;
+    }
+}
+
+/// [`Watch::refresh`], off the serving threads.
+async fn refresh(watch: Option<&Arc<Watch>>) {
+    let Some(watch) = watch else { return };
+    let watch = Arc::clone(watch);
+    match tokio::task::spawn_blocking(move || watch.refresh()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(
+            error = %e,
+            "cannot watch the key file's directories afresh; polling finds changes meanwhile"
+        ),
+        Err(e) => tracing::error!(error = %e, "watch refresh task failed"),
     }
 }
 
@@ -936,17 +1174,25 @@ async fn wait_for_reload(
 }
 
 /// Waits until events stop arriving for [`DEBOUNCE`] (at most [`MAX_DEBOUNCE`]).
-async fn debounce(signal: &Notify) {
-    let deadline = tokio::time::Instant::now() + MAX_DEBOUNCE;
+/// Waits for a burst of events to end: [`DEBOUNCE`] of quiet, at most
+/// [`MAX_DEBOUNCE`]; while the file is being written in place, until the
+/// writer closes it, or after [`WRITE_QUIET`] of quiet, at most
+/// [`MAX_WRITE_WAIT`].
+async fn debounce(signal: &Signal) {
+    let started = tokio::time::Instant::now();
     loop {
-        let quiet = tokio::time::sleep(DEBOUNCE);
+        let (quiet, most) = if signal.writing() {
+            (WRITE_QUIET, MAX_WRITE_WAIT)
+        } else {
+            (DEBOUNCE, MAX_DEBOUNCE)
+        };
         tokio::select! {
             () = signal.notified() => {
-                if tokio::time::Instant::now() >= deadline {
+                if started.elapsed() >= most {
                     return;
                 }
             }
-            () = quiet => return,
+            () = tokio::time::sleep(quiet) => return,
         }
     }
 }
@@ -976,7 +1222,8 @@ mod tests {
         };
         let ring = KeyRing::build(&file, source, &usage, None);
         let shared = Arc::new(Shared::new(ring, usage, Default::default()));
-        let r = Reloader::new(path.clone(), ParseOptions::default(), Arc::clone(&shared));
+        let r = Reloader::new(path.clone(), ParseOptions::default(), Arc::clone(&shared))
+            .write_quiet(Duration::ZERO);
         (dir, path, r, shared)
     }
 
@@ -1247,8 +1494,9 @@ mod tests {
             threads: keyfile::Threads::new(1),
             ..ParseOptions::default()
         };
-        let r =
-            Reloader::new(r.path().to_owned(), options, Arc::clone(&shared)).defer_digest_from(0);
+        let r = Reloader::new(r.path().to_owned(), options, Arc::clone(&shared))
+            .defer_digest_from(0)
+            .write_quiet(Duration::ZERO);
         // The first reload does not know the serving file's fingerprint, so
         // it waits for the digest before it publishes; the second does not.
         std::fs::write(&path, key("a", "sa", "") + &key("c", "sc", "")).unwrap();
@@ -1385,6 +1633,42 @@ mod tests {
         assert!(!r.changed_on_disk());
     }
 
+    #[cfg(unix)]
+    #[test]
+    fn the_plan_watches_where_links_point_and_where_they_are() {
+        use std::os::unix::fs::symlink;
+        let root = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(root.path()).unwrap();
+        // app/keys.toml -> vol/keys.toml -> ..data/keys.toml, with
+        // ..data -> ..2026_A: a Kubernetes volume reached from elsewhere.
+        let vol = root.join("vol");
+        std::fs::create_dir_all(vol.join("..2026_A")).unwrap();
+        std::fs::write(vol.join("..2026_A/keys.toml"), "").unwrap();
+        symlink("..2026_A", vol.join("..data")).unwrap();
+        symlink("..data/keys.toml", vol.join("keys.toml")).unwrap();
+        std::fs::create_dir(root.join("app")).unwrap();
+        symlink(vol.join("keys.toml"), root.join("app/keys.toml")).unwrap();
+        let plan = Plan::of(&root.join("app/keys.toml"));
+        assert_eq!(plan.dirs, [root.join("app"), vol.clone()]);
+        // Not the data directory, which the next update removes.
+        assert!(plan.matters(&vol.join("..data")));
+        // A directory link on the way: current -> v1.
+        std::fs::create_dir(root.join("v1")).unwrap();
+        std::fs::write(root.join("v1/keys.toml"), "").unwrap();
+        symlink("v1", root.join("current")).unwrap();
+        let plan = Plan::of(&root.join("current/keys.toml"));
+        assert_eq!(plan.dirs, [root.join("current"), root.clone()]);
+        assert!(plan.matters(&root.join("current")), "the link, re-pointed");
+        assert!(plan.is_file(&root.join("current/keys.toml")));
+        assert!(!plan.is_file(&root.join("current")));
+        assert!(!plan.matters(&root.join("v1")));
+        // Re-pointing the link changes the plan.
+        std::fs::create_dir(root.join("v2")).unwrap();
+        symlink("v2", root.join("next")).unwrap();
+        std::fs::rename(root.join("next"), root.join("current")).unwrap();
+        assert_ne!(Plan::of(&root.join("current/keys.toml")), plan);
+    }
+
     #[test]
     fn a_fifo_in_place_of_the_file_fails_the_reload_without_blocking() {
         let (dir, path, r, shared) = setup(&key("a", "sa", ""));
@@ -1437,7 +1721,8 @@ mod tests {
         let (_d, path, r, _shared) = setup(&key("a", "sa", ""));
         let before = stamp(&path);
         std::fs::write(&path, key("a", "sa", "") + "# written during startup\n").unwrap();
-        let r2 = Reloader::new(path.clone(), ParseOptions::default(), Arc::clone(&r.shared));
+        let r2 = Reloader::new(path.clone(), ParseOptions::default(), Arc::clone(&r.shared))
+            .write_quiet(Duration::ZERO);
         assert!(!r2.changed_on_disk(), "a stamp taken now sees no change");
         r2.note_read_stamp(before);
         assert!(r2.changed_on_disk());

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic_health::ServingStatus;
@@ -111,8 +111,8 @@ pub struct Server {
     config: Config,
     shared: Arc<Shared>,
     reloader: Arc<Reloader>,
-    signal: Arc<Notify>,
-    watch: Option<Watch>,
+    signal: Arc<reload::Signal>,
+    watch: Option<Arc<Watch>>,
 }
 
 impl Server {
@@ -120,10 +120,10 @@ impl Server {
     pub fn load(mut config: Config) -> Result<Server, KeyFileError> {
         // The watch is set up before the first read, so a change racing with
         // startup is not missed.
-        let signal = Arc::new(Notify::new());
+        let signal = Arc::new(reload::Signal::new());
         let watch = if config.watch {
             match Watch::start(&config.keys, Arc::clone(&signal)) {
-                Ok(w) => Some(w),
+                Ok(w) => Some(Arc::new(w)),
                 Err(e) => {
                     let every = config.poll_interval.unwrap_or(FALLBACK_POLL_INTERVAL);
                     config.poll_interval = Some(every);
@@ -235,8 +235,8 @@ impl Server {
     }
 
     /// Directories watched for changes (empty when polling only).
-    pub fn watched_dirs(&self) -> &[PathBuf] {
-        self.watch.as_ref().map_or(&[], |w| &w.dirs)
+    pub fn watched_dirs(&self) -> Vec<PathBuf> {
+        self.watch.as_ref().map_or_else(Vec::new, |w| w.dirs())
     }
 
     /// The configuration the server was loaded with.
@@ -262,6 +262,7 @@ impl Server {
             Arc::clone(&self.reloader),
             Arc::clone(&self.signal),
             ReloadSettings {
+                watch: self.watch.clone(),
                 poll_interval: self.config.poll_interval,
                 #[cfg(unix)]
                 sighup: if self.config.sighup {

@@ -19,7 +19,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 
 /// How long a client may take to complete the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -138,7 +138,7 @@ impl TlsReloader {
         poll: Duration,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
-        let signal = Arc::new(Notify::new());
+        let signal = Arc::new(crate::reload::Signal::new());
         let mut paths = vec![self.files.cert.clone(), self.files.key.clone()];
         paths.extend(self.files.client_ca.clone());
         let _watches: Vec<_> = paths

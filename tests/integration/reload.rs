@@ -82,6 +82,19 @@ async fn until_allowed(client: &mut AuthorizationClient<Channel>, secret: &str) 
     start.elapsed()
 }
 
+/// Truncates `path` and writes `text` into the same inode (as `>` in a
+/// shell or many editors do), synced; the handle stays open for more.
+fn write_in_place(path: &Path, text: &str) -> std::fs::File {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f.sync_all().unwrap();
+    f
+}
+
 async fn ring_status(server: &Running) -> serde_json::Value {
     reqwest::get(format!("http://{}/ring", server.admin))
         .await
@@ -101,16 +114,10 @@ async fn in_place_write_is_picked_up() {
         Err(r#"{"error":"unknown_key"}"#.into())
     );
 
-    // Truncate and write the same inode, as `>` in a shell or many editors do.
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .open(&keys.path)
-        .unwrap();
-    f.write_all((key("a", "secret-a") + &key("b", "secret-b")).as_bytes())
-        .unwrap();
-    f.sync_all().unwrap();
-    drop(f);
+    drop(write_in_place(
+        &keys.path,
+        &(key("a", "secret-a") + &key("b", "secret-b")),
+    ));
     let took = until_allowed(&mut c, "secret-b").await;
     eprintln!("in-place write serving after {took:?}");
     assert_eq!(decide(&mut c, "secret-a").await, Ok("a".into()));
@@ -203,6 +210,85 @@ async fn kubernetes_secret_volume_swap_is_picked_up() {
         eprintln!("..data swap serving after {took:?}");
     }
     assert_eq!(ring_status(&server).await["generation"], 3);
+    server.stop().await;
+}
+
+/// A writer that pauses in the middle (a script's `>` redirection, a slow
+/// copy): the half-written file is never served, the whole one is, once.
+#[tokio::test]
+async fn a_slow_write_in_place_is_served_once_it_is_finished() {
+    let keys = KeyDir::new(&key("a", "secret-a"));
+    let server = Running::start(&keys.path).await;
+    let mut c = client(&server).await;
+    // A valid file so far, which a reload must not take for the whole.
+    let mut f = write_in_place(&keys.path, &(key("a", "secret-a") + &key("b", "secret-b")));
+    // The writer pauses (well past the debounce of 20-60 ms, well within
+    // the 1 s a write in progress is given).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    f.write_all(key("c", "secret-c").as_bytes()).unwrap();
+    drop(f);
+    until_allowed(&mut c, "secret-c").await;
+    assert_eq!(decide(&mut c, "secret-b").await, Ok("b".into()));
+    assert_eq!(
+        ring_status(&server).await["generation"],
+        2,
+        "one ring published, from the finished file"
+    );
+    server.stop().await;
+}
+
+/// The key file's directory renamed away and another renamed into its
+/// place (a deployment tool swapping directories): with polling off, the
+/// watch sees the swap and then follows the new directory.
+#[tokio::test]
+async fn a_replaced_directory_is_watched_afresh() {
+    let root = tempfile::tempdir().unwrap();
+    let current = root.path().join("current");
+    std::fs::create_dir(&current).unwrap();
+    std::fs::write(current.join("keys.toml"), key("a", "secret-a")).unwrap();
+    let mut config = Config::new(current.join("keys.toml"));
+    config.poll_interval = None;
+    let server = Running::start_with(config).await;
+    let mut c = client(&server).await;
+    let next = root.path().join("next");
+    std::fs::create_dir(&next).unwrap();
+    std::fs::write(next.join("keys.toml"), key("b", "secret-b")).unwrap();
+    std::fs::rename(&current, root.path().join("old")).unwrap();
+    std::fs::rename(&next, &current).unwrap();
+    until_allowed(&mut c, "secret-b").await;
+    // An edit in the new directory is seen too.
+    std::fs::write(current.join("keys.toml"), key("c", "secret-c")).unwrap();
+    until_allowed(&mut c, "secret-c").await;
+    server.stop().await;
+}
+
+/// `--keys …/current/keys.toml` with `current` a link re-pointed from one
+/// release directory to the next (`ln -sfn v2 current`): with polling off,
+/// the watch sees the link change and then follows the new directory.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_re_pointed_directory_link_is_followed() {
+    use std::os::unix::fs::symlink;
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    for (dir, id) in [("v1", "a"), ("v2", "b")] {
+        std::fs::create_dir(r.join(dir)).unwrap();
+        std::fs::write(
+            r.join(dir).join("keys.toml"),
+            key(id, &format!("secret-{id}")),
+        )
+        .unwrap();
+    }
+    symlink("v1", r.join("current")).unwrap();
+    let mut config = Config::new(r.join("current/keys.toml"));
+    config.poll_interval = None;
+    let server = Running::start_with(config).await;
+    let mut c = client(&server).await;
+    symlink("v2", r.join("current.tmp")).unwrap();
+    std::fs::rename(r.join("current.tmp"), r.join("current")).unwrap();
+    until_allowed(&mut c, "secret-b").await;
+    std::fs::write(r.join("v2/keys.toml"), key("c", "secret-c")).unwrap();
+    until_allowed(&mut c, "secret-c").await;
     server.stop().await;
 }
 
