@@ -146,6 +146,7 @@ async fn keys(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         .collect();
     Json(serde_json::json!({
         "generation": ring.generation(),
+        "counting_since": shared.counting_since.to_string(),
         "keys": keys,
     }))
 }

@@ -44,6 +44,9 @@ pub struct Shared {
     pub reloads: crate::reload::ReloadStats,
     /// Brute-force lockout state.
     pub lockout: crate::lockout::Lockout,
+    /// Since when `usage` counts: a key unused since then may have been
+    /// used before (by an earlier process).
+    pub counting_since: jiff::Timestamp,
 }
 
 impl Shared {
@@ -60,6 +63,7 @@ impl Shared {
             stats: CheckStats::default(),
             reloads: crate::reload::ReloadStats::default(),
             lockout: crate::lockout::Lockout::new(lockout),
+            counting_since: jiff::Timestamp::now(),
         }
     }
 }

@@ -19,6 +19,9 @@ pub struct KeyReport {
     pub requests: u64,
     /// Last allowed request (RFC 3339), if any.
     pub last_used: Option<String>,
+    /// Start of validity (RFC 3339), if any.
+    #[serde(default)]
+    pub not_before: Option<String>,
     /// Expiry (RFC 3339), if any.
     pub expires_at: Option<String>,
 }
@@ -28,6 +31,10 @@ pub struct KeyReport {
 pub struct KeysReport {
     /// Serving generation.
     pub generation: u64,
+    /// Since when the server counts use (RFC 3339): its start. Absent
+    /// from servers that predate it.
+    #[serde(default)]
+    pub counting_since: Option<String>,
     /// Keys in file order.
     pub keys: Vec<KeyReport>,
 }
@@ -77,20 +84,38 @@ pub fn verdict(report: &KeysReport, index: usize, now: Timestamp, idle: Duration
     if parse(k.expires_at.as_deref()).is_some_and(|e| now >= e) {
         return "expired".into();
     }
-    // Superseded: the client has an active key added after this one.
-    let superseded = report.keys[index + 1..]
-        .iter()
-        .any(|o| o.client == k.client && o.state == "active");
+    // Superseded: the client has an active key, added after this one,
+    // that works now (not one issued ahead, nor one expired).
+    let superseded = report.keys[index + 1..].iter().any(|o| {
+        o.client == k.client
+            && o.state == "active"
+            && parse(o.not_before.as_deref()).is_none_or(|t| t <= now)
+            && parse(o.expires_at.as_deref()).is_none_or(|t| now < t)
+    });
     if k.state != "deprecated" && !superseded {
         return "in service".into();
     }
     let last = parse(k.last_used.as_deref());
     let idle_for = last.map(|t| now.duration_since(t));
-    let idle = jiff::SignedDuration::try_from(idle).unwrap_or(jiff::SignedDuration::MAX);
-    match idle_for {
-        Some(d) if d < idle => format!("still in use ({})", ago(now, last)),
-        _ => "SAFE TO RETIRE".into(),
+    let wanted = jiff::SignedDuration::try_from(idle).unwrap_or(jiff::SignedDuration::MAX);
+    if let Some(d) = idle_for
+        && d < wanted
+    {
+        return format!("still in use ({})", ago(now, last));
     }
+    // Unused since the server started counting: that says nothing until
+    // it has counted for the whole idle time (a restart forgets).
+    let counted = parse(report.counting_since.as_deref()).map(|t| now.duration_since(t));
+    if let Some(counted) = counted
+        && counted < wanted
+    {
+        let counted = Duration::from_secs(counted.as_secs().max(0).unsigned_abs());
+        return format!(
+            "not yet: unused in the {} counted since the server started",
+            humanize(counted)
+        );
+    }
+    "SAFE TO RETIRE".into()
 }
 
 /// Renders the status table, grouped by client.
@@ -154,6 +179,7 @@ mod tests {
             state: state.into(),
             requests: 7,
             last_used: last_used.map(Into::into),
+            not_before: None,
             expires_at: None,
         }
     }
@@ -166,6 +192,7 @@ mod tests {
         expired.expires_at = Some("2026-11-01T00:00:00Z".into());
         let report = KeysReport {
             generation: 3,
+            counting_since: Some("2026-11-27T09:00:00Z".into()),
             keys: vec![
                 key("acme-1", "acme", "deprecated", Some("2026-11-27T11:59:00Z")),
                 key("acme-0", "acme", "deprecated", Some("2026-11-27T10:00:00Z")),
@@ -196,5 +223,38 @@ mod tests {
             acme_rows[0].contains("acme-1"),
             "file order within a client: {table}"
         );
+    }
+
+    #[test]
+    fn only_a_key_that_works_now_supersedes_and_a_restart_is_not_idleness() {
+        let now: Timestamp = "2026-11-27T12:00:00Z".parse().unwrap();
+        let idle = Duration::from_secs(15 * 60);
+        let mut ahead = key("acme-2", "acme", "active", None);
+        ahead.not_before = Some("2026-12-01T00:00:00Z".into());
+        let mut lapsed = key("globex-2", "globex", "active", None);
+        lapsed.expires_at = Some("2026-11-27T11:00:00Z".into());
+        let mut report = KeysReport {
+            generation: 1,
+            counting_since: Some("2026-11-27T11:58:00Z".into()),
+            keys: vec![
+                key("acme-1", "acme", "active", None),
+                ahead,
+                key("globex-1", "globex", "active", None),
+                lapsed,
+                key("initech-1", "initech", "deprecated", None),
+            ],
+        };
+        let v = |r: &KeysReport, i| verdict(r, i, now, idle);
+        assert_eq!(v(&report, 0), "in service", "its successor starts later");
+        assert_eq!(v(&report, 2), "in service", "its successor has expired");
+        assert_eq!(
+            v(&report, 4),
+            "not yet: unused in the 2m counted since the server started"
+        );
+        report.counting_since = Some("2026-11-27T11:45:00Z".into());
+        assert_eq!(v(&report, 4), "SAFE TO RETIRE");
+        // A server that does not say since when it counts: as before.
+        report.counting_since = None;
+        assert_eq!(v(&report, 4), "SAFE TO RETIRE");
     }
 }

@@ -280,40 +280,58 @@ async fn status_shows_which_old_keys_are_safe_to_retire() {
     call(&mut c, Some("s-new"), None).await;
     call(&mut c, Some("s-old"), None).await;
     let admin = server.admin.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_keyward"))
-            .args(["status", "--admin", &admin, "--idle", "10m"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let table = String::from_utf8(out.stdout).unwrap();
-    let row = |id: &str| {
+    let status = |idle: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let out = tokio::task::spawn_blocking(move || {
+                Command::new(env!("CARGO_BIN_EXE_keyward"))
+                    .args(["status", "--admin", &admin, "--idle", idle])
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        }
+    };
+    let row = |table: &str, id: &str| {
         table
             .lines()
             .find(|l| l.contains(id))
             .unwrap_or_else(|| panic!("{id}:\n{table}"))
             .to_owned()
     };
-    assert!(row("acme-new").ends_with("in service"), "{table}");
+    let table = status("10m").await;
+    assert!(row(&table, "acme-new").ends_with("in service"), "{table}");
     assert!(
-        row("acme-old").contains("still in use"),
+        row(&table, "acme-old").contains("still in use"),
         "used just now:\n{table}"
     );
     assert!(
-        row("globex-1").ends_with("SAFE TO RETIRE"),
-        "superseded and never used:\n{table}"
+        row(&table, "globex-1").contains("not yet: unused in the"),
+        "superseded and unused, but only since the server started:\n{table}"
     );
-    assert!(row("globex-2").ends_with("in service"), "{table}");
+    assert!(row(&table, "globex-2").ends_with("in service"), "{table}");
     assert!(
-        row("acme-new").contains(" 1 "),
+        row(&table, "acme-new").contains(" 1 "),
         "request count shown:\n{table}"
     );
+    // Once the server has counted for the whole idle time, unused is unused.
+    eventually(
+        Duration::from_secs(10),
+        "globex-1 safe to retire",
+        || async {
+            let table = status("1s").await;
+            row(&table, "globex-1")
+                .ends_with("SAFE TO RETIRE")
+                .then_some(())
+        },
+    )
+    .await;
     server.stop().await;
 }
