@@ -437,6 +437,22 @@ pub fn read(path: &Path) -> Result<Vec<u8>, KeyFileError> {
 
 /// [`read`], sharing a large file's reading between at most `threads`.
 pub fn read_on(path: &Path, threads: Threads) -> Result<Vec<u8>, KeyFileError> {
+    read_checked(path, threads).map(|r| r.bytes)
+}
+
+/// A key file's bytes, and whether the file held still while they were read.
+#[derive(Debug)]
+pub struct Read {
+    /// What was read.
+    pub bytes: Vec<u8>,
+    /// Whether the open file's size and modification time were the same
+    /// after the read as before: false if something wrote into it meanwhile,
+    /// so the bytes may be a mix, or a file not yet finished.
+    pub steady: bool,
+}
+
+/// [`read_on`], telling whether the file held still ([`Read::steady`]).
+pub fn read_checked(path: &Path, threads: Threads) -> Result<Read, KeyFileError> {
     let io = |source| KeyFileError::Io {
         path: path.to_owned(),
         source,
@@ -452,24 +468,38 @@ pub fn read_on(path: &Path, threads: Threads) -> Result<Vec<u8>, KeyFileError> {
             ),
         )));
     }
-    if threads.two()
-        && let Some(bytes) = read_halves(&file, meta.len())
-    {
-        return Ok(bytes);
-    }
+    let halves = if threads.two() {
+        read_halves(&file, meta.len())
+    } else {
+        None
+    };
+    let bytes = match halves {
+        Some(bytes) => bytes,
+        None => read_whole(&file, meta.len()).map_err(io)?,
+    };
+    // The same open file, so a rename over the path since does not count:
+    // the bytes came whole from the file that was there.
+    let steady = file.metadata().is_ok_and(|after| {
+        after.len() == meta.len() && after.modified().ok() == meta.modified().ok()
+    });
+    Ok(Read { bytes, steady })
+}
+
+/// Reads `file`, whose metadata said `len` bytes, to its end.
+fn read_whole(file: &std::fs::File, len: u64) -> std::io::Result<Vec<u8>> {
     // Room for the file as its metadata says, and one byte more to see its
     // end; it grows if the file does. The room is not cleared first: reads
     // go straight into it (a kept block of a million-key file's size would
     // otherwise be zeroed, 150 MB, only to be overwritten).
     let limit = MAX_FILE_BYTES as usize + 1;
-    let expected = usize::try_from(meta.len()).unwrap_or(0);
+    let expected = usize::try_from(len).unwrap_or(0);
     let mut bytes = Vec::with_capacity(expected.saturating_add(1).min(limit));
     loop {
         if bytes.len() as u64 > MAX_FILE_BYTES {
-            return Err(io(std::io::Error::new(
+            return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 "the file grew past the size limit while being read",
-            )));
+            ));
         }
         if bytes.len() == bytes.capacity() {
             let more = bytes.len().max(64 << 10).min(limit - bytes.len());
@@ -480,13 +510,13 @@ pub fn read_on(path: &Path, threads: Threads) -> Result<Vec<u8>, KeyFileError> {
         let chunk = spare.len().min(READ_CHUNK);
         let room = &mut spare[..chunk];
         fault_in(room);
-        match read_at_uninit(&file, room, at) {
+        match read_at_uninit(file, room, at) {
             Ok(0) => break,
             // SAFETY: `read_at_uninit` initialised the first `n` bytes of
             // the spare capacity, which directly follow the vector's length.
             Ok(n) => unsafe { bytes.set_len(bytes.len() + n) },
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io(e)),
+            Err(e) => return Err(e),
         }
         crate::priority::pace_chunk();
     }

@@ -50,10 +50,15 @@ pub const MAX_DEBOUNCE: Duration = Duration::from_millis(60);
 /// While the file is being written in place (written into and not yet
 /// closed), the quiet time after the last event before reloading anyway: a
 /// writer that paused that long, or a file system that does not report
-/// closes. A poll also leaves alone a file modified less than this ago.
+/// closes.
 pub const WRITE_QUIET: Duration = Duration::from_secs(1);
-/// Longest a file being written in place can postpone a reload.
+/// Longest a file being written in place can postpone a reload, and a file
+/// that keeps changing while it is read: after that it is read as it is
+/// (validation still keeps a broken one out).
 pub const MAX_WRITE_WAIT: Duration = Duration::from_secs(10);
+/// How soon the watch is set up again after that failed (a directory
+/// briefly missing while it is replaced).
+pub const WATCH_RETRY: Duration = Duration::from_secs(1);
 
 /// What caused a reload attempt (for logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,9 +94,9 @@ pub enum Outcome {
     Unchanged,
     /// The file could not be loaded; the previous ring keeps serving.
     Failed(String),
-    /// The file changed while it was read, or (found by a poll) was
-    /// modified a moment ago: it may be half written. Nothing is published
-    /// or reported; it is read again once it settles.
+    /// The file was written into while it was read: the bytes may be a
+    /// mix, or a file not yet finished. Nothing is published or reported;
+    /// it is read again once it settles (for at most [`MAX_WRITE_WAIT`]).
     Changing,
 }
 
@@ -141,11 +146,9 @@ pub(crate) struct Stamp {
 }
 
 impl Stamp {
-    /// Whether the file was modified less than `quiet` ago.
-    fn modified_within(self, quiet: Duration) -> bool {
-        self.modified
-            .and_then(|m| SystemTime::now().duration_since(m).ok())
-            .is_some_and(|ago| ago < quiet)
+    /// Whether `self` and `other` are different files (device and inode).
+    fn other_file(self, other: Stamp) -> bool {
+        (self.dev, self.ino) != (other.dev, other.ino)
     }
 }
 
@@ -172,6 +175,11 @@ pub(crate) fn stamp(path: &Path) -> Option<Stamp> {
 struct Memory {
     /// Metadata seen at the last attempt (for the poller).
     stamp: Option<Stamp>,
+    /// Metadata of a change a poll saw that has not settled yet, and since
+    /// when it has been settling (see [`Reloader::settled_change`]).
+    settling: Option<(Option<Stamp>, std::time::Instant)>,
+    /// Since when attempts have found the file changing while read.
+    changing_since: Option<std::time::Instant>,
     /// Digest of the last file that failed validation (not re-reported).
     failed_digest: Option<Digest>,
     /// Generation and file fingerprint of the ring this reloader (or the
@@ -194,8 +202,6 @@ pub struct Reloader {
     defer_digest_min: usize,
     /// How long a replaced ring is waited for ([`RELEASE_WAIT`]).
     release_wait: Duration,
-    /// A poll leaves a file modified less than this ago ([`WRITE_QUIET`]).
-    write_quiet: Duration,
 }
 
 impl Reloader {
@@ -203,6 +209,8 @@ impl Reloader {
     pub fn new(path: PathBuf, options: ParseOptions, shared: Arc<Shared>) -> Reloader {
         let memory = Memory {
             stamp: stamp(&path),
+            settling: None,
+            changing_since: None,
             failed_digest: None,
             serving: None,
             held: Vec::new(),
@@ -214,15 +222,7 @@ impl Reloader {
             memory: Mutex::new(memory),
             defer_digest_min: keyfile::DEFER_DIGEST_MIN_BYTES,
             release_wait: RELEASE_WAIT,
-            write_quiet: WRITE_QUIET,
         }
-    }
-
-    /// A poll leaves alone a file modified less than `quiet` ago (normally
-    /// [`WRITE_QUIET`]; tests that poll right after writing lower it).
-    pub fn write_quiet(mut self, quiet: Duration) -> Reloader {
-        self.write_quiet = quiet;
-        self
     }
 
     /// Hashes files of at least `bytes` after publishing their ring
@@ -244,6 +244,35 @@ impl Reloader {
     /// Whether the file's metadata changed since the last attempt.
     pub fn changed_on_disk(&self) -> bool {
         stamp(&self.path) != self.memory().stamp
+    }
+
+    /// Whether a poll should reload: the metadata changed since the last
+    /// attempt, and the change is complete. A file that another one
+    /// replaced (renamed into place) is; a file written in place is once
+    /// two polls in a row see the same metadata, or after it has kept
+    /// changing for [`MAX_WRITE_WAIT`]. No clock is compared with the
+    /// file's times, which network file systems skew and round.
+    pub fn settled_change(&self) -> bool {
+        let now = stamp(&self.path);
+        let mut memory = self.memory();
+        if now == memory.stamp {
+            memory.settling = None;
+            return false;
+        }
+        let replaced = matches!((now, memory.stamp), (Some(a), Some(b)) if a.other_file(b));
+        let settled = match memory.settling {
+            Some((seen, since)) => seen == now || since.elapsed() >= MAX_WRITE_WAIT,
+            None => false,
+        };
+        if replaced || settled {
+            memory.settling = None;
+            return true;
+        }
+        let since = memory
+            .settling
+            .map_or_else(std::time::Instant::now, |(_, since)| since);
+        memory.settling = Some((now, since));
+        false
     }
 
     /// Whether the file's content differs from both the serving ring's and
@@ -304,26 +333,35 @@ impl Reloader {
     pub fn reload(&self, trigger: Trigger) -> Outcome {
         let started = std::time::Instant::now();
         let mut memory = self.memory();
-        let before = stamp(&self.path);
-        memory.stamp = before;
-        // Without a watch to say when a write in place ends, a file
-        // modified a moment ago may be half written.
-        if trigger == Trigger::Poll && before.is_some_and(|s| s.modified_within(self.write_quiet)) {
-            return self.changing(&mut memory);
-        }
+        memory.stamp = stamp(&self.path);
         let threads = self.options.threads;
         // The file's bytes and the parser's records live for this reload
         // only: ordinary pages (see `pages::transient`).
-        let bytes = match crate::pages::transient(|| keyfile::read_on(&self.path, threads)) {
-            Ok(b) => b,
+        let bytes = match crate::pages::transient(|| keyfile::read_checked(&self.path, threads)) {
+            Ok(read) if !read.steady => {
+                let since = *memory
+                    .changing_since
+                    .get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() < MAX_WRITE_WAIT {
+                    return self.changing(&mut memory);
+                }
+                tracing::warn!(
+                    "the key file has kept changing while being read for {MAX_WRITE_WAIT:?}; \
+                     taking it as it is"
+                );
+                memory.changing_since = None;
+                read.bytes
+            }
+            Ok(read) => {
+                memory.changing_since = None;
+                read.bytes
+            }
             Err(err) => {
+                memory.changing_since = None;
                 memory.failed_digest = None;
                 return self.fail(trigger, err.to_string());
             }
         };
-        if stamp(&self.path) != before {
-            return self.changing(&mut memory);
-        }
         let fingerprint = keyfile::fingerprint(&bytes);
         let current = self.shared.ring.load_full();
         // The serving file's fingerprint, if this reloader knows it.
@@ -450,7 +488,9 @@ impl Reloader {
     fn changing(&self, memory: &mut Memory) -> Outcome {
         // The next poll tick looks again.
         memory.stamp = None;
-        tracing::debug!("the key file is being written; reading it once it settles");
+        tracing::info!(
+            "the key file was written into while being read; reading it once it settles"
+        );
         Outcome::Changing
     }
 
@@ -602,10 +642,18 @@ fn changes(old: KeyRef<'_>, new: KeyRef<'_>) -> Vec<String> {
 #[derive(Debug, Default)]
 pub struct Signal {
     notify: Notify,
-    /// A write into a followed file was seen, and not yet the file's close
-    /// after writing: the file may be half written (a script's `>`
-    /// redirection, a slow copy). Renames and new files clear it.
-    writing: std::sync::atomic::AtomicBool,
+    /// When a write into a followed file was last seen (nanoseconds since
+    /// [`epoch`], plus one; 0: none) with no close after writing since:
+    /// the file may be half written (a script's `>` redirection, a slow
+    /// copy). Renames and new files clear it, and it lapses after
+    /// [`MAX_WRITE_WAIT`] (a writer that keeps the file open).
+    written_at: AtomicU64,
+}
+
+/// The start of the clock [`Signal`] keeps its times on.
+fn epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
 }
 
 impl Signal {
@@ -625,20 +673,36 @@ impl Signal {
         self.notify.notified().await;
     }
 
-    /// Whether a followed file is being written in place.
+    /// Whether a followed file is being written in place: written into
+    /// less than [`MAX_WRITE_WAIT`] ago and not closed since.
     pub fn writing(&self) -> bool {
-        self.writing.load(Ordering::Relaxed)
+        self.writing_at(epoch().elapsed().as_nanos())
+    }
+
+    /// [`Signal::writing`] when the clock reads `now` (nanoseconds since
+    /// [`epoch`]).
+    fn writing_at(&self, now: u128) -> bool {
+        match self.written_at.load(Ordering::Relaxed) {
+            0 => false,
+            at => now.saturating_sub(u128::from(at - 1)) < MAX_WRITE_WAIT.as_nanos(),
+        }
     }
 
     fn set_writing(&self, writing: bool) {
-        self.writing.store(writing, Ordering::Relaxed);
+        let at = if writing {
+            u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX - 1) + 1
+        } else {
+            0
+        };
+        self.written_at.store(at, Ordering::Relaxed);
     }
 }
 
 /// The directories to watch for a file, and the names in them that matter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Plan {
-    /// The file's directory first, then where links on its way point.
+    /// The file's directory first, then that directory's own directory,
+    /// the directories of links on the way and where they point.
     dirs: Vec<PathBuf>,
     /// The file's name, its target's name (if a link), and the names of
     /// directory links on its path.
@@ -672,6 +736,13 @@ impl Plan {
         let mut dirs = vec![parent.clone()];
         let mut names: Vec<std::ffi::OsString> =
             path.file_name().map(|n| n.to_owned()).into_iter().collect();
+        // The directory's own directory, for the directory's name: a
+        // directory renamed or removed and another put in its place shows
+        // there, whenever the new one arrives.
+        if let (Some(up), Some(name)) = (parent.parent(), parent.file_name()) {
+            dirs.push(up.to_owned());
+            names.push(name.to_owned());
+        }
         // A directory link on the way (`current -> v2`): re-pointing it
         // moves the file, and shows only in the link's own directory.
         let mut prefix = PathBuf::new();
@@ -739,7 +810,18 @@ impl Plan {
 pub struct Watch {
     path: PathBuf,
     signal: Arc<Signal>,
-    current: Mutex<(notify::RecommendedWatcher, Arc<Plan>)>,
+    /// Set by an event about a watched directory itself (renamed away or
+    /// removed): its watch is no longer where the file is, even if a new
+    /// directory got the same inode number.
+    stale: Arc<std::sync::atomic::AtomicBool>,
+    current: Mutex<Watching>,
+}
+
+/// A watcher, the plan it follows, and the directories it could watch.
+struct Watching {
+    _watcher: notify::RecommendedWatcher,
+    plan: Plan,
+    watched: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for Watch {
@@ -756,20 +838,22 @@ impl Watch {
     /// Kubernetes volume, the volume's directory); and the directory of
     /// every directory link on its way.
     pub fn start(path: &Path, signal: Arc<Signal>) -> notify::Result<Watch> {
-        let current = Mutex::new(watch(Plan::of(path), Arc::clone(&signal))?);
+        let stale = Arc::default();
+        let current = watch(Plan::of(path), Arc::clone(&signal), Arc::clone(&stale))?;
         Ok(Watch {
             path: path.to_owned(),
             signal,
-            current,
+            stale,
+            current: Mutex::new(current),
         })
     }
 
     /// Directories being watched.
     pub fn dirs(&self) -> Vec<PathBuf> {
-        self.lock().1.dirs.clone()
+        self.lock().watched.clone()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (notify::RecommendedWatcher, Arc<Plan>)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Watching> {
         self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -777,28 +861,42 @@ impl Watch {
     /// watched (a directory renamed away or replaced, a link re-pointed,
     /// a Kubernetes volume's data directory swapped) and signals then, as
     /// a change may have gone unseen. Whether it did. Blocking (a few
-    /// `stat`s); call it off the serving threads.
+    /// `stat`s); call it off the serving threads. On an error (the file's
+    /// directory missing for the moment) the old watch stays, marked stale,
+    /// and the caller tries again.
     pub fn refresh(&self) -> notify::Result<bool> {
         let plan = Plan::of(&self.path);
-        if *self.lock().1 == plan {
+        let stale = self.stale.swap(false, Ordering::Relaxed);
+        if !stale && self.lock().plan == plan {
             return Ok(false);
         }
         tracing::info!(dirs = ?plan.dirs, "the key file's directories changed; watching them afresh");
-        let fresh = watch(plan, Arc::clone(&self.signal))?;
+        let fresh = match watch(plan, Arc::clone(&self.signal), Arc::clone(&self.stale)) {
+            Ok(w) => w,
+            Err(e) => {
+                self.stale.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
         *self.lock() = fresh;
+        // A write seen by the old watch may never see its close.
+        self.signal.set_writing(false);
         self.signal.notify();
         Ok(true)
     }
 }
 
-/// A watcher of `plan`'s directories, raising `signal`.
+/// A watcher of `plan`'s directories, raising `signal`, and setting `stale`
+/// when a watched directory itself is renamed or removed. The file's own
+/// directory must be watched; the others are watched where they can be (a
+/// directory that may be passed through but not read refuses a watch).
 fn watch(
     plan: Plan,
     signal: Arc<Signal>,
-) -> notify::Result<(notify::RecommendedWatcher, Arc<Plan>)> {
+    stale: Arc<std::sync::atomic::AtomicBool>,
+) -> notify::Result<Watching> {
     use notify::event::{AccessKind, AccessMode, ModifyKind};
-    let plan = Arc::new(plan);
-    let seen = Arc::clone(&plan);
+    let seen = plan.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let ev = match res {
             Ok(ev) => ev,
@@ -829,14 +927,34 @@ fn watch(
             }
             _ => {}
         }
+        if matches!(
+            ev.kind,
+            EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+        ) && ev.paths.iter().any(|p| seen.dirs.iter().any(|d| d == p))
+        {
+            stale.store(true, Ordering::Relaxed);
+        }
         if ev.paths.iter().any(|p| seen.matters(p)) {
             signal.notify();
         }
     })?;
-    for dir in &plan.dirs {
-        watcher.watch(dir, RecursiveMode::NonRecursive)?;
+    let mut watched = Vec::with_capacity(plan.dirs.len());
+    for (i, dir) in plan.dirs.iter().enumerate() {
+        match watcher.watch(dir, RecursiveMode::NonRecursive) {
+            Ok(()) => watched.push(dir.clone()),
+            Err(e) if i == 0 => return Err(e),
+            Err(e) => tracing::warn!(
+                dir = %dir.display(),
+                error = %e,
+                "cannot watch a directory on the key file's way; changes there are found by polling"
+            ),
+        }
     }
-    Ok((watcher, plan))
+    Ok(Watching {
+        _watcher: watcher,
+        plan,
+        watched,
+    })
 }
 
 fn absolute(path: &Path) -> PathBuf {
@@ -913,6 +1031,9 @@ pub async fn run(
     #[cfg(unix)]
     let mut hup = settings.sighup;
     let mut thread = ReloadThread::default();
+    // Whether the watch could not be set up afresh (retried every
+    // WATCH_RETRY, polling or not).
+    let mut watch_broken = false;
     // Poll ticks since the content was last compared.
     let mut quiet_ticks = 0u32;
     let mut poll = settings.poll_interval.map(|every| {
@@ -941,16 +1062,27 @@ pub async fn run(
         let stopped = async {
             let _ = stop.wait_for(|s| *s).await;
         };
+        let retry = async {
+            if watch_broken {
+                tokio::time::sleep(WATCH_RETRY).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         let trigger = tokio::select! {
             () = stopped => return,
+            () = retry => {
+                watch_broken = !refresh(settings.watch.as_ref(), watch_broken).await;
+                continue;
+            }
             () = signal.notified() => {
                 debounce(&signal).await;
                 Trigger::Watch
             }
             () = tick => {
                 quiet_ticks += 1;
-                refresh(settings.watch.as_ref()).await;
-                if reloader.changed_on_disk() {
+                watch_broken = !refresh(settings.watch.as_ref(), watch_broken).await;
+                if reloader.settled_change() {
                     quiet_ticks = 0;
                     Trigger::Poll
                 } else if quiet_ticks >= CONTENT_POLL_EVERY {
@@ -976,22 +1108,30 @@ pub async fn run(
             },
             Err(e) => tracing::error!(error = %e, "cannot start a reload thread"),
         }
-        refresh(settings.watch.as_ref()).await;
+        watch_broken = !refresh(settings.watch.as_ref(), watch_broken).await;
     }
 }
 
-/// [`Watch::refresh`], off the serving threads.
-async fn refresh(watch: Option<&Arc<Watch>>) {
-    let Some(watch) = watch else { return };
+/// [`Watch::refresh`], off the serving threads; whether the watch is
+/// sound. A failure is logged as a warning when it follows a success
+/// (`broken` false), else quietly: it is retried every [`WATCH_RETRY`].
+async fn refresh(watch: Option<&Arc<Watch>>, broken: bool) -> bool {
+    let Some(watch) = watch else { return true };
     let watch = Arc::clone(watch);
-    match tokio::task::spawn_blocking(move || watch.refresh()).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::warn!(
-            error = %e,
-            "cannot watch the key file's directories afresh; polling finds changes meanwhile"
-        ),
-        Err(e) => tracing::error!(error = %e, "watch refresh task failed"),
+    let error = match tokio::task::spawn_blocking(move || watch.refresh()).await {
+        Ok(Ok(_)) => return true,
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    };
+    if broken {
+        tracing::debug!(%error, "still cannot watch the key file's directories");
+    } else {
+        tracing::warn!(
+            %error,
+            "cannot watch the key file's directories afresh; trying again every {WATCH_RETRY:?}"
+        );
     }
+    false
 }
 
 /// A reload and where its outcome goes.
@@ -1181,13 +1321,20 @@ async fn wait_for_reload(
 async fn debounce(signal: &Signal) {
     let started = tokio::time::Instant::now();
     loop {
-        let (quiet, most) = if signal.writing() {
-            (WRITE_QUIET, MAX_WRITE_WAIT)
+        let quiet = if signal.writing() {
+            WRITE_QUIET
         } else {
-            (DEBOUNCE, MAX_DEBOUNCE)
+            DEBOUNCE
         };
         tokio::select! {
             () = signal.notified() => {
+                // Asked after the event: a write that began with it
+                // postpones the reload as much as one under way before.
+                let most = if signal.writing() {
+                    MAX_WRITE_WAIT
+                } else {
+                    MAX_DEBOUNCE
+                };
                 if started.elapsed() >= most {
                     return;
                 }
@@ -1222,8 +1369,7 @@ mod tests {
         };
         let ring = KeyRing::build(&file, source, &usage, None);
         let shared = Arc::new(Shared::new(ring, usage, Default::default()));
-        let r = Reloader::new(path.clone(), ParseOptions::default(), Arc::clone(&shared))
-            .write_quiet(Duration::ZERO);
+        let r = Reloader::new(path.clone(), ParseOptions::default(), Arc::clone(&shared));
         (dir, path, r, shared)
     }
 
@@ -1494,9 +1640,8 @@ mod tests {
             threads: keyfile::Threads::new(1),
             ..ParseOptions::default()
         };
-        let r = Reloader::new(r.path().to_owned(), options, Arc::clone(&shared))
-            .defer_digest_from(0)
-            .write_quiet(Duration::ZERO);
+        let r =
+            Reloader::new(r.path().to_owned(), options, Arc::clone(&shared)).defer_digest_from(0);
         // The first reload does not know the serving file's fingerprint, so
         // it waits for the digest before it publishes; the second does not.
         std::fs::write(&path, key("a", "sa", "") + &key("c", "sc", "")).unwrap();
@@ -1649,7 +1794,10 @@ mod tests {
         std::fs::create_dir(root.join("app")).unwrap();
         symlink(vol.join("keys.toml"), root.join("app/keys.toml")).unwrap();
         let plan = Plan::of(&root.join("app/keys.toml"));
-        assert_eq!(plan.dirs, [root.join("app"), vol.clone()]);
+        // The file's directory, its own directory (for `app` replaced), and
+        // the volume.
+        assert_eq!(plan.dirs, [root.join("app"), root.clone(), vol.clone()]);
+        assert!(plan.matters(&root.join("app")));
         // Not the data directory, which the next update removes.
         assert!(plan.matters(&vol.join("..data")));
         // A directory link on the way: current -> v1.
@@ -1667,6 +1815,44 @@ mod tests {
         symlink("v2", root.join("next")).unwrap();
         std::fs::rename(root.join("next"), root.join("current")).unwrap();
         assert_ne!(Plan::of(&root.join("current/keys.toml")), plan);
+    }
+
+    #[test]
+    fn a_write_in_progress_ends_with_its_close() {
+        let signal = Signal::new();
+        assert!(!signal.writing());
+        signal.set_writing(true);
+        assert!(signal.writing());
+        signal.set_writing(false);
+        assert!(!signal.writing());
+        // It lapses after MAX_WRITE_WAIT (a writer that keeps the file open).
+        signal.set_writing(true);
+        let now = epoch().elapsed().as_nanos();
+        assert!(signal.writing_at(now + MAX_WRITE_WAIT.as_nanos() / 2));
+        assert!(!signal.writing_at(now + MAX_WRITE_WAIT.as_nanos()));
+    }
+
+    #[test]
+    fn a_poll_waits_for_a_write_in_place_to_settle_but_not_for_a_rename() {
+        let (dir, path, r, _shared) = setup(&key("a", "sa", ""));
+        assert!(!r.settled_change());
+        // Written in place: the first poll that sees it waits for the next.
+        std::fs::write(&path, key("a", "sa", "") + &key("b", "sb", "")).unwrap();
+        assert!(!r.settled_change(), "settling");
+        assert!(r.settled_change(), "the same metadata twice");
+        // Written again between polls: it settles again.
+        std::fs::write(&path, key("b", "sb", "")).unwrap();
+        assert!(!r.settled_change());
+        std::fs::write(&path, key("b", "sb", "") + "# more\n").unwrap();
+        assert!(!r.settled_change(), "changed since the last poll");
+        assert!(r.settled_change());
+        r.reload(Trigger::Poll);
+        assert!(!r.settled_change());
+        // Another file renamed into place is whole at once.
+        let tmp = dir.path().join("next.toml");
+        std::fs::write(&tmp, key("c", "sc", "")).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        assert!(r.settled_change());
     }
 
     #[test]
@@ -1721,8 +1907,7 @@ mod tests {
         let (_d, path, r, _shared) = setup(&key("a", "sa", ""));
         let before = stamp(&path);
         std::fs::write(&path, key("a", "sa", "") + "# written during startup\n").unwrap();
-        let r2 = Reloader::new(path.clone(), ParseOptions::default(), Arc::clone(&r.shared))
-            .write_quiet(Duration::ZERO);
+        let r2 = Reloader::new(path.clone(), ParseOptions::default(), Arc::clone(&r.shared));
         assert!(!r2.changed_on_disk(), "a stamp taken now sees no change");
         r2.note_read_stamp(before);
         assert!(r2.changed_on_disk());

@@ -254,6 +254,9 @@ async fn a_replaced_directory_is_watched_afresh() {
     std::fs::create_dir(&next).unwrap();
     std::fs::write(next.join("keys.toml"), key("b", "secret-b")).unwrap();
     std::fs::rename(&current, root.path().join("old")).unwrap();
+    // The new directory comes a while later: a reload in between finds no
+    // file, and the watch must still see the new one arrive.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     std::fs::rename(&next, &current).unwrap();
     until_allowed(&mut c, "secret-b").await;
     // An edit in the new directory is seen too.
