@@ -41,8 +41,9 @@ pub enum Source<'a> {
     Pipe(&'a [u8]),
 }
 
-/// What keyward reads from a CheckRequest, borrowed from its bytes.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// What keyward reads from a CheckRequest, borrowed from its bytes. Its
+/// `Debug` form leaves the credentials out (see [`CheckView`]'s impl).
+#[derive(Default, Clone, PartialEq, Eq)]
 pub struct CheckView<'a> {
     /// `attributes.source.address`.
     pub source: Option<Source<'a>>,
@@ -72,6 +73,40 @@ struct Headers<'a> {
 impl<'a> Headers<'a> {
     fn get(self) -> Option<&'a [u8]> {
         self.map.or(self.raw)
+    }
+}
+
+/// A header that may hold a secret, as `Debug` shows it: its length only.
+struct Redacted(Option<usize>);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(n) => write!(f, "<{n} bytes, redacted>"),
+            None => f.write_str("None"),
+        }
+    }
+}
+
+impl std::fmt::Debug for CheckView<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        f.debug_struct("CheckView")
+            .field("source", &self.source)
+            .field("method", &text(self.method))
+            .field("path", &text(self.path))
+            .field("required_scopes", &self.required_scopes.map(text))
+            .field("api_key", &Redacted(self.api_key().map(<[u8]>::len)))
+            .field(
+                "authorization",
+                &Redacted(self.authorization().map(<[u8]>::len)),
+            )
+            .field("forwarded_for", &self.forwarded_for().map(text))
+            .field(
+                "own_headers",
+                &self.own_headers.iter().map(|h| text(h)).collect::<Vec<_>>(),
+            )
+            .finish()
     }
 }
 
@@ -873,6 +908,18 @@ mod tests {
         assert_eq!(v.method, b"GET");
         assert_eq!(v.path, b"/v1/orders");
         assert_eq!(v.source, Some(Source::Socket(b"10.0.0.7")));
+        // Debug output names the credentials' lengths, never their bytes.
+        let shown = format!("{v:?}");
+        assert!(shown.contains("api_key: <2 bytes, redacted>"), "{shown}");
+        assert!(
+            shown.contains("authorization: <8 bytes, redacted>"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("k1") && !shown.contains("Bearer"),
+            "{shown}"
+        );
+        assert!(shown.contains("/v1/orders"), "{shown}");
     }
 
     #[test]
