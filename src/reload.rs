@@ -56,8 +56,13 @@ pub const WRITE_QUIET: Duration = Duration::from_secs(1);
 /// that keeps changing while it is read: after that it is read as it is
 /// (validation still keeps a broken one out).
 pub const MAX_WRITE_WAIT: Duration = Duration::from_secs(10);
+/// Reads in a row that found the file changing before one is taken as it
+/// is (and [`MAX_WRITE_WAIT`] since the first).
+const GIVE_UP_AFTER_READS: u32 = 3;
 /// How soon the watch is set up again after that failed (a directory
-/// briefly missing while it is replaced).
+/// briefly missing while it is replaced, a link whose target is gone), or
+/// when it could not watch every directory it should; meanwhile the file's
+/// metadata is polled this often too.
 pub const WATCH_RETRY: Duration = Duration::from_secs(1);
 
 /// What caused a reload attempt (for logs).
@@ -136,6 +141,17 @@ impl ReloadStats {
     }
 }
 
+/// What a poll finds ([`Reloader::settled_change`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollSays {
+    /// The metadata is as at the last attempt.
+    Unchanged,
+    /// It changed, and may still be changing: look again at the next poll.
+    Settling,
+    /// It changed, and the change is complete: reload.
+    Changed,
+}
+
 /// Identity of the file's current contents as far as metadata tells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Stamp {
@@ -178,8 +194,12 @@ struct Memory {
     /// Metadata of a change a poll saw that has not settled yet, and since
     /// when it has been settling (see [`Reloader::settled_change`]).
     settling: Option<(Option<Stamp>, std::time::Instant)>,
-    /// Since when attempts have found the file changing while read.
-    changing_since: Option<std::time::Instant>,
+    /// Since when attempts have found the file changing while read, and
+    /// how many in a row did.
+    changing_since: Option<(std::time::Instant, u32)>,
+    /// The last attempt found the file changing while read: the next poll
+    /// looks again even if the metadata is as it was then.
+    look_again: bool,
     /// Digest of the last file that failed validation (not re-reported).
     failed_digest: Option<Digest>,
     /// Generation and file fingerprint of the ring this reloader (or the
@@ -211,6 +231,7 @@ impl Reloader {
             stamp: stamp(&path),
             settling: None,
             changing_since: None,
+            look_again: false,
             failed_digest: None,
             serving: None,
             held: Vec::new(),
@@ -252,12 +273,12 @@ impl Reloader {
     /// two polls in a row see the same metadata, or after it has kept
     /// changing for [`MAX_WRITE_WAIT`]. No clock is compared with the
     /// file's times, which network file systems skew and round.
-    pub fn settled_change(&self) -> bool {
+    pub fn settled_change(&self) -> PollSays {
         let now = stamp(&self.path);
         let mut memory = self.memory();
-        if now == memory.stamp {
+        if now == memory.stamp && !memory.look_again {
             memory.settling = None;
-            return false;
+            return PollSays::Unchanged;
         }
         let replaced = matches!((now, memory.stamp), (Some(a), Some(b)) if a.other_file(b));
         let settled = match memory.settling {
@@ -266,13 +287,13 @@ impl Reloader {
         };
         if replaced || settled {
             memory.settling = None;
-            return true;
+            return PollSays::Changed;
         }
         let since = memory
             .settling
             .map_or_else(std::time::Instant::now, |(_, since)| since);
         memory.settling = Some((now, since));
-        false
+        PollSays::Settling
     }
 
     /// Whether the file's content differs from both the serving ring's and
@@ -334,15 +355,19 @@ impl Reloader {
         let started = std::time::Instant::now();
         let mut memory = self.memory();
         memory.stamp = stamp(&self.path);
+        memory.look_again = false;
         let threads = self.options.threads;
         // The file's bytes and the parser's records live for this reload
         // only: ordinary pages (see `pages::transient`).
         let bytes = match crate::pages::transient(|| keyfile::read_checked(&self.path, threads)) {
             Ok(read) if !read.steady => {
-                let since = *memory
+                let (since, times) = memory
                     .changing_since
-                    .get_or_insert_with(std::time::Instant::now);
-                if since.elapsed() < MAX_WRITE_WAIT {
+                    .map_or((std::time::Instant::now(), 1), |(t, n)| (t, n + 1));
+                memory.changing_since = Some((since, times));
+                // Given up only after several reads in a row over the whole
+                // wait: one slow write can itself take a debounce that long.
+                if since.elapsed() < MAX_WRITE_WAIT || times < GIVE_UP_AFTER_READS {
                     return self.changing(&mut memory);
                 }
                 tracing::warn!(
@@ -486,8 +511,9 @@ impl Reloader {
     }
 
     fn changing(&self, memory: &mut Memory) -> Outcome {
-        // The next poll tick looks again.
-        memory.stamp = None;
+        // The next poll tick looks again (the stamp stays, so a file renamed
+        // into place meanwhile still counts as another file).
+        memory.look_again = true;
         tracing::info!(
             "the key file was written into while being read; reading it once it settles"
         );
@@ -701,8 +727,8 @@ impl Signal {
 /// The directories to watch for a file, and the names in them that matter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Plan {
-    /// The file's directory first, then that directory's own directory,
-    /// the directories of links on the way and where they point.
+    /// The file's directory first, then the directories of links on the
+    /// way and where they point.
     dirs: Vec<PathBuf>,
     /// The file's name, its target's name (if a link), and the names of
     /// directory links on its path.
@@ -711,6 +737,9 @@ struct Plan {
     /// the plan was made: a directory renamed away, replaced, or a link
     /// re-pointed, changes it.
     ids: Vec<Option<(u64, u64)>>,
+    /// False when the path is a link whose target is gone: where it will
+    /// reappear is not known, so the plan is made again until it resolves.
+    complete: bool,
 }
 
 fn dir_id(dir: &Path) -> Option<(u64, u64)> {
@@ -736,13 +765,6 @@ impl Plan {
         let mut dirs = vec![parent.clone()];
         let mut names: Vec<std::ffi::OsString> =
             path.file_name().map(|n| n.to_owned()).into_iter().collect();
-        // The directory's own directory, for the directory's name: a
-        // directory renamed or removed and another put in its place shows
-        // there, whenever the new one arrives.
-        if let (Some(up), Some(name)) = (parent.parent(), parent.file_name()) {
-            dirs.push(up.to_owned());
-            names.push(name.to_owned());
-        }
         // A directory link on the way (`current -> v2`): re-pointing it
         // moves the file, and shows only in the link's own directory.
         let mut prefix = PathBuf::new();
@@ -755,7 +777,10 @@ impl Plan {
                 names.push(name.to_owned());
             }
         }
-        if let Ok(canonical) = std::fs::canonicalize(&path)
+        let canonical = std::fs::canonicalize(&path);
+        let complete = canonical.is_ok()
+            || !std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
+        if let Ok(canonical) = canonical
             && let Some(target_dir) = canonical.parent()
         {
             let parent_canonical = std::fs::canonicalize(&parent).unwrap_or(parent.clone());
@@ -783,7 +808,12 @@ impl Plan {
         let mut seen = std::collections::HashSet::new();
         dirs.retain(|d| seen.insert(d.clone()));
         let ids = dirs.iter().map(|d| dir_id(d)).collect();
-        Plan { dirs, names, ids }
+        Plan {
+            dirs,
+            names,
+            ids,
+            complete,
+        }
     }
 
     /// Whether `path`, named in an event, is a followed file (not one of
@@ -824,6 +854,13 @@ struct Watching {
     watched: Vec<PathBuf>,
 }
 
+impl Watching {
+    /// Whether it watches everything the file's changes can show in.
+    fn whole(&self) -> bool {
+        self.plan.complete && self.watched.len() == self.plan.dirs.len()
+    }
+}
+
 impl std::fmt::Debug for Watch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Watch")
@@ -848,6 +885,11 @@ impl Watch {
         })
     }
 
+    /// Whether every directory the file's changes can show in is watched.
+    pub fn is_whole(&self) -> bool {
+        self.lock().whole()
+    }
+
     /// Directories being watched.
     pub fn dirs(&self) -> Vec<PathBuf> {
         self.lock().watched.clone()
@@ -864,13 +906,23 @@ impl Watch {
     /// `stat`s); call it off the serving threads. On an error (the file's
     /// directory missing for the moment) the old watch stays, marked stale,
     /// and the caller tries again.
+    ///
+    /// A watch that is not whole (a directory it could not watch, a link
+    /// whose target is gone) is made again at every call, and reported as
+    /// an error so that the caller keeps calling (and polls meanwhile).
     pub fn refresh(&self) -> notify::Result<bool> {
         let plan = Plan::of(&self.path);
         let stale = self.stale.swap(false, Ordering::Relaxed);
-        if !stale && self.lock().plan == plan {
+        let (same, whole) = {
+            let current = self.lock();
+            (current.plan == plan, current.whole())
+        };
+        if same && whole && !stale {
             return Ok(false);
         }
-        tracing::info!(dirs = ?plan.dirs, "the key file's directories changed; watching them afresh");
+        if !same || stale {
+            tracing::info!(dirs = ?plan.dirs, "the key file's directories changed; watching them afresh");
+        }
         let fresh = match watch(plan, Arc::clone(&self.signal), Arc::clone(&self.stale)) {
             Ok(w) => w,
             Err(e) => {
@@ -878,10 +930,19 @@ impl Watch {
                 return Err(e);
             }
         };
+        let whole = fresh.whole();
         *self.lock() = fresh;
-        // A write seen by the old watch may never see its close.
-        self.signal.set_writing(false);
-        self.signal.notify();
+        if !same || stale {
+            // A write seen by the old watch may never see its close, and a
+            // change may have gone unseen.
+            self.signal.set_writing(false);
+            self.signal.notify();
+        }
+        if !whole {
+            return Err(notify::Error::generic(
+                "not every directory the key file's changes show in is watched",
+            ));
+        }
         Ok(true)
     }
 }
@@ -943,10 +1004,10 @@ fn watch(
         match watcher.watch(dir, RecursiveMode::NonRecursive) {
             Ok(()) => watched.push(dir.clone()),
             Err(e) if i == 0 => return Err(e),
-            Err(e) => tracing::warn!(
+            Err(e) => tracing::debug!(
                 dir = %dir.display(),
                 error = %e,
-                "cannot watch a directory on the key file's way; changes there are found by polling"
+                "cannot watch a directory on the key file's way"
             ),
         }
     }
@@ -1031,9 +1092,15 @@ pub async fn run(
     #[cfg(unix)]
     let mut hup = settings.sighup;
     let mut thread = ReloadThread::default();
-    // Whether the watch could not be set up afresh (retried every
-    // WATCH_RETRY, polling or not).
-    let mut watch_broken = false;
+    // Whether the watch is not whole or could not be set up afresh (made
+    // again every WATCH_RETRY, polling the metadata meanwhile).
+    let mut watch_broken = settings.watch.as_ref().is_some_and(|w| !w.is_whole());
+    if watch_broken {
+        tracing::warn!(
+            "cannot watch every directory the key file's changes show in; \
+             trying again and polling its metadata every {WATCH_RETRY:?}"
+        );
+    }
     // Poll ticks since the content was last compared.
     let mut quiet_ticks = 0u32;
     let mut poll = settings.poll_interval.map(|every| {
@@ -1073,7 +1140,12 @@ pub async fn run(
             () = stopped => return,
             () = retry => {
                 watch_broken = !refresh(settings.watch.as_ref(), watch_broken).await;
-                continue;
+                // Meanwhile the file's metadata is polled as often.
+                if reloader.settled_change() == PollSays::Changed {
+                    Trigger::Poll
+                } else {
+                    continue;
+                }
             }
             () = signal.notified() => {
                 debounce(&signal).await;
@@ -1082,10 +1154,11 @@ pub async fn run(
             () = tick => {
                 quiet_ticks += 1;
                 watch_broken = !refresh(settings.watch.as_ref(), watch_broken).await;
-                if reloader.settled_change() {
+                let says = reloader.settled_change();
+                if says == PollSays::Changed {
                     quiet_ticks = 0;
                     Trigger::Poll
-                } else if quiet_ticks >= CONTENT_POLL_EVERY {
+                } else if says == PollSays::Unchanged && quiet_ticks >= CONTENT_POLL_EVERY {
                     quiet_ticks = 0;
                     let r = Arc::clone(&reloader);
                     match tokio::task::spawn_blocking(move || r.content_changed()).await {
@@ -1794,10 +1867,8 @@ mod tests {
         std::fs::create_dir(root.join("app")).unwrap();
         symlink(vol.join("keys.toml"), root.join("app/keys.toml")).unwrap();
         let plan = Plan::of(&root.join("app/keys.toml"));
-        // The file's directory, its own directory (for `app` replaced), and
-        // the volume.
-        assert_eq!(plan.dirs, [root.join("app"), root.clone(), vol.clone()]);
-        assert!(plan.matters(&root.join("app")));
+        assert_eq!(plan.dirs, [root.join("app"), vol.clone()]);
+        assert!(plan.matters(&root.join("app")), "the directory itself");
         // Not the data directory, which the next update removes.
         assert!(plan.matters(&vol.join("..data")));
         // A directory link on the way: current -> v1.
@@ -1815,6 +1886,31 @@ mod tests {
         symlink("v2", root.join("next")).unwrap();
         std::fs::rename(root.join("next"), root.join("current")).unwrap();
         assert_ne!(Plan::of(&root.join("current/keys.toml")), plan);
+        // A link whose target is gone: incomplete until it resolves.
+        symlink(root.join("gone/keys.toml"), root.join("dangling.toml")).unwrap();
+        assert!(!Plan::of(&root.join("dangling.toml")).complete);
+        assert!(plan.complete);
+    }
+
+    #[test]
+    fn a_watch_is_made_again_only_when_its_directories_change() {
+        let root = tempfile::tempdir().unwrap();
+        let current = root.path().join("current");
+        std::fs::create_dir(&current).unwrap();
+        std::fs::write(current.join("keys.toml"), "").unwrap();
+        let signal = Arc::new(Signal::new());
+        let watch = Watch::start(&current.join("keys.toml"), Arc::clone(&signal)).unwrap();
+        assert!(watch.is_whole());
+        assert!(!watch.refresh().unwrap(), "nothing changed");
+        assert!(!watch.refresh().unwrap());
+        // The directory renamed away: no directory to watch for now.
+        std::fs::rename(&current, root.path().join("old")).unwrap();
+        assert!(watch.refresh().is_err());
+        // Another put in its place: watched afresh, then left alone.
+        std::fs::create_dir(&current).unwrap();
+        assert!(watch.refresh().unwrap());
+        assert!(!watch.refresh().unwrap());
+        assert_eq!(watch.dirs(), [current]);
     }
 
     #[test]
@@ -1834,25 +1930,32 @@ mod tests {
 
     #[test]
     fn a_poll_waits_for_a_write_in_place_to_settle_but_not_for_a_rename() {
+        use PollSays::{Changed, Settling, Unchanged};
         let (dir, path, r, _shared) = setup(&key("a", "sa", ""));
-        assert!(!r.settled_change());
+        assert_eq!(r.settled_change(), Unchanged);
         // Written in place: the first poll that sees it waits for the next.
         std::fs::write(&path, key("a", "sa", "") + &key("b", "sb", "")).unwrap();
-        assert!(!r.settled_change(), "settling");
-        assert!(r.settled_change(), "the same metadata twice");
+        assert_eq!(r.settled_change(), Settling);
+        assert_eq!(r.settled_change(), Changed, "the same metadata twice");
         // Written again between polls: it settles again.
         std::fs::write(&path, key("b", "sb", "")).unwrap();
-        assert!(!r.settled_change());
+        assert_eq!(r.settled_change(), Settling);
         std::fs::write(&path, key("b", "sb", "") + "# more\n").unwrap();
-        assert!(!r.settled_change(), "changed since the last poll");
-        assert!(r.settled_change());
+        assert_eq!(r.settled_change(), Settling, "changed since the last poll");
+        assert_eq!(r.settled_change(), Changed);
         r.reload(Trigger::Poll);
-        assert!(!r.settled_change());
+        assert_eq!(r.settled_change(), Unchanged);
         // Another file renamed into place is whole at once.
         let tmp = dir.path().join("next.toml");
         std::fs::write(&tmp, key("c", "sc", "")).unwrap();
         std::fs::rename(&tmp, &path).unwrap();
-        assert!(r.settled_change());
+        assert_eq!(r.settled_change(), Changed);
+        // A read that found the file changing is looked at again, even
+        // with the metadata as it was.
+        r.reload(Trigger::Poll);
+        r.memory().look_again = true;
+        assert_eq!(r.settled_change(), Settling);
+        assert_eq!(r.settled_change(), Changed);
     }
 
     #[test]
