@@ -295,6 +295,34 @@ async fn a_re_pointed_directory_link_is_followed() {
     server.stop().await;
 }
 
+/// `keys.toml -> real/prod.toml`, the target deleted and written again a
+/// while later (a tool that unlinks first): with polling off, the new file
+/// is still found, though the link pointed nowhere in between.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_link_whose_target_comes_back_is_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("real")).unwrap();
+    let target = dir.path().join("real/prod.toml");
+    std::fs::write(&target, key("a", "secret-a")).unwrap();
+    let link = dir.path().join("keys.toml");
+    std::os::unix::fs::symlink("real/prod.toml", &link).unwrap();
+    let mut config = Config::new(&link);
+    config.poll_interval = None;
+    let server = Running::start_with(config).await;
+    let mut c = client(&server).await;
+    std::fs::remove_file(&target).unwrap();
+    eventually(Duration::from_secs(5), "the deletion seen", || async {
+        ring_status(&server).await["last_reload_error"]
+            .is_object()
+            .then_some(())
+    })
+    .await;
+    std::fs::write(&target, key("b", "secret-b")).unwrap();
+    until_allowed(&mut c, "secret-b").await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn bad_files_never_replace_the_ring() {
     let keys = KeyDir::new(&key("a", "secret-a"));
