@@ -295,12 +295,10 @@ async fn a_re_pointed_directory_link_is_followed() {
     server.stop().await;
 }
 
-/// `keys.toml -> real/prod.toml`, the target deleted and written again a
-/// while later (a tool that unlinks first): with polling off, the new file
-/// is still found, though the link pointed nowhere in between.
+/// A server with polling off following `keys.toml -> real/prod.toml`
+/// (holding key `a`): the directory, the target, the server.
 #[cfg(unix)]
-#[tokio::test]
-async fn a_link_whose_target_comes_back_is_followed() {
+async fn behind_a_link() -> (tempfile::TempDir, std::path::PathBuf, Running) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("real")).unwrap();
     let target = dir.path().join("real/prod.toml");
@@ -309,7 +307,16 @@ async fn a_link_whose_target_comes_back_is_followed() {
     std::os::unix::fs::symlink("real/prod.toml", &link).unwrap();
     let mut config = Config::new(&link);
     config.poll_interval = None;
-    let server = Running::start_with(config).await;
+    (dir, target, Running::start_with(config).await)
+}
+
+/// `keys.toml -> real/prod.toml`, the target deleted and written again a
+/// while later (a tool that unlinks first): with polling off, the new file
+/// is still found, though the link pointed nowhere in between.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_link_whose_target_comes_back_is_followed() {
+    let (_dir, target, server) = behind_a_link().await;
     let mut c = client(&server).await;
     std::fs::remove_file(&target).unwrap();
     eventually(Duration::from_secs(5), "the deletion seen", || async {
@@ -397,15 +404,7 @@ async fn polling_fallback_without_inotify() {
 async fn a_file_behind_a_symlink_into_a_subdirectory_is_followed() {
     // keys.toml -> real/prod.toml, edited where the link points (as
     // `keyward keys` does): inotify alone must see it.
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("real")).unwrap();
-    let target = dir.path().join("real/prod.toml");
-    std::fs::write(&target, key("a", "secret-a")).unwrap();
-    let link = dir.path().join("keys.toml");
-    std::os::unix::fs::symlink("real/prod.toml", &link).unwrap();
-    let mut config = Config::new(&link);
-    config.poll_interval = None;
-    let server = Running::start_with(config).await;
+    let (dir, target, server) = behind_a_link().await;
     let mut c = client(&server).await;
     let tmp = dir.path().join("real/.prod.toml.tmp");
     std::fs::write(&tmp, key("b", "secret-b")).unwrap();
