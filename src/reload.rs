@@ -172,13 +172,7 @@ pub(crate) fn stamp(path: &Path) -> Option<Stamp> {
     // `metadata` follows symlinks, so a Kubernetes `..data` swap shows up as a
     // new inode even though `keys.toml` itself never changes.
     let m = std::fs::metadata(path).ok()?;
-    #[cfg(unix)]
-    let (ino, dev) = {
-        use std::os::unix::fs::MetadataExt;
-        (m.ino(), m.dev())
-    };
-    #[cfg(not(unix))]
-    let (ino, dev) = (0, 0);
+    let (dev, ino) = file_id(&m);
     Some(Stamp {
         len: m.len(),
         modified: m.modified().ok(),
@@ -260,11 +254,6 @@ impl Reloader {
 
     fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
         self.memory.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Whether the file's metadata changed since the last attempt.
-    pub fn changed_on_disk(&self) -> bool {
-        stamp(&self.path) != self.memory().stamp
     }
 
     /// Whether a poll should reload: the metadata changed since the last
@@ -742,18 +731,22 @@ struct Plan {
     complete: bool,
 }
 
-fn dir_id(dir: &Path) -> Option<(u64, u64)> {
-    let m = std::fs::metadata(dir).ok()?;
+/// The device and inode `m` describes ((0, 0) where there are none).
+fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
-        Some((m.dev(), m.ino()))
+        (m.dev(), m.ino())
     }
     #[cfg(not(unix))]
     {
         let _ = m;
-        Some((0, 0))
+        (0, 0)
     }
+}
+
+fn dir_id(dir: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(dir).ok().as_ref().map(file_id)
 }
 
 impl Plan {
@@ -819,19 +812,28 @@ impl Plan {
     /// Whether `path`, named in an event, is a followed file (not one of
     /// the directories).
     fn is_file(&self, path: &Path) -> bool {
-        path.file_name()
-            .is_some_and(|n| self.names.iter().any(|m| m == n))
-            && !self.dirs.iter().any(|d| d == path)
+        self.is_named(path) && !self.is_dir(path)
     }
 
     /// Whether an event about `path` may change what the file holds.
     fn matters(&self, path: &Path) -> bool {
+        self.is_dir(path)
+            || self.is_named(path)
+            // Kubernetes atomic writer: `..data`, `..data_tmp`.
+            || path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(".."))
+    }
+
+    /// Whether `path` bears one of the names that matter.
+    fn is_named(&self, path: &Path) -> bool {
+        path.file_name()
+            .is_some_and(|n| self.names.iter().any(|m| m == n))
+    }
+
+    /// Whether `path` is one of the watched directories.
+    fn is_dir(&self, path: &Path) -> bool {
         self.dirs.iter().any(|d| d == path)
-            || path.file_name().is_some_and(|n| {
-                self.names.iter().any(|m| m == n)
-                    // Kubernetes atomic writer: `..data`, `..data_tmp`.
-                    || n.to_string_lossy().starts_with("..")
-            })
     }
 }
 
@@ -917,10 +919,11 @@ impl Watch {
             let current = self.lock();
             (current.plan == plan, current.whole())
         };
-        if same && whole && !stale {
+        let moved = !same || stale;
+        if !moved && whole {
             return Ok(false);
         }
-        if !same || stale {
+        if moved {
             tracing::info!(dirs = ?plan.dirs, "the key file's directories changed; watching them afresh");
         }
         let fresh = match watch(plan, Arc::clone(&self.signal), Arc::clone(&self.stale)) {
@@ -932,7 +935,7 @@ impl Watch {
         };
         let whole = fresh.whole();
         *self.lock() = fresh;
-        if !same || stale {
+        if moved {
             // A write seen by the old watch may never see its close, and a
             // change may have gone unseen.
             self.signal.set_writing(false);
@@ -991,7 +994,7 @@ fn watch(
         if matches!(
             ev.kind,
             EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
-        ) && ev.paths.iter().any(|p| seen.dirs.iter().any(|d| d == p))
+        ) && ev.paths.iter().any(|p| seen.is_dir(p))
         {
             stale.store(true, Ordering::Relaxed);
         }
@@ -1844,11 +1847,11 @@ mod tests {
     #[test]
     fn metadata_changes_are_noticed() {
         let (_d, path, r, _shared) = setup(&key("a", "sa", ""));
-        assert!(!r.changed_on_disk());
+        assert_eq!(r.settled_change(), PollSays::Unchanged);
         std::fs::write(&path, key("a", "sa", "") + "# more\n").unwrap();
-        assert!(r.changed_on_disk());
+        assert_ne!(r.settled_change(), PollSays::Unchanged);
         r.reload(Trigger::Poll);
-        assert!(!r.changed_on_disk());
+        assert_eq!(r.settled_change(), PollSays::Unchanged);
     }
 
     #[cfg(unix)]
@@ -2011,9 +2014,13 @@ mod tests {
         let before = stamp(&path);
         std::fs::write(&path, key("a", "sa", "") + "# written during startup\n").unwrap();
         let r2 = Reloader::new(path.clone(), ParseOptions::default(), Arc::clone(&r.shared));
-        assert!(!r2.changed_on_disk(), "a stamp taken now sees no change");
+        assert_eq!(
+            r2.settled_change(),
+            PollSays::Unchanged,
+            "a stamp taken now sees no change"
+        );
         r2.note_read_stamp(before);
-        assert!(r2.changed_on_disk());
+        assert_ne!(r2.settled_change(), PollSays::Unchanged);
     }
 
     #[test]
