@@ -398,7 +398,7 @@ impl Future for Answer {
                 // A body that declares more than is accepted is refused as
                 // soon as its prefix has come, not once it has.
                 let head = joined.as_deref().or(first.as_deref()).unwrap_or_default();
-                if declared_len(head).is_some_and(|n| n > MAX_MESSAGE_BYTES) {
+                if crate::wire::declared_len(head).is_some_and(|n| n > MAX_MESSAGE_BYTES) {
                     break error(code::RESOURCE_EXHAUSTED, "CheckRequest too large");
                 }
                 // Everything an unfinished body holds counts against the
@@ -430,13 +430,6 @@ impl Future for Answer {
         this.state = State::Done;
         Poll::Ready(Ok(response))
     }
-}
-
-/// The message length the gRPC frame prefix at the start of `body`
-/// declares; `None` while fewer than the prefix's five bytes have come.
-fn declared_len(body: &[u8]) -> Option<usize> {
-    let prefix = body.get(..crate::wire::FRAME_PREFIX)?;
-    Some(u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize)
 }
 
 /// Answers a Check whose whole body has been read.
@@ -568,13 +561,6 @@ pub async fn serve<S, IO>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_declared_length_needs_the_whole_prefix() {
-        assert_eq!(declared_len(&[0, 0, 0, 1, 2, 9]), Some(258));
-        assert_eq!(declared_len(&[0, 0, 0, 1, 2]), Some(258));
-        assert_eq!(declared_len(&[0, 0, 0, 1]), None);
-    }
 
     /// A server of `service` on one end of a pipe, an h2 client on the other.
     async fn client_of(service: GrpcService) -> h2::client::SendRequest<Bytes> {

@@ -800,6 +800,18 @@ pub fn frame_message(message: &[u8]) -> bytes::Bytes {
 /// [`unframe`]'s error for one whole message whose compressed flag is set.
 pub const COMPRESSED: DecodeError = DecodeError("compressed messages are not accepted");
 
+/// The message length a gRPC frame prefix declares.
+#[inline]
+fn prefix_len(prefix: &[u8; FRAME_PREFIX]) -> usize {
+    u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize
+}
+
+/// The message length the gRPC frame prefix at the start of `body`
+/// declares; `None` while fewer than the prefix's five bytes have come.
+pub fn declared_len(body: &[u8]) -> Option<usize> {
+    body.first_chunk::<FRAME_PREFIX>().map(prefix_len)
+}
+
 /// The message of a unary gRPC request body: one uncompressed frame. A
 /// well-formed frame whose compressed flag is set is [`COMPRESSED`]; any
 /// other shape is another error.
@@ -807,8 +819,7 @@ pub fn unframe(body: &[u8]) -> Result<&[u8], DecodeError> {
     let Some((prefix, rest)) = body.split_first_chunk::<FRAME_PREFIX>() else {
         return Err(DecodeError("the request body is not a gRPC message"));
     };
-    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
-    if rest.len() != len {
+    if rest.len() != prefix_len(prefix) {
         return Err(DecodeError(
             "the request body is not exactly one gRPC message",
         ));
@@ -1039,6 +1050,13 @@ mod tests {
 
     fn decode_response(framed: &[u8]) -> CheckResponse {
         CheckResponse::decode(unframe(framed).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_declared_length_needs_the_whole_prefix() {
+        assert_eq!(declared_len(&[0, 0, 0, 1, 2, 9]), Some(258));
+        assert_eq!(declared_len(&[0, 0, 0, 1, 2]), Some(258));
+        assert_eq!(declared_len(&[0, 0, 0, 1]), None);
     }
 
     #[test]
