@@ -106,22 +106,25 @@ async fn metrics(
 
 /// Every key in the serving ring with its usage (no digests).
 async fn keys(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    Json(keys_report(&shared))
+}
+
+/// The body of `/keys`. Not in the handler: the usage view must not be
+/// held across an `.await`.
+fn keys_report(shared: &Shared) -> serde_json::Value {
     use std::sync::atomic::Ordering::Relaxed;
-    let ring = shared.ring.load_full();
+    let view = shared.ring.usage_view();
+    let ring = view.ring();
     let time = |t: Option<jiff::Timestamp>| t.map(|t| t.to_string());
     let keys: Vec<serde_json::Value> = ring
         .keys()
         .map(|k| {
-            // Keys never used have no counters yet: report zeros.
-            let usage = k.usage_if_used();
-            let load = |f: fn(&crate::ring::KeyUsage) -> &std::sync::atomic::AtomicU64| {
-                usage.map_or(0, |u| f(u).load(Relaxed))
-            };
-            let last = load(|u| &u.last_used);
-            let last_used = (last > 0)
-                .then(|| jiff::Timestamp::from_second(i64::try_from(last).unwrap_or(i64::MAX)).ok())
-                .flatten()
+            let last_used = view
+                .last_used(k)
+                .and_then(|s| jiff::Timestamp::from_second(i64::try_from(s).ok()?).ok())
                 .map(|t| t.to_string());
+            // Keys never denied have no denial counters yet: report zeros.
+            let usage = k.usage_if_used();
             let mut denials = serde_json::Map::new();
             for reason in crate::decide::DenyReason::ALL {
                 if let Some(i) = reason.key_index() {
@@ -138,17 +141,17 @@ async fn keys(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
                 "expires_at": time(k.expires_at()),
                 "deprecated_at": time(k.deprecated_at()),
                 "description": k.description(),
-                "requests": load(|u| &u.requests),
+                "requests": view.requests(k),
                 "last_used": last_used,
                 "denials": denials,
             })
         })
         .collect();
-    Json(serde_json::json!({
+    serde_json::json!({
         "generation": ring.generation(),
         "counting_since": shared.counting_since.to_string(),
         "keys": keys,
-    }))
+    })
 }
 
 fn now_ns() -> u64 {

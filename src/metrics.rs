@@ -157,7 +157,8 @@ impl Collector for SharedCollector {
                 sum, count, &buckets, None,
             )?;
 
-        let ring = shared.ring.load_full();
+        let view = shared.ring.usage_view();
+        let ring = view.ring();
         // Each key's id, joined (see `KeyId`).
         let mut id_buf = String::new();
         {
@@ -172,11 +173,7 @@ impl Collector for SharedCollector {
                     ("key_id", Label(k.id().joined(&mut id_buf))),
                     ("client", Label(k.client())),
                 ];
-                ConstCounter::new(
-                    k.usage_if_used()
-                        .map_or(0, |u| u.requests.load(Ordering::Relaxed)),
-                )
-                .encode(requests.encode_family(&labels)?)?;
+                ConstCounter::new(view.requests(k)).encode(requests.encode_family(&labels)?)?;
             }
         }
         {
@@ -187,10 +184,7 @@ impl Collector for SharedCollector {
                 MetricType::Gauge,
             )?;
             for k in ring.keys() {
-                let t = k
-                    .usage_if_used()
-                    .map_or(0, |u| u.last_used.load(Ordering::Relaxed));
-                if t > 0 {
+                if let Some(t) = view.last_used(k) {
                     let labels = [
                         ("key_id", Label(k.id().joined(&mut id_buf))),
                         ("client", Label(k.client())),

@@ -199,7 +199,7 @@ struct Memory {
     /// Generation and file fingerprint of the ring this reloader (or the
     /// startup load) last published.
     serving: Option<(u64, Fingerprint)>,
-    /// Replaced rings that a check held past [`RELEASE_WAIT`]: while one is
+    /// Replaced rings that a check held past [`crate::ring::RELEASE_WAIT`]: while one is
     /// alive, counters may still be created for its keys, so reloads clean
     /// the usage registry with a full pass.
     held: Vec<std::sync::Weak<KeyRing>>,
@@ -214,7 +214,7 @@ pub struct Reloader {
     memory: Mutex<Memory>,
     /// Files at least this large are hashed after their ring is published.
     defer_digest_min: usize,
-    /// How long a replaced ring is waited for ([`RELEASE_WAIT`]).
+    /// How long a replaced ring is waited for ([`crate::ring::RELEASE_WAIT`]).
     release_wait: Duration,
 }
 
@@ -236,7 +236,7 @@ impl Reloader {
             shared,
             memory: Mutex::new(memory),
             defer_digest_min: keyfile::DEFER_DIGEST_MIN_BYTES,
-            release_wait: RELEASE_WAIT,
+            release_wait: crate::ring::RELEASE_WAIT,
         }
     }
 
@@ -461,7 +461,8 @@ impl Reloader {
         );
         // Free the previous ring and the parsed file here, on this thread,
         // not on whichever serving thread happens to drop the last reference.
-        let held = release_here(old, self.release_wait);
+        // Its counts are folded into the new ring first.
+        let held = self.shared.ring.retire(old, self.release_wait);
         // Once no check holds the previous ring, none can create counters
         // for a key of it again, so dropping the removed keys' counters
         // leaves the registry with keys of this ring only. Each removal
@@ -524,32 +525,6 @@ impl Reloader {
             "key file rejected; the previous ring keeps serving"
         );
         Outcome::Failed(message)
-    }
-}
-
-/// Longest the reloader waits for readers to let go of the ring it replaced,
-/// so that the ring is freed on the reload thread.
-const RELEASE_WAIT: Duration = Duration::from_secs(2);
-
-/// Drops `ring` on this thread once no one else holds it. A check holds the
-/// ring for microseconds, but whoever drops the last reference frees it (tens
-/// of megabytes for a large ring), and that must not be a serving thread. A
-/// holder that keeps it past `wait` ([`RELEASE_WAIT`]; a long scrape) frees it;
-/// then the ring is returned as a weak reference, to tell when it is gone.
-fn release_here(mut ring: Arc<KeyRing>, wait: Duration) -> Option<std::sync::Weak<KeyRing>> {
-    let deadline = std::time::Instant::now() + wait;
-    loop {
-        match Arc::try_unwrap(ring) {
-            Ok(last) => {
-                drop(last);
-                return None;
-            }
-            Err(shared) if std::time::Instant::now() < deadline => {
-                ring = shared;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(held) => return Some(Arc::downgrade(&held)),
-        }
     }
 }
 
@@ -1470,15 +1445,25 @@ mod tests {
     fn a_reload_drops_the_counters_of_removed_keys_only() {
         let (_d, path, mut r, shared) = setup(&(key("a", "sa", "") + &key("b", "sb", "")));
         r.release_wait = Duration::from_millis(50);
-        let used = |id: &str| shared.ring.load().by_id(id).unwrap().usage().record_use(1);
+        let used = |id: &str| {
+            let ring = shared.ring.load();
+            let key = ring.by_id(id).unwrap();
+            key.record_use(5);
+            key.usage().denied[0].fetch_add(1, Ordering::Relaxed);
+        };
         used("a");
         used("b");
+        let allowed = |id: &str| {
+            let view = shared.ring.usage_view();
+            let key = view.ring().by_id(id).unwrap();
+            (view.requests(key), view.last_used(key))
+        };
         assert_eq!(shared.usage.len(), 2);
         let count = |id: &str| {
             let ring = shared.ring.load();
             let key = ring.by_id(id).unwrap();
             key.usage_if_used()
-                .map(|u| u.requests.load(Ordering::Relaxed))
+                .map(|u| u.denied[0].load(Ordering::Relaxed))
         };
 
         std::fs::write(&path, key("a", "sa", "") + &key("c", "sc", "")).unwrap();
@@ -1488,6 +1473,8 @@ mod tests {
         );
         assert_eq!(shared.usage.len(), 1, "b's counters are gone");
         assert_eq!(count("a"), Some(1), "a's survive");
+        assert_eq!(allowed("a"), (1, Some(5)), "folded into the new ring");
+        assert_eq!(allowed("c"), (0, None));
 
         // A check that holds the ring past the wait: counters it creates for
         // a key the next ring drops are caught once it lets go.
@@ -1497,7 +1484,7 @@ mod tests {
             r.reload(Trigger::Watch),
             Outcome::Published { generation: 3 }
         );
-        held.by_id("c").unwrap().usage().record_use(1);
+        let _ = held.by_id("c").unwrap().usage();
         assert_eq!(shared.usage.len(), 2, "c's counters, made after the reload");
         drop(held);
         std::fs::write(&path, key("a", "sa", "") + &key("e", "se", "")).unwrap();
@@ -1786,18 +1773,21 @@ mod tests {
     fn the_replaced_ring_is_freed_by_the_reloader_once_readers_let_go() {
         let (_d, _path, _r, shared) = setup(&key("a", "sa", ""));
         let reader = shared.ring.load_full();
-        let ring = shared.ring.publish(KeyRing::empty(RingSource {
-            generation: 2,
-            sha256: [0; 32],
-            loaded_at: Timestamp::now(),
-        }));
+        let ring = shared
+            .ring
+            .publish_shared(Arc::new(KeyRing::empty(RingSource {
+                generation: 2,
+                sha256: [0; 32],
+                loaded_at: Timestamp::now(),
+            })));
         let weak = Arc::downgrade(&ring);
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let holder = std::thread::spawn(move || {
             let _ = rx.recv();
             drop(reader);
         });
-        let release = std::thread::spawn(move || release_here(ring, RELEASE_WAIT));
+        let handle = shared.ring.clone();
+        let release = std::thread::spawn(move || handle.retire(ring, crate::ring::RELEASE_WAIT));
         tx.send(()).unwrap();
         assert!(release.join().unwrap().is_none(), "released in time");
         holder.join().unwrap();

@@ -28,20 +28,29 @@
 //!
 //! # Usage counters
 //!
-//! Per-key usage counters ([`KeyUsage`]) live in a [`UsageRegistry`] outside the
-//! ring, keyed by key id, so they survive reloads. Most keys of a large ring
-//! are idle, so counters are created lazily: the first use of a key in a ring
-//! fetches (or creates) its counters from the registry and links them into the
-//! ring — this is the one allocation of the verify path, once per key and
-//! ring. Counters of keys used under earlier rings are linked at build time,
-//! taken from the previous ring in file order rather than looked up by id,
-//! so a rebuild costs little more with every key in use than with none.
-//! After linking, the hot path reads them with two atomic loads and never
-//! touches the registry.
+//! What the allow path counts for every key, its allowed requests and the
+//! second of its last use, the ring holds in two arrays indexed like the
+//! slots: a first sight of a key fetches its counters in parallel with its
+//! slot, where counters reached through a pointer cost two more dependent
+//! cache misses. A ring starts them at zero; when a [`RingHandle`] replaces
+//! a ring, the replaced ring's counts are folded into the new one by id
+//! once checks have let go of it, and until then a [`UsageView`] adds them
+//! in, so the counts survive reloads and never go down.
+//!
+//! What only some keys need, the denials by reason and the rate-limit
+//! budget ([`KeyUsage`]), lives in a [`UsageRegistry`] outside the ring,
+//! keyed by key id. Those counters are created lazily: the first denial of a
+//! key, or the first use of a rate-limited key, in a ring fetches (or
+//! creates) them from the registry and links them into the ring, once per
+//! key and ring. Counters of keys used under earlier rings are linked at
+//! build time, taken from the previous ring in file order rather than looked
+//! up by id, so a rebuild costs little more with every key in use than with
+//! none.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, Guard};
 use dashmap::DashMap;
@@ -76,13 +85,11 @@ pub fn digest_prefix(digest: &Digest) -> DigestPrefix {
 /// Denial reasons counted per key in [`KeyUsage::denied`].
 pub const KEY_DENIAL_REASONS: usize = 6;
 
-/// Live usage of one key; shared between rings by key id.
+/// Live counters of one key that only some keys need; shared between rings
+/// by key id. (Allowed requests and the last use are counted in the ring:
+/// see [`UsageView`].)
 #[derive(Debug, Default)]
 pub struct KeyUsage {
-    /// Allowed requests.
-    pub requests: AtomicU64,
-    /// Unix seconds of the last allowed request (0 = never).
-    pub last_used: AtomicU64,
     /// Denials that matched this key, by [`crate::decide::DenyReason::key_index`].
     pub denied: [AtomicU64; KEY_DENIAL_REASONS],
     /// The key's rate-limit budget.
@@ -106,18 +113,6 @@ impl KeyUsage {
         }
         self.limit_spec.store(spec.map(Arc::new));
         self.limiter.reset();
-    }
-
-    /// Records one allowed request at `now_secs`.
-    #[inline]
-    pub fn record_use(&self, now_secs: u64) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        // A plain store, and only when the second changed: concurrent users
-        // race only to write nearly the same second, and a hot key's cache
-        // line is not dirtied on every request.
-        if self.last_used.load(Ordering::Relaxed) != now_secs {
-            self.last_used.store(now_secs, Ordering::Relaxed);
-        }
     }
 }
 
@@ -585,7 +580,13 @@ pub struct KeyRing {
     /// builds and compares an id only when those bits agree.
     by_id: Box<[u32]>,
     id_hasher: ahash::RandomState,
-    /// Usage counters, linked on first use; pages are allocated on first use too.
+    /// Allowed requests per key, by index (see [`UsageView`]).
+    requests: Box<[AtomicU64]>,
+    /// Unix second of each key's last allowed request (0: none), by index.
+    /// Thirty-two bits last until 2106.
+    last_used: Box<[AtomicU32]>,
+    /// Denial counters and rate-limit budgets, linked on first need; pages
+    /// are allocated on first need too.
     usage: Box<[OnceLock<Box<UsagePage>>]>,
     registry: UsageRegistry,
     routes: Box<[Route]>,
@@ -958,6 +959,8 @@ impl KeyRing {
             digest_index_bits,
             by_id,
             id_hasher,
+            requests: std::iter::repeat_with(AtomicU64::default).take(n).collect(),
+            last_used: std::iter::repeat_with(AtomicU32::default).take(n).collect(),
             usage: (0..n.div_ceil(USAGE_PAGE))
                 .map(|_| OnceLock::new())
                 .collect(),
@@ -974,14 +977,11 @@ impl KeyRing {
         ring
     }
 
-    /// Links the counters of keys used under earlier rings (and so their
-    /// budgets) into this one.
+    /// Links the denial counters and budgets of keys that needed them under
+    /// earlier rings into this one.
     ///
     /// From `previous`, when it shares `usage`: its linked counters, in file
-    /// order, each to the key with its id here. Keys mostly keep their
-    /// places, or move by as much as their neighbours (a block of keys added
-    /// or removed above them), so each is looked for where the last one
-    /// moved to, and by id only when that guess misses. Reading the two
+    /// order, each to the key with its id here ([`KeyRing::follow`]). Reading the two
     /// rings in order, the pass costs a million-key ring with every key in
     /// use a fraction of what a lookup by id per key costs; see BENCHMARKS.
     /// Then the counters the registry lists (those a build may not find in
@@ -1020,20 +1020,12 @@ impl KeyRing {
                 let Some(counters) = counters.get() else {
                     continue;
                 };
-                let old_index = (page_no * USAGE_PAGE + offset) as i64;
-                let Some(old) = u32::try_from(old_index).ok().and_then(|i| previous.key(i)) else {
-                    continue;
-                };
-                let id = old.id();
-                let guess = u32::try_from(old_index + shift)
+                let old = u32::try_from(page_no * USAGE_PAGE + offset)
                     .ok()
-                    .and_then(|i| self.key(i))
-                    .filter(|key| key.id() == id);
-                let Some(key) = guess.or_else(|| id.with_str(|id| self.by_id(id))) else {
-                    continue;
-                };
-                shift = i64::from(key.index) - old_index;
-                key.link(Arc::clone(counters));
+                    .and_then(|i| previous.key(i));
+                if let Some(key) = old.and_then(|old| self.follow(old, &mut shift)) {
+                    key.link(Arc::clone(counters));
+                }
             }
         }
         let fresh = usage.fresh();
@@ -1046,6 +1038,46 @@ impl KeyRing {
             }
         }
         fresh.len()
+    }
+
+    /// The key of this ring with the id of `old`, a key of an earlier ring,
+    /// for passes over the earlier ring in file order. Keys mostly keep their
+    /// places, or move by as much as their neighbours (a block of keys added
+    /// or removed above them), so it is looked for where the last key
+    /// followed moved to (`shift`, updated), and by id only when that guess
+    /// misses.
+    fn follow(&self, old: KeyRef<'_>, shift: &mut i64) -> Option<KeyRef<'_>> {
+        let id = old.id();
+        let guess = u32::try_from(i64::from(old.index) + *shift)
+            .ok()
+            .and_then(|i| self.key(i))
+            .filter(|key| key.id() == id);
+        let key = guess.or_else(|| id.with_str(|id| self.by_id(id)))?;
+        *shift = i64::from(key.index) - i64::from(old.index);
+        Some(key)
+    }
+
+    /// Adds the allowed requests counted in `from`, a ring this one replaced,
+    /// to the same keys here, and takes their later last uses. Keys this ring
+    /// does not hold lose theirs, as their other counters are dropped.
+    fn fold_counts(&self, from: &KeyRing) {
+        let mut shift = 0i64;
+        for (i, (requests, last)) in from.requests.iter().zip(&from.last_used).enumerate() {
+            let (requests, last) = (
+                requests.load(Ordering::Relaxed),
+                last.load(Ordering::Relaxed),
+            );
+            if requests == 0 && last == 0 {
+                continue;
+            }
+            crate::priority::pace();
+            let old = u32::try_from(i).ok().and_then(|i| from.key(i));
+            if let Some(key) = old.and_then(|old| self.follow(old, &mut shift)) {
+                let i = key.index as usize;
+                self.requests[i].fetch_add(requests, Ordering::Relaxed);
+                self.last_used[i].fetch_max(last, Ordering::Relaxed);
+            }
+        }
     }
 
     /// [`KeyRing::build_with_digest`] from a file as the parser gives it.
@@ -1850,9 +1882,39 @@ impl<'r> KeyRef<'r> {
             .all(|need| have.iter().any(|h| h.as_bytes() == need))
     }
 
-    /// The key's live counters, linked from the registry on the first use of
-    /// the key in this ring (which allocates, once per key and ring, and takes
-    /// a registry shard lock); lock-free after that.
+    /// Records one allowed request at `now_secs` (Unix seconds), in this
+    /// ring's counters: lock-free, no allocation, no pointer to follow.
+    #[inline]
+    pub fn record_use(&self, now_secs: u64) {
+        let i = self.index as usize;
+        if let (Some(requests), Some(last)) =
+            (self.ring.requests.get(i), self.ring.last_used.get(i))
+        {
+            requests.fetch_add(1, Ordering::Relaxed);
+            // A plain store, and only when the second changed: concurrent
+            // users race only to write nearly the same second, and a hot
+            // key's cache line is not dirtied by it on every request.
+            let now = u32::try_from(now_secs).unwrap_or(u32::MAX);
+            if last.load(Ordering::Relaxed) != now {
+                last.store(now, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Allowed requests counted in this ring alone (see [`UsageView`] for
+    /// the key's total).
+    fn requests_here(&self) -> u64 {
+        self.ring.requests[self.index as usize].load(Ordering::Relaxed)
+    }
+
+    /// The last use counted in this ring alone (0: none).
+    fn last_used_here(&self) -> u32 {
+        self.ring.last_used[self.index as usize].load(Ordering::Relaxed)
+    }
+
+    /// The key's denial counters and rate-limit budget, linked from the
+    /// registry on their first need in this ring (which allocates, once per
+    /// key and ring, and takes a registry shard lock); lock-free after that.
     #[inline]
     pub fn usage(&self) -> &'r KeyUsage {
         let i = self.index as usize;
@@ -1888,8 +1950,8 @@ impl<'r> KeyRef<'r> {
         linked
     }
 
-    /// The key's counters if it has been used (or had counters when the ring
-    /// was built); never allocates. For scrapes.
+    /// The key's denial counters and budget if they were ever needed (or
+    /// linked when the ring was built); never allocates. For scrapes.
     pub fn usage_if_used(&self) -> Option<&'r KeyUsage> {
         let i = self.index as usize;
         let page = self.ring.usage[i / USAGE_PAGE].get()?;
@@ -1992,12 +2054,20 @@ pub fn release_free_memory() {
     }
 }
 
+/// Longest [`RingHandle::retire`] waits, by default, for checks to let go of
+/// the ring it retires, so that the ring is freed on the retiring thread.
+pub const RELEASE_WAIT: Duration = Duration::from_secs(2);
+
 /// The publishing point: readers `load`, the reloader `publish`es.
 ///
 /// Cloning shares the same slot.
 #[derive(Debug, Clone)]
 pub struct RingHandle {
     slot: Arc<ArcSwap<KeyRing>>,
+    /// Rings this handle replaced whose counts are not yet folded into the
+    /// served ring, oldest first: every allowed request is counted in
+    /// exactly one of the served ring and these (see [`UsageView`]).
+    replaced: Arc<Mutex<Vec<Arc<KeyRing>>>>,
 }
 
 impl RingHandle {
@@ -2006,6 +2076,7 @@ impl RingHandle {
         ring.registry.published(&ring);
         RingHandle {
             slot: Arc::new(ArcSwap::from_pointee(ring)),
+            replaced: Arc::default(),
         }
     }
 
@@ -2020,15 +2091,150 @@ impl RingHandle {
         self.slot.load_full()
     }
 
-    /// Replaces the ring with one atomic store; returns the ring it replaced.
-    pub fn publish(&self, ring: KeyRing) -> Arc<KeyRing> {
-        self.publish_shared(Arc::new(ring))
+    fn replaced(&self) -> MutexGuard<'_, Vec<Arc<KeyRing>>> {
+        self.replaced.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// [`RingHandle::publish`] for a ring the caller keeps a reference to.
+    /// Publishes `ring` with one atomic store, then retires the ring it
+    /// replaced ([`RingHandle::retire`], waiting at most [`RELEASE_WAIT`]:
+    /// the whole wait if the caller still holds the replaced ring).
+    pub fn publish(&self, ring: KeyRing) {
+        let old = self.publish_shared(Arc::new(ring));
+        self.retire(old, RELEASE_WAIT);
+    }
+
+    /// Replaces the ring with one atomic store and returns the ring it
+    /// replaced. Its counts stay with this handle, and [`UsageView`]s add
+    /// them in, until it is passed to [`RingHandle::retire`]; a ring that
+    /// is not is folded by the next retirement after it is dropped.
     pub fn publish_shared(&self, ring: Arc<KeyRing>) -> Arc<KeyRing> {
+        let mut replaced = self.replaced();
         ring.registry.published(&ring);
-        self.slot.swap(ring)
+        // A ring published again is the served one, not a replaced one.
+        replaced.retain(|r| !Arc::ptr_eq(r, &ring));
+        let new = Arc::clone(&ring);
+        let old = self.slot.swap(ring);
+        if !Arc::ptr_eq(&old, &new) {
+            replaced.push(Arc::clone(&old));
+        }
+        old
+    }
+
+    /// Folds the counts of `old`, a ring this handle replaced, into the
+    /// served ring, and frees `old` on this thread.
+    ///
+    /// Checks that loaded `old` before it was replaced count into it for
+    /// their last microseconds (and whoever drops the last reference frees
+    /// it: tens of megabytes for a large ring, which must not fall to a
+    /// serving thread), so this first waits, up to `wait`, until no one else
+    /// holds it. A holder that keeps it longer (a long scrape) frees it: the
+    /// ring is then returned as a weak reference, to tell when it is gone.
+    /// A check still counting into it after `wait` would have its count
+    /// lost; a check holds a ring for microseconds.
+    ///
+    /// Replaced rings held by nothing but this handle (their caller dropped
+    /// them instead of retiring them) are folded too.
+    pub fn retire(&self, old: Arc<KeyRing>, wait: Duration) -> Option<Weak<KeyRing>> {
+        let listed = self.replaced().iter().any(|r| Arc::ptr_eq(r, &old));
+        let alone = 1 + usize::from(listed);
+        let deadline = Instant::now() + wait;
+        while Arc::strong_count(&old) > alone && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        {
+            let mut replaced = self.replaced();
+            // No publication while the list is locked: this is the served ring.
+            let served = self.slot.load_full();
+            let mut kept = Vec::with_capacity(replaced.len());
+            for ring in replaced.drain(..) {
+                if Arc::ptr_eq(&ring, &old) || Arc::strong_count(&ring) == 1 {
+                    served.fold_counts(&ring);
+                } else {
+                    kept.push(ring);
+                }
+            }
+            *replaced = kept;
+        }
+        match Arc::try_unwrap(old) {
+            Ok(last) => {
+                drop(last);
+                None
+            }
+            Err(held) => Some(Arc::downgrade(&held)),
+        }
+    }
+
+    /// The served ring with its keys' usage counts, for scrapes.
+    ///
+    /// While a replaced ring is not yet folded into the served one, the view
+    /// adds its counts in and keeps the handle's list locked (no publication
+    /// and no fold until it is dropped: keep it for one scrape's reading, and
+    /// never across `.await`). Otherwise it holds no lock.
+    pub fn usage_view(&self) -> UsageView<'_> {
+        let replaced = self.replaced();
+        let ring = self.slot.load_full();
+        UsageView {
+            ring,
+            replaced: (!replaced.is_empty()).then_some(replaced),
+        }
+    }
+}
+
+/// The served ring and its keys' allowed requests and last uses, as a
+/// scrape reports them: the served ring's counts plus those of replaced
+/// rings not yet folded into it. From [`RingHandle::usage_view`].
+///
+/// The counts never go down from one view to the next: a request is counted
+/// in exactly one ring of the view, and a fold moves counts between rings
+/// only while no view is open.
+pub struct UsageView<'h> {
+    ring: Arc<KeyRing>,
+    replaced: Option<MutexGuard<'h, Vec<Arc<KeyRing>>>>,
+}
+
+impl fmt::Debug for UsageView<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UsageView")
+            .field("generation", &self.ring.generation)
+            .field("replaced", &self.others().len())
+            .finish()
+    }
+}
+
+impl UsageView<'_> {
+    /// The served ring.
+    pub fn ring(&self) -> &Arc<KeyRing> {
+        &self.ring
+    }
+
+    fn others(&self) -> &[Arc<KeyRing>] {
+        self.replaced.as_deref().map_or(&[], |r| r.as_slice())
+    }
+
+    /// The same key in each replaced ring not yet folded (`key`'s own ring
+    /// left out).
+    fn elsewhere<'a>(&'a self, key: KeyRef<'a>) -> impl Iterator<Item = KeyRef<'a>> + 'a {
+        self.others()
+            .iter()
+            .filter(move |r| !std::ptr::eq(&***r, key.ring))
+            .filter_map(move |r| key.id().with_str(|id| r.by_id(id)))
+    }
+
+    /// Allowed requests of `key` (a key of [`UsageView::ring`]) since this
+    /// process first loaded it.
+    pub fn requests(&self, key: KeyRef<'_>) -> u64 {
+        self.elsewhere(key)
+            .map(|k| k.requests_here())
+            .fold(key.requests_here(), u64::wrapping_add)
+    }
+
+    /// Unix second of `key`'s last allowed request, if it had one.
+    pub fn last_used(&self, key: KeyRef<'_>) -> Option<u64> {
+        let last = self
+            .elsewhere(key)
+            .map(|k| k.last_used_here())
+            .fold(key.last_used_here(), u32::max);
+        (last > 0).then_some(u64::from(last))
     }
 }
 
@@ -2267,15 +2473,14 @@ expires_at = 2027-02-27T00:00:00Z
     fn usage_survives_rebuilds_and_is_pruned() {
         let reg = UsageRegistry::default();
         let ring = KeyRing::build(&file(&two_keys()), source(1), &reg, None);
-        ring.by_id("a").unwrap().usage().record_use(42);
-        assert_eq!(reg.len(), 1, "counters are created on first use");
+        ring.by_id("a").unwrap().usage().denied[0].fetch_add(42, Ordering::Relaxed);
+        assert_eq!(reg.len(), 1, "counters are created on first need");
         let ring2 = KeyRing::build(&file(&two_keys()), source(2), &reg, Some(&ring));
         let a2 = ring2.by_id("a").unwrap();
         let linked = a2.usage_if_used().expect("linked at build");
-        assert_eq!(linked.requests.load(Ordering::Relaxed), 1);
-        assert_eq!(linked.last_used.load(Ordering::Relaxed), 42);
+        assert_eq!(linked.denied[0].load(Ordering::Relaxed), 42);
         assert!(ring2.by_id("b").unwrap().usage_if_used().is_none());
-        ring2.by_id("b").unwrap().usage().record_use(1);
+        let _ = ring2.by_id("b").unwrap().usage();
         assert_eq!(reg.len(), 2);
 
         let only_a = two_keys()
@@ -2293,7 +2498,7 @@ expires_at = 2027-02-27T00:00:00Z
         assert!(ring3.by_id("a").unwrap().usage_if_used().is_some());
         // The same as a full pass over the registry (b's counters made
         // again, as by a check on a ring that still holds b).
-        reg.usage("b").record_use(2);
+        let _ = reg.usage("b");
         assert_eq!(reg.len(), 2);
         reg.retain_ring(&ring3);
         assert_eq!(reg.len(), 1);
@@ -2322,11 +2527,8 @@ expires_at = 2027-02-27T00:00:00Z
         let first = handle.load_full();
         let used = [0usize, 5, 63, 64, 70, 200, 299];
         for &i in &used {
-            first
-                .by_id(&ids[i])
-                .unwrap()
-                .usage()
-                .record_use(i as u64 + 1);
+            first.by_id(&ids[i]).unwrap().usage().denied[0]
+                .fetch_add(i as u64 + 1, Ordering::Relaxed);
         }
 
         // Ten keys added on top, 70 moved to the end, 200 removed: most keys
@@ -2350,7 +2552,7 @@ expires_at = 2027-02-27T00:00:00Z
                 .flatten()
                 .unwrap_or_else(|| panic!("{} linked", ids[i]));
             assert!(std::ptr::eq(linked, &*reg.usage(&ids[i])), "{}", ids[i]);
-            assert_eq!(linked.last_used.load(Ordering::Relaxed), i as u64 + 1);
+            assert_eq!(linked.denied[0].load(Ordering::Relaxed), i as u64 + 1);
         }
         // Linked by position or by id, exactly the keys a pass over the
         // registry links.
@@ -2363,8 +2565,8 @@ expires_at = 2027-02-27T00:00:00Z
         // A check still holding the first ring gives a key its first use
         // after the second is published: the second ring never had those
         // counters, and the third must link them anyway.
-        drop(handle.publish(second));
-        first.by_id(&ids[6]).unwrap().usage().record_use(77);
+        publish_now(&handle, second);
+        first.by_id(&ids[6]).unwrap().usage().denied[0].fetch_add(77, Ordering::Relaxed);
         let second = handle.load_full();
         assert!(second.by_id(&ids[6]).unwrap().usage_if_used().is_none());
         // A ring built and never published leaves the listing as it was.
@@ -2377,7 +2579,7 @@ expires_at = 2027-02-27T00:00:00Z
         let third = KeyRing::build(&keys_named(&moved), source(3), &reg, Some(&second));
         let counters = third.by_id(&ids[6]).unwrap().usage_if_used();
         assert_eq!(
-            counters.map(|c| c.last_used.load(Ordering::Relaxed)),
+            counters.map(|c| c.denied[0].load(Ordering::Relaxed)),
             Some(77)
         );
         assert_eq!(
@@ -2385,7 +2587,7 @@ expires_at = 2027-02-27T00:00:00Z
             linked(&KeyRing::build(&keys_named(&moved), source(3), &reg, None))
         );
         assert_eq!(reg.fresh().len(), 1);
-        drop(handle.publish(third));
+        publish_now(&handle, third);
         assert!(reg.fresh().is_empty(), "published, so unlisted");
     }
 
@@ -2422,11 +2624,9 @@ expires_at = 2027-02-27T00:00:00Z
                         // land on a ring already replaced.
                         let ring = handle.load_full();
                         for _ in 0..8 {
-                            n = n
-                                .wrapping_mul(6364136223846793005)
-                                .wrapping_add(1442695040888963407);
+                            n = lcg(n);
                             if let Some(key) = ring.key_at((n >> 33) as u32 % ring.len() as u32) {
-                                key.usage().record_use(1);
+                                let _ = key.usage();
                                 uses.fetch_add(1, Ordering::Relaxed);
                             }
                             std::thread::yield_now();
@@ -2438,7 +2638,7 @@ expires_at = 2027-02-27T00:00:00Z
                 let current = handle.load_full();
                 let file = keys_named(&names(generation));
                 let next = KeyRing::build(&file, source(generation as u64), &reg, Some(&current));
-                drop(handle.publish(next));
+                let old = handle.publish_shared(Arc::new(next));
                 // As a reload does: the counters of keys it removed go.
                 let next = handle.load_full();
                 let removed: Vec<String> = current
@@ -2446,6 +2646,8 @@ expires_at = 2027-02-27T00:00:00Z
                     .map(|k| k.id().to_string())
                     .filter(|id| next.by_id(id).is_none())
                     .collect();
+                drop(current);
+                handle.retire(old, RELEASE_WAIT);
                 reg.forget(removed.iter().map(String::as_str), &next);
                 // Let the checkers use some keys of every generation, however
                 // the scheduler shares the CPUs out (bounded: on a stalled
@@ -2482,14 +2684,229 @@ expires_at = 2027-02-27T00:00:00Z
         assert!(linked > 500, "only {linked} keys used");
     }
 
+    /// Publishes `ring` and retires the ring it replaces without waiting
+    /// for the test's own references to it.
+    fn publish_now(handle: &RingHandle, ring: KeyRing) {
+        let old = handle.publish_shared(Arc::new(ring));
+        handle.retire(old, Duration::ZERO);
+    }
+
+    /// Keys `stable` (ids `s0`..) with `fresh` new keys (ids `n{tag}-`..)
+    /// inserted at `at`: the stable keys move.
+    fn stable_with_inserted(stable: usize, fresh: usize, at: usize, tag: usize) -> KeyFile {
+        let mut ids: Vec<String> = (0..stable).map(|i| format!("s{i}")).collect();
+        let at = at.min(ids.len());
+        ids.splice(at..at, (0..fresh).map(|j| format!("n{tag}-{j}")));
+        keys_named(&ids)
+    }
+
+    /// The next number of a linear congruential sequence (Knuth's MMIX).
+    fn lcg(n: u64) -> u64 {
+        n.wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407)
+    }
+
+    /// A ring of [`stable_with_inserted`], of generation `tag`.
+    fn stable_ring(
+        reg: &UsageRegistry,
+        stable: usize,
+        fresh: usize,
+        at: usize,
+        tag: usize,
+    ) -> KeyRing {
+        let file = stable_with_inserted(stable, fresh, at, tag);
+        KeyRing::build(&file, source(tag as u64), reg, None)
+    }
+
+    #[test]
+    fn allowed_requests_are_counted_in_the_ring_and_carried_to_the_next() {
+        let reg = UsageRegistry::default();
+        let handle = RingHandle::new(stable_ring(&reg, 100, 0, 0, 0));
+        let first = handle.load_full();
+        for (i, n, at) in [(3, 5u64, 1_000u64), (99, 1, 2_000), (50, 2, 3_000)] {
+            let key = first.by_id(&format!("s{i}")).unwrap();
+            for t in 0..n {
+                key.record_use(at + t);
+            }
+        }
+        assert_eq!(reg.len(), 0, "allowing needs no counters from the registry");
+        let view = handle.usage_view();
+        let s3 = view.ring().by_id("s3").unwrap();
+        assert_eq!((view.requests(s3), view.last_used(s3)), (5, Some(1_004)));
+        let s4 = view.ring().by_id("s4").unwrap();
+        assert_eq!((view.requests(s4), view.last_used(s4)), (0, None));
+        drop(view);
+
+        // Ten keys inserted above s50: s50 and s99 move, s3 does not.
+        let second = stable_ring(&reg, 100, 10, 40, 1);
+        let old = handle.publish_shared(Arc::new(second));
+        // Not folded yet: the view adds the replaced ring in, and a check
+        // still holding it counts where the view sees it.
+        first.by_id("s99").unwrap().record_use(2_500);
+        handle.load().by_id("s99").unwrap().record_use(2_400);
+        let totals = |handle: &RingHandle| -> Vec<(u64, Option<u64>)> {
+            let view = handle.usage_view();
+            ["s3", "s50", "s99", "n1-0"]
+                .iter()
+                .map(|id| {
+                    let key = view.ring().by_id(id).unwrap();
+                    (view.requests(key), view.last_used(key))
+                })
+                .collect()
+        };
+        let want = vec![
+            (5, Some(1_004)),
+            (2, Some(3_001)),
+            (3, Some(2_500)),
+            (0, None),
+        ];
+        assert_eq!(totals(&handle), want);
+        drop(first);
+        assert!(handle.retire(old, RELEASE_WAIT).is_none(), "freed here");
+        assert!(handle.replaced().is_empty());
+        assert_eq!(totals(&handle), want, "folded into the served ring");
+        let served = handle.load_full();
+        assert_eq!(served.by_id("s99").unwrap().requests_here(), 3);
+
+        // A key the next ring drops loses its count; the others keep theirs.
+        publish_now(
+            &handle,
+            KeyRing::build(&keys_named(&["s99".to_owned()]), source(3), &reg, None),
+        );
+        let view = handle.usage_view();
+        let s99 = view.ring().by_id("s99").unwrap();
+        assert_eq!(view.requests(s99), 3);
+        assert_eq!(view.ring().len(), 1);
+    }
+
+    #[test]
+    fn a_ring_held_past_the_wait_is_folded_and_left_to_its_holder() {
+        let reg = UsageRegistry::default();
+        let handle = RingHandle::new(stable_ring(&reg, 10, 0, 0, 0));
+        let held = handle.load_full();
+        held.by_id("s1").unwrap().record_use(7);
+        let old = handle.publish_shared(Arc::new(stable_ring(&reg, 10, 1, 0, 1)));
+        let weak = handle
+            .retire(old, Duration::from_millis(20))
+            .expect("still held");
+        assert!(handle.replaced().is_empty());
+        let view = handle.usage_view();
+        assert_eq!(view.requests(view.ring().by_id("s1").unwrap()), 1);
+        drop(view);
+        drop(held);
+        assert!(weak.upgrade().is_none());
+    }
+
+    #[test]
+    fn a_replaced_ring_dropped_unretired_is_folded_by_the_next_retirement() {
+        let reg = UsageRegistry::default();
+        let build = |g: usize| stable_ring(&reg, 10, g, 0, g);
+        let handle = RingHandle::new(build(1));
+        handle.load().by_id("s2").unwrap().record_use(1);
+        drop(handle.publish_shared(Arc::new(build(2))));
+        handle.load().by_id("s2").unwrap().record_use(2);
+        let view = handle.usage_view();
+        assert_eq!(view.requests(view.ring().by_id("s2").unwrap()), 2);
+        drop(view);
+        handle.publish(build(3));
+        assert!(handle.replaced().is_empty());
+        let view = handle.usage_view();
+        assert_eq!(view.requests(view.ring().by_id("s2").unwrap()), 2);
+        assert_eq!(view.last_used(view.ring().by_id("s2").unwrap()), Some(2));
+    }
+
+    #[test]
+    fn a_ring_published_again_is_counted_once() {
+        let reg = UsageRegistry::default();
+        let a = Arc::new(stable_ring(&reg, 5, 0, 0, 0));
+        let handle = RingHandle::new(stable_ring(&reg, 5, 1, 0, 1));
+        a.by_id("s0").unwrap().record_use(1);
+        let old = handle.publish_shared(Arc::clone(&a));
+        let replaced = handle.publish_shared(Arc::new(KeyRing::empty(source(3))));
+        assert!(Arc::ptr_eq(&replaced, &a));
+        drop(replaced);
+        // `a` back, while it is still listed as replaced.
+        let empty = handle.publish_shared(Arc::clone(&a));
+        let view = handle.usage_view();
+        assert_eq!(view.requests(view.ring().by_id("s0").unwrap()), 1);
+        drop(view);
+        handle.retire(empty, Duration::ZERO);
+        handle.retire(old, Duration::ZERO);
+        let view = handle.usage_view();
+        assert_eq!(view.requests(view.ring().by_id("s0").unwrap()), 1);
+    }
+
+    #[test]
+    fn counts_are_exact_and_never_go_down_while_rings_are_published() {
+        const STABLE: usize = 400;
+        let reg = UsageRegistry::default();
+        let handle = RingHandle::new(stable_ring(&reg, STABLE, 0, 0, 0));
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let uses = AtomicU64::new(0);
+        let total = |view: &UsageView<'_>| -> u64 {
+            (0..STABLE)
+                .map(|i| view.requests(view.ring().by_id(&format!("s{i}")).unwrap()))
+                .sum()
+        };
+        std::thread::scope(|s| {
+            for t in 0..2u64 {
+                let (handle, stop, uses) = (&handle, &stop, &uses);
+                s.spawn(move || {
+                    let mut n = t;
+                    while !stop.load(Ordering::Relaxed) {
+                        n = lcg(n);
+                        let id = format!("s{}", (n >> 33) as usize % STABLE);
+                        handle.load().by_id(&id).unwrap().record_use(n >> 60);
+                        uses.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+            // Scrapes: the total never goes down.
+            let scraper = s.spawn(|| {
+                let mut last = 0;
+                let mut scrapes = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let now = total(&handle.usage_view());
+                    assert!(now >= last, "went down from {last} to {now}");
+                    last = now;
+                    scrapes += 1;
+                }
+                scrapes
+            });
+            for generation in 1..120 {
+                let ring = stable_ring(
+                    &reg,
+                    STABLE,
+                    generation % 7,
+                    generation * 13 % STABLE,
+                    generation,
+                );
+                let old = handle.publish_shared(Arc::new(ring));
+                // Some replaced rings wait for a later retirement.
+                if generation % 3 != 0 {
+                    handle.retire(old, RELEASE_WAIT);
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            assert!(scraper.join().unwrap() > 0);
+        });
+        handle.publish(stable_ring(&reg, STABLE, 0, 0, 1000));
+        assert!(handle.replaced().is_empty());
+        let uses = uses.load(Ordering::Relaxed);
+        assert!(uses > 0);
+        assert_eq!(total(&handle.usage_view()), uses);
+    }
+
     #[test]
     fn publish_swaps_atomically() {
         let reg = UsageRegistry::default();
         let handle = RingHandle::new(KeyRing::empty(source(0)));
         let reader = handle.clone();
         let held = reader.load();
-        let old = handle.publish(KeyRing::build(&file(&two_keys()), source(1), &reg, None));
+        let ring = KeyRing::build(&file(&two_keys()), source(1), &reg, None);
+        let old = handle.publish_shared(Arc::new(ring));
         assert_eq!(old.generation(), 0);
+        drop(old);
         // A guard taken before the swap still sees the old ring.
         assert_eq!(held.generation(), 0);
         assert_eq!(reader.load().generation(), 1);

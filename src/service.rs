@@ -793,13 +793,11 @@ mod tests {
         assert_eq!(stats.allowed(), 3);
         assert_eq!(stats.denied(DenyReason::InsufficientScope), 1);
         assert_eq!(stats.denied(DenyReason::UnknownKey), 1);
-        let ring = svc.shared.ring.load();
-        let usage = ring.by_id("k1").unwrap().usage();
-        assert_eq!(usage.requests.load(Ordering::Relaxed), 3);
-        assert_eq!(
-            usage.last_used.load(Ordering::Relaxed),
-            now.as_second() as u64
-        );
+        let view = svc.shared.ring.usage_view();
+        let key = view.ring().by_id("k1").unwrap();
+        assert_eq!(view.requests(key), 3);
+        assert_eq!(view.last_used(key), Some(now.as_second() as u64));
+        let usage = key.usage();
         assert_eq!(
             usage.denied[DenyReason::InsufficientScope.key_index().unwrap()]
                 .load(Ordering::Relaxed),

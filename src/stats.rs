@@ -137,7 +137,7 @@ impl CheckStats {
                 } else {
                     bump(&stripe.allowed, 1, owned);
                 }
-                key.usage().record_use(now_secs);
+                key.record_use(now_secs);
             }
             Decision::Deny { reason, key, .. } => {
                 bump(&stripe.denied[reason.index()], 1, owned);

@@ -149,9 +149,8 @@ fn main() {
     let ring = KeyRing::build(&file, source(2), &usage, Some(&current));
     let built = t.elapsed();
     println!("reload ring built in {built:?}");
-    let old = handle.publish(ring);
     drop(current);
-    drop(old);
+    handle.publish(ring);
     usage.retain_ring(&handle.load());
     report("reloaded (file alive)");
     drop(file);
@@ -164,6 +163,7 @@ fn main() {
     // every 200 µs on another thread, as checks would.
     let ring = handle.load_full();
     for k in ring.keys() {
+        k.record_use(1);
         let _ = k.usage();
     }
     drop(ring);
@@ -194,8 +194,8 @@ fn main() {
     println!(
         "reload ring built, every key used, in {built:?}; a new key's first use meanwhile waited at most {worst:?} ({count} first uses)"
     );
-    drop(handle.publish(ring));
     drop(current);
+    handle.publish(ring);
     report("reloaded, every key used (file alive)");
     drop(file);
     keyward::ring::release_free_memory();

@@ -543,6 +543,8 @@ async fn checks_never_fail_while_rings_are_replaced() {
                     loaded_at: jiff::Timestamp::now(),
                 };
                 let ring = KeyRing::build(file, source, &reloader_shared.usage, Some(&current));
+                // Held here, the replaced ring would be waited for.
+                drop(current);
                 reloader_shared.ring.publish(ring);
                 published.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(5));
