@@ -549,6 +549,13 @@ pub fn normalized_path(path: &str) -> std::borrow::Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// `n` zeroed counters, in memory asked for zeroed: a large array's pages
+/// come from the kernel already zero and cost no resident memory until a
+/// key on them is first counted.
+fn zeroed<T: bytemuck::Zeroable>(n: usize) -> Box<[T]> {
+    bytemuck::allocation::zeroed_slice_box(n)
+}
+
 /// Keys per page of lazily linked usage counters.
 const USAGE_PAGE: usize = 64;
 
@@ -959,8 +966,8 @@ impl KeyRing {
             digest_index_bits,
             by_id,
             id_hasher,
-            requests: std::iter::repeat_with(AtomicU64::default).take(n).collect(),
-            last_used: std::iter::repeat_with(AtomicU32::default).take(n).collect(),
+            requests: zeroed(n),
+            last_used: zeroed(n),
             usage: (0..n.div_ceil(USAGE_PAGE))
                 .map(|_| OnceLock::new())
                 .collect(),
