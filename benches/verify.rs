@@ -251,8 +251,8 @@ fn build(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::from_parameter(n), &f, |b, f| {
             b.iter(|| KeyRing::build(f, source(), &usage, None))
         });
-        // A reload's build when every key has been used: each key's
-        // counters are linked from the ring it replaces.
+        // A reload's build when every key has denial counters (each was
+        // denied once): they are linked from the ring it replaces.
         let used = UsageRegistry::default();
         let serving = RingHandle::new(KeyRing::build(&f, source(), &used, None));
         let previous = serving.load_full();

@@ -83,7 +83,7 @@ async fn metrics(
     let accept = headers
         .get(axum::http::header::ACCEPT)
         .and_then(|v| v.to_str().ok());
-    match crate::metrics::render(&shared) {
+    match off_the_workers(shared, |shared| crate::metrics::render(&shared)).await {
         Ok(body) if crate::metrics::wants_openmetrics(accept) => (
             [(
                 axum::http::header::CONTENT_TYPE,
@@ -104,13 +104,29 @@ async fn metrics(
     }
 }
 
-/// Every key in the serving ring with its usage (no digests).
-async fn keys(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
-    Json(keys_report(&shared))
+/// Runs `report` on tokio's blocking threads, not on a worker that serves
+/// checks: a report walks every key of the ring (a million, for a large
+/// one), and it may wait for the reloader to finish folding a replaced
+/// ring's counts (see [`crate::ring::UsageView`]).
+async fn off_the_workers<T: Send + 'static>(
+    shared: Arc<Shared>,
+    report: impl FnOnce(Arc<Shared>) -> Result<T, std::fmt::Error> + Send + 'static,
+) -> Result<T, std::fmt::Error> {
+    tokio::task::spawn_blocking(move || report(shared))
+        .await
+        .unwrap_or(Err(std::fmt::Error))
 }
 
-/// The body of `/keys`. Not in the handler: the usage view must not be
-/// held across an `.await`.
+/// Every key in the serving ring with its usage (no digests).
+async fn keys(State(shared): State<Arc<Shared>>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match off_the_workers(shared, |shared| Ok(keys_report(&shared))).await {
+        Ok(report) => Json(report).into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "cannot report keys\n").into_response(),
+    }
+}
+
+/// The body of `/keys`.
 fn keys_report(shared: &Shared) -> serde_json::Value {
     use std::sync::atomic::Ordering::Relaxed;
     let view = shared.ring.usage_view();

@@ -724,6 +724,8 @@ mod tests {
             loaded_at: Timestamp::now(),
         };
         let ring = KeyRing::build(&file, source, &svc.shared.usage, Some(&current));
+        // Held here, the replaced ring would be waited for.
+        drop(current);
         svc.shared.ring.publish(ring);
         assert_eq!(
             ok(&svc, "x-api-key", "secret-1"),

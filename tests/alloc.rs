@@ -1,7 +1,8 @@
-//! The verify path allocates nothing once a key has been used in the serving
-//! ring: extract → SHA-256 → lookup → decide → counters, measured with a
-//! counting global allocator. (The first use of a key links its usage
-//! counters, which may allocate; the tests warm each key up first.) The whole
+//! The verify path allocates nothing: extract → SHA-256 → lookup → decide →
+//! counters, measured with a counting global allocator. Allowing a key it
+//! never saw allocates nothing either; the first denial of a key, or the
+//! first use of a rate-limited one, links its denial counters and budget,
+//! which may allocate, so the mixed test warms each key up first. The whole
 //! check, from CheckRequest bytes to the framed CheckResponse, allocates
 //! nothing either once a key's response is in the thread's cache of OK
 //! responses; a response that cannot be cached (here: the client sent its own
@@ -60,6 +61,17 @@ fn allocations(f: impl FnOnce()) -> usize {
     ALLOCATIONS.load(Ordering::SeqCst) - before
 }
 
+/// A ring of the keys in `text`, with a registry of its own.
+fn ring_of(text: &str) -> KeyRing {
+    let file = parse_str(text, ParseOptions::default()).unwrap();
+    let source = RingSource {
+        generation: 1,
+        sha256: [0; 32],
+        loaded_at: Timestamp::now(),
+    };
+    KeyRing::build(&file, source, &UsageRegistry::default(), None)
+}
+
 #[test]
 fn the_verify_path_does_not_allocate() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -77,13 +89,7 @@ fn the_verify_path_does_not_allocate() {
             hex::encode(keyward::decide::digest(&secret(i)))
         ));
     }
-    let file = parse_str(&text, ParseOptions::default()).unwrap();
-    let source = RingSource {
-        generation: 1,
-        sha256: [0; 32],
-        loaded_at: Timestamp::now(),
-    };
-    let ring = KeyRing::build(&file, source, &UsageRegistry::default(), None);
+    let ring = ring_of(&text);
     let stats = CheckStats::default();
     let hits: Vec<String> = (0..1000).map(secret).collect();
     let bearer: Vec<String> = hits.iter().map(|s| format!("Bearer {s}")).collect();
@@ -115,13 +121,48 @@ fn the_verify_path_does_not_allocate() {
             }
         }
     };
-    // The first use of a key in a ring links its usage counters (allocating
-    // them if the key was never used before) and fills this thread's memo:
-    // warm every key up once, then count.
+    // The first denial of a key, or first use of a rate-limited key, in a
+    // ring links its counters (allocating them if the key never had any)
+    // and the first sights fill this thread's memo: warm every key up
+    // once, then count.
     run();
     let n = allocations(&mut run);
     assert!(allowed > 0);
     assert_eq!(n, 0, "the verify path allocated");
+}
+
+#[test]
+fn allowing_keys_never_seen_before_allocates_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let secret = |i: u32| format!("first-sight-secret-{i:08}");
+    let text: String = (0..2000u32)
+        .map(|i| {
+            format!(
+                "[[keys]]\nid = \"k{i}\"\nclient = \"c{}\"\nsha256 = \"{}\"\nscopes = [\"read\"]\n",
+                i % 10,
+                hex::encode(keyward::decide::digest(&secret(i)))
+            )
+        })
+        .collect();
+    let ring = ring_of(&text);
+    let stats = CheckStats::default();
+    let secrets: Vec<String> = (0..2000).map(secret).collect();
+    let now = Timestamp::now();
+    let mut allowed = 0;
+    let mut allow = |keys: std::ops::Range<usize>| {
+        for s in &secrets[keys] {
+            let credential = extract(Some(s), None).unwrap();
+            let decision = decide(&ring, &credential, now, "read");
+            stats.record(&decision, 1);
+            allowed += usize::from(decision.is_allowed());
+        }
+    };
+    // This thread's first checks set up its memo and its stripe of the
+    // statistics.
+    allow(0..100);
+    let n = allocations(|| allow(100..2000));
+    assert_eq!(allowed, 2000);
+    assert_eq!(n, 0, "a first sight allocated");
 }
 
 #[test]
@@ -188,9 +229,8 @@ fn a_whole_check_allocates_nothing_once_warm() {
         (request(None, None), 0, "missing_key"),
     ];
     for (bytes, _, _) in &cases {
-        // Warm up: the plain denials are encoded once per process, a key
-        // links its usage counters on first use, and its OK response is
-        // cached on this thread.
+        // Warm up: the plain denials are encoded once per process, and a
+        // key's OK response is cached on this thread.
         svc.check_message(bytes, now).unwrap();
     }
     for (bytes, expected, what) in &cases {
