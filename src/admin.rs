@@ -79,51 +79,63 @@ async fn metrics(
     State(shared): State<Arc<Shared>>,
     headers: axum::http::HeaderMap,
 ) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let accept = headers
-        .get(axum::http::header::ACCEPT)
-        .and_then(|v| v.to_str().ok());
-    match off_the_workers(shared, |shared| crate::metrics::render(&shared)).await {
-        Ok(body) if crate::metrics::wants_openmetrics(accept) => (
-            [(
-                axum::http::header::CONTENT_TYPE,
-                crate::metrics::CONTENT_TYPE,
-            )],
-            body,
-        )
-            .into_response(),
-        Ok(body) => (
-            [(
-                axum::http::header::CONTENT_TYPE,
+    let openmetrics = crate::metrics::wants_openmetrics(
+        headers
+            .get(axum::http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let body = off_the_workers(shared, "metrics", move |shared| {
+        let body = crate::metrics::render(&shared).ok()?;
+        Some(if openmetrics {
+            (crate::metrics::CONTENT_TYPE, body)
+        } else {
+            (
                 crate::metrics::TEXT_CONTENT_TYPE,
-            )],
-            crate::metrics::to_prometheus_text(&body),
-        )
-            .into_response(),
-        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n").into_response(),
-    }
+                crate::metrics::to_prometheus_text(&body),
+            )
+        })
+    })
+    .await;
+    answer(body, "cannot encode metrics\n")
 }
 
 /// Runs `report` on tokio's blocking threads, not on a worker that serves
 /// checks: a report walks every key of the ring (a million, for a large
-/// one), and it may wait for the reloader to finish folding a replaced
-/// ring's counts (see [`crate::ring::UsageView`]).
+/// one), its body is as long, and it may wait for the reloader to finish
+/// folding a replaced ring's counts (see [`crate::ring::UsageView`]).
 async fn off_the_workers<T: Send + 'static>(
     shared: Arc<Shared>,
-    report: impl FnOnce(Arc<Shared>) -> Result<T, std::fmt::Error> + Send + 'static,
-) -> Result<T, std::fmt::Error> {
-    tokio::task::spawn_blocking(move || report(shared))
-        .await
-        .unwrap_or(Err(std::fmt::Error))
+    what: &'static str,
+    report: impl FnOnce(Arc<Shared>) -> Option<T> + Send + 'static,
+) -> Option<T> {
+    match tokio::task::spawn_blocking(move || report(shared)).await {
+        Ok(body) => body,
+        Err(e) => {
+            tracing::error!(report = what, error = %e, "admin report failed");
+            None
+        }
+    }
+}
+
+/// A report's body with its content type, or a 500 saying `failure`.
+fn answer(body: Option<(&'static str, String)>, failure: &'static str) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match body {
+        Some((content_type, body)) => {
+            ([(axum::http::header::CONTENT_TYPE, content_type)], body).into_response()
+        }
+        None => (StatusCode::INTERNAL_SERVER_ERROR, failure).into_response(),
+    }
 }
 
 /// Every key in the serving ring with its usage (no digests).
 async fn keys(State(shared): State<Arc<Shared>>) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    match off_the_workers(shared, |shared| Ok(keys_report(&shared))).await {
-        Ok(report) => Json(report).into_response(),
-        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "cannot report keys\n").into_response(),
-    }
+    let body = off_the_workers(shared, "keys", |shared| {
+        let body = serde_json::to_string(&keys_report(&shared)).ok()?;
+        Some(("application/json", body))
+    })
+    .await;
+    answer(body, "cannot report keys\n")
 }
 
 /// The body of `/keys`.

@@ -1,5 +1,6 @@
 //! Prometheus exposition. Nothing here runs on the verify path: the hot path
-//! bumps relaxed atomics ([`crate::stats`], [`crate::ring::KeyUsage`]) and this
+//! bumps relaxed atomics ([`crate::stats`], the ring's per-key counts,
+//! [`crate::ring::KeyUsage`]) and this
 //! collector reads them when `/metrics` is scraped.
 
 use std::sync::Arc;

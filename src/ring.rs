@@ -35,7 +35,9 @@
 //! cache misses. A ring starts them at zero; when a [`RingHandle`] replaces
 //! a ring, the replaced ring's counts are folded into the new one by id
 //! once checks have let go of it, and until then a [`UsageView`] adds them
-//! in, so the counts survive reloads and never go down.
+//! in, so the counts survive reloads and a key's count never goes down
+//! while it stays in the ring (a check still counting into a replaced ring
+//! after [`RELEASE_WAIT`] would have its count lost).
 //!
 //! What only some keys need, the denials by reason and the rate-limit
 //! budget ([`KeyUsage`]), lives in a [`UsageRegistry`] outside the ring,
@@ -137,8 +139,10 @@ impl<'r> Found<'r> {
     }
 }
 
-/// Usage counters by key id; touched when a key is first used, when a ring is
-/// built without a previous ring to link from, and when keys are removed.
+/// Denial counters and budgets by key id; touched when a key first needs
+/// them (its first denial, or a rate-limited key's first use), when a ring
+/// is built without a previous ring to link from, and when keys are
+/// removed.
 ///
 /// Cloning shares the same registry (rings keep a clone to link counters
 /// lazily).
@@ -162,7 +166,8 @@ struct Registry {
 }
 
 /// Shards of the registry. A check that meets a key without counters (its
-/// first use ever) must hold its shard for writing, and a full pass over the
+/// first denial ever, or a rate-limited key's first use) must hold its
+/// shard for writing, and a full pass over the
 /// registry (a ring built without a previous one, or a sweep of removed
 /// keys) holds each shard for reading or writing in turn. DashMap's
 /// default, four per CPU, put 125,000 keys in a shard with a million keys
@@ -257,8 +262,8 @@ impl UsageRegistry {
     /// Drops the counters of keys that `ring` no longer holds.
     ///
     /// This visits every counter with its shard of the registry locked for
-    /// writing, and serving threads read the registry at a key's first use
-    /// in a ring: a reload uses [`UsageRegistry::forget`] with the ids it
+    /// writing, and serving threads read the registry when a key first needs
+    /// its counters in a ring: a reload uses [`UsageRegistry::forget`] with the ids it
     /// removed instead, and this only when it cannot tell which ids those are.
     pub fn retain_ring(&self, ring: &KeyRing) {
         self.inner.by_id.retain(|id, _| ring.by_id(id).is_some());
@@ -562,10 +567,14 @@ fn zeroed<T: bytemuck::Zeroable>(n: usize) -> Box<[T]> {
 fn faulted_in<T: Counter>(mut counters: Box<[T]>) -> Box<[T]> {
     const PAGE: usize = 4096;
     let step = (PAGE / std::mem::size_of::<T>()).max(1);
+    // `black_box`: the compiler knows the memory is zero and would leave
+    // out a plain store of zero.
     for counter in counters.iter_mut().step_by(step) {
-        // `black_box`: the compiler knows the memory is zero and would
-        // leave out a plain store of zero.
         counter.set(std::hint::black_box(0));
+    }
+    // The last page, if the array does not start on a page boundary.
+    if let Some(last) = counters.last_mut() {
+        last.set(std::hint::black_box(0));
     }
     counters
 }
@@ -640,8 +649,8 @@ pub struct KeyRing {
     /// [`KeyRing::link_counters`]).
     fresh_linked: std::sync::atomic::AtomicUsize,
     /// How many pages of `usage` a build has read, linking their counters
-    /// into a new ring; a first use in a page read already lists its id in
-    /// the registry (see `KeyRef::first_use`).
+    /// into a new ring; counters first needed in a page read already list
+    /// their id in the registry (see `KeyRef::first_use`).
     pages_read: std::sync::atomic::AtomicU32,
 }
 
@@ -742,7 +751,7 @@ impl KeyRing {
     ///
     /// `previous` (the ring being replaced, if any) carries over the time a key
     /// was first seen deprecated when the file does not say. Counters that
-    /// `usage` already holds are linked now; the others on first use.
+    /// `usage` already holds are linked now; the others on first need.
     ///
     /// # Panics
     ///
@@ -1048,7 +1057,7 @@ impl KeyRing {
         // Where the last key found here sits, less where it sat before.
         let mut shift = 0i64;
         for (page_no, page) in previous.usage.iter().enumerate() {
-            // A first use in this page from now on is listed. Paired with
+            // Counters first needed in this page from now on are listed. Paired with
             // the fence in `KeyRef::first_use`: either that check sees this
             // count, or the read below sees its counters.
             previous.pages_read.fetch_max(
@@ -2153,11 +2162,11 @@ impl RingHandle {
     /// A retired ring must not be published again: its counts are in the
     /// ring it was folded into, and would be counted twice.
     pub fn publish_shared(&self, ring: Arc<KeyRing>) -> Arc<KeyRing> {
+        let mut replaced = self.replaced();
         debug_assert!(
             !ring.folded.load(Ordering::Relaxed),
             "a retired ring published again"
         );
-        let mut replaced = self.replaced();
         ring.registry.published(&ring);
         // A ring published again is the served one, not a replaced one.
         replaced.retain(|r| !Arc::ptr_eq(r, &ring));

@@ -198,7 +198,7 @@ fn main() {
     stop.store(true, Ordering::Relaxed);
     let (worst, count) = newcomers.join().unwrap_or_default();
     println!(
-        "reload ring built, every key used, in {built:?}; a new key's first use meanwhile waited at most {worst:?} ({count} first uses)"
+        "reload ring built, every key used, in {built:?}; a new key's first counters meanwhile waited at most {worst:?} ({count} keys)"
     );
     drop(current);
     // Publishing retires the replaced ring: its million counts are folded
