@@ -84,7 +84,7 @@ async fn metrics(
             .get(axum::http::header::ACCEPT)
             .and_then(|v| v.to_str().ok()),
     );
-    let body = off_the_workers(shared, "metrics", move |shared| {
+    let body = off_the_workers("metrics", move || {
         let body = crate::metrics::render(&shared).ok()?;
         Some(if openmetrics {
             (crate::metrics::CONTENT_TYPE, body)
@@ -99,16 +99,24 @@ async fn metrics(
     answer(body, "cannot encode metrics\n")
 }
 
+/// Reports rendered at once ([`off_the_workers`]). A report of a large
+/// ring holds hundreds of megabytes while it is made; on the serving
+/// workers there were at most as many as workers, and the blocking pool
+/// would run hundreds.
+static REPORTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
 /// Runs `report` on tokio's blocking threads, not on a worker that serves
-/// checks: a report walks every key of the ring (a million, for a large
-/// one), its body is as long, and it may wait for the reloader to finish
-/// folding a replaced ring's counts (see [`crate::ring::UsageView`]).
+/// checks, one report at a time: a report walks every key of the ring (a
+/// million, for a large one), its body is as long, and it may wait for the
+/// reloader to finish folding a replaced ring's counts (see
+/// [`crate::ring::UsageView`]).
 async fn off_the_workers<T: Send + 'static>(
-    shared: Arc<Shared>,
     what: &'static str,
-    report: impl FnOnce(Arc<Shared>) -> Option<T> + Send + 'static,
+    report: impl FnOnce() -> Option<T> + Send + 'static,
 ) -> Option<T> {
-    match tokio::task::spawn_blocking(move || report(shared)).await {
+    // The semaphore is never closed.
+    let _turn = REPORTS.acquire().await.ok()?;
+    match tokio::task::spawn_blocking(report).await {
         Ok(body) => body,
         Err(e) => {
             tracing::error!(report = what, error = %e, "admin report failed");
@@ -130,7 +138,7 @@ fn answer(body: Option<(&'static str, String)>, failure: &'static str) -> axum::
 
 /// Every key in the serving ring with its usage (no digests).
 async fn keys(State(shared): State<Arc<Shared>>) -> axum::response::Response {
-    let body = off_the_workers(shared, "keys", |shared| {
+    let body = off_the_workers("keys", move || {
         let body = serde_json::to_string(&keys_report(&shared)).ok()?;
         Some(("application/json", body))
     })
@@ -244,5 +252,33 @@ async fn lift_lockout(
             StatusCode::NOT_FOUND,
             Json(serde_json::json!({ "error": format!("{ip} is not locked out") })),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reports_are_made_one_at_a_time() {
+        static RUNNING: AtomicUsize = AtomicUsize::new(0);
+        static MOST: AtomicUsize = AtomicUsize::new(0);
+        let reports: Vec<_> = (0..4)
+            .map(|i| {
+                tokio::spawn(off_the_workers("test", move || {
+                    let now = RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
+                    MOST.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(30));
+                    RUNNING.fetch_sub(1, Ordering::SeqCst);
+                    Some(i)
+                }))
+            })
+            .collect();
+        for (i, report) in reports.into_iter().enumerate() {
+            assert_eq!(report.await.unwrap(), Some(i));
+        }
+        assert_eq!(MOST.load(Ordering::SeqCst), 1);
     }
 }
