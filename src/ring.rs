@@ -2689,25 +2689,19 @@ expires_at = 2027-02-27T00:00:00Z
         let stop = std::sync::atomic::AtomicBool::new(false);
         let uses = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {
-            for t in 0..2u64 {
-                let (handle, stop, uses) = (&handle, &stop, &uses);
-                s.spawn(move || {
-                    let mut n = t;
-                    while !stop.load(Ordering::Relaxed) {
-                        // Hold a ring across several first uses, so some
-                        // land on a ring already replaced.
-                        let ring = handle.load_full();
-                        for _ in 0..8 {
-                            n = lcg(n);
-                            if let Some(key) = ring.key_at((n >> 33) as u32 % ring.len() as u32) {
-                                let _ = key.usage();
-                                uses.fetch_add(1, Ordering::Relaxed);
-                            }
-                            std::thread::yield_now();
-                        }
+            checkers(s, &stop, |n| {
+                // Hold a ring across several first uses, so some land on a
+                // ring already replaced.
+                let ring = handle.load_full();
+                for _ in 0..8 {
+                    *n = lcg(*n);
+                    if let Some(key) = ring.key_at((*n >> 33) as u32 % ring.len() as u32) {
+                        let _ = key.usage();
+                        uses.fetch_add(1, Ordering::Relaxed);
                     }
-                });
-            }
+                    std::thread::yield_now();
+                }
+            });
             for generation in 1..150 {
                 let current = handle.load_full();
                 let file = keys_named(&names(generation));
@@ -2772,6 +2766,25 @@ expires_at = 2027-02-27T00:00:00Z
         let at = at.min(ids.len());
         ids.splice(at..at, (0..fresh).map(|j| format!("n{tag}-{j}")));
         keys_named(&ids)
+    }
+
+    /// Two threads standing in for checks: each runs `check` with its own
+    /// random state (see [`lcg`]) until `stop`.
+    fn checkers<'s>(
+        s: &'s std::thread::Scope<'s, '_>,
+        stop: &'s std::sync::atomic::AtomicBool,
+        check: impl Fn(&mut u64) + Send + Sync + 's,
+    ) {
+        let check = Arc::new(check);
+        for t in 0..2u64 {
+            let check = Arc::clone(&check);
+            s.spawn(move || {
+                let mut n = t;
+                while !stop.load(Ordering::Relaxed) {
+                    check(&mut n);
+                }
+            });
+        }
     }
 
     /// The next number of a linear congruential sequence (Knuth's MMIX).
@@ -2923,18 +2936,12 @@ expires_at = 2027-02-27T00:00:00Z
                 .collect()
         };
         std::thread::scope(|s| {
-            for t in 0..2u64 {
-                let (handle, stop, uses) = (&handle, &stop, &uses);
-                s.spawn(move || {
-                    let mut n = t;
-                    while !stop.load(Ordering::Relaxed) {
-                        n = lcg(n);
-                        let id = format!("s{}", (n >> 33) as usize % STABLE);
-                        handle.load().by_id(&id).unwrap().record_use(n >> 60);
-                        uses.fetch_add(1, Ordering::Relaxed);
-                    }
-                });
-            }
+            checkers(s, &stop, |n| {
+                *n = lcg(*n);
+                let id = format!("s{}", (*n >> 33) as usize % STABLE);
+                handle.load().by_id(&id).unwrap().record_use(*n >> 60);
+                uses.fetch_add(1, Ordering::Relaxed);
+            });
             // Scrapes: no key's count ever goes down.
             let scraper = s.spawn(|| {
                 let mut last = vec![0; STABLE];
